@@ -1,0 +1,338 @@
+"""The `cachefeat` command: one function per command; errors are one line (exit 2 for bad usage, 1 for a
+run that failed), never a traceback."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .fmt import human_bytes, table
+
+# Errors that mean "the command line asks for something impossible": usage errors, exit status 2.
+def _usage_errors():
+    from .backbone import BackboneError
+    from .cache import CacheError
+    from .manifest import ManifestError
+    from .specs import SpecError
+    return (SpecError, BackboneError, ManifestError, CacheError)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _usage_errors() as e:
+            raise click.UsageError(str(e), ctx=None) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="cachefeat")
+def cli():
+    """Extract frozen CLIP ViT features from videos once (stage one), then train and ablate video
+    adapters on the cached tensors (stage two)."""
+
+
+def main():
+    cli(prog_name="cachefeat")
+
+
+# ------------------------------------------------------------------------------------------- synth
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--classes", "num_classes", default=6, show_default=True,
+              help="Number of classes (even: classes come in time-reversed pairs, at most 12).")
+@click.option("--videos-per-class", default=24, show_default=True, help="Videos per class, train and val together.")
+@click.option("--val-fraction", default=0.25, show_default=True, help="Share of each class's videos in the val split.")
+@click.option("--frames", default=32, show_default=True, help="Frames per video.")
+@click.option("--size", default=96, show_default=True, help="Frame width and height in pixels.")
+@click.option("--fps", default=12, show_default=True, help="Frame rate written in the files.")
+@click.option("--seed", default=0, show_default=True, help="Seed: the same seed writes the same files.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def synth(out, num_classes, videos_per_class, val_fraction, frames, size, fps, seed, quiet):
+    """Write a synthetic video data set whose classes differ only in temporal order.
+
+    Classes come in pairs that are each other's time reversal (moving right / moving left, growing /
+    shrinking, ...), so a frame-averaging classifier sits at chance within each pair while a temporal
+    one does not. Writes OUT/train.txt, OUT/val.txt, OUT/classes.txt and H.264 mp4 files.
+
+    Example: cachefeat synth data/synth --classes 6 --videos-per-class 24
+    """
+    from .synth import generate
+    try:
+        s = generate(out, num_classes, videos_per_class, frames, size, seed, val_fraction, fps, progress=not quiet)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(f"wrote {s['train_per_class'] * num_classes} train and {s['val_per_class'] * num_classes} val videos "
+               f"of {num_classes} classes to {out} (manifests: train.txt, val.txt, classes.txt)")
+
+
+# ------------------------------------------------------------------------------------------- extract
+def _views(ctx, param, value):
+    from .specs import SpecError, parse_views
+    try:
+        return parse_views(value)
+    except SpecError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+
+
+def _sampling(ctx, param, value):
+    from .specs import SpecError, parse_sampling
+    try:
+        return parse_sampling(value)
+    except SpecError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+
+
+def _dtype(ctx, param, value):
+    from .specs import SpecError, parse_dtype
+    try:
+        return parse_dtype(value)
+    except SpecError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+
+
+def _shard_size(ctx, param, value):
+    if value in (None, "auto"):
+        return None
+    try:
+        n = int(value)
+        if n < 1:
+            raise ValueError
+        return n
+    except ValueError:
+        raise click.BadParameter("expected auto or a positive number of clips") from None
+
+
+@cli.command()
+@click.argument("input", type=click.Path(exists=True))
+@click.option("--out", "-o", required=True, type=click.Path(), help="The cache to write (a Zarr v3 store, e.g. k400_train.zarr).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "folder", "list", "kinetics", "ssv2"]), default="auto",
+              show_default=True, help="How to read INPUT: a class-folder tree, a `path label` list, a Kinetics CSV, "
+                                      "or a Something-Something JSON (auto: by extension).")
+@click.option("--video-root", type=click.Path(exists=True, file_okay=False),
+              help="Folder the manifest's video paths are relative to (default: the manifest's folder).")
+@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False),
+              help="Class list (one name per line, JSON list, or JSON {name: index}); default: a classes.txt beside "
+                   "INPUT, else the sorted labels found. Use the same list for train and eval caches.")
+@click.option("--split", help="Keep only rows of this split (Kinetics CSV `split` column).")
+@click.option("--model", "-m", default="ViT-B/16", show_default=True,
+              help="open_clip ViT name (ViT-L/14 or ViT-L-14), or hf-hub:ORG/REPO, or local-dir:PATH.")
+@click.option("--pretrained", default="openai", show_default=True,
+              help="Weights: an open_clip tag (openai, laion2b_s34b_b88k, ...), a checkpoint file, or none for "
+                   "random weights from --seed. Tags trained with QuickGELU (openai) select the QuickGELU model.")
+@click.option("--quick-gelu/--no-quick-gelu", default=None,
+              help="Force QuickGELU on or off (default: from the pretrained tag). Needed for OpenAI checkpoint files.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights when --pretrained none.")
+@click.option("--layers", default="all", show_default=True,
+              help="Blocks to tap: all, last:K, or indices like 3,7,11 (negative counts from the end).")
+@click.option("--tokens", default="cls", show_default=True,
+              help="Kept per tapped layer: cls (class token only), all (also every patch token), or pooled:HxW "
+                   "(also the patch grid average-pooled to HxW). The final embedding is always kept.")
+@click.option("--frames", "-t", default=8, show_default=True, type=click.IntRange(1, 1024), help="Frames per clip.")
+@click.option("--sampling", default="uniform", show_default=True, callback=_sampling,
+              help="uniform (TSN segments, one frame each) or dense:STRIDE (consecutive frames STRIDE apart).")
+@click.option("--views", default="1x1", show_default=True, callback=_views,
+              help="Views per video: TxS = T temporal clips x S spatial crops (S = 1 centre or 3), e.g. 3x1, 4x3.")
+@click.option("--dtype", default="float16", show_default=True, callback=_dtype, help="Storage dtype: float16 or float32.")
+@click.option("--codec", default="zstd:3", show_default=True,
+              help="Compression: none, zstd[:L], blosc-lz4, blosc-zstd[:L], gzip[:L] (a CRC32C checksum is always added).")
+@click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(1), help="Frames per backbone forward.")
+@click.option("--shard-size", default="auto", show_default=True, callback=_shard_size,
+              help="Clips per shard (the unit of writing and resuming); auto = 64, fewer when clips are large.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+              help="Backbone compute precision (auto: fp16 autocast on GPU, fp32 on CPU).")
+@click.option("--decode-workers", type=click.IntRange(0), default=None,
+              help="Decode processes (default: CPU cores - 1, at most 8; 0 = decode inline, no timeout).")
+@click.option("--decode-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds one video may take to decode before its decoder is killed and the video recorded as failed.")
+@click.option("--reader", type=click.Choice(["auto", "decord", "pyav"]), default="auto", show_default=True,
+              help="Video reader (auto: decord, falling back to PyAV for files decord cannot read).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out instead of resuming it.")
+@click.option("--dry-run", is_flag=True, help="Print the cache's size on disk for these settings and exit.")
+@click.option("--strict", is_flag=True, help="Exit with status 1 if any video failed (the cache is still written).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def extract(input, out, fmt, video_root, classes_file, split, model, pretrained, quick_gelu, seed, layers, tokens,
+            frames, sampling, views, dtype, codec, batch_size, shard_size, device, precision, decode_workers,
+            decode_timeout, reader, overwrite, dry_run, strict, quiet):
+    """Run the frozen backbone over the videos of INPUT and write their features to a cache.
+
+    Resumable: run the same command again after a crash and it continues with the shards not yet done.
+    Videos that cannot be read are recorded in the cache (see `cachefeat info --failures`).
+
+    Example: cachefeat extract k400/train.csv --out k400_train.zarr --model ViT-L/14 --pretrained openai
+    --layers all --tokens all --frames 8 --views 1x1
+    """
+    from .cache import parse_codec
+    from .decode_pool import default_workers
+    from .extract import ExtractSettings, extract as run_extract
+    from .manifest import load_manifest
+
+    parse_codec(codec)  # validate before any work
+    if classes_file is None and Path(input).is_file() and (Path(input).parent / "classes.txt").is_file():
+        classes_file = str(Path(input).parent / "classes.txt")
+    manifest = load_manifest(input, fmt, video_root, classes_file, split)
+    settings = ExtractSettings(model=model, pretrained=pretrained, layers=layers, tokens=tokens, frames=frames,
+                               sampling=sampling, views=views, dtype=dtype, codec=codec, shard_size=shard_size,
+                               seed=seed, quick_gelu=quick_gelu, device=device, precision=precision)
+    if dry_run:
+        click.echo(dry_run_report(manifest, settings))
+        return
+    workers = default_workers() if decode_workers is None else decode_workers
+    stats = run_extract(manifest, out, settings, batch_size=batch_size, decode_workers=workers,
+                        decode_timeout=decode_timeout, reader=reader, overwrite=overwrite, progress=not quiet,
+                        log=click.echo)
+    from .cache import open_cache
+    cache = open_cache(out)
+    valid = int(cache.valid().sum())
+    disk = cache.disk_bytes()
+    frames_stored = valid * cache.frames
+    rate = stats.clips / stats.seconds if stats.seconds else 0.0
+    click.echo(f"wrote {stats.clips} clips ({stats.frames} frames) in {stats.seconds:.1f} s ({rate:.2f} clips/s); "
+               f"{stats.failed_videos} videos failed")
+    click.echo(f"{out}: {valid} valid clips of {cache.num_clips}, {human_bytes(disk)} on disk"
+               + (f", {human_bytes(disk / frames_stored)} per frame" if frames_stored else ""))
+    for video, err in stats.failures[:10]:
+        click.echo(f"  failed: {cache.root['videos/path'][video]}: {err}")
+    if len(stats.failures) > 10:
+        click.echo(f"  ... and {len(stats.failures) - 10} more (cachefeat info {out} --failures)")
+    if stats.interrupted:
+        click.echo(f"stopped early: run the same command again to resume ({int((~cache.shard_done()).sum())} shards left)")
+        sys.exit(130)
+    if strict and (stats.failed_videos or len(cache.failures())):
+        raise click.ClickException(f"{len(cache.failures())} videos failed (--strict)")
+
+
+def dry_run_report(manifest, settings) -> str:
+    """What the cache will hold and take on disk, from the model's config alone (nothing is loaded)."""
+    from .backbone import model_geometry
+    from .cache import Layout
+    from .extract import auto_shard_videos
+    from .specs import parse_layers, parse_tokens
+    geo = model_geometry(settings.model)
+    layers = parse_layers(settings.layers, geo["depth"])
+    tokens = parse_tokens(settings.tokens, tuple(geo["patch_grid"]))
+    layout = Layout(num_videos=len(manifest.videos), views=settings.views, frames=settings.frames,
+                    layers=tuple(layers), tokens=tokens, width=geo["width"], embed_dim=geo["embed_dim"],
+                    dtype=settings.dtype, shard_videos=1)
+    per_clip = layout.bytes_per_clip()
+    shard_videos = auto_shard_videos(sum(per_clip.values()), settings.views.count, settings.shard_size,
+                                     len(manifest.videos))
+    C, T = layout.num_clips, layout.frames
+    groups: dict[str, int] = {}
+    for name, b in per_clip.items():
+        key = "tokens/<layer> x%d" % len(layers) if name.startswith("tokens/") else name
+        groups[key] = groups.get(key, 0) + b
+    rows = [[k, human_bytes(b / T), human_bytes(b * C)] for k, b in groups.items()]
+    total = sum(per_clip.values())
+    rows.append(["total", human_bytes(total / T), human_bytes(total * C)])
+    head = (f"dry run: {geo['name']} ({geo['depth']} blocks, width {geo['width']}, patch grid "
+            f"{geo['patch_grid'][0]}x{geo['patch_grid'][1]}), layers {layers if len(layers) < 8 else settings.layers}, "
+            f"tokens {tokens}, {settings.dtype}\n"
+            f"{len(manifest.videos)} videos x {settings.views.count} views = {C} clips x {T} frames = {C * T} frames; "
+            f"shards of {shard_videos * settings.views.count} clips ({layout.num_videos and -(-len(manifest.videos) // shard_videos)} shards)")
+    note = ("uncompressed sizes; lossless compression of float16 features saves little (about 1.1x measured), "
+            "so expect close to this on disk")
+    return "\n".join([head, table(rows, ["array", "per frame", "whole cache"]), note])
+
+
+# ------------------------------------------------------------------------------------------- info
+@cli.command()
+@click.argument("cache", type=click.Path(exists=True))
+@click.option("--failures", "show_failures", is_flag=True, help="List every failed video with its stage and reason.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata and counts as JSON.")
+def info(cache, show_failures, as_json):
+    """Show what a cache holds: model, layers, tokens, sampling, counts, size on disk.
+
+    Example: cachefeat info k400_train.zarr --failures
+    """
+    from .cache import open_cache
+    c = open_cache(cache)
+    m, lay = c.meta, c.layout
+    done = c.shard_done()
+    valid = c.valid()
+    failures = c.failures()
+    disk = c.disk_bytes()
+    raw = c.feature_bytes_raw()
+    frames_stored = int(valid.sum()) * c.frames
+    counts = {"videos": c.num_videos, "clips": c.num_clips, "valid_clips": int(valid.sum()),
+              "failed_videos": len(failures), "shards_done": int(done.sum()), "shards": int(len(done)),
+              "disk_bytes": disk, "feature_bytes_uncompressed": raw,
+              "compression_ratio": round(raw / disk, 4) if disk else None,
+              "bytes_per_frame_on_disk": round(disk / frames_stored, 1) if frames_stored else None}
+    if as_json:
+        click.echo(json.dumps({"metadata": m, "counts": counts, "failures": failures if show_failures else None},
+                              indent=2, default=str))
+        return
+    model = m["model"]
+    click.echo(f"cache      {cache}  (schema {m['schema_version']}, cachefeat {m.get('tool_version')})")
+    click.echo(f"model      {model['name']}  pretrained={model['pretrained']}"
+               + (f" seed={model['init_seed']}" if model.get("init_seed") is not None else "")
+               + f"  quick_gelu={model['quick_gelu']}  weights sha256 {model['weights_sha256'][:16]}...")
+    click.echo(f"features   layers {lay.layers}  tokens {lay.tokens}  width {lay.width}  embed {lay.embed_dim}  "
+               f"dtype {lay.dtype}  codec {m.get('codec')}  computed in {m.get('compute_precision')}")
+    s = m["sampling"]
+    click.echo(f"sampling   {s['method']}{':' + str(s['stride']) if s.get('stride') else ''}  frames {lay.frames}  "
+               f"views {lay.views}  preprocessing {m['preprocessing']['size'][0]}px {m['preprocessing']['interpolation']} "
+               f"{m['preprocessing']['resize_mode']}")
+    click.echo(f"classes    {len(c.classes)}" + (f" ({', '.join(c.classes[:6])}{', ...' if len(c.classes) > 6 else ''})"
+                                                 if c.classes else ""))
+    state = "complete" if done.all() else f"INCOMPLETE: {int(done.sum())} of {len(done)} shards done (resume with extract)"
+    click.echo(f"progress   {state}")
+    click.echo(f"clips      {counts['valid_clips']} valid of {c.num_clips} ({c.num_videos} videos x {lay.views.count} "
+               f"views); {len(failures)} videos failed")
+    click.echo(f"size       {human_bytes(disk)} on disk, {human_bytes(raw)} uncompressed features"
+               + (f", ratio {raw / disk:.3f}" if disk else "")
+               + (f", {human_bytes(disk / frames_stored)} per frame" if frames_stored else ""))
+    per = lay.bytes_per_clip()
+    parts = ", ".join(f"{k} {human_bytes(v / lay.frames)}" for k, v in per.items() if not k.startswith("tokens/"))
+    tok = sum(v for k, v in per.items() if k.startswith("tokens/"))
+    click.echo(f"per frame  {parts}" + (f", tokens {human_bytes(tok / lay.frames)}" if tok else "") + " (uncompressed)")
+    if failures:
+        shown = failures if show_failures else failures[:5]
+        click.echo("failures" + ("" if show_failures or len(failures) <= 5 else f" (first 5; --failures for all {len(failures)})"))
+        for f in shown:
+            click.echo(f"  [{f['stage']}] {f['path']}: {f['error']}")
+
+
+# ------------------------------------------------------------------------------------------- models
+@cli.command()
+@click.option("--all", "show_all", is_flag=True, help="Also list pretrained tags for every model.")
+def models(show_all):
+    """List the open_clip ViT models that can be used as a backbone, with their pretrained tags."""
+    import open_clip
+    from .backbone import is_vit, register_model_configs
+    register_model_configs()
+    for name in open_clip.list_models():
+        if not is_vit(name) or not name.startswith("ViT"):
+            continue
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if tags or show_all:
+            click.echo(f"{name:32s} {', '.join(tags) if tags else '-'}")
+
+
+# ------------------------------------------------------------------------------------------- run
+@cli.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--workdir", type=click.Path(file_okay=False),
+              help="Where the recipe's relative paths live (default: the recipe's `workdir`, else its file name).")
+@click.option("--force", is_flag=True, help="Run every stage again, even those recorded as done.")
+@click.option("--only", multiple=True, help="Run only this stage (repeatable).")
+def run(recipe, workdir, force, only):
+    """Run a recipe (pipelines/*.yaml): its stages in order, skipping those already done.
+
+    Re-running after a crash continues: finished stages are skipped and the interrupted one resumes.
+
+    Example: cachefeat run pipelines/demo.yaml --workdir demo
+    """
+    from .recipes import RecipeError, run_recipe
+    try:
+        report = run_recipe(cli, recipe, workdir, force, only)
+    except RecipeError as e:
+        raise click.UsageError(str(e)) from None
+    ran = [r for r in report if not r["skipped"]]
+    click.echo(f"recipe {recipe}: {len(ran)} stages run, {len(report) - len(ran)} skipped")

@@ -1,0 +1,397 @@
+"""Stage one: videos -> frozen backbone -> cache, pipelined, resumable, failures recorded.
+
+    decode workers (processes)  ->  forward (this thread, GPU/CPU)  ->  writer (thread)  ->  store
+          bounded in-flight            batches within one shard          one shard at a time
+
+Decode, forward and write overlap, so the backbone waits neither on decoding nor on the disk. Each video is
+decoded once for all its views. Batches never straddle shards, so a shard's features do not depend on
+which shards ran before it: a resumed or multi-worker run writes exactly what a single run writes.
+
+`prepare()` builds or re-opens the store (refusing one made with other settings), `ShardExtractor.run()`
+fills any given shards (distributed.py hands shards to Ray actors with the same class), and `extract()`
+ties them together for the CLI.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from queue import Queue
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .backbone import Backbone, load_backbone
+from .cache import (FAILED, OK, Cache, CacheError, Layout, ShardData, StoreLock, content_fingerprint,
+                    create_store, diff_meta, write_shard)
+from .decode_pool import DecodePool
+from .manifest import Manifest, VideoEntry
+from .specs import SamplingSpec, TokenSpec, ViewSpec, parse_layers, parse_tokens
+from .video import DecodeRequest, DecodeResult
+
+SHORT_VIDEO_POLICY = ("uniform: frames repeat in order when the video has fewer frames than segments; "
+                      "dense: the clip starts at frame 0 and indices past the end repeat the last frame")
+LAYER_DEFINITION = ("layer i = output of visual transformer block i (0-indexed), the residual stream before "
+                    "ln_post; cls holds its class token, tokens/<i> its patch tokens; embed = encode_image output "
+                    "(ln_post + proj, not L2-normalised)")
+
+
+@dataclass
+class ExtractSettings:
+    """Everything about what goes into the cache (not how fast): the CLI's options."""
+    model: str = "ViT-B/16"
+    pretrained: str = "none"
+    layers: str = "all"
+    tokens: str = "cls"
+    frames: int = 8
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    views: ViewSpec = field(default_factory=ViewSpec)
+    dtype: str = "float16"
+    codec: str = "zstd:3"
+    shard_size: int | None = None      # clips per shard; None = automatic
+    seed: int = 0                      # random-init seed for pretrained=none
+    quick_gelu: bool | None = None
+    device: str = "auto"
+    precision: str = "auto"
+
+
+@dataclass
+class Plan:
+    """A resolved extraction: store layout and metadata, ready to create or resume."""
+    layout: Layout
+    meta: dict
+    manifest: Manifest
+
+
+def auto_shard_videos(bytes_per_clip: int, views: int, requested_clips: int | None, num_videos: int) -> int:
+    """Videos per shard. Default: 64 clips, fewer when a clip is big (a shard is assembled in RAM: keep it
+    under ~1 GiB)."""
+    if requested_clips is not None:
+        clips = requested_clips
+    else:
+        clips = max(1, min(64, (1 << 30) // max(bytes_per_clip, 1)))
+    return max(1, min(num_videos, clips // views if clips >= views else 1))
+
+
+def plan(settings: ExtractSettings, manifest: Manifest, backbone: Backbone) -> Plan:
+    layers = parse_layers(settings.layers, backbone.depth)
+    tokens = parse_tokens(settings.tokens, backbone.patch_grid)
+    backbone.preprocessing.check_spatial_views(settings.views.spatial)
+    base = Layout(num_videos=len(manifest.videos), views=settings.views, frames=settings.frames,
+                  layers=tuple(layers), tokens=tokens, width=backbone.width, embed_dim=backbone.embed_dim,
+                  dtype=settings.dtype, shard_videos=1)
+    per_clip = sum(base.bytes_per_clip().values())
+    shard_videos = auto_shard_videos(per_clip, settings.views.count, settings.shard_size, len(manifest.videos))
+    layout = Layout(**{**base.__dict__, "shard_videos": shard_videos})
+    meta = {
+        "tool": "cachefeat", "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": backbone.describe(), "layers": list(layers), "tokens": tokens.to_dict(), "dtype": settings.dtype,
+        "frames": settings.frames, "sampling": settings.sampling.to_dict(),
+        "views": {"temporal": settings.views.temporal, "spatial": settings.views.spatial},
+        "preprocessing": backbone.preprocessing.to_dict(), "compute_precision": backbone.precision,
+        "classes": manifest.classes,
+        "source": {"format": manifest.format, "sha256": manifest.sha256, "num_videos": len(manifest.videos)},
+        "source_path": manifest.source, "short_video_policy": SHORT_VIDEO_POLICY,
+        "layer_definition": LAYER_DEFINITION,
+    }
+    return Plan(layout, meta, manifest)
+
+
+def prepare(out: str | Path, p: Plan, codec: str, overwrite: bool = False) -> tuple[object, list[int]]:
+    """Create the store, or re-open it to resume. Returns (zarr root, shards still to do). The caller
+    holds the store lock. A store made with different settings is refused, naming the differences."""
+    out = Path(out)
+    if out.exists():
+        is_cache = (out / "zarr.json").is_file()
+        if not is_cache and out.is_dir() and any(p_ for p_ in out.iterdir() if p_.name != "cachefeat.lock"):
+            raise CacheError(f"{out} exists and is not a cachefeat cache; choose another --out "
+                             f"(--overwrite only replaces a cachefeat cache)")
+        if not is_cache and out.is_file():
+            raise CacheError(f"{out} is a file; choose another --out")
+        if is_cache and overwrite:
+            Cache(out)  # refuses to delete a Zarr store that is not ours
+            _remove_store(out)
+        elif is_cache:
+            old = Cache(out, mode="r+")
+            new = dict(p.meta, layout=p.layout.to_dict(), codec=codec, schema_version=old.meta.get("schema_version"))
+            if old.meta.get("fingerprint") != content_fingerprint(new):
+                diffs = diff_meta(old.meta, new)
+                raise CacheError(f"{out} was made with other settings ({'; '.join(diffs[:4]) or 'metadata differs'});"
+                                 f" use the same settings to resume, --overwrite to start over, or another --out")
+            todo = [int(s) for s in np.flatnonzero(~old.shard_done())]
+            return old.root, todo
+    root = create_store(out, p.meta, p.layout, p.manifest.videos, codec=codec)
+    return root, list(range(p.layout.num_shards))
+
+
+def _remove_store(out: Path) -> None:
+    for child in out.iterdir():
+        if child.name == "cachefeat.lock":
+            continue  # ours, held by this process
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+# ------------------------------------------------------------------------------------------- shards
+class _ShardState:
+    """One shard being assembled: decoded videos arrive in any order, frames go to the backbone in
+    video order, features land in preallocated arrays."""
+
+    def __init__(self, shard: int, layout: Layout, videos: list[VideoEntry]):
+        self.shard = shard
+        self.vids = layout.shard_videos_range(shard)
+        self.rows = layout.shard_rows_range(shard)
+        n_rows, T = len(self.rows), layout.frames
+        self.features = {name: np.zeros((n_rows, *shape), dtype=layout.dtype)
+                         for name, shape in layout.feature_arrays().items()}
+        self.valid = np.zeros(n_rows, bool)
+        self.frame_idx = np.zeros((n_rows, T), np.int32)
+        self.status = np.zeros(len(self.vids), np.uint8)
+        self.num_frames = np.zeros(len(self.vids), np.int32)
+        self.errors = [""] * len(self.vids)
+        self.results: dict[int, DecodeResult] = {}
+        self.to_submit = deque(self.vids)
+        self.next_video = self.vids.start      # next video whose frames go into a batch
+        self.frames: list[np.ndarray] = []     # pending pixels, each (n, h, w, 3)
+        self.slots: list[np.ndarray] = []      # their flat (row*T + t) positions in this shard
+        self.pending = 0
+
+    @property
+    def resolved(self) -> bool:
+        return self.next_video >= self.vids.stop
+
+    def take_ready(self, views: int, T: int) -> int:
+        """Move the frames of consecutive decoded videos into the pending batch; returns videos taken."""
+        taken = 0
+        while self.next_video < self.vids.stop and self.next_video in self.results:
+            res = self.results.pop(self.next_video)
+            j = self.next_video - self.vids.start
+            self.num_frames[j] = res.num_frames
+            if res.ok:
+                self.status[j] = OK
+                r0 = j * views
+                self.valid[r0:r0 + views] = True
+                self.frame_idx[r0:r0 + views] = res.frame_idx
+                self.frames.append(res.pixels.reshape(-1, *res.pixels.shape[2:]))
+                self.slots.append(np.arange(r0 * T, (r0 + views) * T))
+                self.pending += views * T
+            else:
+                self.status[j] = FAILED
+                self.errors[j] = f"{res.stage}: {res.error}"
+            self.next_video += 1
+            taken += 1
+        return taken
+
+    def pop_batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        pixels = np.concatenate(self.frames)
+        slots = np.concatenate(self.slots)
+        self.frames, self.slots = [pixels[size:]], [slots[size:]]
+        self.pending = len(slots) - min(size, len(slots))
+        return pixels[:size], slots[:size]
+
+    def data(self) -> ShardData:
+        return ShardData(self.shard, self.features, self.valid, self.frame_idx, self.status, self.num_frames,
+                         self.errors)
+
+
+@dataclass
+class ExtractStats:
+    shards: int = 0
+    clips: int = 0
+    frames: int = 0
+    failed_videos: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    failures: list = field(default_factory=list)
+
+
+class ShardExtractor:
+    """Runs the pipeline over shards pulled from an iterable (which may be lazy: a Ray queue)."""
+
+    def __init__(self, root, layout: Layout, meta: dict, backbone: Backbone, videos: list[VideoEntry],
+                 pool: DecodePool, batch_size: int = 64, reader: str = "auto", on_progress=None,
+                 on_shard_done=None, max_inflight: int | None = None):
+        self.root, self.layout, self.backbone, self.videos, self.pool = root, layout, backbone, videos, pool
+        self.batch_size = batch_size
+        self.layers = list(layout.layers)
+        self.tokens = layout.tokens
+        self.sampling = SamplingSpec(**meta["sampling"])
+        self.reader = reader
+        self.on_progress = on_progress or (lambda clips: None)
+        self.on_shard_done = on_shard_done or (lambda shard: None)
+        per_video = layout.views.count * layout.frames
+        self.max_inflight = max_inflight or max(4 * max(len(pool.pids), 1), 2 * math.ceil(batch_size / per_video))
+        self.stop_requested = False
+        self.dtype = torch.float16 if layout.dtype == "float16" else torch.float32
+
+    # -- forward
+    def _forward(self, st: _ShardState, pixels: np.ndarray, slots: np.ndarray) -> None:
+        x = torch.from_numpy(pixels)
+        if self.backbone.device.type == "cuda":
+            x = x.pin_memory()
+        out = self.backbone.features(x, self.layers, self.tokens)
+        T = self.layout.frames
+        st.features["embed"].reshape(-1, self.layout.embed_dim)[slots] = _host(out["embed"], self.dtype)
+        cls = _host(out["cls"], self.dtype)
+        st.features["cls"].reshape(-1, *cls.shape[1:])[slots] = cls
+        if "tokens" in out:
+            toks = _host(out["tokens"], self.dtype)
+            for li, layer in enumerate(self.layers):
+                st.features[f"tokens/{layer}"].reshape(-1, *toks.shape[2:])[slots] = toks[:, li]
+
+    def _request(self, video: int) -> DecodeRequest:
+        e = self.videos[video]
+        return DecodeRequest(video, e.path, self.layout.frames, self.sampling, self.layout.views,
+                             self.backbone.preprocessing, self.reader)
+
+    def run(self, shards: Iterable[int]) -> ExtractStats:
+        stats = ExtractStats()
+        t0 = time.perf_counter()
+        writes: Queue = Queue(maxsize=1)
+        writer_error: list[BaseException] = []
+
+        def writer():
+            while True:
+                item = writes.get()
+                if item is None:
+                    return
+                if writer_error:
+                    continue
+                try:
+                    write_shard(self.root, self.layout, item)
+                    self.on_shard_done(item.shard)
+                except BaseException as e:  # reported by the main thread
+                    writer_error.append(e)
+
+        wt = threading.Thread(target=writer, name="cachefeat-writer", daemon=True)
+        wt.start()
+        it = iter(shards)
+        exhausted = False
+        open_shards: deque[_ShardState] = deque()
+        by_shard: dict[int, _ShardState] = {}
+        views, T = self.layout.views.count, self.layout.frames
+        try:
+            while True:
+                if writer_error:
+                    raise writer_error[0]
+                # 1. keep the decoders busy, at most two shards ahead
+                while self.pool.in_flight < self.max_inflight:
+                    # once a stop is requested, only the shard in flight (the head) is finished
+                    candidates = list(open_shards)[:1] if self.stop_requested else open_shards
+                    st = next((s for s in candidates if s.to_submit), None)
+                    if st is None:
+                        if exhausted or self.stop_requested or len(open_shards) >= 2:
+                            break
+                        s = next(it, None)
+                        if s is None:
+                            exhausted = True
+                            break
+                        st = _ShardState(int(s), self.layout, self.videos)
+                        open_shards.append(st)
+                        by_shard[st.shard] = st
+                        continue
+                    v = st.to_submit.popleft()
+                    entry = self.videos[v]
+                    if entry.problem:
+                        st.results[v] = DecodeResult(v, stage="manifest", error=entry.problem)
+                    else:
+                        self.pool.submit(self._request(v))
+                if not open_shards:
+                    break
+                # 2. the head shard: batch the decoded frames in video order, forward full batches
+                head = open_shards[0]
+                taken = head.take_ready(views, T)
+                while head.pending >= self.batch_size or (head.resolved and head.pending):
+                    pixels, slots = head.pop_batch(self.batch_size)
+                    self._forward(head, pixels, slots)
+                if taken:
+                    self.on_progress(taken * views)
+                if head.resolved:
+                    open_shards.popleft()
+                    del by_shard[head.shard]
+                    writes.put(head.data())
+                    stats.shards += 1
+                    stats.clips += int(head.valid.sum())
+                    stats.frames += int(head.valid.sum()) * T
+                    bad = np.flatnonzero(head.status == FAILED)
+                    stats.failed_videos += len(bad)
+                    stats.failures += [(int(head.vids.start + j), head.errors[j]) for j in bad]
+                    if self.stop_requested:
+                        break
+                    continue
+                if taken:
+                    continue
+                # 3. wait for the next decoded video
+                res = self.pool.get(timeout=1.0)
+                if res is not None:
+                    st = by_shard.get(res.key // self.layout.shard_videos)
+                    if st is not None:
+                        st.results[res.key] = res
+        finally:
+            writes.put(None)
+            wt.join()
+        if writer_error:
+            raise writer_error[0]
+        stats.interrupted = self.stop_requested and (not exhausted or bool(open_shards))
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+
+def _host(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    return t.to(dtype).cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------- entry
+def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batch_size: int = 64,
+            decode_workers: int = 2, decode_timeout: float = 60.0, reader: str = "auto", overwrite: bool = False,
+            progress: bool = True, log=print) -> ExtractStats:
+    """Extract (or resume extracting) `manifest` into the cache at `out` in this process."""
+    from tqdm import tqdm
+    out = Path(out)
+    backbone = load_backbone(settings.model, settings.pretrained, settings.device, settings.precision,
+                             seed=settings.seed, quick_gelu=settings.quick_gelu)
+    p = plan(settings, manifest, backbone)
+    lock = StoreLock(out)
+    lock.acquire()
+    try:
+        root, todo = prepare(out, p, settings.codec, overwrite=overwrite)
+        layout = p.layout
+        if not todo:
+            log(f"{out}: already complete ({layout.num_shards} shards); nothing to do")
+            return ExtractStats()
+        done = layout.num_shards - len(todo)
+        if done:
+            log(f"{out}: resuming, {done} of {layout.num_shards} shards already done")
+        total_clips = sum(len(layout.shard_rows_range(s)) for s in todo)
+        bar = tqdm(total=total_clips, unit="clip", desc="extract", disable=not progress, dynamic_ncols=True)
+
+        with DecodePool(decode_workers, decode_timeout) as pool:
+            ex = ShardExtractor(root, layout, p.meta, backbone, manifest.videos, pool, batch_size, reader,
+                                on_progress=bar.update)
+            previous = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(signum, frame):
+                if ex.stop_requested:  # second Ctrl-C: stop now
+                    signal.signal(signal.SIGINT, previous)
+                    raise KeyboardInterrupt
+                ex.stop_requested = True
+                bar.write("interrupted: finishing the shard in flight (Ctrl-C again to stop at once)")
+
+            in_main = threading.current_thread() is threading.main_thread()
+            if in_main:
+                signal.signal(signal.SIGINT, on_sigint)
+            try:
+                stats = ex.run(todo)
+            finally:
+                if in_main:
+                    signal.signal(signal.SIGINT, previous)
+                bar.close()
+        return stats
+    finally:
+        lock.release()

@@ -1,0 +1,210 @@
+"""Inputs: turn a data set description into an ordered list of videos with class indices.
+
+Accepted (format detected from the path, or forced with --format):
+- folder : DIR/<class>/<video>.mp4 (class = sub-folder name); videos directly in DIR are unlabelled
+- list   : a text file, one `path label` per line (label = class name or index; a path may contain
+           spaces: the label is the last field); `path` alone means unlabelled; `#` starts a comment
+- kinetics: CSV with header label,youtube_id,time_start,time_end,split; files are
+           {youtube_id}_{time_start:06d}_{time_end:06d}.<ext> under the video root, flat or in class folders
+- ssv2   : Something-Something JSON list of {id, template|label}; files are <id>.webm (or .mp4) under the
+           video root; the class is the template with the brackets removed
+
+The class list comes from --classes (a text file, one name per line, or a JSON list, or a JSON
+{name: index} map as SSv2's labels.json) or else from the labels found, sorted. Train and eval caches
+must share one class list; pass the same --classes to both when a split may lack a class.
+
+Nothing is dropped silently: a video that cannot be used as listed (label not in the class list, the same
+file listed twice) keeps its row and carries a `problem`, which extraction records as a failure.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts", ".3gp")
+FORMATS = ("auto", "folder", "list", "kinetics", "ssv2")
+
+
+class ManifestError(ValueError):
+    """An input that cannot be read as a data set; the message says why."""
+
+
+@dataclass(frozen=True)
+class VideoEntry:
+    path: str
+    label: int             # class index, -1 if unknown
+    video_id: str
+    problem: str = ""      # non-empty: this row is recorded as a failure without decoding
+
+
+@dataclass
+class Manifest:
+    videos: list[VideoEntry]
+    classes: list[str]
+    format: str
+    source: str
+    sha256: str
+
+    def describe(self) -> dict:
+        return {"input": self.source, "format": self.format, "sha256": self.sha256, "num_videos": len(self.videos)}
+
+
+def read_class_list(path: str | os.PathLike) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise ManifestError(f"--classes {path}: no such file")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, dict):  # {name: index}
+            return [k for k, _ in sorted(data.items(), key=lambda kv: int(kv[1]))]
+        return [str(x) for x in data]
+    names = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if len(set(names)) != len(names):
+        raise ManifestError(f"--classes {path}: a class name appears twice")
+    return names
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "folder"
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return "ssv2"
+    if suffix == ".csv":
+        return "kinetics"
+    return "list"
+
+
+def load_manifest(input_path: str | os.PathLike, fmt: str = "auto", video_root: str | None = None,
+                  classes: list[str] | str | None = None, split: str | None = None) -> Manifest:
+    path = Path(input_path)
+    if not path.exists():
+        raise ManifestError(f"input {input_path} does not exist")
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    root = Path(video_root) if video_root else (path if path.is_dir() else path.parent)
+    if isinstance(classes, (str, os.PathLike)):
+        classes = read_class_list(classes)
+    reader = {"folder": _folder, "list": _text_list, "kinetics": _kinetics, "ssv2": _ssv2}.get(fmt)
+    if reader is None:
+        raise ManifestError(f"unknown input format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    rows, digest = reader(path, root, split)   # rows: (path, label name or None, video id)
+    if not rows:
+        raise ManifestError(f"{input_path}: no videos found" + (f" for split {split!r}" if split else ""))
+    if classes is None:
+        found = {lab for _, lab, _ in rows if lab is not None}
+        if found and all(lab.isdigit() for lab in found):  # integer labels without names: 0..max
+            classes = [str(i) for i in range(max(int(lab) for lab in found) + 1)]
+        else:
+            classes = sorted(found)
+    index = {c: i for i, c in enumerate(classes)}
+    seen: dict[str, int] = {}
+    videos = []
+    for i, (p, lab, vid) in enumerate(rows):
+        problem, label = "", -1
+        if lab is not None:
+            label = _class_index(lab, index, classes)
+            if label < 0:
+                problem = f"label {lab!r} is not in the class list"
+        key = os.path.realpath(p)
+        if key in seen:
+            problem = f"duplicate of video {seen[key]} (same file listed twice)"
+        else:
+            seen[key] = i
+        videos.append(VideoEntry(str(p), label, vid, problem))
+    return Manifest(videos, list(classes), fmt, str(path), digest)
+
+
+def _class_index(label: str, index: dict, classes: list[str]) -> int:
+    if label in index:
+        return index[label]
+    if label.isdigit():  # an index into the class list
+        i = int(label)
+        return i if i < len(classes) else -1
+    return -1
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _folder(path: Path, root: Path, split):
+    rows = []
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS:
+            rel = p.relative_to(path)
+            label = rel.parts[0] if len(rel.parts) > 1 else None
+            rows.append((str(p), label, str(rel.with_suffix(""))))
+    listing = "\n".join(f"{r[0]}\t{os.path.getsize(r[0])}" for r in rows)
+    return rows, _sha(listing.encode())
+
+
+def _text_list(path: Path, root: Path, split):
+    raw = path.read_bytes()
+    rows = []
+    for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) == 2 and not _looks_like_video(parts[1]):
+            p, label = parts
+        else:
+            p, label = line, None
+        full = Path(p) if os.path.isabs(p) else root / p
+        rows.append((str(full), label, str(Path(p).with_suffix(""))))
+    return rows, _sha(raw)
+
+
+def _looks_like_video(token: str) -> bool:
+    return Path(token).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _kinetics(path: Path, root: Path, split):
+    raw = path.read_bytes()
+    reader = csv.DictReader(raw.decode("utf-8").splitlines())
+    need = {"youtube_id", "time_start", "time_end"}
+    if not reader.fieldnames or not need <= set(reader.fieldnames):
+        raise ManifestError(f"{path}: a Kinetics CSV needs the columns label,youtube_id,time_start,time_end,split "
+                            f"(found {reader.fieldnames})")
+    rows = []
+    for r in reader:
+        if split and r.get("split") and r["split"] != split:
+            continue
+        stem = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}"
+        label = r.get("label") or None
+        rows.append((str(_find_video(root, stem, label)), label, stem))
+    return rows, _sha(raw + (split or "").encode())
+
+
+def _ssv2(path: Path, root: Path, split):
+    raw = path.read_bytes()
+    try:
+        items = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(items, list) or (items and "id" not in items[0]):
+        raise ManifestError(f"{path}: a Something-Something JSON is a list of objects with an 'id'")
+    rows = []
+    for it in items:
+        label = it.get("template") or it.get("label")
+        label = label.replace("[", "").replace("]", "") if label else None
+        vid = str(it["id"])
+        rows.append((str(_find_video(root, vid, None, (".webm", ".mp4"))), label, vid))
+    return rows, _sha(raw)
+
+
+def _find_video(root: Path, stem: str, label: str | None, exts=VIDEO_EXTENSIONS) -> Path:
+    """The file for `stem`: flat under root or in the class folder; the .mp4 path when none exists (it
+    is then recorded as missing, not dropped)."""
+    folders = [root] + ([root / label, root / label.replace(" ", "_")] if label else [])
+    for folder in folders:
+        for ext in exts:
+            p = folder / f"{stem}{ext}"
+            if p.exists():
+                return p
+    return folders[-1] / f"{stem}{exts[0]}"

@@ -1,0 +1,107 @@
+"""Geometric preprocessing of decoded frames: the model's own open_clip eval transform, minus ToTensor/Normalize.
+
+It runs in the decode worker processes, which import neither torch nor open_clip, so it is written against
+PIL and replicates torchvision's `Resize(int)` + `CenterCrop` arithmetic exactly (tests compare it with
+open_clip's own transform). What leaves a worker is uint8 HxWx3 crops; scaling to [0, 1] and the CLIP
+mean/std normalisation happen on the compute device (backbone.normalize), as ToTensor + Normalize would.
+
+Spatial views: 1 = the centre crop (what open_clip does); 3 = crops at the start, centre and end of the
+longer side after the shorter side is resized to the crop size (the papers' three-crop test protocol).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+_INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+                  "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The model's preprocessing settings, as open_clip's PreprocessCfg gives them."""
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(size=tuple(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   interpolation=d.get("interpolation", "bicubic"), resize_mode=d.get("resize_mode", "shortest"),
+                   fill_color=d.get("fill_color", 0))
+
+    @classmethod
+    def from_open_clip(cls, cfg: dict) -> "Preprocessing":
+        size = cfg["size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return cls(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                   interpolation=cfg.get("interpolation", "bicubic"), resize_mode=cfg.get("resize_mode", "shortest"),
+                   fill_color=cfg.get("fill_color", 0))
+
+    def check_spatial_views(self, spatial: int) -> None:
+        if spatial != 1 and not (self.resize_mode == "shortest" and self.size[0] == self.size[1]):
+            raise ValueError(f"{spatial} spatial crops need a square crop after a shortest-side resize; this "
+                             f"model preprocesses with resize_mode={self.resize_mode}, size={self.size}")
+
+
+def _resize_shortest(img: Image.Image, size: int, interpolation) -> Image.Image:
+    # torchvision.transforms.functional.resize(img, [size]) for a PIL image
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) == (w, h):
+        return img
+    return img.resize((new_w, new_h), interpolation)
+
+
+def _crop_or_pad(img: Image.Image, top: int, left: int, th: int, tw: int, fill: int) -> Image.Image:
+    w, h = img.size
+    if tw > w or th > h:  # torchvision's CenterCrop pads a too-small image before cropping
+        canvas = Image.new("RGB", (max(w, tw), max(h, th)), (fill, fill, fill))
+        pl, pt = (tw - w) // 2 if tw > w else 0, (th - h) // 2 if th > h else 0
+        canvas.paste(img, (pl, pt))
+        img, (w, h) = canvas, canvas.size
+        top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+    return img.crop((left, top, left + tw, top + th))
+
+
+def crops(frame: np.ndarray, prep: Preprocessing, spatial: int = 1) -> list[np.ndarray]:
+    """One decoded RGB frame (H, W, 3) uint8 -> `spatial` model-sized uint8 crops (h, w, 3)."""
+    img = Image.fromarray(frame)
+    th, tw = prep.size
+    interp = _INTERPOLATION[prep.interpolation]
+    if prep.resize_mode == "squash":
+        return [np.asarray(img.resize((tw, th), interp))] * spatial
+    if prep.resize_mode == "longest":
+        return [_longest(img, prep)] * spatial
+    if th != tw:
+        raise ValueError(f"non-square crop {prep.size} with resize_mode=shortest is not supported")
+    img = _resize_shortest(img, th, interp)
+    w, h = img.size
+    centre = (int(round((h - th) / 2.0)), int(round((w - tw) / 2.0)))
+    if spatial == 1:
+        positions = [centre]
+    elif w >= h:  # three crops along the width
+        positions = [(centre[0], 0), centre, (centre[0], max(w - tw, 0))]
+    else:
+        positions = [(0, centre[1]), centre, (max(h - th, 0), centre[1])]
+    return [np.asarray(_crop_or_pad(img, t, l, th, tw, prep.fill_color)) for t, l in positions]
+
+
+def _longest(img: Image.Image, prep: Preprocessing) -> np.ndarray:
+    # Rare for ViTs; delegate to open_clip's own classes so the result is exactly theirs.
+    from open_clip.transform import CenterCropOrPad, ResizeKeepRatio, InterpolationMode
+    mode = InterpolationMode(prep.interpolation)
+    out = ResizeKeepRatio(prep.size, interpolation=mode, longest=1)(img)
+    out = CenterCropOrPad(prep.size, fill=prep.fill_color)(out)
+    return np.asarray(out)

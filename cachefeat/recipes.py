@@ -1,0 +1,146 @@
+"""Recipes: a YAML list of stages, each one cachefeat command with its options, run in order.
+
+    name: demo
+    stages:
+      - name: data
+        synth: {out: data, classes: 6}
+      - name: extract-train
+        extract: {input: data/train.txt, out: train.zarr, model: ViT-B/32, pretrained: none}
+
+A stage is `<command>: {option: value}`: keys are the command's option names (dashes or underscores) or
+its positional argument names; `true` is a flag; a list repeats the option. Paths are relative to the
+work directory. A finished stage is recorded in WORKDIR/recipe-state.json with a hash of its settings and
+is skipped next time, so re-running a recipe after a crash continues where it stopped (and the stage that
+was interrupted resumes on its own: extract continues its shards, train its checkpoint).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+import yaml
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe {path} does not exist")
+    try:
+        recipe = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), list) or not recipe["stages"]:
+        raise RecipeError(f"recipe {path} needs a non-empty `stages` list")
+    names = set()
+    for i, st in enumerate(recipe["stages"]):
+        if not isinstance(st, dict):
+            raise RecipeError(f"recipe {path}: stage {i + 1} is not a mapping")
+        commands = [k for k in st if k != "name"]
+        if len(commands) != 1:
+            raise RecipeError(f"recipe {path}: stage {i + 1} must name exactly one command, has {commands}")
+        st.setdefault("name", f"{i + 1}-{commands[0]}")
+        if st["name"] in names:
+            raise RecipeError(f"recipe {path}: two stages are named {st['name']!r}")
+        names.add(st["name"])
+    return recipe
+
+
+def stage_command(stage: dict) -> tuple[str, dict]:
+    cmd = next(k for k in stage if k != "name")
+    return cmd, dict(stage[cmd] or {})
+
+
+def to_argv(command: click.Command, options: dict) -> list[str]:
+    """{option: value} -> argv for `command`, positional arguments by name first."""
+    positional = {p.name: p for p in command.params if isinstance(p, click.Argument)}
+    by_name = {}
+    for p in command.params:
+        if isinstance(p, click.Option):
+            for opt in p.opts + p.secondary_opts:
+                by_name[opt.lstrip("-").replace("-", "_")] = (opt, p)
+            by_name.setdefault(p.name, (p.opts[0], p))
+    argv, pos = [], []
+    for key, value in options.items():
+        k = key.replace("-", "_")
+        if k in positional:
+            pos += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+            continue
+        if k not in by_name:
+            raise RecipeError(f"`{command.name}` has no option {key!r}")
+        opt, param = by_name[k]
+        if param.is_flag:
+            if value is True:
+                argv.append(opt)
+            elif value is False and param.secondary_opts:
+                argv.append(param.secondary_opts[0])
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            argv += [opt, str(v)]
+    return pos + argv
+
+
+def _digest(stage: dict) -> str:
+    return hashlib.sha256(json.dumps(stage, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def _cwd(path: Path):
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def run_recipe(group: click.Group, recipe_path: str, workdir: str | None = None, force: bool = False,
+               only: tuple[str, ...] = (), echo=click.echo) -> list[dict]:
+    recipe = load_recipe(recipe_path)
+    work = Path(workdir or recipe.get("workdir") or Path(recipe_path).stem).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "recipe-state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    report = []
+    known = [s["name"] for s in recipe["stages"]]
+    for o in only:
+        if o not in known:
+            raise RecipeError(f"--only {o}: no such stage (stages: {', '.join(known)})")
+    for stage in recipe["stages"]:
+        name = stage["name"]
+        cmd_name, options = stage_command(stage)
+        command = group.get_command(None, cmd_name)
+        if command is None:
+            raise RecipeError(f"stage {name}: unknown command {cmd_name!r}")
+        digest = _digest(stage)
+        if only and name not in only:
+            continue
+        if not force and state.get(name, {}).get("digest") == digest:
+            echo(f"== {name}: done earlier, skipped")
+            report.append({"stage": name, "skipped": True})
+            continue
+        argv = to_argv(command, options)
+        echo(f"== {name}: cachefeat {cmd_name} {' '.join(argv)}")
+        t0 = time.time()
+        with _cwd(work):
+            try:
+                command.main(argv, prog_name=f"cachefeat {cmd_name}", standalone_mode=False)
+            except SystemExit as e:  # a command that exits 0 explicitly is fine
+                if e.code not in (0, None):
+                    raise click.ClickException(f"stage {name} stopped (exit status {e.code}); run the recipe "
+                                               f"again to continue") from None
+        seconds = time.time() - t0
+        state[name] = {"digest": digest, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 1)}
+        tmp = state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(state_path)
+        report.append({"stage": name, "skipped": False, "seconds": seconds})
+    return report

@@ -1,0 +1,54 @@
+"""Which source frames each clip (view) uses.
+
+Deterministic test views by default; `rng` draws the random training variant (TSN: a random frame inside
+each segment; dense: a random clip start), used for augmented views.
+
+Short-video policy (documented in the README): a clip never fails because the video is short.
+- uniform: with fewer frames than segments, segments share frames, so frames repeat in temporal order
+  (e.g. 3 frames, 8 segments -> 0 0 0 1 1 2 2 2).
+- dense:S: when the video is shorter than the clip span, the clip starts at frame 0 and indices past the
+  end are clamped to the last frame (the last frame repeats).
+A video with zero decodable frames is a failure.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .specs import SamplingSpec
+
+
+def clip_indices(num_frames: int, frames: int, sampling: SamplingSpec, view: int = 0, num_views: int = 1,
+                 rng: np.random.Generator | None = None) -> np.ndarray:
+    """Frame indices (int64, length `frames`, non-decreasing) of temporal view `view` of `num_views`."""
+    if num_frames < 1:
+        raise ValueError("a video with no frames cannot be sampled")
+    if not 0 <= view < num_views:
+        raise ValueError(f"view {view} out of range for {num_views} views")
+    if sampling.method == "uniform":
+        return _uniform(num_frames, frames, view, num_views, rng)
+    if sampling.method == "dense":
+        return _dense(num_frames, frames, sampling.stride, view, num_views, rng)
+    raise ValueError(f"unknown sampling method {sampling.method!r}")
+
+
+def _uniform(n: int, t: int, view: int, views: int, rng) -> np.ndarray:
+    seg = n / t
+    if rng is not None:
+        offset = rng.random(t)                 # one random position inside every segment (TSN training)
+    else:
+        offset = np.full(t, (view + 0.5) / views)  # views spread evenly inside the segments
+    idx = np.floor(seg * (np.arange(t) + offset)).astype(np.int64)
+    return np.clip(idx, 0, n - 1)
+
+
+def _dense(n: int, t: int, stride: int, view: int, views: int, rng) -> np.ndarray:
+    span = (t - 1) * stride + 1
+    room = max(n - span, 0)
+    if rng is not None:
+        start = int(rng.integers(0, room + 1))
+    elif views == 1:
+        start = room // 2                       # centre clip
+    else:
+        start = int(round(view * room / (views - 1)))  # clips spread from the start to the end
+    idx = start + stride * np.arange(t, dtype=np.int64)
+    return np.clip(idx, 0, n - 1)

@@ -1,0 +1,165 @@
+"""The small spec languages of the CLI (--layers, --tokens, --views, --sampling), parsed once into values.
+
+Each parser raises SpecError with a one-line message that says what is accepted; the CLI turns it into a
+usage error. The parsed values are plain dataclasses that serialise to the cache metadata and back.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+
+class SpecError(ValueError):
+    """A spec string that cannot be parsed or does not fit the model."""
+
+
+# --------------------------------------------------------------------------------------------- layers
+def parse_layers(spec: str, depth: int) -> list[int]:
+    """`all`, `last:K` or `i,j,k` (negative indices count from the end) -> sorted block indices.
+
+    Layer i is the output of the visual transformer's block i (0-indexed): the raw residual stream,
+    before ln_post, CLS at position 0.
+    """
+    spec = spec.strip().lower()
+    if spec == "all":
+        return list(range(depth))
+    m = re.fullmatch(r"last:(\d+)", spec)
+    if m:
+        k = int(m.group(1))
+        if not 1 <= k <= depth:
+            raise SpecError(f"--layers last:{k}: K must be between 1 and {depth} for this model ({depth} blocks)")
+        return list(range(depth - k, depth))
+    try:
+        raw = [int(p) for p in spec.split(",") if p.strip() != ""]
+    except ValueError:
+        raise SpecError(f"--layers {spec!r}: expected all, last:K or a comma list of block indices like 3,7,11") from None
+    if not raw:
+        raise SpecError("--layers is empty: expected all, last:K or a comma list of block indices")
+    out = set()
+    for i in raw:
+        j = i + depth if i < 0 else i
+        if not 0 <= j < depth:
+            raise SpecError(f"--layers: block index {i} is out of range; this model has blocks 0..{depth - 1} "
+                            f"(or -{depth}..-1)")
+        out.add(j)
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------------------------- tokens
+@dataclass(frozen=True)
+class TokenSpec:
+    """What is kept of each tapped layer's tokens. CLS is always kept (array `cls`).
+
+    kind: "cls"    -> only the class token;
+          "all"    -> also every patch token (grid = the model's patch grid);
+          "pooled" -> also the patch grid average-pooled to `grid` (adaptive average pooling).
+    """
+    kind: str
+    grid: tuple[int, int] | None = None
+
+    @property
+    def num_patch_tokens(self) -> int:
+        return 0 if self.grid is None else self.grid[0] * self.grid[1]
+
+    def __str__(self) -> str:
+        if self.kind == "pooled":
+            return f"pooled:{self.grid[0]}x{self.grid[1]}"
+        return self.kind
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "grid": list(self.grid) if self.grid else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenSpec":
+        return cls(d["kind"], tuple(d["grid"]) if d.get("grid") else None)
+
+
+def parse_tokens(spec: str, patch_grid: tuple[int, int]) -> TokenSpec:
+    spec = spec.strip().lower()
+    if spec == "cls":
+        return TokenSpec("cls", None)
+    if spec == "all":
+        return TokenSpec("all", tuple(patch_grid))
+    m = re.fullmatch(r"pooled:(\d+)x(\d+)", spec)
+    if m:
+        h, w = int(m.group(1)), int(m.group(2))
+        if not (1 <= h <= patch_grid[0] and 1 <= w <= patch_grid[1]):
+            raise SpecError(f"--tokens {spec}: the pooled grid must be between 1x1 and the model's patch grid "
+                            f"{patch_grid[0]}x{patch_grid[1]}")
+        return TokenSpec("pooled", (h, w))
+    raise SpecError(f"--tokens {spec!r}: expected cls, all or pooled:HxW (e.g. pooled:4x4)")
+
+
+# --------------------------------------------------------------------------------------------- views
+SPATIAL_CROPS = (1, 3)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Test views: `temporal` clips along time times `spatial` crops (1 = centre; 3 = both ends and centre of
+    the longer side, the papers' three-crop protocol). View index = temporal_index * spatial + spatial_index."""
+    temporal: int = 1
+    spatial: int = 1
+
+    @property
+    def count(self) -> int:
+        return self.temporal * self.spatial
+
+    def __str__(self) -> str:
+        return f"{self.temporal}x{self.spatial}"
+
+
+def parse_views(spec: str) -> ViewSpec:
+    m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", spec.lower())
+    if not m:
+        raise SpecError(f"--views {spec!r}: expected TxS, temporal clips x spatial crops, e.g. 1x1, 3x1 or 4x3")
+    t, s = int(m.group(1)), int(m.group(2))
+    if t < 1:
+        raise SpecError(f"--views {spec}: need at least one temporal clip")
+    if s not in SPATIAL_CROPS:
+        raise SpecError(f"--views {spec}: spatial crops must be 1 (centre) or 3 (three crops along the longer side)")
+    return ViewSpec(t, s)
+
+
+# --------------------------------------------------------------------------------------------- sampling
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How the frames of one clip are chosen (see sampling.py).
+
+    uniform   : TSN segments: the video is cut into `frames` equal segments, one frame from each.
+    dense:S   : `frames` consecutive frames `S` apart (one clip of span (frames-1)*S+1).
+    """
+    method: str = "uniform"
+    stride: int | None = None
+
+    def __str__(self) -> str:
+        return f"dense:{self.stride}" if self.method == "dense" else "uniform"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_sampling(spec: str) -> SamplingSpec:
+    spec = spec.strip().lower()
+    if spec in ("uniform", "segments", "tsn"):
+        return SamplingSpec("uniform", None)
+    m = re.fullmatch(r"dense:(\d+)", spec)
+    if m:
+        stride = int(m.group(1))
+        if stride < 1:
+            raise SpecError("--sampling dense:STRIDE needs STRIDE >= 1")
+        return SamplingSpec("dense", stride)
+    raise SpecError(f"--sampling {spec!r}: expected uniform or dense:STRIDE (e.g. dense:8)")
+
+
+# --------------------------------------------------------------------------------------------- dtype
+STORAGE_DTYPES = ("float16", "float32")
+
+
+def parse_dtype(spec: str) -> str:
+    spec = spec.strip().lower()
+    aliases = {"fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    spec = aliases.get(spec, spec)
+    if spec not in STORAGE_DTYPES:
+        raise SpecError(f"--dtype {spec!r}: expected one of {', '.join(STORAGE_DTYPES)}")
+    return spec

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny registered ViT (cachefeat-tiny-ViT: 4 blocks, width 64, 32 px) so most tests
+run in seconds, small synthetic data sets written with a real codec, and a CLI runner."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cachefeat.cli import cli
+from cachefeat.synth import generate
+
+TINY = "cachefeat-tiny-ViT"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, ok: bool = True):
+    """Invoke the CLI in-process; asserts success unless ok=False. Returns click's Result."""
+    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok and res.exit_code != 0:
+        raise AssertionError(f"cachefeat {' '.join(map(str, args))} exited {res.exit_code}:\n{res.output}")
+    return res
+
+
+def cli_subprocess(*args, **kw) -> subprocess.Popen:
+    """Start the real `cachefeat` command in its own process group (so a test can SIGKILL all of it)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "cachefeat", *map(str, args)], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def tiny_extract_args(manifest, out, *extra):
+    return ["extract", manifest, "--out", out, "--model", TINY, "--pretrained", "none", "--quiet",
+            "--decode-workers", "1", *extra]
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory) -> Path:
+    """4 classes x 4 videos (3 train, 1 val), 16 frames of 64 px."""
+    out = tmp_path_factory.mktemp("synth_small")
+    generate(out, num_classes=4, videos_per_class=4, frames=16, size=64, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_medium(tmp_path_factory) -> Path:
+    """6 classes x 12 videos (9 train, 3 val), 16 frames of 64 px: enough to train on."""
+    out = tmp_path_factory.mktemp("synth_medium")
+    generate(out, num_classes=6, videos_per_class=12, frames=16, size=64, seed=1, progress=False)
+    return out
