@@ -58,3 +58,18 @@ def fifo(path) -> Path:
     """A named pipe: a decoder that opens it blocks forever (nobody writes), a real hang."""
     os.mkfifo(path)
     return Path(path)
+
+
+def encode_in_fresh_process(path, frames: np.ndarray, codec: str, pix_fmt: str = "yuv420p") -> Path:
+    """encode() in a new Python process. decord's wheel bundles its own FFmpeg libraries; once decord is
+    loaded, PyAV's VP9 encoder in the same process fails to open (EINVAL). The product never encodes
+    where it decodes; tests that need a VP9 file after decoding something make it here."""
+    import subprocess
+    import sys
+    npy = Path(str(path) + ".npy")
+    np.save(npy, frames)
+    code = ("import sys, numpy as np; sys.path.insert(0, %r); from media import encode; "
+            "encode(%r, np.load(%r), %r, %r)" % (str(Path(__file__).parent), str(path), str(npy), codec, pix_fmt))
+    subprocess.run([sys.executable, "-c", code], check=True)
+    npy.unlink()
+    return Path(path)

@@ -12,7 +12,7 @@ from cachefeat.preprocess import Preprocessing, crops
 from cachefeat.specs import SamplingSpec, ViewSpec
 from cachefeat.video import DecodeRequest, DecordReader, PyAVReader, decode_video
 
-from media import encode, faststart_copy, fifo, good_video, random_bytes, truncated
+from media import encode, encode_in_fresh_process, faststart_copy, fifo, good_video, random_bytes, truncated
 
 PREP = Preprocessing(size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -105,10 +105,12 @@ def test_bad_files_are_failures_not_exceptions(tmp_path, kind, stage):
 
 def test_odd_formats_decode(tmp_path):
     frames = np.stack([np.full((40, 56, 3), 10 * i, np.uint8) for i in range(10)])
-    for name, codec, fmt in [("gray.mp4", "libx264", "gray"), ("10bit.mp4", "libx264", "yuv420p10le"),
-                             ("mjpeg.avi", "mjpeg", "yuvj420p"), ("vp9.webm", "libvpx-vp9", "yuv420p")]:
-        r = decode_video(req(encode(tmp_path / name, frames, codec, fmt), frames=4))
-        assert r.ok, (name, r.error)
+    files = [encode_in_fresh_process(tmp_path / name, frames, codec, fmt) for name, codec, fmt in
+             [("gray.mp4", "libx264", "gray"), ("10bit.mp4", "libx264", "yuv420p10le"),
+              ("mjpeg.avi", "mjpeg", "yuvj420p"), ("vp9.webm", "libvpx-vp9", "yuv420p")]]
+    for f in files:
+        r = decode_video(req(f, frames=4))
+        assert r.ok, (f.name, r.error)
         assert r.pixels.shape == (1, 4, 32, 32, 3)
 
 
