@@ -66,7 +66,10 @@ def resolve_model_name(name: str) -> str:
 def is_vit(name: str) -> bool:
     import open_clip
     cfg = open_clip.get_model_config(name)
-    return cfg is not None and "timm_model_name" not in cfg.get("vision_cfg", {})
+    if cfg is None:
+        return False
+    v = cfg.get("vision_cfg", {})
+    return "timm_model_name" not in v and isinstance(v.get("layers"), int)  # ResNets list stage depths
 
 
 def _pick_quickgelu(name: str, tag: str) -> tuple[str, bool]:
@@ -109,7 +112,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     for k, v in module.state_dict().items():
         t = v.detach().to("cpu").contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
