@@ -22,7 +22,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
-from .specs import TokenSpec, ViewSpec
+from .specs import PixelSpec, TokenSpec, ViewSpec
 
 SCHEMA_VERSION = 1
 ATTR = "cachefeat"
@@ -75,8 +75,10 @@ class Layout:
     tokens: TokenSpec
     width: int
     embed_dim: int
-    dtype: str
+    dtype: str                          # float16, float32 or int8 (then dequantized on read)
     shard_videos: int
+    pixels: PixelSpec | None = None     # small frames for pixel-level encoders
+    augmented: bool = False             # views are random training views (clips/aug records them)
 
     @property
     def num_clips(self) -> int:
@@ -97,7 +99,7 @@ class Layout:
         return range(shard * self.shard_rows, min((shard + 1) * self.shard_rows, self.num_clips))
 
     def feature_arrays(self) -> dict[str, tuple]:
-        """name -> per-clip shape (without the leading clip axis) of every feature array."""
+        """name -> per-clip shape (without the leading clip axis) of every backbone feature array."""
         T, L, D = self.frames, len(self.layers), self.width
         out = {"embed": (T, self.embed_dim), "cls": (T, L, D)}
         if self.tokens.kind != "cls":
@@ -105,48 +107,75 @@ class Layout:
                 out[f"tokens/{layer}"] = (T, self.tokens.num_patch_tokens, D)
         return out
 
+    def row_arrays(self) -> dict[str, tuple[tuple, str]]:
+        """Every array with one row per clip that a shard writer fills: name -> (per-clip shape, dtype)."""
+        out = {name: (shape, self.dtype) for name, shape in self.feature_arrays().items()}
+        if self.pixels:
+            tk, s = self.frames * self.pixels.factor, self.pixels.size
+            out["pixels"] = ((tk, s, s, 3), "uint8")
+            out["clips/pixel_frame_idx"] = ((tk,), "int32")
+        out["clips/valid"] = ((), "bool")
+        out["clips/frame_idx"] = ((self.frames,), "int32")
+        if self.augmented:
+            out["clips/aug"] = ((), "str")
+        return out
+
     def bytes_per_clip(self) -> dict[str, int]:
-        item = np.dtype(self.dtype).itemsize
-        return {k: int(np.prod(s)) * item for k, s in self.feature_arrays().items()}
+        """Stored (uncompressed) bytes per clip of the feature and pixel arrays."""
+        names = [*self.feature_arrays(), *(["pixels"] if self.pixels else [])]
+        arrays = self.row_arrays()
+        return {k: int(np.prod(arrays[k][0])) * np.dtype(arrays[k][1]).itemsize for k in names}
 
     def to_dict(self) -> dict:
         return {"num_videos": self.num_videos, "views": [self.views.temporal, self.views.spatial],
                 "frames": self.frames, "layers": list(self.layers), "tokens": self.tokens.to_dict(),
                 "width": self.width, "embed_dim": self.embed_dim, "dtype": self.dtype,
-                "shard_videos": self.shard_videos, "num_clips": self.num_clips, "num_shards": self.num_shards}
+                "shard_videos": self.shard_videos, "num_clips": self.num_clips, "num_shards": self.num_shards,
+                "pixels": self.pixels.to_dict() if self.pixels else None, "augmented": self.augmented}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Layout":
+        px = d.get("pixels")
         return cls(num_videos=d["num_videos"], views=ViewSpec(*d["views"]), frames=d["frames"],
                    layers=tuple(d["layers"]), tokens=TokenSpec.from_dict(d["tokens"]), width=d["width"],
-                   embed_dim=d["embed_dim"], dtype=d["dtype"], shard_videos=d["shard_videos"])
+                   embed_dim=d["embed_dim"], dtype=d["dtype"], shard_videos=d["shard_videos"],
+                   pixels=PixelSpec(**px) if px else None, augmented=bool(d.get("augmented", False)))
 
 
-TABLES = ("videos/path", "videos/id", "videos/label", "videos/status", "videos/num_frames", "videos/error",
-          "clips/video", "clips/view", "clips/label", "clips/valid", "clips/frame_idx")
+VIDEO_TABLES = ("videos/path", "videos/id", "videos/label", "videos/status", "videos/num_frames", "videos/error")
+CLIP_TABLES = ("clips/video", "clips/view", "clips/label")
 
 _DIMS = {"embed": ("clip", "frame", "channel"), "cls": ("clip", "frame", "layer", "channel"),
-         "tokens": ("clip", "frame", "token", "channel")}
+         "tokens": ("clip", "frame", "token", "channel"), "pixels": ("clip", "frame", "y", "x", "rgb"),
+         "clips/valid": ("clip",), "clips/frame_idx": ("clip", "frame"), "clips/pixel_frame_idx": ("clip", "frame"),
+         "clips/aug": ("clip",)}
 
 
-def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: list, codec: str = DEFAULT_CODEC):
-    """Create the store with every array (features empty), the static per-video and per-clip tables and
-    the metadata. `videos` are manifest.VideoEntry rows in cache order."""
+def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: list, codec: str = DEFAULT_CODEC,
+                 extras: dict[str, np.ndarray] | None = None):
+    """Create the store with every array (row arrays empty), the static per-video and per-clip tables,
+    `extras` (small arrays known up front: text embeddings, int8 steps) and the metadata. `videos` are
+    manifest.VideoEntry rows in cache order."""
     compressors = parse_codec(codec)
     # mode "a", not "w": the folder may already hold this writer's lock file, which "w" would delete;
     # the caller has made sure no other store content is there
     root = zarr.open_group(str(path), mode="a", zarr_format=3)
     C, V, n = layout.num_clips, layout.num_videos, layout.views.count
     rows, vids = layout.shard_rows, layout.shard_videos
-    for name, shape in layout.feature_arrays().items():
-        root.create_array(name, shape=(C, *shape), dtype=layout.dtype, chunks=(1, *shape), shards=(rows, *shape),
-                          compressors=compressors, fill_value=0, dimension_names=_DIMS[name.split("/")[0]])
+    for name, (shape, dtype) in layout.row_arrays().items():
+        dims = _DIMS[name] if name in _DIMS else _DIMS[name.split("/")[0]]
+        if shape:  # big per-clip arrays: one chunk per clip, one shard file per shard
+            root.create_array(name, shape=(C, *shape), dtype=dtype, chunks=(1, *shape), shards=(rows, *shape),
+                              compressors=compressors, fill_value=0, dimension_names=dims)
+        else:      # one value per clip: one chunk per shard
+            root.create_array(name, shape=(C,), dtype=str if dtype == "str" else dtype, chunks=(rows,),
+                              compressors=compressors, fill_value="" if dtype == "str" else 0, dimension_names=dims)
 
-    def table(name, data, chunk, dims=None, fill=0):
+    def table(name, data, chunk, dims=None):
         data = np.asarray(data)
         a = root.create_array(name, shape=data.shape, dtype=data.dtype if data.dtype.kind != "U" else str,
                               chunks=(chunk, *data.shape[1:]), compressors=compressors,
-                              fill_value="" if data.dtype.kind == "U" else fill, dimension_names=dims)
+                              fill_value="" if data.dtype.kind == "U" else 0, dimension_names=dims)
         a[...] = data
         return a
 
@@ -159,12 +188,13 @@ def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: li
     table("clips/video", np.repeat(np.arange(V, dtype=np.int32), n), rows, ("clip",))
     table("clips/view", np.tile(np.arange(n, dtype=np.int16), V), rows, ("clip",))
     table("clips/label", np.repeat(np.array([v.label for v in videos], dtype=np.int32), n), rows, ("clip",))
-    table("clips/valid", np.zeros(C, bool), rows, ("clip",), fill=False)
-    table("clips/frame_idx", np.zeros((C, layout.frames), np.int32), rows, ("clip", "frame"))
+    for name, data in (extras or {}).items():
+        table(name, data, max(1, len(data)))
     # one chunk per shard flag: each writer touches only its own files
     root.create_array("progress", shape=(layout.num_shards,), dtype=np.uint8, chunks=(1,),
-                             compressors=None, fill_value=0, dimension_names=("shard",))
-    meta = dict(meta, schema_version=SCHEMA_VERSION, layout=layout.to_dict(), codec=codec)
+                      compressors=None, fill_value=0, dimension_names=("shard",))
+    meta = dict(meta, schema_version=SCHEMA_VERSION, layout=layout.to_dict(), codec=codec,
+                extras=sorted(extras or {}))
     meta["fingerprint"] = content_fingerprint(meta)
     root.attrs[ATTR] = meta
     return root
@@ -173,14 +203,10 @@ def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: li
 # ------------------------------------------------------------------------------------------- shards
 @dataclass
 class ShardData:
-    """Everything one writer writes for one shard (arrays cover exactly the shard's rows/videos)."""
+    """Everything one writer writes for one shard: arrays cover exactly the shard's rows / videos."""
     shard: int
-    features: dict[str, np.ndarray]   # feature array name -> (rows, ...) in the store dtype
-    valid: np.ndarray                 # (rows,) bool
-    frame_idx: np.ndarray             # (rows, T) int32
-    status: np.ndarray                # (videos,) uint8
-    num_frames: np.ndarray            # (videos,) int32
-    errors: list[str]                 # (videos,) "" or "stage: message"
+    rows: dict[str, np.ndarray]       # Layout.row_arrays() name -> (shard rows, ...)
+    videos: dict[str, np.ndarray]     # videos/status, videos/num_frames, videos/error -> (shard videos,)
 
 
 def write_shard(root, layout: Layout, data: ShardData) -> None:
@@ -189,26 +215,18 @@ def write_shard(root, layout: Layout, data: ShardData) -> None:
     rows = layout.shard_rows_range(data.shard)
     vids = layout.shard_videos_range(data.shard)
     r, v = slice(rows.start, rows.stop), slice(vids.start, vids.stop)
-    for name, arr in data.features.items():
+    for name, arr in data.rows.items():
         root[name][r] = arr
-    root["clips/valid"][r] = data.valid
-    root["clips/frame_idx"][r] = data.frame_idx
-    root["videos/status"][v] = data.status
-    root["videos/num_frames"][v] = data.num_frames
-    root["videos/error"][v] = np.array(data.errors, dtype=str)
+    for name, arr in data.videos.items():
+        root[name][v] = arr
     root["progress"][data.shard] = 1
-
-
-def reset_shard_flags(root, shards) -> None:
-    prog = root["progress"]
-    for s in shards:
-        prog[s] = 0
 
 
 # ------------------------------------------------------------------------------------------- metadata
 # What decides the arrays' contents: a resumed run must agree on all of it.
 _CONTENT_KEYS = ("model", "layers", "tokens", "dtype", "frames", "sampling", "views", "preprocessing",
-                 "compute_precision", "source", "layout", "codec", "classes")
+                 "compute_precision", "source", "layout", "codec", "classes", "pixels", "augment", "text",
+                 "quantization")
 _MODEL_IDENTITY = ("name", "pretrained", "init_seed", "quick_gelu", "weights_sha256")
 
 
@@ -307,8 +325,28 @@ class Cache:
         return self.root[name]
 
     def array_names(self) -> list[str]:
-        """Every array of the store, features first."""
-        return [*self.layout.feature_arrays(), *TABLES, "progress"]
+        """Every array of the store: row arrays (features first), tables, extras, progress."""
+        return [*self.layout.row_arrays(), *VIDEO_TABLES, *CLIP_TABLES, *self.meta.get("extras", []), "progress"]
+
+    @property
+    def pixels(self) -> PixelSpec | None:
+        return self.layout.pixels
+
+    @property
+    def augment(self) -> dict | None:
+        """The random-view settings of a training cache made with --aug-views, else None."""
+        return self.meta.get("augment")
+
+    @property
+    def text(self) -> dict | None:
+        """{template, prompts} when class-name text embeddings are stored (`text/embed`)."""
+        return self.meta.get("text")
+
+    def text_embeddings(self) -> np.ndarray:
+        if not self.text:
+            raise CacheError(f"{self.path} holds no class-name text embeddings (extracted with --no-text, or the "
+                             f"model has no text tower, or the classes are unknown)")
+        return self.root["text/embed"][:]
 
     # -- progress and validity
     def shard_done(self) -> np.ndarray:
@@ -351,17 +389,40 @@ class Cache:
 
     # -- features
     def read(self, name: str, rows=slice(None)) -> np.ndarray:
-        return self.root[name][rows]
+        """Rows of an array. Feature arrays of an int8 cache come back dequantized to float16, so readers
+        never see the difference (except for the quantization error)."""
+        data = self.root[name][rows]
+        if self.layout.dtype == "int8" and name in self.layout.feature_arrays():
+            data = self._dequantize(name, data)
+        return data
 
     def read_cls(self, rows=slice(None), layers: list[int] | None = None) -> np.ndarray:
         """(clips, T, L', D) class tokens of `layers` (block indices; default all tapped)."""
         a = self.root["cls"]
         if layers is None:
-            return a[rows]
+            return self.read("cls", rows)
         pos = [self.layer_position(l) for l in layers]
         if pos == list(range(pos[0], pos[0] + len(pos))):
-            return a[rows, :, pos[0]:pos[0] + len(pos)]
-        return a[rows][:, :, pos]
+            data = a[rows, :, pos[0]:pos[0] + len(pos)]
+        else:
+            data = a[rows][:, :, pos]
+        if self.layout.dtype == "int8":
+            data = self._dequantize("cls", data, pos)
+        return data
+
+    def quant_step(self, name: str) -> np.ndarray:
+        """The int8 step of a feature array: value = int8 * step, per layer and channel."""
+        if not hasattr(self, "_steps"):
+            self._steps = {}
+        if name not in self._steps:
+            self._steps[name] = self.root[f"quant/{name}"][:]
+        return self._steps[name]
+
+    def _dequantize(self, name: str, q: np.ndarray, layer_pos: list[int] | None = None) -> np.ndarray:
+        step = self.quant_step(name)          # cls: (L, D); embed and tokens/<i>: (D,)
+        if layer_pos is not None:
+            step = step[layer_pos]
+        return (q.astype(np.float32) * step).astype(np.float16)
 
     def layer_position(self, layer: int) -> int:
         try:

@@ -95,6 +95,28 @@ def _dtype(ctx, param, value):
         raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
 
 
+def _pixels(ctx, param, value):
+    from .specs import SpecError, parse_pixels
+    if value is None:
+        return None
+    try:
+        return parse_pixels(value)
+    except SpecError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+
+
+def _augment(aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed, views):
+    from .specs import AugmentSpec, ViewSpec, parse_color_jitter, parse_range
+    if aug_views is None:
+        return None
+    if views != ViewSpec():
+        raise click.UsageError("--aug-views makes random training views; it cannot be combined with --views "
+                               "(test views belong in a separate eval cache)")
+    return AugmentSpec(aug_views, parse_range(aug_scale, "--aug-scale", 0.08, 1.0),
+                       parse_range(aug_ratio, "--aug-ratio", 0.75, 1.333), not no_flip,
+                       parse_color_jitter(color_jitter) if color_jitter else None, aug_seed)
+
+
 def _shard_size(ctx, param, value):
     if value in (None, "auto"):
         return None
@@ -137,7 +159,24 @@ def _shard_size(ctx, param, value):
               help="uniform (TSN segments, one frame each) or dense:STRIDE (consecutive frames STRIDE apart).")
 @click.option("--views", default="1x1", show_default=True, callback=_views,
               help="Views per video: TxS = T temporal clips x S spatial crops (S = 1 centre or 3), e.g. 3x1, 4x3.")
-@click.option("--dtype", default="float16", show_default=True, callback=_dtype, help="Storage dtype: float16 or float32.")
+@click.option("--dtype", default="float16", show_default=True, callback=_dtype,
+              help="Storage dtype: float16, float32, or int8 (symmetric per-channel quantization, calibrated on "
+                   "videos spread over the input; dequantized transparently on read).")
+@click.option("--pixels", callback=_pixels, metavar="SIZE[xK]",
+              help="Also keep the model's crops resized to SIZExSIZE as uint8, for K times as many frames as the "
+                   "backbone sees (DiST-style pixel encoders use 112x2 or 224x2).")
+@click.option("--aug-views", type=click.IntRange(1, 64),
+              help="Training cache: K random augmented views per video (random frames within segments, "
+                   "random-resized crop, flips, optional colour jitter) instead of the test views of --views.")
+@click.option("--aug-scale", default="0.4,1.0", show_default=True, help="Random-resized-crop area range (with --aug-views).")
+@click.option("--aug-ratio", default="0.75,1.3333", show_default=True, help="Random-resized-crop aspect-ratio range.")
+@click.option("--no-flip", is_flag=True,
+              help="No horizontal flips in augmented views (Something-Something's left/right classes need this).")
+@click.option("--color-jitter", metavar="B,C,S,H", help="Colour jitter of augmented views, e.g. 0.4,0.4,0.2,0.1 (off by default).")
+@click.option("--aug-seed", default=0, show_default=True, help="Seed of the augmented views: the same seed gives the same views.")
+@click.option("--text-template", default="{}", show_default=True,
+              help="Prompt for the class-name text embeddings; {} is the class name, e.g. 'a video of {}.'")
+@click.option("--no-text", is_flag=True, help="Do not store class-name text embeddings.")
 @click.option("--codec", default="zstd:3", show_default=True,
               help="Compression: none, zstd[:L], blosc-lz4, blosc-zstd[:L], gzip[:L] (a CRC32C checksum is always added).")
 @click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(1), help="Frames per backbone forward.")
@@ -157,7 +196,8 @@ def _shard_size(ctx, param, value):
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any video failed (the cache is still written).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(input, out, fmt, video_root, classes_file, split, model, pretrained, quick_gelu, seed, layers, tokens,
-            frames, sampling, views, dtype, codec, batch_size, shard_size, device, precision, decode_workers,
+            frames, sampling, views, dtype, pixels, aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed,
+            text_template, no_text, codec, batch_size, shard_size, device, precision, decode_workers,
             decode_timeout, reader, overwrite, dry_run, strict, quiet):
     """Run the frozen backbone over the videos of INPUT and write their features to a cache.
 
@@ -173,12 +213,16 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
     from .manifest import load_manifest
 
     parse_codec(codec)  # validate before any work
+    augment = _augment(aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed, views)
+    if "{}" not in text_template:
+        raise click.BadParameter("the template needs {} where the class name goes", param_hint="--text-template")
     if classes_file is None and Path(input).is_file() and (Path(input).parent / "classes.txt").is_file():
         classes_file = str(Path(input).parent / "classes.txt")
     manifest = load_manifest(input, fmt, video_root, classes_file, split)
     settings = ExtractSettings(model=model, pretrained=pretrained, layers=layers, tokens=tokens, frames=frames,
                                sampling=sampling, views=views, dtype=dtype, codec=codec, shard_size=shard_size,
-                               seed=seed, quick_gelu=quick_gelu, device=device, precision=precision)
+                               seed=seed, quick_gelu=quick_gelu, device=device, precision=precision,
+                               pixels=pixels, augment=augment, text=not no_text, text_template=text_template)
     if dry_run:
         click.echo(dry_run_report(manifest, settings))
         return
@@ -212,15 +256,16 @@ def dry_run_report(manifest, settings) -> str:
     from .backbone import model_geometry
     from .cache import Layout
     from .extract import auto_shard_videos
-    from .specs import parse_layers, parse_tokens
+    from .specs import ViewSpec, parse_layers, parse_tokens
     geo = model_geometry(settings.model)
     layers = parse_layers(settings.layers, geo["depth"])
     tokens = parse_tokens(settings.tokens, tuple(geo["patch_grid"]))
-    layout = Layout(num_videos=len(manifest.videos), views=settings.views, frames=settings.frames,
+    views = ViewSpec(settings.augment.views, 1) if settings.augment else settings.views
+    layout = Layout(num_videos=len(manifest.videos), views=views, frames=settings.frames,
                     layers=tuple(layers), tokens=tokens, width=geo["width"], embed_dim=geo["embed_dim"],
-                    dtype=settings.dtype, shard_videos=1)
+                    dtype=settings.dtype, shard_videos=1, pixels=settings.pixels, augmented=bool(settings.augment))
     per_clip = layout.bytes_per_clip()
-    shard_videos = auto_shard_videos(sum(per_clip.values()), settings.views.count, settings.shard_size,
+    shard_videos = auto_shard_videos(sum(per_clip.values()), views.count, settings.shard_size,
                                      len(manifest.videos))
     C, T = layout.num_clips, layout.frames
     groups: dict[str, int] = {}
@@ -229,12 +274,16 @@ def dry_run_report(manifest, settings) -> str:
         groups[key] = groups.get(key, 0) + b
     rows = [[k, human_bytes(b / T), human_bytes(b * C)] for k, b in groups.items()]
     total = sum(per_clip.values())
-    rows.append(["total", human_bytes(total / T), human_bytes(total * C)])
+    text = len(manifest.classes) * geo["embed_dim"] * 4 if settings.text and manifest.classes else 0
+    if text:
+        rows.append([f"text/embed ({len(manifest.classes)} classes)", "-", human_bytes(text)])
+    rows.append(["total", human_bytes(total / T), human_bytes(total * C + text)])
     head = (f"dry run: {geo['name']} ({geo['depth']} blocks, width {geo['width']}, patch grid "
             f"{geo['patch_grid'][0]}x{geo['patch_grid'][1]}), layers {layers if len(layers) < 8 else settings.layers}, "
             f"tokens {tokens}, {settings.dtype}\n"
-            f"{len(manifest.videos)} videos x {settings.views.count} views = {C} clips x {T} frames = {C * T} frames; "
-            f"shards of {shard_videos * settings.views.count} clips ({layout.num_videos and -(-len(manifest.videos) // shard_videos)} shards)")
+            f"{len(manifest.videos)} videos x {views.count} {'augmented ' if settings.augment else ''}views = "
+            f"{C} clips x {T} frames = {C * T} frames; "
+            f"shards of {shard_videos * views.count} clips ({layout.num_videos and -(-len(manifest.videos) // shard_videos)} shards)")
     note = ("uncompressed sizes; lossless compression of float16 features saves little (about 1.1x measured), "
             "so expect close to this on disk")
     return "\n".join([head, table(rows, ["array", "per frame", "whole cache"]), note])
@@ -279,6 +328,19 @@ def info(cache, show_failures, as_json):
     click.echo(f"sampling   {s['method']}{':' + str(s['stride']) if s.get('stride') else ''}  frames {lay.frames}  "
                f"views {lay.views}  preprocessing {m['preprocessing']['size'][0]}px {m['preprocessing']['interpolation']} "
                f"{m['preprocessing']['resize_mode']}")
+    aug = c.augment
+    held = [f"embed", f"cls x{len(lay.layers)} layers"]
+    if lay.tokens.kind != "cls":
+        held.append(f"{lay.tokens} tokens x{len(lay.layers)} layers")
+    if lay.pixels:
+        held.append(f"pixels {lay.pixels.size}px x{lay.pixels.factor} frames")
+    if c.text:
+        held.append(f"text embeddings of {len(c.classes)} classes (template {c.text['template']!r})")
+    held.append(f"{aug['views']} augmented views (scale {aug['scale']}, flip {aug['flip']}, colour jitter "
+                f"{aug['color_jitter']}, seed {aug['seed']})" if aug else f"{lay.views} test views")
+    if lay.dtype == "int8":
+        held.append("int8, dequantized on read")
+    click.echo(f"holds      {'; '.join(held)}")
     click.echo(f"classes    {len(c.classes)}" + (f" ({', '.join(c.classes[:6])}{', ...' if len(c.classes) > 6 else ''})"
                                                  if c.classes else ""))
     state = "complete" if done.all() else f"INCOMPLETE: {int(done.sum())} of {len(done)} shards done (resume with extract)"
@@ -289,9 +351,13 @@ def info(cache, show_failures, as_json):
                + (f", ratio {raw / disk:.3f}" if disk else "")
                + (f", {human_bytes(disk / frames_stored)} per frame" if frames_stored else ""))
     per = lay.bytes_per_clip()
-    parts = ", ".join(f"{k} {human_bytes(v / lay.frames)}" for k, v in per.items() if not k.startswith("tokens/"))
+    if c.text:
+        per["text"] = 0  # per cache, not per frame: shown below
+    parts = ", ".join(f"{k} {human_bytes(v / lay.frames)}" for k, v in per.items()
+                      if not k.startswith("tokens/") and k != "text")
     tok = sum(v for k, v in per.items() if k.startswith("tokens/"))
-    click.echo(f"per frame  {parts}" + (f", tokens {human_bytes(tok / lay.frames)}" if tok else "") + " (uncompressed)")
+    click.echo(f"per frame  {parts}" + (f", tokens {human_bytes(tok / lay.frames)}" if tok else "") + " (uncompressed)"
+               + (f"; text embeddings {human_bytes(c.root['text/embed'].nbytes)} per cache" if c.text else ""))
     if failures:
         shown = failures if show_failures else failures[:5]
         click.echo("failures" + ("" if show_failures or len(failures) <= 5 else f" (first 5; --failures for all {len(failures)})"))
@@ -336,3 +402,27 @@ def run(recipe, workdir, force, only):
         raise click.UsageError(str(e)) from None
     ran = [r for r in report if not r["skipped"]]
     click.echo(f"recipe {recipe}: {len(ran)} stages run, {len(report) - len(ran)} skipped")
+
+
+# ------------------------------------------------------------------------------------------- zeroshot
+@cli.command()
+@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True),
+              help="An eval cache with class-name text embeddings (made by extract with a CLIP that has a text tower).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (top1, top5 as fractions).")
+def zeroshot(cache_path, as_json):
+    """Zero-shot classification from the cached final image embeddings and class-name text embeddings.
+
+    Each frame's embedding is L2-normalised, averaged over the clip's frames and over the video's views,
+    and compared by cosine similarity with the normalised text embeddings: the CLIP zero-shot baseline,
+    with no training and no re-extraction.
+
+    Example: cachefeat zeroshot --cache k400_val.zarr
+    """
+    from .cache import open_cache
+    from .zeroshot import zero_shot
+    r = zero_shot(open_cache(cache_path))
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        click.echo(f"zero-shot on {r['videos']} videos, {r['classes']} classes: top-1 {100 * r['top1']:.2f}%  "
+                   f"top-5 {100 * r['top5']:.2f}%  (chance {100 / max(r['classes'], 1):.2f}%)")
