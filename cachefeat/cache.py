@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
+from zarr.core.sync import sync as zarr_sync
 
 from .specs import PixelSpec, TokenSpec, ViewSpec
 
 SCHEMA_VERSION = 1
 ATTR = "cachefeat"
+CREATING = "cachefeat_creating"
 LOCK_NAME = "cachefeat.lock"
 
 # video status values in videos/status
@@ -160,6 +162,7 @@ def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: li
     # mode "a", not "w": the folder may already hold this writer's lock file, which "w" would delete;
     # the caller has made sure no other store content is there
     root = zarr.open_group(str(path), mode="a", zarr_format=3)
+    root.attrs[CREATING] = True   # replaced by the metadata once every array exists (see is_unfinished_creation)
     C, V, n = layout.num_clips, layout.num_videos, layout.views.count
     rows, vids = layout.shard_rows, layout.shard_videos
     for name, (shape, dtype) in layout.row_arrays().items():
@@ -192,12 +195,28 @@ def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: li
         table(name, data, max(1, len(data)))
     # one chunk per shard flag: each writer touches only its own files
     root.create_array("progress", shape=(layout.num_shards,), dtype=np.uint8, chunks=(1,),
-                      compressors=None, fill_value=0, dimension_names=("shard",))
+                      compressors=[Crc32cCodec()], fill_value=0, dimension_names=("shard",))
     meta = dict(meta, schema_version=SCHEMA_VERSION, layout=layout.to_dict(), codec=codec,
                 extras=sorted(extras or {}))
     meta["fingerprint"] = content_fingerprint(meta)
-    root.attrs[ATTR] = meta
+    root.attrs.put({ATTR: meta})  # last: until here the store reads as unfinished
     return root
+
+
+def is_unfinished_creation(path: str | os.PathLike) -> bool:
+    """A store whose creation was interrupted: our marker but no metadata yet (or an empty group with
+    nothing else in the folder but our lock). Safe to remove and create again."""
+    p = Path(path)
+    try:
+        group = json.loads((p / "zarr.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    attrs = group.get("attributes") or {}
+    if ATTR in attrs:
+        return False
+    if attrs.get(CREATING):
+        return True
+    return not attrs and {c.name for c in p.iterdir()} <= {"zarr.json", LOCK_NAME}
 
 
 # ------------------------------------------------------------------------------------------- shards
@@ -216,10 +235,21 @@ def write_shard(root, layout: Layout, data: ShardData) -> None:
     vids = layout.shard_videos_range(data.shard)
     r, v = slice(rows.start, rows.stop), slice(vids.start, vids.stop)
     for name, arr in data.rows.items():
+        _drop_chunk(root[name], data.shard)
         root[name][r] = arr
     for name, arr in data.videos.items():
+        _drop_chunk(root[name], data.shard)
         root[name][v] = arr
     root["progress"][data.shard] = 1
+
+
+def _drop_chunk(arr, index: int) -> None:
+    """Delete the stored object holding the `index`-th block of rows (a shard file, or the chunk of a
+    per-clip table). zarr's sharding codec otherwise reads the old shard before writing a new one, even
+    when the write covers all of it: wasted work, and a damaged old shard would block its own rewrite."""
+    coords = (index,) + (0,) * (arr.ndim - 1)
+    key = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+    zarr_sync(arr.store_path.store.delete(key))
 
 
 # ------------------------------------------------------------------------------------------- metadata
@@ -350,7 +380,19 @@ class Cache:
 
     # -- progress and validity
     def shard_done(self) -> np.ndarray:
-        return self.root["progress"][:].astype(bool)
+        """(shards,) bool. A flag that cannot be read (corrupted on disk) counts as not done: that shard is
+        written again by the next extract."""
+        prog = self.root["progress"]
+        try:
+            return prog[:] == 1
+        except Exception:
+            out = np.zeros(prog.shape[0], bool)
+            for s in range(prog.shape[0]):
+                try:
+                    out[s] = prog[s] == 1
+                except Exception:
+                    pass
+            return out
 
     @property
     def complete(self) -> bool:
@@ -390,22 +432,45 @@ class Cache:
     # -- features
     def read(self, name: str, rows=slice(None)) -> np.ndarray:
         """Rows of an array. Feature arrays of an int8 cache come back dequantized to float16, so readers
-        never see the difference (except for the quantization error)."""
-        data = self.root[name][rows]
+        never see the difference (except for the quantization error). Data that fails its checksum raises
+        CacheError naming the array and the clips."""
+        data = self._get(name, rows)
         if self.layout.dtype == "int8" and name in self.layout.feature_arrays():
             data = self._dequantize(name, data)
         return data
 
+    def _get(self, name: str, rows, cols=None):
+        arr = self.root[name]
+        try:
+            return arr[rows] if cols is None else arr[(rows, *cols)]
+        except Exception as e:
+            bad = self.unreadable_rows(name, rows)
+            where = f"clips {_ranges(bad)}" if bad else f"rows {rows}"
+            raise CacheError(f"{self.path}: array {name}, {where}: cannot be read ({_first_line(e)}); the data on disk "
+                             f"is damaged: run `cachefeat verify {self.path}`, then `cachefeat extract ... --repair`"
+                             ) from None
+
+    def unreadable_rows(self, name: str, rows=slice(None)) -> list[int]:
+        """The rows of `name` within `rows` that fail to read, one by one."""
+        arr = self.root[name]
+        idx = np.arange(arr.shape[0])[rows] if not isinstance(rows, (int, np.integer)) else [int(rows)]
+        bad = []
+        for r in np.atleast_1d(idx):
+            try:
+                arr[int(r)]
+            except Exception:
+                bad.append(int(r))
+        return bad
+
     def read_cls(self, rows=slice(None), layers: list[int] | None = None) -> np.ndarray:
         """(clips, T, L', D) class tokens of `layers` (block indices; default all tapped)."""
-        a = self.root["cls"]
         if layers is None:
             return self.read("cls", rows)
         pos = [self.layer_position(l) for l in layers]
         if pos == list(range(pos[0], pos[0] + len(pos))):
-            data = a[rows, :, pos[0]:pos[0] + len(pos)]
+            data = self._get("cls", rows, (slice(None), slice(pos[0], pos[0] + len(pos))))
         else:
-            data = a[rows][:, :, pos]
+            data = self._get("cls", rows)[:, :, pos]
         if self.layout.dtype == "int8":
             data = self._dequantize("cls", data, pos)
         return data
@@ -443,6 +508,23 @@ class Cache:
         return int(self.done_rows().sum()) * per_clip
 
 
+def _ranges(rows: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    out, start = [], None
+    for i, r in enumerate(rows):
+        if start is None:
+            start = r
+        if i + 1 == len(rows) or rows[i + 1] != r + 1:
+            out.append(f"{start}-{r}" if r != start else str(r))
+            start = None
+    return ", ".join(out)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0][:200]}" if s else type(e).__name__
+
+
 def open_cache(path: str | os.PathLike) -> Cache:
     """Open a cachefeat cache for reading."""
     return Cache(path, mode="r")
@@ -466,11 +548,14 @@ class StoreLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        for _ in range(3):
+        for _ in range(20):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 h = self.holder()
+                if h is None and self._age() < 5.0:  # its writer may not have filled it in yet
+                    time.sleep(0.5)
+                    continue
                 if h is None or self._stale(h):
                     self._remove_stale()
                     continue
@@ -482,6 +567,12 @@ class StoreLock:
             self.held = True
             return
         raise CacheError(f"could not take the lock {self.path}")
+
+    def _age(self) -> float:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
 
     @staticmethod
     def _stale(h: dict) -> bool:

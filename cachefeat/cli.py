@@ -192,13 +192,16 @@ def _shard_size(ctx, param, value):
 @click.option("--reader", type=click.Choice(["auto", "decord", "pyav"]), default="auto", show_default=True,
               help="Video reader (auto: decord, falling back to PyAV for files decord cannot read).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out instead of resuming it.")
+@click.option("--repair", is_flag=True,
+              help="Check every chunk of the existing cache (as `cachefeat verify` does) and extract again only the "
+                   "shards with damaged data.")
 @click.option("--dry-run", is_flag=True, help="Print the cache's size on disk for these settings and exit.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any video failed (the cache is still written).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(input, out, fmt, video_root, classes_file, split, model, pretrained, quick_gelu, seed, layers, tokens,
             frames, sampling, views, dtype, pixels, aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed,
             text_template, no_text, codec, batch_size, shard_size, device, precision, decode_workers,
-            decode_timeout, reader, overwrite, dry_run, strict, quiet):
+            decode_timeout, reader, overwrite, repair, dry_run, strict, quiet):
     """Run the frozen backbone over the videos of INPUT and write their features to a cache.
 
     Resumable: run the same command again after a crash and it continues with the shards not yet done.
@@ -213,6 +216,8 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
     from .manifest import load_manifest
 
     parse_codec(codec)  # validate before any work
+    if overwrite and repair:
+        raise click.UsageError("--repair mends an existing cache; --overwrite replaces it: choose one")
     augment = _augment(aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed, views)
     if "{}" not in text_template:
         raise click.BadParameter("the template needs {} where the class name goes", param_hint="--text-template")
@@ -229,7 +234,7 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
     workers = default_workers() if decode_workers is None else decode_workers
     stats = run_extract(manifest, out, settings, batch_size=batch_size, decode_workers=workers,
                         decode_timeout=decode_timeout, reader=reader, overwrite=overwrite, progress=not quiet,
-                        log=click.echo)
+                        log=click.echo, repair=repair)
     from .cache import open_cache
     cache = open_cache(out)
     valid = int(cache.valid().sum())
@@ -426,3 +431,44 @@ def zeroshot(cache_path, as_json):
     else:
         click.echo(f"zero-shot on {r['videos']} videos, {r['classes']} classes: top-1 {100 * r['top1']:.2f}%  "
                    f"top-5 {100 * r['top5']:.2f}%  (chance {100 / max(r['classes'], 1):.2f}%)")
+
+
+# ------------------------------------------------------------------------------------------- verify
+@cli.command()
+@click.argument("cache", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(cache, as_json):
+    """Read every chunk of a cache, check its checksums and metadata, and list the clips to re-extract.
+
+    Exit status 0 when the cache is sound, 1 when something is damaged. Damaged shards are mended with
+    `cachefeat extract <same arguments> --repair`.
+
+    Example: cachefeat verify k400_train.zarr
+    """
+    from tqdm import tqdm
+    from .cache import open_cache
+    from .verify import verify as run_verify
+    c = open_cache(cache)
+    with tqdm(total=int(c.shard_done().sum()), unit="shard", desc="verify", disable=as_json, leave=False) as bar:
+        rep = run_verify(c, progress=bar.update)
+    d = rep.to_dict(c)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+    else:
+        click.echo(f"{cache}: checked {rep.chunks_checked} chunks of {int(c.shard_done().sum())} finished shards")
+        for msg in rep.fatal:
+            click.echo(f"  FATAL {msg}")
+        for name, rows in rep.damaged.items():
+            from .cache import _ranges
+            click.echo(f"  damaged: {name} rows {_ranges(sorted(rows))}")
+        for msg in rep.suspicious:
+            click.echo(f"  suspicious: {msg}")
+        if rep.ok:
+            click.echo("  ok: every chunk reads and matches its checksum")
+        elif not rep.fatal:
+            vids = d["videos_to_reextract"]
+            click.echo(f"  re-extract {len(d['clips_to_reextract'])} clips of {len(vids)} videos "
+                       f"({', '.join(map(str, vids[:8]))}{', ...' if len(vids) > 8 else ''}): run the same "
+                       f"`cachefeat extract` command with --repair")
+    if not rep.ok:
+        sys.exit(1)

@@ -31,7 +31,7 @@ import torch
 from . import __version__
 from .backbone import Backbone, load_backbone
 from .cache import (FAILED, OK, Cache, CacheError, Layout, ShardData, StoreLock, content_fingerprint,
-                    create_store, diff_meta, write_shard)
+                    create_store, diff_meta, is_unfinished_creation, write_shard)
 from .decode_pool import DecodePool
 from .manifest import Manifest, VideoEntry
 from .specs import AugmentSpec, PixelSpec, SamplingSpec, ViewSpec, parse_layers, parse_tokens
@@ -129,6 +129,8 @@ def prepare(out: str | Path, p: Plan, codec: str, overwrite: bool = False, extra
     holds the store lock. A store made with different settings is refused, naming the differences.
     `extras` is a callable returning the small arrays computed once at creation (creation_extras)."""
     out = Path(out)
+    if out.exists() and is_unfinished_creation(out):
+        _remove_store(out)  # killed while creating it: nothing in it is data yet
     if out.exists():
         is_cache = (out / "zarr.json").is_file()
         if not is_cache and out.is_dir() and any(p_ for p_ in out.iterdir() if p_.name != "cachefeat.lock"):
@@ -437,10 +439,27 @@ class ShardExtractor:
 
 
 # ------------------------------------------------------------------------------------------- entry
+def _repair(out: Path, log) -> list[int]:
+    """Mark the damaged shards as not done; returns every shard left to do."""
+    from .verify import reset_shards, verify
+    cache = Cache(out)
+    rep = verify(cache)
+    if rep.fatal:
+        raise CacheError(f"{out} cannot be repaired by re-extraction: {rep.fatal[0]}")
+    if rep.shards:
+        log(f"repair: {len(rep.shards)} damaged shards ({len(rep.clips(cache.layout))} clips) will be extracted again")
+        reset_shards(out, rep.shards)
+    else:
+        log("repair: verify found no damage")
+    return [int(s) for s in np.flatnonzero(~Cache(out).shard_done())]
+
+
+
 def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batch_size: int = 64,
             decode_workers: int = 2, decode_timeout: float = 60.0, reader: str = "auto", overwrite: bool = False,
-            progress: bool = True, log=print) -> ExtractStats:
-    """Extract (or resume extracting) `manifest` into the cache at `out` in this process."""
+            progress: bool = True, log=print, repair: bool = False) -> ExtractStats:
+    """Extract (or resume extracting) `manifest` into the cache at `out` in this process. With `repair`,
+    shards that `cachefeat verify` finds damaged are extracted again."""
     from tqdm import tqdm
     out = Path(out)
     backbone = load_backbone(settings.model, settings.pretrained, settings.device, settings.precision,
@@ -450,9 +469,13 @@ def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batc
     lock.acquire()
     try:
         with DecodePool(decode_workers, decode_timeout) as pool:
+            if repair and not (out / "zarr.json").is_file():
+                raise CacheError(f"--repair: there is no cache at {out} to repair")
             root, todo = prepare(out, p, settings.codec, overwrite=overwrite,
                                  extras=lambda: creation_extras(p, backbone, pool, batch_size, reader, log))
             layout = p.layout
+            if repair:
+                todo = _repair(out, log)
             if not todo:
                 log(f"{out}: already complete ({layout.num_shards} shards); nothing to do")
                 return ExtractStats()

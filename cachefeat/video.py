@@ -96,6 +96,9 @@ def open_video(path: str, reader: str = "auto"):
         raise DecodeError("missing", f"no such file: {path}")
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise DecodeError("open", "the file is empty (0 bytes)")
+    if os.path.isfile(path) and _is_text(path):
+        # FFmpeg would "decode" it with its tty demuxer, rendering the characters as frames
+        raise DecodeError("open", "this is a text file, not a video")
     order = list(READERS) if reader == "auto" else [reader]
     errors = []
     for name in order:
@@ -111,6 +114,17 @@ def open_video(path: str, reader: str = "auto"):
         except Exception as e:  # the readers raise their own types (decord.DECORDError, av.error.*)
             errors.append(f"{name}: {type(e).__name__}: {_first_line(e)}")
     raise DecodeError("open", "; ".join(errors))
+
+
+def _is_text(path: str, probe: int = 4096) -> bool:
+    """Every container cachefeat reads starts with binary header bytes; plain text has none."""
+    with open(path, "rb") as f:
+        head = f.read(probe)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\n\r\t" for c in text)
 
 
 def _first_line(e: BaseException) -> str:
