@@ -402,6 +402,16 @@ class StoreLock:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def active_holder(self) -> dict | None:
+        """The holder if a live process (or one on another host) holds the lock, else None. A lock file
+        that cannot be parsed yet is being written by its holder, so it counts as held."""
+        if not self.path.exists():
+            return None
+        h = self.holder()
+        if h is None:
+            return {} if self.path.exists() else None
+        return None if self._stale(h) else h
+
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
