@@ -192,7 +192,8 @@ def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: li
     table("clips/view", np.tile(np.arange(n, dtype=np.int16), V), rows, ("clip",))
     table("clips/label", np.repeat(np.array([v.label for v in videos], dtype=np.int32), n), rows, ("clip",))
     for name, data in (extras or {}).items():
-        table(name, data, max(1, len(data)))
+        dims = ("class", "channel") if name == "text/embed" else ("layer", "channel")[-np.ndim(data):]
+        table(name, data, max(1, len(data)), dims)
     # one chunk per shard flag: each writer touches only its own files
     root.create_array("progress", shape=(layout.num_shards,), dtype=np.uint8, chunks=(1,),
                       compressors=[Crc32cCodec()], fill_value=0, dimension_names=("shard",))
@@ -544,6 +545,16 @@ class StoreLock:
             return json.loads(self.path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+
+    def active_holder(self) -> dict | None:
+        """The holder if a live process (or one on another host) holds the lock, else None. A lock file
+        that cannot be parsed yet is being written by its holder, so it counts as held."""
+        if not self.path.exists():
+            return None
+        h = self.holder()
+        if h is None:
+            return {} if self.path.exists() else None
+        return None if self._stale(h) else h
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
