@@ -299,7 +299,9 @@ def dry_run_report(manifest, settings) -> str:
 @click.argument("cache", type=click.Path(exists=True))
 @click.option("--failures", "show_failures", is_flag=True, help="List every failed video with its stage and reason.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata and counts as JSON.")
-def info(cache, show_failures, as_json):
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also write a PNG of valid and failed videos per class and failures by stage to this path.")
+def info(cache, show_failures, as_json, plot_path):
     """Show what a cache holds: model, layers, tokens, sampling, counts, size on disk.
 
     Example: cachefeat info k400_train.zarr --failures
@@ -318,6 +320,9 @@ def info(cache, show_failures, as_json):
               "disk_bytes": disk, "feature_bytes_uncompressed": raw,
               "compression_ratio": round(raw / disk, 4) if disk else None,
               "bytes_per_frame_on_disk": round(disk / frames_stored, 1) if frames_stored else None}
+    if plot_path:
+        from .plots import cache_overview
+        cache_overview(c, plot_path)
     if as_json:
         click.echo(json.dumps({"metadata": m, "counts": counts, "failures": failures if show_failures else None},
                               indent=2, default=str))
@@ -363,6 +368,8 @@ def info(cache, show_failures, as_json):
     tok = sum(v for k, v in per.items() if k.startswith("tokens/"))
     click.echo(f"per frame  {parts}" + (f", tokens {human_bytes(tok / lay.frames)}" if tok else "") + " (uncompressed)"
                + (f"; text embeddings {human_bytes(c.root['text/embed'].nbytes)} per cache" if c.text else ""))
+    if plot_path:
+        click.echo(f"plot       {plot_path}")
     if failures:
         shown = failures if show_failures else failures[:5]
         click.echo("failures" + ("" if show_failures or len(failures) <= 5 else f" (first 5; --failures for all {len(failures)})"))
