@@ -8,8 +8,8 @@ decoded once for all its views. Batches never straddle shards, so a shard's feat
 which shards ran before it: a resumed or multi-worker run writes exactly what a single run writes.
 
 `prepare()` builds or re-opens the store (refusing one made with other settings), `ShardExtractor.run()`
-fills any given shards (distributed.py hands shards to Ray actors with the same class), and `extract()`
-ties them together for the CLI.
+fills any given shards (extract_distributed.py runs the same class in Ray actors, each over the shards it
+takes from a queue), and `extract()` ties them together for the single-process CLI path.
 """
 from __future__ import annotations
 
