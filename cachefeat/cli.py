@@ -245,7 +245,8 @@ def worker_report(stats) -> str:
     hosts = sorted({w.host for w in ran})
     devices = sorted({w.device for w in ran})
     line = (f"{len(ran)} workers on {len(hosts)} node{'s' * (len(hosts) != 1)} ({', '.join(hosts)}), "
-            f"device {', '.join(devices)}, {ran[0].decode_workers if ran else 0} decode processes each")
+            f"device {', '.join(devices)}, {ran[0].decode_workers if ran else 0} decode processes each, "
+            f"the first ready after {stats.ready_seconds:.1f} s")
     if stats.worker_deaths:
         line += (f"; {stats.worker_deaths} died, {stats.shards_requeued} of their shards redone by others, "
                  f"{stats.replacements} replaced")

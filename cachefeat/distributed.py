@@ -69,7 +69,11 @@ def ray_runtime(address: str | None = None, num_cpus: int | None = None,
         started = False
     else:
         # "local": a new runtime even when RAY_ADDRESS or a `ray start` on this machine points elsewhere
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **_QUIET)
+        try:
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **_QUIET)
+        except Exception as e:  # e.g. no room in /tmp for Ray's session folder
+            raise WorkerError(f"could not start Ray on this machine: {type(e).__name__}: "
+                              f"{(str(e).strip().splitlines() or [''])[0]}") from None
         started = True
     try:
         yield _info(started, address or "local")

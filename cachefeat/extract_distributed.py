@@ -156,22 +156,25 @@ class ExtractWorker:
             decode_workers = max(1, min(8, node_cpu_share(gpu, workers) - 1))
         self.pool = DecodePool(decode_workers, decode_timeout)
         self.reported, self.last_flush = 0, time.monotonic()
+        self.flush_lock = threading.Lock()   # the decode loop and the writer thread both flush
         self.extractor = ShardExtractor(cache.root, cache.layout, cache.meta, bb, videos, self.pool, batch_size,
                                         reader, on_progress=self._on_progress, on_shard_done=self._on_shard_done)
         name = torch.cuda.get_device_name(bb.device) if gpu else "cpu"
-        return {"id": self.id, "host": host, "pid": pid, "node": ray.get_runtime_context().get_node_id(),
-                "device": f"{bb.device} ({name})" if gpu else "cpu", "decode_workers": decode_workers}
+        return {"host": host, "pid": pid, "device": f"{bb.device} ({name})" if gpu else "cpu",
+                "decode_workers": decode_workers}
 
     def _on_progress(self, clips: int) -> None:
-        self.reported += clips
+        with self.flush_lock:
+            self.reported += clips
         if time.monotonic() - self.last_flush > 0.3:
             self._flush()
 
     def _flush(self) -> None:
-        if self.reported:
-            self.broker.progress.remote(self.id, self.reported)  # fire and forget: only for the bar
-            self.reported = 0
-        self.last_flush = time.monotonic()
+        with self.flush_lock:
+            if self.reported:
+                self.broker.progress.remote(self.id, self.reported)  # fire and forget: only for the bar
+                self.reported = 0
+            self.last_flush = time.monotonic()
 
     def _on_shard_done(self, shard: int) -> None:
         # called by the writer thread after the shard's progress flag is set; waited for, so the broker
@@ -232,6 +235,7 @@ class DistributedStats(ExtractStats):
     worker_deaths: int = 0
     shards_requeued: int = 0
     replacements: int = 0
+    ready_seconds: float = 0.0        # from the start of the workers until the first one took a shard
 
 
 def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSettings, workers: int = 2,
@@ -274,6 +278,9 @@ def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSe
             videos = [replace(v, path=os.path.abspath(v.path)) for v in manifest.videos]
             driver = _Driver(out, layout, todo, log, progress, monitor)
             n = min(workers, len(todo))
+            if n < workers:
+                log(f"{len(todo)} shard{'s' * (len(todo) != 1)} to write: starting {n} worker{'s' * (n != 1)}, "
+                    f"not {workers} (--shard-size sets the clips per shard)")
             cap = runtime.gpus if gpu else runtime.cpus
             if n > cap:
                 log(f"{n} workers asked for, but the cluster has {cap:g} {'GPUs' if gpu else 'CPUs'}: "
@@ -320,7 +327,7 @@ class _Driver:
         self.stats.workers.append(self.workers[wid])
 
     def run(self, n: int, resources: dict, setup_args: tuple, replacements: int) -> DistributedStats:
-        t0 = time.perf_counter()
+        self.t0 = t0 = time.perf_counter()
         for _ in range(n):
             self.start_worker(resources, setup_args)
         previous = signal.getsignal(signal.SIGINT)
@@ -394,6 +401,7 @@ class _Driver:
                                                           result["decode_workers"])
             if not any(x.state == "running" for x in self.workers.values()) and not self.shown:
                 self.bar.reset()     # clips/s and the ETA count from the first worker ready, not from startup
+                self.stats.ready_seconds = time.perf_counter() - self.t0
             w.state = "running"
             self.pending[w.actor.run.remote()] = (wid, "run")
         else:
