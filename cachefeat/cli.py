@@ -186,7 +186,16 @@ def _shard_size(ctx, param, value):
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="Backbone compute precision (auto: fp16 autocast on GPU, fp32 on CPU).")
 @click.option("--decode-workers", type=click.IntRange(0), default=None,
-              help="Decode processes (default: CPU cores - 1, at most 8; 0 = decode inline, no timeout).")
+              help="Decode processes (default: CPU cores - 1, at most 8; 0 = decode inline, no timeout). With "
+                   "--workers: per worker (default: the worker's share of its node's cores - 1, at most 8).")
+@click.option("--workers", "-w", default=1, show_default=True, type=click.IntRange(1),
+              help="Extraction workers. Above 1, Ray runs one worker per GPU (per CPU slot without GPUs), each "
+                   "with its own backbone and decode processes, each writing whole shards; one that dies has "
+                   "its unfinished shards redone by another. The cache is the same as with 1.")
+@click.option("--address", metavar="auto|HOST:PORT",
+              help="Run the workers on a running Ray cluster (`ray start --head` on one node, `ray start "
+                   "--address HEAD:6379` on the others; auto = the cluster of this node) instead of starting "
+                   "Ray here. --out and the videos must then be on storage every node sees at the same path.")
 @click.option("--decode-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds one video may take to decode before its decoder is killed and the video recorded as failed.")
 @click.option("--reader", type=click.Choice(["auto", "decord", "pyav"]), default="auto", show_default=True,
@@ -200,7 +209,7 @@ def _shard_size(ctx, param, value):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(input, out, fmt, video_root, classes_file, split, model, pretrained, quick_gelu, seed, layers, tokens,
             frames, sampling, views, dtype, pixels, aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed,
-            text_template, no_text, codec, batch_size, shard_size, device, precision, decode_workers,
+            text_template, no_text, codec, batch_size, shard_size, device, precision, decode_workers, workers, address,
             decode_timeout, reader, overwrite, repair, dry_run, strict, quiet):
     """Run the frozen backbone over the videos of INPUT and write their features to a cache.
 
@@ -231,10 +240,14 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
     if dry_run:
         click.echo(dry_run_report(manifest, settings))
         return
-    workers = default_workers() if decode_workers is None else decode_workers
-    stats = run_extract(manifest, out, settings, batch_size=batch_size, decode_workers=workers,
-                        decode_timeout=decode_timeout, reader=reader, overwrite=overwrite, progress=not quiet,
-                        log=click.echo, repair=repair)
+    if workers > 1 or address:
+        stats = _extract_on_ray(manifest, out, settings, workers, address, batch_size, decode_workers,
+                                decode_timeout, reader, overwrite, repair, quiet)
+    else:  # one process, no Ray: nothing to start, nothing imported
+        stats = run_extract(manifest, out, settings, batch_size=batch_size,
+                            decode_workers=default_workers() if decode_workers is None else decode_workers,
+                            decode_timeout=decode_timeout, reader=reader, overwrite=overwrite, progress=not quiet,
+                            log=click.echo, repair=repair)
     from .cache import open_cache
     cache = open_cache(out)
     valid = int(cache.valid().sum())
@@ -245,6 +258,8 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
                f"{stats.failed_videos} videos failed")
     click.echo(f"{out}: {valid} valid clips of {cache.num_clips}, {human_bytes(disk)} on disk"
                + (f", {human_bytes(disk / frames_stored)} per frame" if frames_stored else ""))
+    if getattr(stats, "workers", None):
+        click.echo(worker_report(stats))
     for video, err in stats.failures[:10]:
         click.echo(f"  failed: {cache.root['videos/path'][video]}: {err}")
     if len(stats.failures) > 10:
@@ -254,6 +269,38 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
         sys.exit(130)
     if strict and (stats.failed_videos or len(cache.failures())):
         raise click.ClickException(f"{len(cache.failures())} videos failed (--strict)")
+
+
+def _extract_on_ray(manifest, out, settings, workers, address, batch_size, decode_workers, decode_timeout, reader,
+                    overwrite, repair, quiet):
+    if settings.device not in ("auto", "cpu", "cuda"):
+        raise click.BadParameter("with --workers each worker gets its own GPU from Ray: use auto, cuda or cpu",
+                                 param_hint="--device")
+    from .distributed import ClusterError, WorkerError
+    from .extract_distributed import extract_distributed
+    try:
+        return extract_distributed(manifest, out, settings, workers=workers, batch_size=batch_size,
+                                   decode_workers=decode_workers, decode_timeout=decode_timeout, reader=reader,
+                                   overwrite=overwrite, progress=not quiet, log=click.echo, address=address,
+                                   repair=repair)
+    except ClusterError as e:
+        raise click.UsageError(str(e)) from None
+    except WorkerError as e:
+        raise click.ClickException(f"{e} (finished shards are kept: the same command resumes)") from None
+
+
+def worker_report(stats) -> str:
+    """Who did what in a distributed extraction, in a line or two."""
+    ran = [w for w in stats.workers if w.host]
+    hosts = sorted({w.host for w in ran})
+    devices = sorted({w.device for w in ran})
+    line = (f"{len(ran)} workers on {len(hosts)} node{'s' * (len(hosts) != 1)} ({', '.join(hosts)}), "
+            f"device {', '.join(devices)}, {ran[0].decode_workers if ran else 0} decode processes each, "
+            f"the first ready after {stats.ready_seconds:.1f} s")
+    if stats.worker_deaths:
+        line += (f"; {stats.worker_deaths} died, {stats.shards_requeued} of their shards redone by others, "
+                 f"{stats.replacements} replaced")
+    return line
 
 
 def dry_run_report(manifest, settings) -> str:

@@ -8,8 +8,8 @@ decoded once for all its views. Batches never straddle shards, so a shard's feat
 which shards ran before it: a resumed or multi-worker run writes exactly what a single run writes.
 
 `prepare()` builds or re-opens the store (refusing one made with other settings), `ShardExtractor.run()`
-fills any given shards (distributed.py hands shards to Ray actors with the same class), and `extract()`
-ties them together for the CLI.
+fills any given shards (extract_distributed.py runs the same class in Ray actors, each over the shards it
+takes from a queue), and `extract()` ties them together for the single-process CLI path.
 """
 from __future__ import annotations
 
@@ -439,7 +439,7 @@ class ShardExtractor:
 
 
 # ------------------------------------------------------------------------------------------- entry
-def _repair(out: Path, log) -> list[int]:
+def repair_shards(out: Path, log) -> list[int]:
     """Mark the damaged shards as not done; returns every shard left to do."""
     from .verify import reset_shards, verify
     cache = Cache(out)
@@ -475,7 +475,7 @@ def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batc
                                  extras=lambda: creation_extras(p, backbone, pool, batch_size, reader, log))
             layout = p.layout
             if repair:
-                todo = _repair(out, log)
+                todo = repair_shards(out, log)
             if not todo:
                 log(f"{out}: already complete ({layout.num_shards} shards); nothing to do")
                 return ExtractStats()

@@ -51,3 +51,15 @@ def synth_medium(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth_medium")
     generate(out, num_classes=6, videos_per_class=12, frames=16, size=64, seed=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray runtime (2 CPU slots) for every test that needs Ray: starting Ray takes ~10 s on 2
+    cores, so it starts once. cachefeat's distributed code uses a runtime it finds initialised as it is."""
+    import logging
+    import ray
+    # address="local": never join a cluster that a `ray start` on this machine (or RAY_ADDRESS) points to
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield ray
+    ray.shutdown()
