@@ -71,38 +71,18 @@ def synth(out, num_classes, videos_per_class, val_fraction, frames, size, fps, s
 
 
 # ------------------------------------------------------------------------------------------- extract
-def _views(ctx, param, value):
-    from .specs import SpecError, parse_views
-    try:
-        return parse_views(value)
-    except SpecError as e:
-        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
-
-
-def _sampling(ctx, param, value):
-    from .specs import SpecError, parse_sampling
-    try:
-        return parse_sampling(value)
-    except SpecError as e:
-        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
-
-
-def _dtype(ctx, param, value):
-    from .specs import SpecError, parse_dtype
-    try:
-        return parse_dtype(value)
-    except SpecError as e:
-        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
-
-
-def _pixels(ctx, param, value):
-    from .specs import SpecError, parse_pixels
-    if value is None:
-        return None
-    try:
-        return parse_pixels(value)
-    except SpecError as e:
-        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+def _spec(parser_name: str):
+    """A click callback that parses an option with cachefeat.specs.<parser_name> (None passes through), so a
+    bad value is reported by click as that option's error."""
+    def callback(ctx, param, value):
+        from . import specs
+        if value is None:
+            return None
+        try:
+            return getattr(specs, parser_name)(value)
+        except specs.SpecError as e:
+            raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+    return callback
 
 
 def _augment(aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed, views):
@@ -155,14 +135,14 @@ def _shard_size(ctx, param, value):
               help="Kept per tapped layer: cls (class token only), all (also every patch token), or pooled:HxW "
                    "(also the patch grid average-pooled to HxW). The final embedding is always kept.")
 @click.option("--frames", "-t", default=8, show_default=True, type=click.IntRange(1, 1024), help="Frames per clip.")
-@click.option("--sampling", default="uniform", show_default=True, callback=_sampling,
+@click.option("--sampling", default="uniform", show_default=True, callback=_spec("parse_sampling"),
               help="uniform (TSN segments, one frame each) or dense:STRIDE (consecutive frames STRIDE apart).")
-@click.option("--views", default="1x1", show_default=True, callback=_views,
+@click.option("--views", default="1x1", show_default=True, callback=_spec("parse_views"),
               help="Views per video: TxS = T temporal clips x S spatial crops (S = 1 centre or 3), e.g. 3x1, 4x3.")
-@click.option("--dtype", default="float16", show_default=True, callback=_dtype,
+@click.option("--dtype", default="float16", show_default=True, callback=_spec("parse_dtype"),
               help="Storage dtype: float16, float32, or int8 (symmetric per-channel quantization, calibrated on "
                    "videos spread over the input; dequantized transparently on read).")
-@click.option("--pixels", callback=_pixels, metavar="SIZE[xK]",
+@click.option("--pixels", callback=_spec("parse_pixels"), metavar="SIZE[xK]",
               help="Also keep the model's crops resized to SIZExSIZE as uint8, for K times as many frames as the "
                    "backbone sees (DiST-style pixel encoders use 112x2 or 224x2).")
 @click.option("--aug-views", type=click.IntRange(1, 64),
