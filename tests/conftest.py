@@ -51,3 +51,24 @@ def synth_medium(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth_medium")
     generate(out, num_classes=6, videos_per_class=12, frames=16, size=64, seed=1, progress=False)
     return out
+
+
+# ------------------------------------------------------------------------------------------- stage two
+@pytest.fixture(scope="session")
+def synth_temporal(tmp_path_factory) -> Path:
+    """6 classes x 40 videos (30 train, 10 val), 16 frames of 64 px: enough for temporal adapters to
+    learn time-reversed pairs from a random-weight tiny ViT."""
+    out = tmp_path_factory.mktemp("synth_temporal")
+    generate(out, num_classes=6, videos_per_class=40, frames=16, size=64, seed=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage2_caches(synth_temporal, tmp_path_factory) -> dict:
+    """Tiny-ViT caches of synth_temporal shared by the stage-two tests: every layer with all patch tokens,
+    8 frames; train with one view per video, val with the 3-clip test protocol (3x1 views)."""
+    out = tmp_path_factory.mktemp("stage2")
+    common = ["--layers", "all", "--tokens", "all", "--frames", "8", "--shard-size", "64"]
+    run_cli(*tiny_extract_args(synth_temporal / "train.txt", out / "train.zarr", *common))
+    run_cli(*tiny_extract_args(synth_temporal / "val.txt", out / "val.zarr", *common, "--views", "3x1"))
+    return {"train": out / "train.zarr", "val": out / "val.zarr", "data": synth_temporal}
