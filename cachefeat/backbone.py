@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -66,7 +67,10 @@ def resolve_model_name(name: str) -> str:
 def is_vit(name: str) -> bool:
     import open_clip
     cfg = open_clip.get_model_config(name)
-    return cfg is not None and "timm_model_name" not in cfg.get("vision_cfg", {})
+    if cfg is None:
+        return False
+    v = cfg.get("vision_cfg", {})
+    return "timm_model_name" not in v and isinstance(v.get("layers"), int)  # ResNets list stage depths
 
 
 def _pick_quickgelu(name: str, tag: str) -> tuple[str, bool]:
@@ -109,7 +113,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     for k, v in module.state_dict().items():
         t = v.detach().to("cpu").contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -184,6 +188,21 @@ class Backbone:
             "patch_grid": list(self.patch_grid), "width": self.width, "depth": self.depth,
             "embed_dim": self.embed_dim, "heads": int(self.visual.transformer.resblocks[0].attn.num_heads),
         }
+
+    # -- the text tower (stays on the CPU: it runs once per class list)
+    @property
+    def has_text_tower(self) -> bool:
+        return hasattr(self.model, "encode_text") and (hasattr(self.model, "text") or
+                                                       hasattr(self.model, "token_embedding"))
+
+    @torch.inference_mode()
+    def text_embeddings(self, prompts: list[str], batch_size: int = 256) -> np.ndarray:
+        """`encode_text` of each prompt (not L2-normalised), float32 (len(prompts), E)."""
+        import open_clip
+        tokenizer = open_clip.get_tokenizer(self.name)
+        out = [self.model.encode_text(tokenizer(prompts[i:i + batch_size])).float()
+               for i in range(0, len(prompts), batch_size)]
+        return torch.cat(out).numpy()
 
     # -- the forward that extraction runs
     def autocast(self):

@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
+from zarr.core.sync import sync as zarr_sync
 
-from .specs import TokenSpec, ViewSpec
+from .specs import PixelSpec, TokenSpec, ViewSpec
 
 SCHEMA_VERSION = 1
 ATTR = "cachefeat"
+CREATING = "cachefeat_creating"
 LOCK_NAME = "cachefeat.lock"
 
 # video status values in videos/status
@@ -75,8 +77,10 @@ class Layout:
     tokens: TokenSpec
     width: int
     embed_dim: int
-    dtype: str
+    dtype: str                          # float16, float32 or int8 (then dequantized on read)
     shard_videos: int
+    pixels: PixelSpec | None = None     # small frames for pixel-level encoders
+    augmented: bool = False             # views are random training views (clips/aug records them)
 
     @property
     def num_clips(self) -> int:
@@ -97,7 +101,7 @@ class Layout:
         return range(shard * self.shard_rows, min((shard + 1) * self.shard_rows, self.num_clips))
 
     def feature_arrays(self) -> dict[str, tuple]:
-        """name -> per-clip shape (without the leading clip axis) of every feature array."""
+        """name -> per-clip shape (without the leading clip axis) of every backbone feature array."""
         T, L, D = self.frames, len(self.layers), self.width
         out = {"embed": (T, self.embed_dim), "cls": (T, L, D)}
         if self.tokens.kind != "cls":
@@ -105,48 +109,76 @@ class Layout:
                 out[f"tokens/{layer}"] = (T, self.tokens.num_patch_tokens, D)
         return out
 
+    def row_arrays(self) -> dict[str, tuple[tuple, str]]:
+        """Every array with one row per clip that a shard writer fills: name -> (per-clip shape, dtype)."""
+        out = {name: (shape, self.dtype) for name, shape in self.feature_arrays().items()}
+        if self.pixels:
+            tk, s = self.frames * self.pixels.factor, self.pixels.size
+            out["pixels"] = ((tk, s, s, 3), "uint8")
+            out["clips/pixel_frame_idx"] = ((tk,), "int32")
+        out["clips/valid"] = ((), "bool")
+        out["clips/frame_idx"] = ((self.frames,), "int32")
+        if self.augmented:
+            out["clips/aug"] = ((), "str")
+        return out
+
     def bytes_per_clip(self) -> dict[str, int]:
-        item = np.dtype(self.dtype).itemsize
-        return {k: int(np.prod(s)) * item for k, s in self.feature_arrays().items()}
+        """Stored (uncompressed) bytes per clip of the feature and pixel arrays."""
+        names = [*self.feature_arrays(), *(["pixels"] if self.pixels else [])]
+        arrays = self.row_arrays()
+        return {k: int(np.prod(arrays[k][0])) * np.dtype(arrays[k][1]).itemsize for k in names}
 
     def to_dict(self) -> dict:
         return {"num_videos": self.num_videos, "views": [self.views.temporal, self.views.spatial],
                 "frames": self.frames, "layers": list(self.layers), "tokens": self.tokens.to_dict(),
                 "width": self.width, "embed_dim": self.embed_dim, "dtype": self.dtype,
-                "shard_videos": self.shard_videos, "num_clips": self.num_clips, "num_shards": self.num_shards}
+                "shard_videos": self.shard_videos, "num_clips": self.num_clips, "num_shards": self.num_shards,
+                "pixels": self.pixels.to_dict() if self.pixels else None, "augmented": self.augmented}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Layout":
+        px = d.get("pixels")
         return cls(num_videos=d["num_videos"], views=ViewSpec(*d["views"]), frames=d["frames"],
                    layers=tuple(d["layers"]), tokens=TokenSpec.from_dict(d["tokens"]), width=d["width"],
-                   embed_dim=d["embed_dim"], dtype=d["dtype"], shard_videos=d["shard_videos"])
+                   embed_dim=d["embed_dim"], dtype=d["dtype"], shard_videos=d["shard_videos"],
+                   pixels=PixelSpec(**px) if px else None, augmented=bool(d.get("augmented", False)))
 
 
-TABLES = ("videos/path", "videos/id", "videos/label", "videos/status", "videos/num_frames", "videos/error",
-          "clips/video", "clips/view", "clips/label", "clips/valid", "clips/frame_idx")
+VIDEO_TABLES = ("videos/path", "videos/id", "videos/label", "videos/status", "videos/num_frames", "videos/error")
+CLIP_TABLES = ("clips/video", "clips/view", "clips/label")
 
 _DIMS = {"embed": ("clip", "frame", "channel"), "cls": ("clip", "frame", "layer", "channel"),
-         "tokens": ("clip", "frame", "token", "channel")}
+         "tokens": ("clip", "frame", "token", "channel"), "pixels": ("clip", "frame", "y", "x", "rgb"),
+         "clips/valid": ("clip",), "clips/frame_idx": ("clip", "frame"), "clips/pixel_frame_idx": ("clip", "frame"),
+         "clips/aug": ("clip",)}
 
 
-def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: list, codec: str = DEFAULT_CODEC):
-    """Create the store with every array (features empty), the static per-video and per-clip tables and
-    the metadata. `videos` are manifest.VideoEntry rows in cache order."""
+def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: list, codec: str = DEFAULT_CODEC,
+                 extras: dict[str, np.ndarray] | None = None):
+    """Create the store with every array (row arrays empty), the static per-video and per-clip tables,
+    `extras` (small arrays known up front: text embeddings, int8 steps) and the metadata. `videos` are
+    manifest.VideoEntry rows in cache order."""
     compressors = parse_codec(codec)
     # mode "a", not "w": the folder may already hold this writer's lock file, which "w" would delete;
     # the caller has made sure no other store content is there
     root = zarr.open_group(str(path), mode="a", zarr_format=3)
+    root.attrs[CREATING] = True   # replaced by the metadata once every array exists (see is_unfinished_creation)
     C, V, n = layout.num_clips, layout.num_videos, layout.views.count
     rows, vids = layout.shard_rows, layout.shard_videos
-    for name, shape in layout.feature_arrays().items():
-        root.create_array(name, shape=(C, *shape), dtype=layout.dtype, chunks=(1, *shape), shards=(rows, *shape),
-                          compressors=compressors, fill_value=0, dimension_names=_DIMS[name.split("/")[0]])
+    for name, (shape, dtype) in layout.row_arrays().items():
+        dims = _DIMS[name] if name in _DIMS else _DIMS[name.split("/")[0]]
+        if shape:  # big per-clip arrays: one chunk per clip, one shard file per shard
+            root.create_array(name, shape=(C, *shape), dtype=dtype, chunks=(1, *shape), shards=(rows, *shape),
+                              compressors=compressors, fill_value=0, dimension_names=dims)
+        else:      # one value per clip: one chunk per shard
+            root.create_array(name, shape=(C,), dtype=str if dtype == "str" else dtype, chunks=(rows,),
+                              compressors=compressors, fill_value="" if dtype == "str" else 0, dimension_names=dims)
 
-    def table(name, data, chunk, dims=None, fill=0):
+    def table(name, data, chunk, dims=None):
         data = np.asarray(data)
         a = root.create_array(name, shape=data.shape, dtype=data.dtype if data.dtype.kind != "U" else str,
                               chunks=(chunk, *data.shape[1:]), compressors=compressors,
-                              fill_value="" if data.dtype.kind == "U" else fill, dimension_names=dims)
+                              fill_value="" if data.dtype.kind == "U" else 0, dimension_names=dims)
         a[...] = data
         return a
 
@@ -159,28 +191,42 @@ def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: li
     table("clips/video", np.repeat(np.arange(V, dtype=np.int32), n), rows, ("clip",))
     table("clips/view", np.tile(np.arange(n, dtype=np.int16), V), rows, ("clip",))
     table("clips/label", np.repeat(np.array([v.label for v in videos], dtype=np.int32), n), rows, ("clip",))
-    table("clips/valid", np.zeros(C, bool), rows, ("clip",), fill=False)
-    table("clips/frame_idx", np.zeros((C, layout.frames), np.int32), rows, ("clip", "frame"))
+    for name, data in (extras or {}).items():
+        dims = ("class", "channel") if name == "text/embed" else ("layer", "channel")[-np.ndim(data):]
+        table(name, data, max(1, len(data)), dims)
     # one chunk per shard flag: each writer touches only its own files
     root.create_array("progress", shape=(layout.num_shards,), dtype=np.uint8, chunks=(1,),
-                             compressors=None, fill_value=0, dimension_names=("shard",))
-    meta = dict(meta, schema_version=SCHEMA_VERSION, layout=layout.to_dict(), codec=codec)
+                      compressors=[Crc32cCodec()], fill_value=0, dimension_names=("shard",))
+    meta = dict(meta, schema_version=SCHEMA_VERSION, layout=layout.to_dict(), codec=codec,
+                extras=sorted(extras or {}))
     meta["fingerprint"] = content_fingerprint(meta)
-    root.attrs[ATTR] = meta
+    root.attrs.put({ATTR: meta})  # last: until here the store reads as unfinished
     return root
+
+
+def is_unfinished_creation(path: str | os.PathLike) -> bool:
+    """A store whose creation was interrupted: our marker but no metadata yet (or an empty group with
+    nothing else in the folder but our lock). Safe to remove and create again."""
+    p = Path(path)
+    try:
+        group = json.loads((p / "zarr.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    attrs = group.get("attributes") or {}
+    if ATTR in attrs:
+        return False
+    if attrs.get(CREATING):
+        return True
+    return not attrs and {c.name for c in p.iterdir()} <= {"zarr.json", LOCK_NAME}
 
 
 # ------------------------------------------------------------------------------------------- shards
 @dataclass
 class ShardData:
-    """Everything one writer writes for one shard (arrays cover exactly the shard's rows/videos)."""
+    """Everything one writer writes for one shard: arrays cover exactly the shard's rows / videos."""
     shard: int
-    features: dict[str, np.ndarray]   # feature array name -> (rows, ...) in the store dtype
-    valid: np.ndarray                 # (rows,) bool
-    frame_idx: np.ndarray             # (rows, T) int32
-    status: np.ndarray                # (videos,) uint8
-    num_frames: np.ndarray            # (videos,) int32
-    errors: list[str]                 # (videos,) "" or "stage: message"
+    rows: dict[str, np.ndarray]       # Layout.row_arrays() name -> (shard rows, ...)
+    videos: dict[str, np.ndarray]     # videos/status, videos/num_frames, videos/error -> (shard videos,)
 
 
 def write_shard(root, layout: Layout, data: ShardData) -> None:
@@ -189,26 +235,29 @@ def write_shard(root, layout: Layout, data: ShardData) -> None:
     rows = layout.shard_rows_range(data.shard)
     vids = layout.shard_videos_range(data.shard)
     r, v = slice(rows.start, rows.stop), slice(vids.start, vids.stop)
-    for name, arr in data.features.items():
+    for name, arr in data.rows.items():
+        _drop_chunk(root[name], data.shard)
         root[name][r] = arr
-    root["clips/valid"][r] = data.valid
-    root["clips/frame_idx"][r] = data.frame_idx
-    root["videos/status"][v] = data.status
-    root["videos/num_frames"][v] = data.num_frames
-    root["videos/error"][v] = np.array(data.errors, dtype=str)
+    for name, arr in data.videos.items():
+        _drop_chunk(root[name], data.shard)
+        root[name][v] = arr
     root["progress"][data.shard] = 1
 
 
-def reset_shard_flags(root, shards) -> None:
-    prog = root["progress"]
-    for s in shards:
-        prog[s] = 0
+def _drop_chunk(arr, index: int) -> None:
+    """Delete the stored object holding the `index`-th block of rows (a shard file, or the chunk of a
+    per-clip table). zarr's sharding codec otherwise reads the old shard before writing a new one, even
+    when the write covers all of it: wasted work, and a damaged old shard would block its own rewrite."""
+    coords = (index,) + (0,) * (arr.ndim - 1)
+    key = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+    zarr_sync(arr.store_path.store.delete(key))
 
 
 # ------------------------------------------------------------------------------------------- metadata
 # What decides the arrays' contents: a resumed run must agree on all of it.
 _CONTENT_KEYS = ("model", "layers", "tokens", "dtype", "frames", "sampling", "views", "preprocessing",
-                 "compute_precision", "source", "layout", "codec", "classes")
+                 "compute_precision", "source", "layout", "codec", "classes", "pixels", "augment", "text",
+                 "quantization")
 _MODEL_IDENTITY = ("name", "pretrained", "init_seed", "quick_gelu", "weights_sha256")
 
 
@@ -307,12 +356,44 @@ class Cache:
         return self.root[name]
 
     def array_names(self) -> list[str]:
-        """Every array of the store, features first."""
-        return [*self.layout.feature_arrays(), *TABLES, "progress"]
+        """Every array of the store: row arrays (features first), tables, extras, progress."""
+        return [*self.layout.row_arrays(), *VIDEO_TABLES, *CLIP_TABLES, *self.meta.get("extras", []), "progress"]
+
+    @property
+    def pixels(self) -> PixelSpec | None:
+        return self.layout.pixels
+
+    @property
+    def augment(self) -> dict | None:
+        """The random-view settings of a training cache made with --aug-views, else None."""
+        return self.meta.get("augment")
+
+    @property
+    def text(self) -> dict | None:
+        """{template, prompts} when class-name text embeddings are stored (`text/embed`)."""
+        return self.meta.get("text")
+
+    def text_embeddings(self) -> np.ndarray:
+        if not self.text:
+            raise CacheError(f"{self.path} holds no class-name text embeddings (extracted with --no-text, or the "
+                             f"model has no text tower, or the classes are unknown)")
+        return self.root["text/embed"][:]
 
     # -- progress and validity
     def shard_done(self) -> np.ndarray:
-        return self.root["progress"][:].astype(bool)
+        """(shards,) bool. A flag that cannot be read (corrupted on disk) counts as not done: that shard is
+        written again by the next extract."""
+        prog = self.root["progress"]
+        try:
+            return prog[:] == 1
+        except Exception:
+            out = np.zeros(prog.shape[0], bool)
+            for s in range(prog.shape[0]):
+                try:
+                    out[s] = prog[s] == 1
+                except Exception:
+                    pass
+            return out
 
     @property
     def complete(self) -> bool:
@@ -351,17 +432,63 @@ class Cache:
 
     # -- features
     def read(self, name: str, rows=slice(None)) -> np.ndarray:
-        return self.root[name][rows]
+        """Rows of an array. Feature arrays of an int8 cache come back dequantized to float16, so readers
+        never see the difference (except for the quantization error). Data that fails its checksum raises
+        CacheError naming the array and the clips."""
+        data = self._get(name, rows)
+        if self.layout.dtype == "int8" and name in self.layout.feature_arrays():
+            data = self._dequantize(name, data)
+        return data
+
+    def _get(self, name: str, rows, cols=None):
+        arr = self.root[name]
+        try:
+            return arr[rows] if cols is None else arr[(rows, *cols)]
+        except Exception as e:
+            bad = self.unreadable_rows(name, rows)
+            where = f"clips {_ranges(bad)}" if bad else f"rows {rows}"
+            raise CacheError(f"{self.path}: array {name}, {where}: cannot be read ({_first_line(e)}); the data on disk "
+                             f"is damaged: run `cachefeat verify {self.path}`, then `cachefeat extract ... --repair`"
+                             ) from None
+
+    def unreadable_rows(self, name: str, rows=slice(None)) -> list[int]:
+        """The rows of `name` within `rows` that fail to read, one by one."""
+        arr = self.root[name]
+        idx = np.arange(arr.shape[0])[rows] if not isinstance(rows, (int, np.integer)) else [int(rows)]
+        bad = []
+        for r in np.atleast_1d(idx):
+            try:
+                arr[int(r)]
+            except Exception:
+                bad.append(int(r))
+        return bad
 
     def read_cls(self, rows=slice(None), layers: list[int] | None = None) -> np.ndarray:
         """(clips, T, L', D) class tokens of `layers` (block indices; default all tapped)."""
-        a = self.root["cls"]
         if layers is None:
-            return a[rows]
+            return self.read("cls", rows)
         pos = [self.layer_position(l) for l in layers]
         if pos == list(range(pos[0], pos[0] + len(pos))):
-            return a[rows, :, pos[0]:pos[0] + len(pos)]
-        return a[rows][:, :, pos]
+            data = self._get("cls", rows, (slice(None), slice(pos[0], pos[0] + len(pos))))
+        else:
+            data = self._get("cls", rows)[:, :, pos]
+        if self.layout.dtype == "int8":
+            data = self._dequantize("cls", data, pos)
+        return data
+
+    def quant_step(self, name: str) -> np.ndarray:
+        """The int8 step of a feature array: value = int8 * step, per layer and channel."""
+        if not hasattr(self, "_steps"):
+            self._steps = {}
+        if name not in self._steps:
+            self._steps[name] = self.root[f"quant/{name}"][:]
+        return self._steps[name]
+
+    def _dequantize(self, name: str, q: np.ndarray, layer_pos: list[int] | None = None) -> np.ndarray:
+        step = self.quant_step(name)          # cls: (L, D); embed and tokens/<i>: (D,)
+        if layer_pos is not None:
+            step = step[layer_pos]
+        return (q.astype(np.float32) * step).astype(np.float16)
 
     def layer_position(self, layer: int) -> int:
         try:
@@ -390,6 +517,23 @@ class Cache:
         return int(self.done_rows().sum()) * per_clip
 
 
+def _ranges(rows: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    out, start = [], None
+    for i, r in enumerate(rows):
+        if start is None:
+            start = r
+        if i + 1 == len(rows) or rows[i + 1] != r + 1:
+            out.append(f"{start}-{r}" if r != start else str(r))
+            start = None
+    return ", ".join(out)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0][:200]}" if s else type(e).__name__
+
+
 def open_cache(path: str | os.PathLike) -> Cache:
     """Open a cachefeat cache for reading."""
     return Cache(path, mode="r")
@@ -410,14 +554,27 @@ class StoreLock:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def active_holder(self) -> dict | None:
+        """The holder if a live process (or one on another host) holds the lock, else None. A lock file
+        that cannot be parsed yet is being written by its holder, so it counts as held."""
+        if not self.path.exists():
+            return None
+        h = self.holder()
+        if h is None:
+            return {} if self.path.exists() else None
+        return None if self._stale(h) else h
+
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        for _ in range(3):
+        for _ in range(20):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 h = self.holder()
+                if h is None and self._age() < 5.0:  # its writer may not have filled it in yet
+                    time.sleep(0.5)
+                    continue
                 if h is None or self._stale(h):
                     self._remove_stale()
                     continue
@@ -429,6 +586,12 @@ class StoreLock:
             self.held = True
             return
         raise CacheError(f"could not take the lock {self.path}")
+
+    def _age(self) -> float:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
 
     @staticmethod
     def _stale(h: dict) -> bool:

@@ -97,6 +97,28 @@ def _dtype(ctx, param, value):
         raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
 
 
+def _pixels(ctx, param, value):
+    from .specs import SpecError, parse_pixels
+    if value is None:
+        return None
+    try:
+        return parse_pixels(value)
+    except SpecError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+
+
+def _augment(aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed, views):
+    from .specs import AugmentSpec, ViewSpec, parse_color_jitter, parse_range
+    if aug_views is None:
+        return None
+    if views != ViewSpec():
+        raise click.UsageError("--aug-views makes random training views; it cannot be combined with --views "
+                               "(test views belong in a separate eval cache)")
+    return AugmentSpec(aug_views, parse_range(aug_scale, "--aug-scale", 0.08, 1.0),
+                       parse_range(aug_ratio, "--aug-ratio", 0.75, 1.333), not no_flip,
+                       parse_color_jitter(color_jitter) if color_jitter else None, aug_seed)
+
+
 def _shard_size(ctx, param, value):
     if value in (None, "auto"):
         return None
@@ -139,7 +161,24 @@ def _shard_size(ctx, param, value):
               help="uniform (TSN segments, one frame each) or dense:STRIDE (consecutive frames STRIDE apart).")
 @click.option("--views", default="1x1", show_default=True, callback=_views,
               help="Views per video: TxS = T temporal clips x S spatial crops (S = 1 centre or 3), e.g. 3x1, 4x3.")
-@click.option("--dtype", default="float16", show_default=True, callback=_dtype, help="Storage dtype: float16 or float32.")
+@click.option("--dtype", default="float16", show_default=True, callback=_dtype,
+              help="Storage dtype: float16, float32, or int8 (symmetric per-channel quantization, calibrated on "
+                   "videos spread over the input; dequantized transparently on read).")
+@click.option("--pixels", callback=_pixels, metavar="SIZE[xK]",
+              help="Also keep the model's crops resized to SIZExSIZE as uint8, for K times as many frames as the "
+                   "backbone sees (DiST-style pixel encoders use 112x2 or 224x2).")
+@click.option("--aug-views", type=click.IntRange(1, 64),
+              help="Training cache: K random augmented views per video (random frames within segments, "
+                   "random-resized crop, flips, optional colour jitter) instead of the test views of --views.")
+@click.option("--aug-scale", default="0.4,1.0", show_default=True, help="Random-resized-crop area range (with --aug-views).")
+@click.option("--aug-ratio", default="0.75,1.3333", show_default=True, help="Random-resized-crop aspect-ratio range.")
+@click.option("--no-flip", is_flag=True,
+              help="No horizontal flips in augmented views (Something-Something's left/right classes need this).")
+@click.option("--color-jitter", metavar="B,C,S,H", help="Colour jitter of augmented views, e.g. 0.4,0.4,0.2,0.1 (off by default).")
+@click.option("--aug-seed", default=0, show_default=True, help="Seed of the augmented views: the same seed gives the same views.")
+@click.option("--text-template", default="{}", show_default=True,
+              help="Prompt for the class-name text embeddings; {} is the class name, e.g. 'a video of {}.'")
+@click.option("--no-text", is_flag=True, help="Do not store class-name text embeddings.")
 @click.option("--codec", default="zstd:3", show_default=True,
               help="Compression: none, zstd[:L], blosc-lz4, blosc-zstd[:L], gzip[:L] (a CRC32C checksum is always added).")
 @click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(1), help="Frames per backbone forward.")
@@ -155,12 +194,16 @@ def _shard_size(ctx, param, value):
 @click.option("--reader", type=click.Choice(["auto", "decord", "pyav"]), default="auto", show_default=True,
               help="Video reader (auto: decord, falling back to PyAV for files decord cannot read).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out instead of resuming it.")
+@click.option("--repair", is_flag=True,
+              help="Check every chunk of the existing cache (as `cachefeat verify` does) and extract again only the "
+                   "shards with damaged data.")
 @click.option("--dry-run", is_flag=True, help="Print the cache's size on disk for these settings and exit.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any video failed (the cache is still written).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(input, out, fmt, video_root, classes_file, split, model, pretrained, quick_gelu, seed, layers, tokens,
-            frames, sampling, views, dtype, codec, batch_size, shard_size, device, precision, decode_workers,
-            decode_timeout, reader, overwrite, dry_run, strict, quiet):
+            frames, sampling, views, dtype, pixels, aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed,
+            text_template, no_text, codec, batch_size, shard_size, device, precision, decode_workers,
+            decode_timeout, reader, overwrite, repair, dry_run, strict, quiet):
     """Run the frozen backbone over the videos of INPUT and write their features to a cache.
 
     Resumable: run the same command again after a crash and it continues with the shards not yet done.
@@ -175,19 +218,25 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
     from .manifest import load_manifest
 
     parse_codec(codec)  # validate before any work
+    if overwrite and repair:
+        raise click.UsageError("--repair mends an existing cache; --overwrite replaces it: choose one")
+    augment = _augment(aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed, views)
+    if "{}" not in text_template:
+        raise click.BadParameter("the template needs {} where the class name goes", param_hint="--text-template")
     if classes_file is None and Path(input).is_file() and (Path(input).parent / "classes.txt").is_file():
         classes_file = str(Path(input).parent / "classes.txt")
     manifest = load_manifest(input, fmt, video_root, classes_file, split)
     settings = ExtractSettings(model=model, pretrained=pretrained, layers=layers, tokens=tokens, frames=frames,
                                sampling=sampling, views=views, dtype=dtype, codec=codec, shard_size=shard_size,
-                               seed=seed, quick_gelu=quick_gelu, device=device, precision=precision)
+                               seed=seed, quick_gelu=quick_gelu, device=device, precision=precision,
+                               pixels=pixels, augment=augment, text=not no_text, text_template=text_template)
     if dry_run:
         click.echo(dry_run_report(manifest, settings))
         return
     workers = default_workers() if decode_workers is None else decode_workers
     stats = run_extract(manifest, out, settings, batch_size=batch_size, decode_workers=workers,
                         decode_timeout=decode_timeout, reader=reader, overwrite=overwrite, progress=not quiet,
-                        log=click.echo)
+                        log=click.echo, repair=repair)
     from .cache import open_cache
     cache = open_cache(out)
     valid = int(cache.valid().sum())
@@ -214,15 +263,16 @@ def dry_run_report(manifest, settings) -> str:
     from .backbone import model_geometry
     from .cache import Layout
     from .extract import auto_shard_videos
-    from .specs import parse_layers, parse_tokens
+    from .specs import ViewSpec, parse_layers, parse_tokens
     geo = model_geometry(settings.model)
     layers = parse_layers(settings.layers, geo["depth"])
     tokens = parse_tokens(settings.tokens, tuple(geo["patch_grid"]))
-    layout = Layout(num_videos=len(manifest.videos), views=settings.views, frames=settings.frames,
+    views = ViewSpec(settings.augment.views, 1) if settings.augment else settings.views
+    layout = Layout(num_videos=len(manifest.videos), views=views, frames=settings.frames,
                     layers=tuple(layers), tokens=tokens, width=geo["width"], embed_dim=geo["embed_dim"],
-                    dtype=settings.dtype, shard_videos=1)
+                    dtype=settings.dtype, shard_videos=1, pixels=settings.pixels, augmented=bool(settings.augment))
     per_clip = layout.bytes_per_clip()
-    shard_videos = auto_shard_videos(sum(per_clip.values()), settings.views.count, settings.shard_size,
+    shard_videos = auto_shard_videos(sum(per_clip.values()), views.count, settings.shard_size,
                                      len(manifest.videos))
     C, T = layout.num_clips, layout.frames
     groups: dict[str, int] = {}
@@ -231,12 +281,16 @@ def dry_run_report(manifest, settings) -> str:
         groups[key] = groups.get(key, 0) + b
     rows = [[k, human_bytes(b / T), human_bytes(b * C)] for k, b in groups.items()]
     total = sum(per_clip.values())
-    rows.append(["total", human_bytes(total / T), human_bytes(total * C)])
+    text = len(manifest.classes) * geo["embed_dim"] * 4 if settings.text and manifest.classes else 0
+    if text:
+        rows.append([f"text/embed ({len(manifest.classes)} classes)", "-", human_bytes(text)])
+    rows.append(["total", human_bytes(total / T), human_bytes(total * C + text)])
     head = (f"dry run: {geo['name']} ({geo['depth']} blocks, width {geo['width']}, patch grid "
             f"{geo['patch_grid'][0]}x{geo['patch_grid'][1]}), layers {layers if len(layers) < 8 else settings.layers}, "
             f"tokens {tokens}, {settings.dtype}\n"
-            f"{len(manifest.videos)} videos x {settings.views.count} views = {C} clips x {T} frames = {C * T} frames; "
-            f"shards of {shard_videos * settings.views.count} clips ({layout.num_videos and -(-len(manifest.videos) // shard_videos)} shards)")
+            f"{len(manifest.videos)} videos x {views.count} {'augmented ' if settings.augment else ''}views = "
+            f"{C} clips x {T} frames = {C * T} frames; "
+            f"shards of {shard_videos * views.count} clips ({layout.num_videos and -(-len(manifest.videos) // shard_videos)} shards)")
     note = ("uncompressed sizes; lossless compression of float16 features saves little (about 1.1x measured), "
             "so expect close to this on disk")
     return "\n".join([head, table(rows, ["array", "per frame", "whole cache"]), note])
@@ -247,7 +301,9 @@ def dry_run_report(manifest, settings) -> str:
 @click.argument("cache", type=click.Path(exists=True))
 @click.option("--failures", "show_failures", is_flag=True, help="List every failed video with its stage and reason.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata and counts as JSON.")
-def info(cache, show_failures, as_json):
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also write a PNG of valid and failed videos per class and failures by stage to this path.")
+def info(cache, show_failures, as_json, plot_path):
     """Show what a cache holds: model, layers, tokens, sampling, counts, size on disk.
 
     Example: cachefeat info k400_train.zarr --failures
@@ -266,6 +322,9 @@ def info(cache, show_failures, as_json):
               "disk_bytes": disk, "feature_bytes_uncompressed": raw,
               "compression_ratio": round(raw / disk, 4) if disk else None,
               "bytes_per_frame_on_disk": round(disk / frames_stored, 1) if frames_stored else None}
+    if plot_path:
+        from .plots import cache_overview
+        cache_overview(c, plot_path)
     if as_json:
         click.echo(json.dumps({"metadata": m, "counts": counts, "failures": failures if show_failures else None},
                               indent=2, default=str))
@@ -281,6 +340,19 @@ def info(cache, show_failures, as_json):
     click.echo(f"sampling   {s['method']}{':' + str(s['stride']) if s.get('stride') else ''}  frames {lay.frames}  "
                f"views {lay.views}  preprocessing {m['preprocessing']['size'][0]}px {m['preprocessing']['interpolation']} "
                f"{m['preprocessing']['resize_mode']}")
+    aug = c.augment
+    held = [f"embed", f"cls x{len(lay.layers)} layers"]
+    if lay.tokens.kind != "cls":
+        held.append(f"{lay.tokens} tokens x{len(lay.layers)} layers")
+    if lay.pixels:
+        held.append(f"pixels {lay.pixels.size}px x{lay.pixels.factor} frames")
+    if c.text:
+        held.append(f"text embeddings of {len(c.classes)} classes (template {c.text['template']!r})")
+    held.append(f"{aug['views']} augmented views (scale {aug['scale']}, flip {aug['flip']}, colour jitter "
+                f"{aug['color_jitter']}, seed {aug['seed']})" if aug else f"{lay.views} test views")
+    if lay.dtype == "int8":
+        held.append("int8, dequantized on read")
+    click.echo(f"holds      {'; '.join(held)}")
     click.echo(f"classes    {len(c.classes)}" + (f" ({', '.join(c.classes[:6])}{', ...' if len(c.classes) > 6 else ''})"
                                                  if c.classes else ""))
     state = "complete" if done.all() else f"INCOMPLETE: {int(done.sum())} of {len(done)} shards done (resume with extract)"
@@ -291,9 +363,15 @@ def info(cache, show_failures, as_json):
                + (f", ratio {raw / disk:.3f}" if disk else "")
                + (f", {human_bytes(disk / frames_stored)} per frame" if frames_stored else ""))
     per = lay.bytes_per_clip()
-    parts = ", ".join(f"{k} {human_bytes(v / lay.frames)}" for k, v in per.items() if not k.startswith("tokens/"))
+    if c.text:
+        per["text"] = 0  # per cache, not per frame: shown below
+    parts = ", ".join(f"{k} {human_bytes(v / lay.frames)}" for k, v in per.items()
+                      if not k.startswith("tokens/") and k != "text")
     tok = sum(v for k, v in per.items() if k.startswith("tokens/"))
-    click.echo(f"per frame  {parts}" + (f", tokens {human_bytes(tok / lay.frames)}" if tok else "") + " (uncompressed)")
+    click.echo(f"per frame  {parts}" + (f", tokens {human_bytes(tok / lay.frames)}" if tok else "") + " (uncompressed)"
+               + (f"; text embeddings {human_bytes(c.root['text/embed'].nbytes)} per cache" if c.text else ""))
+    if plot_path:
+        click.echo(f"plot       {plot_path}")
     if failures:
         shown = failures if show_failures else failures[:5]
         click.echo("failures" + ("" if show_failures or len(failures) <= 5 else f" (first 5; --failures for all {len(failures)})"))
@@ -666,3 +744,134 @@ def adapters_cmd(as_json):
         click.echo(f"{a['name']:<9s} {a['summary']}")
         click.echo(f"{'':9s} reads: {a['reads']}")
         click.echo(f"{'':9s} options: " + ", ".join(f"{k}={v}" for k, v in a["options"].items()))
+
+
+# ------------------------------------------------------------------------------------------- zeroshot
+@cli.command()
+@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True),
+              help="An eval cache with class-name text embeddings (made by extract with a CLIP that has a text tower).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (top1, top5 as fractions).")
+def zeroshot(cache_path, as_json):
+    """Zero-shot classification from the cached final image embeddings and class-name text embeddings.
+
+    Each frame's embedding is L2-normalised, averaged over the clip's frames and over the video's views,
+    and compared by cosine similarity with the normalised text embeddings: the CLIP zero-shot baseline,
+    with no training and no re-extraction.
+
+    Example: cachefeat zeroshot --cache k400_val.zarr
+    """
+    from .cache import open_cache
+    from .zeroshot import zero_shot
+    r = zero_shot(open_cache(cache_path))
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        click.echo(f"zero-shot on {r['videos']} videos, {r['classes']} classes: top-1 {100 * r['top1']:.2f}%  "
+                   f"top-5 {100 * r['top5']:.2f}%  (chance {100 / max(r['classes'], 1):.2f}%)")
+
+
+# ------------------------------------------------------------------------------------------- verify
+@cli.command()
+@click.argument("cache", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(cache, as_json):
+    """Read every chunk of a cache, check its checksums and metadata, and list the clips to re-extract.
+
+    Exit status 0 when the cache is sound, 1 when something is damaged. Damaged shards are mended with
+    `cachefeat extract <same arguments> --repair`.
+
+    Example: cachefeat verify k400_train.zarr
+    """
+    from tqdm import tqdm
+    from .cache import open_cache
+    from .verify import verify as run_verify
+    c = open_cache(cache)
+    with tqdm(total=int(c.shard_done().sum()), unit="shard", desc="verify", disable=as_json, leave=False) as bar:
+        rep = run_verify(c, progress=bar.update)
+    d = rep.to_dict(c)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+    else:
+        click.echo(f"{cache}: checked {rep.chunks_checked} chunks of {int(c.shard_done().sum())} finished shards")
+        for msg in rep.fatal:
+            click.echo(f"  FATAL {msg}")
+        for name, rows in rep.damaged.items():
+            from .cache import _ranges
+            click.echo(f"  damaged: {name} rows {_ranges(sorted(rows))}")
+        for msg in rep.suspicious:
+            click.echo(f"  suspicious: {msg}")
+        if rep.ok:
+            click.echo("  ok: every chunk reads and matches its checksum")
+        elif not rep.fatal:
+            vids = d["videos_to_reextract"]
+            click.echo(f"  re-extract {len(d['clips_to_reextract'])} clips of {len(vids)} videos "
+                       f"({', '.join(map(str, vids[:8]))}{', ...' if len(vids) > 8 else ''}): run the same "
+                       f"`cachefeat extract` command with --repair")
+    if not rep.ok:
+        sys.exit(1)
+
+# ------------------------------------------------------------------------------------------- export / import
+@cli.command()
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["hdf5", "npy"]), required=True,
+              help="hdf5: one file mirroring every array and attribute of the cache, re-importable with "
+                   "`cachefeat import`. npy: a folder with {stem}_{array}.npy per valid video (video_features "
+                   "layout) and index.json (metadata, classes, id -> stem mapping, failed videos).")
+@click.option("--compression", default=None,
+              help="HDF5 only: gzip[:LEVEL] (1-9), lzf or none; byte shuffle is always on. [default: gzip:1, "
+                   "readable by every HDF5 tool; higher levels saved under 2% more for 30-50% more time, and lzf "
+                   "saved nothing on float16 features (README, Export and import)]")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Export a cache whose extraction has not finished (hdf5: everything, with its progress flags; "
+                   "npy: the videos of finished shards).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is an earlier export of the same format.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def export(cache, out, fmt, compression, allow_incomplete, overwrite, quiet):
+    """Export a cache to HDF5 (lossless, for other tools and `cachefeat import`) or to per-video .npy files.
+
+    A cache still being written is refused, as is an incomplete one unless --allow-incomplete.
+
+    \b
+    Examples:
+      cachefeat export k400_val.zarr k400_val.h5 --format hdf5
+      cachefeat export k400_val.zarr k400_val_npy --format npy
+    """
+    from .exchange import DEFAULT_COMPRESSION, export_hdf5, export_npy, parse_compression
+    if fmt == "npy" and compression is not None:
+        raise click.UsageError("--compression applies to --format hdf5 only (.npy files are not compressed)")
+    compression = compression or DEFAULT_COMPRESSION
+    parse_compression(compression)  # a bad value fails before any work
+    try:
+        if fmt == "hdf5":
+            s = export_hdf5(cache, out, compression, overwrite, allow_incomplete, progress=not quiet)
+            click.echo(f"exported {s.arrays} arrays ({human_bytes(s.raw_bytes)}) to {out}: {human_bytes(s.out_bytes)} "
+                       f"({compression}) in {s.seconds:.1f} s")
+        else:
+            s = export_npy(cache, out, overwrite, allow_incomplete, progress=not quiet)
+            click.echo(f"exported {s.videos} videos ({s.files} files, {human_bytes(s.out_bytes)}) to {out} in "
+                       f"{s.seconds:.1f} s; {s.failed_videos} failed videos listed in {out}/index.json")
+    except OSError as e:
+        raise click.ClickException(f"export failed: {e}") from None
+
+
+@cli.command("import")
+@click.argument("input", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(),
+              help="The cache to write (a Zarr v3 store, e.g. k400_val.zarr).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it is a cachefeat cache.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def import_(input, out, overwrite, quiet):
+    """Rebuild a cache from an HDF5 file written by `cachefeat export --format hdf5`.
+
+    The store gets the original's layout, chunks, sharding, codecs and metadata, and equal arrays.
+
+    Example: cachefeat import k400_val.h5 --out k400_val.zarr
+    """
+    from .exchange import import_hdf5
+    try:
+        s = import_hdf5(input, out, overwrite, progress=not quiet)
+    except OSError as e:
+        raise click.ClickException(f"import failed: {e}") from None
+    click.echo(f"imported {s.arrays} arrays ({human_bytes(s.raw_bytes)}) into {out}: {human_bytes(s.out_bytes)} "
+               f"on disk in {s.seconds:.1f} s (cachefeat info {out})")

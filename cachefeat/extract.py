@@ -13,6 +13,7 @@ ties them together for the CLI.
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -30,10 +31,10 @@ import torch
 from . import __version__
 from .backbone import Backbone, load_backbone
 from .cache import (FAILED, OK, Cache, CacheError, Layout, ShardData, StoreLock, content_fingerprint,
-                    create_store, diff_meta, write_shard)
+                    create_store, diff_meta, is_unfinished_creation, write_shard)
 from .decode_pool import DecodePool
 from .manifest import Manifest, VideoEntry
-from .specs import SamplingSpec, TokenSpec, ViewSpec, parse_layers, parse_tokens
+from .specs import AugmentSpec, PixelSpec, SamplingSpec, ViewSpec, parse_layers, parse_tokens
 from .video import DecodeRequest, DecodeResult
 
 SHORT_VIDEO_POLICY = ("uniform: frames repeat in order when the video has fewer frames than segments; "
@@ -60,6 +61,11 @@ class ExtractSettings:
     quick_gelu: bool | None = None
     device: str = "auto"
     precision: str = "auto"
+    pixels: PixelSpec | None = None        # also keep small frames (DiST-style pixel encoders)
+    augment: AugmentSpec | None = None     # random training views instead of the test views
+    text: bool = True                      # class-name text embeddings, when the model has a text tower
+    text_template: str = "{}"
+    int8_calibration_videos: int = 32
 
 
 @dataclass
@@ -84,9 +90,10 @@ def plan(settings: ExtractSettings, manifest: Manifest, backbone: Backbone) -> P
     layers = parse_layers(settings.layers, backbone.depth)
     tokens = parse_tokens(settings.tokens, backbone.patch_grid)
     backbone.preprocessing.check_spatial_views(settings.views.spatial)
-    base = Layout(num_videos=len(manifest.videos), views=settings.views, frames=settings.frames,
+    views = ViewSpec(settings.augment.views, 1) if settings.augment else settings.views
+    base = Layout(num_videos=len(manifest.videos), views=views, frames=settings.frames,
                   layers=tuple(layers), tokens=tokens, width=backbone.width, embed_dim=backbone.embed_dim,
-                  dtype=settings.dtype, shard_videos=1)
+                  dtype=settings.dtype, shard_videos=1, pixels=settings.pixels, augmented=bool(settings.augment))
     per_clip = sum(base.bytes_per_clip().values())
     shard_videos = auto_shard_videos(per_clip, settings.views.count, settings.shard_size, len(manifest.videos))
     layout = Layout(**{**base.__dict__, "shard_videos": shard_videos})
@@ -94,20 +101,36 @@ def plan(settings: ExtractSettings, manifest: Manifest, backbone: Backbone) -> P
         "tool": "cachefeat", "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": backbone.describe(), "layers": list(layers), "tokens": tokens.to_dict(), "dtype": settings.dtype,
         "frames": settings.frames, "sampling": settings.sampling.to_dict(),
-        "views": {"temporal": settings.views.temporal, "spatial": settings.views.spatial},
+        "views": {"temporal": views.temporal, "spatial": views.spatial},
         "preprocessing": backbone.preprocessing.to_dict(), "compute_precision": backbone.precision,
         "classes": manifest.classes,
         "source": {"format": manifest.format, "sha256": manifest.sha256, "num_videos": len(manifest.videos)},
         "source_path": manifest.source, "short_video_policy": SHORT_VIDEO_POLICY,
         "layer_definition": LAYER_DEFINITION,
+        "pixels": settings.pixels.to_dict() if settings.pixels else None,
+        "augment": settings.augment.to_dict() if settings.augment else None,
+        "text": None,
+        "quantization": None,
     }
+    if settings.text and manifest.classes and backbone.has_text_tower:
+        meta["text"] = {"template": settings.text_template,
+                        "prompts": [settings.text_template.format(c) for c in manifest.classes]}
+    if settings.dtype == "int8":
+        meta["quantization"] = {"method": "symmetric per-channel int8", "headroom": INT8_HEADROOM,
+                                "calibration_videos": settings.int8_calibration_videos,
+                                "rule": "value = int8 * step; step = headroom * max|x| / 127 per layer and channel "
+                                        "over the calibration videos (evenly spaced in the manifest); larger values "
+                                        "saturate at +-127"}
     return Plan(layout, meta, manifest)
 
 
-def prepare(out: str | Path, p: Plan, codec: str, overwrite: bool = False) -> tuple[object, list[int]]:
+def prepare(out: str | Path, p: Plan, codec: str, overwrite: bool = False, extras=None) -> tuple[object, list[int]]:
     """Create the store, or re-open it to resume. Returns (zarr root, shards still to do). The caller
-    holds the store lock. A store made with different settings is refused, naming the differences."""
+    holds the store lock. A store made with different settings is refused, naming the differences.
+    `extras` is a callable returning the small arrays computed once at creation (creation_extras)."""
     out = Path(out)
+    if out.exists() and is_unfinished_creation(out):
+        _remove_store(out)  # killed while creating it: nothing in it is data yet
     if out.exists():
         is_cache = (out / "zarr.json").is_file()
         if not is_cache and out.is_dir() and any(p_ for p_ in out.iterdir() if p_.name != "cachefeat.lock"):
@@ -127,8 +150,58 @@ def prepare(out: str | Path, p: Plan, codec: str, overwrite: bool = False) -> tu
                                  f" use the same settings to resume, --overwrite to start over, or another --out")
             todo = [int(s) for s in np.flatnonzero(~old.shard_done())]
             return old.root, todo
-    root = create_store(out, p.meta, p.layout, p.manifest.videos, codec=codec)
+    root = create_store(out, p.meta, p.layout, p.manifest.videos, codec=codec, extras=extras() if extras else None)
     return root, list(range(p.layout.num_shards))
+
+
+INT8_HEADROOM = 1.1
+
+
+def creation_extras(p: Plan, backbone: Backbone, pool: DecodePool, batch_size: int, reader: str = "auto",
+                    log=print) -> dict[str, np.ndarray]:
+    """Arrays computed once when a store is created: class-name text embeddings, and for int8 caches the
+    per-channel quantization steps, calibrated on videos spread over the manifest."""
+    out = {}
+    if p.meta.get("text"):
+        out["text/embed"] = backbone.text_embeddings(p.meta["text"]["prompts"])
+    if p.layout.dtype == "int8":
+        out.update(calibrate_int8(p, backbone, pool, batch_size, reader, log))
+    return out
+
+
+def calibrate_int8(p: Plan, backbone: Backbone, pool: DecodePool, batch_size: int, reader: str = "auto",
+                   log=print) -> dict[str, np.ndarray]:
+    videos = p.manifest.videos
+    usable = [i for i, v in enumerate(videos) if not v.problem]
+    n = min(p.meta["quantization"]["calibration_videos"], len(usable))
+    picks = [usable[int(round(k))] for k in np.linspace(0, len(usable) - 1, n)] if n else []
+    layers, tokens, sampling = list(p.layout.layers), p.layout.tokens, SamplingSpec(**p.meta["sampling"])
+    absmax: dict[str, torch.Tensor] = {}
+    for v in picks:
+        pool.submit(DecodeRequest(v, videos[v].path, p.layout.frames, sampling, p.layout.views,
+                                  backbone.preprocessing, reader, p.layout.pixels,
+                                  AugmentSpec.from_dict(p.meta.get("augment"))))
+    got = 0
+    for _ in picks:
+        res = pool.get()
+        if res is None or not res.ok:
+            continue
+        got += 1
+        frames = res.pixels.reshape(-1, *res.pixels.shape[2:])
+        for b in range(0, len(frames), batch_size):
+            out = backbone.features(torch.from_numpy(frames[b:b + batch_size]), layers, tokens)
+            found = {"embed": out["embed"].abs().amax(0), "cls": out["cls"].abs().amax(0)}
+            if "tokens" in out:
+                per_layer = out["tokens"].abs().amax(dim=(0, 2))  # (L, D)
+                found.update({f"tokens/{l}": per_layer[i] for i, l in enumerate(layers)})
+            for k, m in found.items():
+                m = m.float().cpu()
+                absmax[k] = m if k not in absmax else torch.maximum(absmax[k], m)
+    if not got:
+        raise CacheError("int8 calibration failed: none of the calibration videos could be decoded")
+    log(f"int8: calibrated per-channel steps on {got} videos")
+    return {f"quant/{k}": (INT8_HEADROOM * m.clamp_min(1e-6) / 127).numpy().astype(np.float32)
+            for k, m in absmax.items()}
 
 
 def _remove_store(out: Path) -> None:
@@ -141,17 +214,15 @@ def _remove_store(out: Path) -> None:
 # ------------------------------------------------------------------------------------------- shards
 class _ShardState:
     """One shard being assembled: decoded videos arrive in any order, frames go to the backbone in
-    video order, features land in preallocated arrays."""
+    video order, everything lands in preallocated row arrays (Layout.row_arrays)."""
 
-    def __init__(self, shard: int, layout: Layout, videos: list[VideoEntry]):
+    def __init__(self, shard: int, layout: Layout):
         self.shard = shard
         self.vids = layout.shard_videos_range(shard)
-        self.rows = layout.shard_rows_range(shard)
-        n_rows, T = len(self.rows), layout.frames
-        self.features = {name: np.zeros((n_rows, *shape), dtype=layout.dtype)
-                         for name, shape in layout.feature_arrays().items()}
-        self.valid = np.zeros(n_rows, bool)
-        self.frame_idx = np.zeros((n_rows, T), np.int32)
+        n_rows = len(layout.shard_rows_range(shard))
+        self.rows = {name: (np.full(n_rows, "", dtype=object) if dtype == "str" else
+                            np.zeros((n_rows, *shape), dtype=dtype))
+                     for name, (shape, dtype) in layout.row_arrays().items()}
         self.status = np.zeros(len(self.vids), np.uint8)
         self.num_frames = np.zeros(len(self.vids), np.int32)
         self.errors = [""] * len(self.vids)
@@ -166,6 +237,10 @@ class _ShardState:
     def resolved(self) -> bool:
         return self.next_video >= self.vids.stop
 
+    @property
+    def valid(self) -> np.ndarray:
+        return self.rows["clips/valid"]
+
     def take_ready(self, views: int, T: int) -> int:
         """Move the frames of consecutive decoded videos into the pending batch; returns videos taken."""
         taken = 0
@@ -175,11 +250,16 @@ class _ShardState:
             self.num_frames[j] = res.num_frames
             if res.ok:
                 self.status[j] = OK
-                r0 = j * views
-                self.valid[r0:r0 + views] = True
-                self.frame_idx[r0:r0 + views] = res.frame_idx
+                r = slice(j * views, (j + 1) * views)
+                self.rows["clips/valid"][r] = True
+                self.rows["clips/frame_idx"][r] = res.frame_idx
+                if res.small is not None:
+                    self.rows["pixels"][r] = res.small
+                    self.rows["clips/pixel_frame_idx"][r] = res.small_idx
+                if res.augment is not None:
+                    self.rows["clips/aug"][r] = [json.dumps(a, sort_keys=True) for a in res.augment]
                 self.frames.append(res.pixels.reshape(-1, *res.pixels.shape[2:]))
-                self.slots.append(np.arange(r0 * T, (r0 + views) * T))
+                self.slots.append(np.arange(r.start * T, r.stop * T))
                 self.pending += views * T
             else:
                 self.status[j] = FAILED
@@ -196,8 +276,11 @@ class _ShardState:
         return pixels[:size], slots[:size]
 
     def data(self) -> ShardData:
-        return ShardData(self.shard, self.features, self.valid, self.frame_idx, self.status, self.num_frames,
-                         self.errors)
+        rows = dict(self.rows)
+        if "clips/aug" in rows:
+            rows["clips/aug"] = rows["clips/aug"].astype(str)
+        return ShardData(self.shard, rows, {"videos/status": self.status, "videos/num_frames": self.num_frames,
+                                            "videos/error": np.array(self.errors, dtype=str)})
 
 
 @dataclass
@@ -225,30 +308,42 @@ class ShardExtractor:
         self.reader = reader
         self.on_progress = on_progress or (lambda clips: None)
         self.on_shard_done = on_shard_done or (lambda shard: None)
+        self.augment = AugmentSpec.from_dict(meta.get("augment"))
         per_video = layout.views.count * layout.frames
         self.max_inflight = max_inflight or max(4 * max(len(pool.pids), 1), 2 * math.ceil(batch_size / per_video))
         self.stop_requested = False
-        self.dtype = torch.float16 if layout.dtype == "float16" else torch.float32
+        dev = backbone.device
+        # int8 caches quantize on the compute device with the steps fixed when the store was created
+        self.steps = ({k: torch.from_numpy(root[f"quant/{k}"][:]).to(dev) for k in layout.feature_arrays()}
+                      if layout.dtype == "int8" else None)
 
     # -- forward
+    def _store(self, name: str, x: torch.Tensor) -> np.ndarray:
+        """A feature tensor in the storage dtype, on the host."""
+        if self.steps is None:
+            return x.to(torch.float16 if self.layout.dtype == "float16" else torch.float32).cpu().numpy()
+        q = torch.round(x.float() / self.steps[name]).clamp_(-127, 127)
+        return q.to(torch.int8).cpu().numpy()
+
     def _forward(self, st: _ShardState, pixels: np.ndarray, slots: np.ndarray) -> None:
         x = torch.from_numpy(pixels)
         if self.backbone.device.type == "cuda":
             x = x.pin_memory()
         out = self.backbone.features(x, self.layers, self.tokens)
-        T = self.layout.frames
-        st.features["embed"].reshape(-1, self.layout.embed_dim)[slots] = _host(out["embed"], self.dtype)
-        cls = _host(out["cls"], self.dtype)
-        st.features["cls"].reshape(-1, *cls.shape[1:])[slots] = cls
+        rows = st.rows
+        rows["embed"].reshape(-1, self.layout.embed_dim)[slots] = self._store("embed", out["embed"])
+        cls = self._store("cls", out["cls"])
+        rows["cls"].reshape(-1, *cls.shape[1:])[slots] = cls
         if "tokens" in out:
-            toks = _host(out["tokens"], self.dtype)
             for li, layer in enumerate(self.layers):
-                st.features[f"tokens/{layer}"].reshape(-1, *toks.shape[2:])[slots] = toks[:, li]
+                name = f"tokens/{layer}"
+                toks = self._store(name, out["tokens"][:, li])
+                rows[name].reshape(-1, *toks.shape[1:])[slots] = toks
 
     def _request(self, video: int) -> DecodeRequest:
         e = self.videos[video]
         return DecodeRequest(video, e.path, self.layout.frames, self.sampling, self.layout.views,
-                             self.backbone.preprocessing, self.reader)
+                             self.backbone.preprocessing, self.reader, self.layout.pixels, self.augment)
 
     def run(self, shards: Iterable[int]) -> ExtractStats:
         stats = ExtractStats()
@@ -292,7 +387,7 @@ class ShardExtractor:
                         if s is None:
                             exhausted = True
                             break
-                        st = _ShardState(int(s), self.layout, self.videos)
+                        st = _ShardState(int(s), self.layout)
                         open_shards.append(st)
                         by_shard[st.shard] = st
                         continue
@@ -343,15 +438,28 @@ class ShardExtractor:
         return stats
 
 
-def _host(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    return t.to(dtype).cpu().numpy()
-
-
 # ------------------------------------------------------------------------------------------- entry
+def _repair(out: Path, log) -> list[int]:
+    """Mark the damaged shards as not done; returns every shard left to do."""
+    from .verify import reset_shards, verify
+    cache = Cache(out)
+    rep = verify(cache)
+    if rep.fatal:
+        raise CacheError(f"{out} cannot be repaired by re-extraction: {rep.fatal[0]}")
+    if rep.shards:
+        log(f"repair: {len(rep.shards)} damaged shards ({len(rep.clips(cache.layout))} clips) will be extracted again")
+        reset_shards(out, rep.shards)
+    else:
+        log("repair: verify found no damage")
+    return [int(s) for s in np.flatnonzero(~Cache(out).shard_done())]
+
+
+
 def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batch_size: int = 64,
             decode_workers: int = 2, decode_timeout: float = 60.0, reader: str = "auto", overwrite: bool = False,
-            progress: bool = True, log=print) -> ExtractStats:
-    """Extract (or resume extracting) `manifest` into the cache at `out` in this process."""
+            progress: bool = True, log=print, repair: bool = False) -> ExtractStats:
+    """Extract (or resume extracting) `manifest` into the cache at `out` in this process. With `repair`,
+    shards that `cachefeat verify` finds damaged are extracted again."""
     from tqdm import tqdm
     out = Path(out)
     backbone = load_backbone(settings.model, settings.pretrained, settings.device, settings.precision,
@@ -360,18 +468,22 @@ def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batc
     lock = StoreLock(out)
     lock.acquire()
     try:
-        root, todo = prepare(out, p, settings.codec, overwrite=overwrite)
-        layout = p.layout
-        if not todo:
-            log(f"{out}: already complete ({layout.num_shards} shards); nothing to do")
-            return ExtractStats()
-        done = layout.num_shards - len(todo)
-        if done:
-            log(f"{out}: resuming, {done} of {layout.num_shards} shards already done")
-        total_clips = sum(len(layout.shard_rows_range(s)) for s in todo)
-        bar = tqdm(total=total_clips, unit="clip", desc="extract", disable=not progress, dynamic_ncols=True)
-
         with DecodePool(decode_workers, decode_timeout) as pool:
+            if repair and not (out / "zarr.json").is_file():
+                raise CacheError(f"--repair: there is no cache at {out} to repair")
+            root, todo = prepare(out, p, settings.codec, overwrite=overwrite,
+                                 extras=lambda: creation_extras(p, backbone, pool, batch_size, reader, log))
+            layout = p.layout
+            if repair:
+                todo = _repair(out, log)
+            if not todo:
+                log(f"{out}: already complete ({layout.num_shards} shards); nothing to do")
+                return ExtractStats()
+            done = layout.num_shards - len(todo)
+            if done:
+                log(f"{out}: resuming, {done} of {layout.num_shards} shards already done")
+            total_clips = sum(len(layout.shard_rows_range(s)) for s in todo)
+            bar = tqdm(total=total_clips, unit="clip", desc="extract", disable=not progress, dynamic_ncols=True)
             ex = ShardExtractor(root, layout, p.meta, backbone, manifest.videos, pool, batch_size, reader,
                                 on_progress=bar.update)
             previous = signal.getsignal(signal.SIGINT)

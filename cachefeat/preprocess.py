@@ -10,10 +10,11 @@ longer side after the shorter side is resized to the crop size (the papers' thre
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
                   "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
@@ -105,3 +106,80 @@ def _longest(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     out = ResizeKeepRatio(prep.size, interpolation=mode, longest=1)(img)
     out = CenterCropOrPad(prep.size, fill=prep.fill_color)(out)
     return np.asarray(out)
+
+
+# ------------------------------------------------------------------------------------------- augmentation
+# Training views baked into a cache (--aug-views). The parameters are drawn once per view from a numpy
+# Generator and applied to every frame of the view alike (a clip is cropped, flipped and coloured as one),
+# with torchvision's RandomResizedCrop / ColorJitter arithmetic on PIL images.
+
+def draw_augmentation(rng: np.random.Generator, width: int, height: int, aug) -> dict:
+    """Random parameters for one view of a (width x height) video; `aug` is a specs.AugmentSpec."""
+    i, j, h, w = _random_resized_crop(rng, width, height, aug.scale, aug.ratio)
+    params = {"crop": [int(i), int(j), int(h), int(w)], "flip": bool(aug.flip and rng.random() < 0.5), "jitter": None}
+    if aug.color_jitter:
+        b, c, s, hue = aug.color_jitter
+        params["jitter"] = {"brightness": float(rng.uniform(max(0.0, 1 - b), 1 + b)),
+                            "contrast": float(rng.uniform(max(0.0, 1 - c), 1 + c)),
+                            "saturation": float(rng.uniform(max(0.0, 1 - s), 1 + s)),
+                            "hue": float(rng.uniform(-hue, hue)), "order": rng.permutation(4).tolist()}
+    return params
+
+
+def _random_resized_crop(rng, width, height, scale, ratio):
+    # torchvision.transforms.RandomResizedCrop.get_params, drawing from `rng`
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def augmented_crop(frame: np.ndarray, prep: Preprocessing, params: dict) -> np.ndarray:
+    """Apply one view's augmentation to a decoded frame: crop, resize to the model size with the model's
+    interpolation, flip, colour jitter. Returns a model-sized uint8 crop."""
+    i, j, h, w = params["crop"]
+    img = Image.fromarray(frame).crop((j, i, j + w, i + h))
+    img = img.resize((prep.size[1], prep.size[0]), _INTERPOLATION[prep.interpolation])
+    if params["flip"]:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    jit = params.get("jitter")
+    if jit:
+        for op in jit["order"]:
+            if op == 0:
+                img = ImageEnhance.Brightness(img).enhance(jit["brightness"])
+            elif op == 1:
+                img = ImageEnhance.Contrast(img).enhance(jit["contrast"])
+            elif op == 2:
+                img = ImageEnhance.Color(img).enhance(jit["saturation"])
+            else:
+                img = _adjust_hue(img, jit["hue"])
+    return np.asarray(img)
+
+
+def _adjust_hue(img: Image.Image, factor: float) -> Image.Image:
+    # torchvision.transforms.functional_pil.adjust_hue
+    h, s, v = img.convert("HSV").split()
+    np_h = np.array(h, dtype=np.uint8)
+    with np.errstate(over="ignore"):
+        np_h += np.uint8(int(factor * 255) % 256)
+    return Image.merge("HSV", (Image.fromarray(np_h, "L"), s, v)).convert("RGB")
+
+
+def small(crop: np.ndarray, size: int) -> np.ndarray:
+    """A model-sized crop resized to size x size (bilinear, antialiased) for the cached pixels."""
+    if crop.shape[0] == size and crop.shape[1] == size:
+        return crop
+    return np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR))

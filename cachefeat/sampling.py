@@ -52,3 +52,18 @@ def _dense(n: int, t: int, stride: int, view: int, views: int, rng) -> np.ndarra
         start = int(round(view * room / (views - 1)))  # clips spread from the start to the end
     idx = start + stride * np.arange(t, dtype=np.int64)
     return np.clip(idx, 0, n - 1)
+
+
+def pixel_indices(idx: np.ndarray, num_frames: int, factor: int) -> np.ndarray:
+    """The `factor` x denser frames for pixel-level encoders, aligned with the backbone's frames `idx`:
+    pixel frame factor*t is backbone frame t, and the factor-1 after it sit evenly in the gap before the
+    next backbone frame (after the last one, the previous gap is reused; past the end, the last frame)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if factor == 1:
+        return idx.copy()
+    gaps = np.diff(idx)
+    last_gap = gaps[-1] if len(gaps) else 1
+    gaps = np.append(gaps, last_gap)
+    steps = np.arange(factor)
+    out = idx[:, None] + (gaps[:, None] * steps[None, :]) // factor
+    return np.clip(out.reshape(-1), 0, num_frames - 1)

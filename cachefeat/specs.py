@@ -153,7 +153,7 @@ def parse_sampling(spec: str) -> SamplingSpec:
 
 
 # --------------------------------------------------------------------------------------------- dtype
-STORAGE_DTYPES = ("float16", "float32")
+STORAGE_DTYPES = ("float16", "float32", "int8")
 
 
 def parse_dtype(spec: str) -> str:
@@ -163,3 +163,76 @@ def parse_dtype(spec: str) -> str:
     if spec not in STORAGE_DTYPES:
         raise SpecError(f"--dtype {spec!r}: expected one of {', '.join(STORAGE_DTYPES)}")
     return spec
+
+
+# --------------------------------------------------------------------------------------------- pixels
+@dataclass(frozen=True)
+class PixelSpec:
+    """Small frames kept beside the features for pixel-level temporal encoders (DiST): the model's crop
+    resized to size x size, for `factor` times as many frames as the backbone sees."""
+    size: int
+    factor: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.size}x{self.factor}" if self.factor != 1 else str(self.size)
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "factor": self.factor}
+
+
+def parse_pixels(spec: str) -> PixelSpec:
+    m = re.fullmatch(r"\s*(\d+)\s*(?:x\s*(\d+))?\s*", spec.lower())
+    if not m:
+        raise SpecError(f"--pixels {spec!r}: expected SIZE or SIZExK, e.g. 112 or 112x2 (K times the frames)")
+    size, factor = int(m.group(1)), int(m.group(2) or 1)
+    if not 8 <= size <= 1024:
+        raise SpecError(f"--pixels {spec}: SIZE must be between 8 and 1024 pixels")
+    if not 1 <= factor <= 8:
+        raise SpecError(f"--pixels {spec}: K must be between 1 and 8")
+    return PixelSpec(size, factor)
+
+
+# --------------------------------------------------------------------------------------------- augmentation
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Random training views baked into a cache: each of `views` views of a video gets its own random
+    frames (TSN jitter / random clip start), random-resized crop, optional flip and colour jitter, drawn
+    from (seed, video, view), so the same seed reproduces them exactly."""
+    views: int
+    scale: tuple[float, float] = (0.4, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    color_jitter: tuple[float, float, float, float] | None = None   # brightness, contrast, saturation, hue
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {"views": self.views, "scale": list(self.scale), "ratio": list(self.ratio), "flip": self.flip,
+                "color_jitter": list(self.color_jitter) if self.color_jitter else None, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "AugmentSpec | None":
+        if not d:
+            return None
+        cj = d.get("color_jitter")
+        return cls(d["views"], tuple(d["scale"]), tuple(d["ratio"]), d["flip"], tuple(cj) if cj else None, d["seed"])
+
+
+def parse_range(spec: str, name: str, lo: float, hi: float) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in spec.split(","))
+    except ValueError:
+        raise SpecError(f"{name} {spec!r}: expected two numbers, e.g. {lo},{hi}") from None
+    if not (0 < a <= b):
+        raise SpecError(f"{name} {spec}: expected 0 < MIN <= MAX")
+    return a, b
+
+
+def parse_color_jitter(spec: str) -> tuple[float, float, float, float]:
+    try:
+        vals = [float(x) for x in spec.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != 4 or any(v < 0 for v in vals) or vals[3] > 0.5:
+        raise SpecError(f"--color-jitter {spec!r}: expected brightness,contrast,saturation,hue, e.g. 0.4,0.4,0.2,0.1 "
+                        f"(hue at most 0.5)")
+    return tuple(vals)

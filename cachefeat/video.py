@@ -12,13 +12,13 @@ light worker processes (decode_pool.py).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from .preprocess import Preprocessing, crops
-from .sampling import clip_indices
-from .specs import SamplingSpec, ViewSpec
+from .preprocess import Preprocessing, augmented_crop, crops, draw_augmentation, small
+from .sampling import clip_indices, pixel_indices
+from .specs import AugmentSpec, PixelSpec, SamplingSpec, ViewSpec
 
 
 class DecodeError(Exception):
@@ -96,6 +96,9 @@ def open_video(path: str, reader: str = "auto"):
         raise DecodeError("missing", f"no such file: {path}")
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise DecodeError("open", "the file is empty (0 bytes)")
+    if os.path.isfile(path) and _is_text(path):
+        # FFmpeg would "decode" it with its tty demuxer, rendering the characters as frames
+        raise DecodeError("open", "this is a text file, not a video")
     order = list(READERS) if reader == "auto" else [reader]
     errors = []
     for name in order:
@@ -113,6 +116,17 @@ def open_video(path: str, reader: str = "auto"):
     raise DecodeError("open", "; ".join(errors))
 
 
+def _is_text(path: str, probe: int = 4096) -> bool:
+    """Every container cachefeat reads starts with binary header bytes; plain text has none."""
+    with open(path, "rb") as f:
+        head = f.read(probe)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\n\r\t" for c in text)
+
+
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0][:300] if s else ""
@@ -126,9 +140,15 @@ class DecodeRequest:
     path: str
     frames: int
     sampling: SamplingSpec
-    views: ViewSpec
+    views: ViewSpec              # deterministic test views (ignored when `augment` is set)
     prep: Preprocessing
     reader: str = "auto"
+    pixels: PixelSpec | None = None      # also return small frames for pixel-level encoders
+    augment: AugmentSpec | None = None   # random training views instead of test views
+
+    @property
+    def num_views(self) -> int:
+        return self.augment.views if self.augment else self.views.count
 
 
 @dataclass
@@ -136,12 +156,14 @@ class DecodeResult:
     key: int
     pixels: np.ndarray | None = None      # (views, frames, h, w, 3) uint8, view = temporal * S + spatial
     frame_idx: np.ndarray | None = None   # (views, frames) int32 source frame indices
+    small: np.ndarray | None = None       # (views, frames*K, s, s, 3) uint8 when pixels were asked for
+    small_idx: np.ndarray | None = None   # (views, frames*K) int32
+    augment: list | None = None           # per view: the augmentation parameters drawn
     num_frames: int = 0
     reader: str = ""
     stage: str | None = None              # where it failed: missing/open/empty/decode/preprocess/timeout/crash
     error: str | None = None
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -170,12 +192,27 @@ def decode_video(req: DecodeRequest) -> DecodeResult:
         return DecodeResult(req.key, stage="decode", error=f"{type(e).__name__}: {_first_line(e)}")
 
 
+def _view_frames(req: DecodeRequest, n: int) -> list[tuple[np.ndarray, np.ndarray | None, np.random.Generator | None]]:
+    """Per view: backbone frame indices, pixel frame indices, and (training views) the view's generator,
+    whose later draws choose the crop. Test view v = temporal k * S + spatial s."""
+    out = []
+    for v in range(req.num_views):
+        if req.augment:
+            rng = np.random.default_rng([req.augment.seed, req.key, v])
+            idx = clip_indices(n, req.frames, req.sampling, rng=rng)
+        else:
+            rng = None
+            idx = clip_indices(n, req.frames, req.sampling, v // req.views.spatial, req.views.temporal)
+        pix = pixel_indices(idx, n, req.pixels.factor) if req.pixels else None
+        out.append((idx, pix, rng))
+    return out
+
+
 def _decode_with(reader, req: DecodeRequest) -> DecodeResult:
     n = reader.num_frames
     for _ in range(2):
-        idx = np.stack([clip_indices(n, req.frames, req.sampling, k, req.views.temporal)
-                        for k in range(req.views.temporal)])                     # (temporal, frames)
-        unique = np.unique(idx)
+        plans = _view_frames(req, n)
+        unique = np.unique(np.concatenate([np.concatenate([i, p]) if p is not None else i for i, p, _ in plans]))
         try:
             decoded = reader.get(unique)
             break
@@ -189,12 +226,34 @@ def _decode_with(reader, req: DecodeRequest) -> DecodeResult:
         raise DecodeError("decode", f"{reader.name}: the stream ended early twice")
     if decoded.ndim != 4 or decoded.shape[-1] != 3 or decoded.shape[0] != len(unique):
         raise DecodeError("decode", f"{reader.name} returned frames of shape {decoded.shape}")
+    frames = {int(u): decoded[j] for j, u in enumerate(unique)}
+    height, width = decoded.shape[1:3]
     try:
-        per_frame = {int(u): crops(decoded[j], req.prep, req.views.spatial) for j, u in enumerate(unique)}
+        test_crops: dict[int, list[np.ndarray]] = {}   # frame -> its S test crops, computed once
+
+        def test_crop(i: int, s: int) -> np.ndarray:
+            if i not in test_crops:
+                test_crops[i] = crops(frames[i], req.prep, req.views.spatial)
+            return test_crops[i][s]
+
+        pixels, small_frames, aug_params = [], [], []
+        for v, (idx, pix, rng) in enumerate(plans):
+            if req.augment:
+                params = draw_augmentation(rng, width, height, req.augment)
+                aug_params.append(params)
+                view_crop = lambda i, p=params: augmented_crop(frames[i], req.prep, p)
+            else:
+                view_crop = lambda i, s=v % req.views.spatial: test_crop(i, s)
+            done = {int(i): view_crop(int(i)) for i in np.unique(idx)}
+            pixels.append(np.stack([done[int(i)] for i in idx]))
+            if pix is not None:
+                small_frames.append(np.stack([small(done[int(i)] if int(i) in done else view_crop(int(i)),
+                                                    req.pixels.size) for i in pix]))
     except Exception as e:
         raise DecodeError("preprocess", f"{type(e).__name__}: {_first_line(e)}") from None
-    S = req.views.spatial
-    pixels = np.stack([np.stack([per_frame[int(i)][s] for i in idx[k]])
-                       for k in range(req.views.temporal) for s in range(S)])
-    frame_idx = np.repeat(idx, S, axis=0).astype(np.int32)
-    return DecodeResult(req.key, pixels=pixels, frame_idx=frame_idx, num_frames=n, reader=reader.name)
+    res = DecodeResult(req.key, pixels=np.stack(pixels), frame_idx=np.stack([p[0] for p in plans]).astype(np.int32),
+                       num_frames=n, reader=reader.name, augment=aug_params or None)
+    if req.pixels:
+        res.small = np.stack(small_frames)
+        res.small_idx = np.stack([p[1] for p in plans]).astype(np.int32)
+    return res

@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -14,8 +15,7 @@ from PIL import Image
 from cachefeat.backbone import register_model_configs
 from cachefeat.cache import Cache, open_cache
 
-from conftest import TINY, cli_subprocess, run_cli, tiny_extract_args
-from helpers import assert_caches_equal
+from conftest import TINY, run_cli, tiny_extract_args
 from media import encode, good_video, random_bytes, truncated
 
 
@@ -80,35 +80,7 @@ def test_pooled_tokens_are_the_pooled_grid(tmp_path, synth_small):
     assert cache.read("cls").shape == (cache.num_clips, 3, 2, 64)
 
 
-def _progress_count(store: Path) -> int:
-    d = store / "progress" / "c"
-    return len(list(d.iterdir())) if d.is_dir() else 0
-
-
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, synth_medium):
-    """Kill the whole extraction (driver and decoders) part-way; the same command resumes and the cache
-    equals one made without interruption: no clip lost, none duplicated."""
-    args = ["--layers", "all", "--tokens", "pooled:2x2", "--frames", "4", "--shard-size", "3", "--batch-size", "2"]
-    manifest = synth_medium / "train.txt"
-    ref, killed = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
-    run_cli(*tiny_extract_args(manifest, ref, *args))
-    n_shards = open_cache(ref).layout.num_shards
-    assert n_shards >= 10
-
-    proc = cli_subprocess(*tiny_extract_args(manifest, killed, *args))
-    deadline = time.monotonic() + 120
-    while _progress_count(killed) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = int(Cache(killed).shard_done().sum())
-    assert 2 <= done < n_shards, f"the kill landed after {done} of {n_shards} shards"
-    assert (killed / "cachefeat.lock").exists()  # left behind by the dead process
-
-    res = run_cli(*tiny_extract_args(manifest, killed, *args))
-    assert f"resuming, {done} of {n_shards} shards already done" in res.output
-    assert_caches_equal(ref, killed)
-    assert not (killed / "cachefeat.lock").exists()
+# SIGKILL part-way and resume: tests/test_reliability.py::test_sigkill_at_many_points_then_resume
 
 
 def test_corrupt_files_are_recorded_and_good_clips_kept(tmp_path, synth_small):
@@ -170,7 +142,7 @@ def test_dry_run_sizes(synth_small):
                   "--layers", "last:4", "--tokens", "all", "--frames", "8", "--dry-run").output
     # ViT-L/14: 4 layers x 256 patch tokens x 1024 x 2 bytes = 2 MiB per frame, as the reference notes compute
     assert "ViT-L-14 (24 blocks, width 1024, patch grid 16x16)" in out
-    assert "| tokens/<layer> x4 | 2.00 MiB" in out
+    assert re.search(r"\| tokens/<layer> x4 +\| 2.00 MiB", out)
     assert "12 videos x 1 views = 12 clips x 8 frames = 96 frames" in out
     assert not Path("/nonexistent/x.zarr").exists()
 

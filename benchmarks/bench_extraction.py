@@ -1,0 +1,118 @@
+"""Extraction efficiency: how close `cachefeat extract` (decode + forward + write, pipelined) comes to the
+bare backbone call on already-decoded frames, what the taps cost, and what a naive loop does.
+
+    efficiency = extract frames/s  /  bare forward_intermediates frames/s      (goal >= 0.90 on GPU)
+    taps cost  = forward with the taps / plain forward (encode_image), interleaved in one process
+    naive      = decode one video, forward it, write it, next video: no overlap, per-video batches
+"""
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import torch
+import zarr
+
+from cachefeat.backbone import load_backbone
+from cachefeat.cache import parse_codec
+from cachefeat.extract import ExtractSettings, extract
+from cachefeat.manifest import load_manifest
+from cachefeat.specs import SamplingSpec, ViewSpec, parse_layers, parse_tokens
+from cachefeat.video import DecodeRequest, decode_video
+
+from common import WORK, Mode, interleaved, synth_data, sync, timed
+
+LAYERS, TOKENS = "all", "all"   # the heaviest taps: every block, every patch token
+
+
+def run(mode: Mode, log=print) -> dict:
+    out = {}
+    data = synth_data("extract-data", classes=6, videos_per_class=max(2, mode.videos // 6 + 1))
+    manifest = load_manifest(data / "train.txt", classes=str(data / "classes.txt"))
+    manifest.videos = manifest.videos[: mode.videos]
+    for model in mode.models:
+        log(f"[extraction] {model}: {len(manifest.videos)} videos x {mode.frames} frames, batch {mode.batch_size}, "
+            f"{mode.decode_workers} decode workers, layers {LAYERS}, tokens {TOKENS}")
+        out[model] = _one_model(model, manifest, mode, log)
+    return out
+
+
+def _one_model(model: str, manifest, mode: Mode, log) -> dict:
+    bb = load_backbone(model, "none", mode.device)
+    layers = parse_layers(LAYERS, bb.depth)
+    tokens = parse_tokens(TOKENS, bb.patch_grid)
+
+    # 1. end to end: the real command's pipeline, into a fresh store
+    store = WORK / f"bench-{model.replace('/', '-')}.zarr"
+    shutil.rmtree(store, ignore_errors=True)
+    settings = ExtractSettings(model=model, pretrained="none", layers=LAYERS, tokens=TOKENS, frames=mode.frames,
+                               device=mode.device, text=False)
+    t0 = time.perf_counter()
+    stats = extract(manifest, store, settings, batch_size=mode.batch_size, decode_workers=mode.decode_workers,
+                    progress=False, log=lambda *a: None)
+    wall = time.perf_counter() - t0
+    e2e = stats.frames / stats.seconds
+    log(f"  extract: {stats.frames} frames in {stats.seconds:.1f} s of pipeline ({wall:.1f} s with start-up): "
+        f"{e2e:.1f} frames/s")
+
+    # 2. the bare backbone call with the same taps on frames decoded beforehand (same batch and device)
+    prep = bb.preprocessing
+    decoded = [decode_video(DecodeRequest(i, v.path, mode.frames, SamplingSpec(), ViewSpec(), prep))
+               for i, v in enumerate(manifest.videos)]
+    pixels = torch.from_numpy(np.concatenate([d.pixels.reshape(-1, *d.pixels.shape[2:]) for d in decoded]))
+    pixels = pixels.to(bb.device)
+    batches = [pixels[i:i + mode.batch_size] for i in range(0, len(pixels), mode.batch_size)]
+    bb.features(batches[0], layers, tokens)  # warm-up
+    bare_s = timed(lambda: [bb.features(b, layers, tokens) for b in batches], mode.device)
+    bare = len(pixels) / bare_s
+    log(f"  bare forward_intermediates: {len(pixels)} frames in {bare_s:.1f} s: {bare:.1f} frames/s")
+
+    # 3. the taps' own cost: plain forward vs forward with every tap, interleaved
+    x = bb.normalize(batches[0])
+    visual = bb.visual
+
+    def plain():
+        with torch.inference_mode(), bb.autocast():
+            visual(x)
+
+    def taps():
+        with torch.inference_mode(), bb.autocast():
+            visual.forward_intermediates(x, indices=layers, output_fmt="NLC", output_extra_tokens=True)
+
+    rounds = 5 if not mode.full else 20
+    med = interleaved({"plain": plain, "taps": taps}, rounds, mode.device)
+    log(f"  taps vs plain forward (median of {rounds}, interleaved): {med['taps'] / med['plain']:.3f}")
+
+    # 4. naive loop: decode a video, forward it, write it, then the next
+    naive_store = WORK / "naive.zarr"
+    shutil.rmtree(naive_store, ignore_errors=True)
+    root = zarr.open_group(str(naive_store), mode="w")
+    shapes = {"embed": (mode.frames, bb.embed_dim), "cls": (mode.frames, len(layers), bb.width)}
+    shapes.update({f"tokens/{l}": (mode.frames, tokens.num_patch_tokens, bb.width) for l in layers})
+    arrays = {k: root.create_array(k, shape=(len(manifest.videos), *s), chunks=(1, *s), dtype="float16",
+                                   compressors=parse_codec("zstd:3")) for k, s in shapes.items()}
+
+    naive_videos = manifest.videos[: max(4, len(manifest.videos) // 2)]   # its rate is what counts
+
+    def naive():
+        for i, v in enumerate(naive_videos):
+            d = decode_video(DecodeRequest(i, v.path, mode.frames, SamplingSpec(), ViewSpec(), prep))
+            f = bb.features(torch.from_numpy(d.pixels[0]), layers, tokens)
+            arrays["embed"][i] = f["embed"].half().cpu().numpy()
+            arrays["cls"][i] = f["cls"].half().cpu().numpy()
+            toks = f["tokens"].half().cpu().numpy()
+            for li, l in enumerate(layers):
+                arrays[f"tokens/{l}"][i] = toks[:, li]
+
+    naive_s = timed(naive, mode.device)
+    naive_fps = len(naive_videos) * mode.frames / naive_s
+    log(f"  naive sequential loop: {naive_fps:.1f} frames/s")
+    shutil.rmtree(naive_store, ignore_errors=True)
+    shutil.rmtree(store, ignore_errors=True)
+    return {"frames": stats.frames, "extract_frames_per_s": e2e, "extract_wall_s": wall,
+            "bare_frames_per_s": bare, "efficiency": e2e / bare,
+            "taps_over_plain": med["taps"] / med["plain"], "naive_frames_per_s": naive_fps,
+            "extract_over_naive": e2e / naive_fps, "batch_size": mode.batch_size,
+            "decode_workers": mode.decode_workers, "device": mode.device, "layers": LAYERS, "tokens": TOKENS,
+            "precision": bb.precision}

@@ -1,0 +1,512 @@
+"""Exchange formats: a cache out to HDF5 or to per-video .npy files, and HDF5 back to a cache.
+
+- HDF5 mirrors the store node for node and bit for bit: every Zarr group and array (found by walking the
+  store, so arrays added later travel too) becomes an HDF5 group or dataset at the same path, chunked like
+  the cache (one clip per chunk for feature arrays), compressed, with a Fletcher-32 checksum per chunk. Each
+  node carries its Zarr metadata document (`zarr_json`, authoritative for import) and, for HDF5 readers,
+  its attributes as JSON (`cachefeat` on the root) and its `dimension_names`. Arrays are copied as stored
+  (raw bits, int8 and scales included), so `import_hdf5` rebuilds a store with the same zarr.json
+  documents (layout, sharding, codecs) and equal arrays.
+- npy writes the features users read: one file set per valid video in the flat layout of video_features
+  (`{stem}_{array}.npy`, axes (views, T, ...)), read through `Cache.read`, plus `index.json` with the
+  metadata, class names, the id -> stem mapping and the failed videos.
+
+Outputs are built under a hidden sibling name and renamed into place at the end, so a crash never leaves
+a half-written export that looks finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from . import __version__
+from .cache import ATTR, SCHEMA_VERSION, Cache, CacheError, StoreLock, open_cache
+
+EXPORT_VERSION = 1
+HDF5_MARK = "cachefeat_export"       # root attribute of an HDF5 export: JSON {format, version, ...}
+HDF5_FORMAT = "cachefeat-hdf5"
+NPY_FORMAT = "cachefeat-npy"
+NPY_INDEX = "index.json"
+ZARR_JSON = "zarr_json"              # per-node attribute: the node's zarr.json document, verbatim
+_RESERVED = (ZARR_JSON, "dimension_names", HDF5_MARK)
+
+COMPRESSION_HELP = "gzip[:LEVEL] (LEVEL 1-9), lzf or none"
+DEFAULT_COMPRESSION = "gzip:1"       # measured on extracted caches; see README "Export and import"
+
+# Arrays the npy export writes per video besides the layout's feature arrays, and shared ones.
+_NPY_PER_VIDEO_EXTRA = ("pixels",)
+_NPY_INDICES = {"clips/frame_idx": "frame_idx", "clips/pixel_frame_idx": "pixel_frame_idx"}
+_NPY_SHARED = ("text/embed",)
+
+STEM_RULE = ("stem = the video id with '/' and '\\' replaced by '__', every other character except letters, "
+             "digits, '.', '_' and '-' replaced by '_', a leading '.' or '-' replaced by '_'; ids longer than "
+             "160 bytes are cut and get '-' + 12 hex digits of their SHA-1; a stem already taken (compared "
+             "case-insensitively) gets '-<video row>' appended")
+
+_BLOCK_BYTES = 64 << 20              # rows copied per step: whole shards, about this many bytes
+
+
+class ExchangeError(CacheError):
+    """An export or import that cannot be done as asked; the message says why, in one line."""
+
+
+@dataclass
+class ExchangeStats:
+    arrays: int = 0
+    files: int = 0
+    videos: int = 0
+    failed_videos: int = 0
+    raw_bytes: int = 0       # uncompressed bytes of the arrays copied
+    out_bytes: int = 0       # size of what was written
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------- walking
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def store_nodes(root) -> tuple[list[str], list[str]]:
+    """(groups, arrays) of a Zarr group, every depth, in natural order (tokens/2 before tokens/10). Found by
+    walking the store rather than from a list, so arrays added to the format are never left behind."""
+    with warnings.catch_warnings():
+        # the lock file of a running writer, or any stray file, is not a Zarr node: skip it quietly
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        members = list(root.members(max_depth=None))
+    groups = sorted((n for n, m in members if isinstance(m, zarr.Group)), key=_natural)
+    arrays = sorted((n for n, m in members if isinstance(m, zarr.Array)), key=_natural)
+    return groups, arrays
+
+
+def _row_blocks(shape: tuple, outer_rows: int, row_bytes: int) -> list:
+    """Slices along axis 0 covering whole outer chunks (shards), about _BLOCK_BYTES each, so every Zarr
+    write covers complete shards (no read-modify-write) and memory stays bounded."""
+    if len(shape) == 0:
+        return [()]
+    outer_rows = max(1, outer_rows)
+    step = outer_rows * max(1, _BLOCK_BYTES // max(1, outer_rows * row_bytes))
+    return [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)] or [slice(0, 0)]
+
+
+def _outer_rows(a) -> int:
+    grid = a.shards or a.chunks
+    return int(grid[0]) if grid else 1
+
+
+def _item_bytes(dtype) -> int:
+    return 64 if _is_str(dtype) else np.dtype(dtype).itemsize   # strings: a guess, for block sizes and the bar
+
+
+def _row_bytes(shape: tuple, dtype) -> int:
+    return int(np.prod(shape[1:], dtype=np.int64)) * _item_bytes(dtype)
+
+
+def _is_str(dtype) -> bool:
+    return np.dtype(dtype).kind in "TUO"
+
+
+# ------------------------------------------------------------------------------------------- safety
+def _refuse_if_being_written(path: Path, what: str = "export") -> None:
+    holder = StoreLock(path).active_holder()
+    if holder is not None:
+        who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
+        raise ExchangeError(f"{path} is being written by another cachefeat process ({who}); "
+                            f"{what} it when that run has finished")
+
+
+def _open_source(path, allow_incomplete: bool) -> Cache:
+    cache = open_cache(path)
+    _refuse_if_being_written(cache.path)
+    done = cache.shard_done()
+    if not done.all() and not allow_incomplete:
+        raise ExchangeError(f"{path} is incomplete ({int(done.sum())} of {len(done)} shards done); finish it with "
+                            f"`cachefeat extract` (same command, it resumes) or pass --allow-incomplete")
+    return cache
+
+
+def _prepare_output(out: Path, overwrite: bool, is_ours, what: str) -> Path:
+    """Check that OUT may be (re)placed; return the hidden sibling to build into."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise ExchangeError(f"{out} exists; pass --overwrite to replace it, or choose another output")
+        if not is_ours(out):
+            raise ExchangeError(f"{out} exists and is not a {what}; --overwrite only replaces a {what}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    _remove(tmp)
+    return tmp
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished build onto OUT; an existing OUT (checked replaceable) goes only once the new one is complete."""
+    if out.is_symlink():
+        out.unlink()
+    if out.is_dir():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        _remove(old)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def _tree_bytes(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress,
+                dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------- HDF5 out
+def parse_compression(spec: str) -> dict:
+    """A --compression value -> h5py create_dataset keywords (byte shuffle on: it helps float16, see README)."""
+    name, _, level = spec.strip().lower().partition(":")
+    if name == "none" and not level:
+        return {}
+    if name == "lzf" and not level:
+        return {"compression": "lzf", "shuffle": True}
+    if name == "gzip":
+        try:
+            lvl = int(level) if level else 1
+        except ValueError:
+            lvl = -1
+        if 1 <= lvl <= 9:
+            return {"compression": "gzip", "compression_opts": lvl, "shuffle": True}
+    raise ExchangeError(f"--compression {spec!r}: expected {COMPRESSION_HELP}")
+
+
+def _is_hdf5_export(p: Path) -> bool:
+    import h5py
+    if not p.is_file() or not h5py.is_hdf5(p):
+        return False
+    with h5py.File(p, "r") as f:
+        return HDF5_MARK in f.attrs
+
+
+def _node_attrs(h5obj, store: Path, name: str, node) -> None:
+    """The node's zarr.json verbatim (import writes it back), plus its attributes as JSON for HDF5 readers."""
+    h5obj.attrs[ZARR_JSON] = (store / name / "zarr.json").read_text(encoding="utf-8")
+    for key, value in node.attrs.asdict().items():
+        if key not in _RESERVED:
+            h5obj.attrs[key] = json.dumps(value)
+    dims = getattr(node.metadata, "dimension_names", None)
+    if dims is not None:
+        h5obj.attrs["dimension_names"] = [str(d) for d in dims]
+
+
+def export_hdf5(cache_path, out, compression: str = DEFAULT_COMPRESSION, overwrite: bool = False,
+                allow_incomplete: bool = False, progress: bool = False) -> ExchangeStats:
+    """Write every group, array and attribute of the cache to one HDF5 file (see the module docstring)."""
+    t0 = time.perf_counter()
+    filters = parse_compression(compression)
+    cache = _open_source(cache_path, allow_incomplete)
+    out = Path(out)
+    tmp = _prepare_output(out, overwrite, _is_hdf5_export, "cachefeat HDF5 export")
+    try:
+        with _bar(_stored_bytes(cache.root), "export", progress) as bar:
+            stats = write_hdf5(cache, tmp, filters, {"compression": compression}, bar.update)
+        _refuse_if_being_written(cache.path)  # a writer that started meanwhile (e.g. --overwrite) spoils the copy
+        _replace(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
+    stats.out_bytes = out.stat().st_size
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _stored_bytes(root) -> int:
+    return sum(int(np.prod(root[n].shape, dtype=np.int64)) * _item_bytes(root[n].dtype)
+               for n in store_nodes(root)[1])
+
+
+def write_hdf5(cache: Cache, path, filters: dict, mark: dict | None = None, on_bytes=None) -> ExchangeStats:
+    """The HDF5 mirror of an open cache at `path` (no checks: export_hdf5 is the safe entry point).
+    `filters`: h5py create_dataset keywords for the numeric datasets (see parse_compression)."""
+    import h5py
+    groups, arrays = store_nodes(cache.root)
+    # progress first: a shard it marks done was complete before any of its data is read, so even an
+    # incomplete cache that a writer resumes meanwhile exports consistently (unmarked shards are not data)
+    arrays.sort(key=lambda n: n != "progress")
+    stats = ExchangeStats(arrays=len(arrays), files=1)
+    with h5py.File(path, "w", track_order=True) as f:
+        f.attrs[HDF5_MARK] = json.dumps({"format": HDF5_FORMAT, "version": EXPORT_VERSION, "tool": "cachefeat",
+                                         "tool_version": __version__, "exported": _now(), "source": str(cache.path),
+                                         "complete": cache.complete, **(mark or {}), "arrays": arrays})
+        _node_attrs(f, cache.path, "", cache.root)
+        for name in groups:
+            _node_attrs(f.create_group(name, track_order=True), cache.path, name, cache.root[name])
+        for name in arrays:
+            a = cache.root[name]
+            string = _is_str(a.dtype)
+            kw = {}
+            if a.size:  # HDF5 cannot chunk an empty dataset
+                # one clip (row) per chunk where the cache has it (feature arrays); h5py's own choice for
+                # the tables, whose cache chunks are whole shards of small values
+                kw["chunks"] = tuple(a.chunks) if a.ndim >= 2 and a.chunks[0] == 1 else True
+                if not string:  # HDF5 applies no filters to variable-length strings
+                    kw.update(filters)
+                    kw["fletcher32"] = True  # like the cache's CRC32C: corruption is detected on read
+            ds = f.create_dataset(name, shape=a.shape, dtype=h5py.string_dtype("utf-8") if string else a.dtype,
+                                  track_order=True, **kw)
+            _node_attrs(ds, cache.path, name, a)
+            # raw stored values (not Cache.read, which decodes): the export must keep the store's bits
+            for sl in _row_blocks(a.shape, _outer_rows(a), _row_bytes(a.shape, a.dtype)):
+                block = a[sl]
+                ds[sl] = block.astype(object) if string else block
+                n = block.size * _item_bytes(a.dtype)
+                stats.raw_bytes += n
+                if on_bytes:
+                    on_bytes(n)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------- HDF5 in
+def _is_replaceable_cache(p: Path) -> bool:
+    if p.is_dir() and not any(p.iterdir()):
+        return True
+    try:
+        Cache(p)
+    except CacheError:
+        return False
+    _refuse_if_being_written(p, what="replace")
+    return True
+
+
+def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -> ExchangeStats:
+    """Rebuild a cache from an HDF5 export: the same zarr.json documents (layout, chunks, sharding, codecs,
+    attributes) and the same array contents, bit for bit."""
+    import h5py
+    t0 = time.perf_counter()
+    src, out = Path(h5_path), Path(out)
+    if not src.is_file():
+        raise ExchangeError(f"{src}: no such file")
+    if not h5py.is_hdf5(src):
+        raise ExchangeError(f"{src} is not an HDF5 file")
+    with h5py.File(src, "r") as f:
+        try:
+            mark = json.loads(f.attrs[HDF5_MARK])
+        except (KeyError, TypeError, ValueError):
+            raise ExchangeError(f"{src} is an HDF5 file but not a cachefeat export (no '{HDF5_MARK}' attribute)") from None
+        if mark.get("format") != HDF5_FORMAT or int(mark.get("version", 0)) > EXPORT_VERSION:
+            raise ExchangeError(f"{src} is a {mark.get('format')} export version {mark.get('version')}; this cachefeat "
+                                f"reads {HDF5_FORMAT} up to version {EXPORT_VERSION}")
+        groups, datasets = [], []
+        f.visititems(lambda n, o: (datasets if isinstance(o, h5py.Dataset) else groups).append(n))
+        bad = [n for n in [*groups, *datasets] if any(p in ("", ".", "..") for p in n.split("/"))]
+        if bad:
+            raise ExchangeError(f"{src}: node name {bad[0]!r} cannot be a path inside a store")
+        docs = {"": _read_node_doc(src, f, "")}
+        docs.update({n: _read_node_doc(src, f[n], n) for n in [*groups, *datasets]})
+        meta = (json.loads(docs[""]).get("attributes") or {}).get(ATTR)
+        if not isinstance(meta, dict) or "layout" not in meta:
+            raise ExchangeError(f"{src} holds no cachefeat metadata ('{ATTR}' attribute of /); not a cache export")
+        if meta.get("schema_version", 0) > SCHEMA_VERSION:
+            raise ExchangeError(f"{src} holds a cache of schema {meta['schema_version']}, newer than this cachefeat "
+                                f"understands ({SCHEMA_VERSION}); upgrade cachefeat")
+        tmp = _prepare_output(out, overwrite, _is_replaceable_cache, "cachefeat cache")
+        stats = ExchangeStats(arrays=len(datasets), files=1)
+        total = sum(f[n].size * _item_bytes(np.dtype("O") if h5py.check_string_dtype(f[n].dtype) else f[n].dtype)
+                    for n in datasets)
+        try:
+            for name, doc in docs.items():   # the Zarr v3 metadata documents, as they were in the store
+                (tmp / name).mkdir(parents=True, exist_ok=True)
+                (tmp / name / "zarr.json").write_text(doc, encoding="utf-8")
+            root = zarr.open_group(str(tmp), mode="r+", zarr_format=3)
+            nodes = {}
+            for name in datasets:
+                try:
+                    nodes[name] = root[name]
+                except Exception as e:  # zarr's parse errors vary by kind: one line, whatever they are
+                    raise ExchangeError(f"{src}: this zarr cannot read the metadata of /{name} ({e})") from None
+            with _bar(total, "import", progress) as bar:
+                for name in datasets:
+                    ds, a = f[name], nodes[name]
+                    string = h5py.check_string_dtype(ds.dtype) is not None
+                    if not isinstance(a, zarr.Array) or ds.shape != a.shape or (string != _is_str(a.dtype)) or (not string and ds.dtype != a.dtype):
+                        says = f"{a.dtype} {a.shape}" if isinstance(a, zarr.Array) else "a group"
+                        raise ExchangeError(f"{src}: dataset /{name} is {ds.dtype} {ds.shape} but its Zarr metadata "
+                                            f"says {says} (edited after export?)")
+                    for sl in _row_blocks(a.shape, _outer_rows(a), _row_bytes(a.shape, a.dtype)):
+                        block = ds.asstr()[sl] if string else ds[sl]
+                        a[sl] = block
+                        n = np.size(block) * _item_bytes(a.dtype)
+                        stats.raw_bytes += n
+                        bar.update(n)
+            Cache(tmp)   # opens as a cache: schema, metadata and layout are readable
+            _replace(tmp, out)
+        except BaseException:
+            _remove(tmp)
+            raise
+    stats.out_bytes = _tree_bytes(out)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _read_node_doc(src: Path, h5obj, name: str) -> str:
+    """The node's zarr.json text; refuses a node whose HDF5 attributes no longer match it."""
+    where = "/" + name
+    try:
+        text = h5obj.attrs[ZARR_JSON]
+        doc = json.loads(text)
+    except (KeyError, TypeError, ValueError):
+        raise ExchangeError(f"{src}: {where} has no '{ZARR_JSON}' attribute (not written by cachefeat export)") from None
+    attributes = doc.get("attributes") or {}
+    for key in h5obj.attrs:
+        if key in _RESERVED:
+            continue
+        try:
+            same = json.loads(h5obj.attrs[key]) == attributes.get(key, object())
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise ExchangeError(f"{src}: attribute '{key}' of {where} differs from the Zarr metadata stored with it "
+                                f"(edited after export?); restore it or export the cache again")
+    return text
+
+
+# ------------------------------------------------------------------------------------------- npy out
+def safe_stems(ids: list[str]) -> list[str]:
+    """File-name stems for video ids, unique and safe on any file system (rule: STEM_RULE)."""
+    taken: set[str] = set()
+    out = []
+    for row, vid in enumerate(ids):
+        s = re.sub(r"[^\w.\-]", "_", vid.replace("/", "__").replace("\\", "__"))
+        s = re.sub(r"^[.\-]", "_", s) or "_"
+        if len(s.encode()) > 160:
+            s = s.encode()[:160].decode(errors="ignore") + "-" + hashlib.sha1(vid.encode()).hexdigest()[:12]
+        stem = s if s.casefold() not in taken else f"{s}-{row}"
+        k = 1
+        while stem.casefold() in taken:
+            stem, k = f"{s}-{row}-{k}", k + 1
+        taken.add(stem.casefold())
+        out.append(stem)
+    return out
+
+
+def _is_npy_export(p: Path) -> bool:
+    if p.is_dir() and not any(p.iterdir()):
+        return True
+    try:
+        return json.loads((p / NPY_INDEX).read_text()).get("format") == NPY_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def export_npy(cache_path, out_dir, overwrite: bool = False, allow_incomplete: bool = False,
+               progress: bool = False) -> ExchangeStats:
+    """One file set per valid video (`{stem}_{array}.npy`, axes (views, T, ...)) and index.json."""
+    t0 = time.perf_counter()
+    cache = _open_source(cache_path, allow_incomplete)
+    out = Path(out_dir)
+    tmp = _prepare_output(out, overwrite, _is_npy_export, "cachefeat npy export")
+    lay, n = cache.layout, cache.views.count
+    _, stored = store_nodes(cache.root)
+    features = [*lay.feature_arrays(), *(a for a in _NPY_PER_VIDEO_EXTRA if a in stored and a not in lay.feature_arrays())]
+    per_video = {name: name.replace("/", "_") for name in features}
+    per_video.update({k: v for k, v in _NPY_INDICES.items() if k in stored})
+    shard_done = cache.shard_done()
+    video_done = np.repeat(shard_done, lay.shard_videos)[: cache.num_videos]
+    video_ok = cache.valid().reshape(cache.num_videos, n).all(axis=1)
+    ids = [str(x) for x in cache.read("videos/id")]
+    paths = [str(x) for x in cache.read("videos/path")]
+    labels = cache.read("videos/label")
+    num_frames = cache.read("videos/num_frames")
+    stems = safe_stems(ids)
+    classes = cache.classes
+    stats = ExchangeStats()
+    total = int(video_ok.sum()) * n * sum(_row_bytes(cache.root[k].shape, cache.root[k].dtype)
+                                         for k in per_video)
+    try:
+        tmp.mkdir()
+        with _bar(total, "export", progress) as bar:
+            for shard in np.flatnonzero(shard_done):
+                rows, vids = lay.shard_rows_range(shard), lay.shard_videos_range(shard)
+                keep = [v for v in vids if video_ok[v]]
+                if not keep:
+                    continue
+                for name, suffix in per_video.items():
+                    block = cache.read(name, slice(rows.start, rows.stop))
+                    for v in keep:
+                        r = v * n - rows.start
+                        np.save(tmp / f"{stems[v]}_{suffix}.npy", block[r:r + n])
+                        stats.files += 1
+                        bar.update(block[r:r + n].nbytes)
+                        stats.raw_bytes += block[r:r + n].nbytes
+        shared = {}
+        for name in _NPY_SHARED:
+            if name in stored:
+                fname = name.replace("/", "_") + ".npy"
+                arr = cache.read(name)
+                np.save(tmp / fname, arr)
+                shared[fname] = {"array": name, "shape": list(arr.shape), "dtype": str(arr.dtype),
+                                 "dims": _dims(cache.root[name])}
+                stats.files += 1
+        arrays = {}
+        for name, suffix in per_video.items():
+            a = cache.root[name]
+            dims = _dims(a)
+            arrays[suffix] = {"file": f"{{stem}}_{suffix}.npy", "array": name, "shape": [n, *a.shape[1:]],
+                              "dtype": str(np.dtype(cache.read(name, slice(0, 0)).dtype)),
+                              "dims": ["view", *dims[1:]] if dims else None}
+        exported = [int(v) for v in np.flatnonzero(video_ok)]
+        failures = cache.failures()
+        index = {
+            "format": NPY_FORMAT, "version": EXPORT_VERSION, "tool": "cachefeat", "tool_version": __version__,
+            "exported": _now(), "source": str(cache.path), "complete": bool(shard_done.all()),
+            "layout": ("one file per video and array: {stem}_{array}.npy in this folder, first axis = the video's "
+                       "views in view order (temporal x spatial), then the cached axes; frame_idx holds the "
+                       "source frame indices of each view"),
+            "stem_rule": STEM_RULE,
+            "views": {"temporal": cache.views.temporal, "spatial": cache.views.spatial, "count": n},
+            "arrays": arrays, "shared": shared, "classes": classes,
+            "videos": [{"video": v, "id": ids[v], "stem": stems[v], "path": paths[v], "label": int(labels[v]),
+                        "class": classes[labels[v]] if 0 <= labels[v] < len(classes) else None,
+                        "num_frames": int(num_frames[v])} for v in exported],
+            "failures": failures,
+            "not_extracted": [{"video": int(v), "id": ids[v], "path": paths[v]} for v in np.flatnonzero(~video_done)],
+            "metadata": cache.meta,
+        }
+        (tmp / NPY_INDEX).write_text(json.dumps(index, indent=1, default=str), encoding="utf-8")
+        stats.files += 1
+        _refuse_if_being_written(cache.path)
+        _replace(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
+    stats.arrays, stats.videos, stats.failed_videos = len(per_video), len(exported), len(failures)
+    stats.out_bytes = _tree_bytes(out)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _dims(a) -> list[str] | None:
+    dims = getattr(a.metadata, "dimension_names", None)
+    return [str(d) for d in dims] if dims is not None else None

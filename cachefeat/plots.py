@@ -1,0 +1,45 @@
+"""Pictures of a cache (matplotlib, no display needed): what it holds per class, and what failed."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from .cache import Cache
+
+
+def cache_overview(cache: Cache, path: str | Path) -> Path:
+    """A PNG with valid and failed videos per class, and failures by stage."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = cache.read("videos/label")
+    valid = cache.valid().reshape(cache.num_videos, cache.views.count).any(axis=1)
+    failures = cache.failures()
+    failed = np.zeros(len(labels), bool)
+    failed[[f["video"] for f in failures]] = True
+    names = cache.classes or sorted({str(l) for l in labels})
+    n = len(names)
+    ok_counts = np.bincount(labels[valid & (labels >= 0)], minlength=n)[:n]
+    bad_counts = np.bincount(labels[failed & (labels >= 0)], minlength=n)[:n]
+    stages = Counter(f["stage"] for f in failures)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.35 * n + 5), 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    x = np.arange(n)
+    axes[0].bar(x, ok_counts, label="valid", color="#4C72B0")
+    axes[0].bar(x, bad_counts, bottom=ok_counts, label="failed", color="#DD8452")
+    axes[0].set_xticks(x, names, rotation=60 if n > 6 else 0, ha="right" if n > 6 else "center", fontsize=8)
+    axes[0].set_ylabel("videos")
+    axes[0].set_title(f"{cache.path.name}: {int(valid.sum())} valid, {len(failures)} failed videos per class")
+    axes[0].legend()
+    if stages:
+        axes[1].barh(list(stages), list(stages.values()), color="#DD8452")
+        axes[1].set_title("failures by stage")
+    else:
+        axes[1].text(0.5, 0.5, "no failures", ha="center", va="center")
+        axes[1].set_axis_off()
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

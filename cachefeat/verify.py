@@ -1,0 +1,148 @@
+"""`cachefeat verify`: read every chunk of a cache, check its checksums and metadata, and say which
+clips must be re-extracted. `extract --repair` uses the report to re-extract only the damaged shards.
+
+Shards are the unit of writing, so they are the unit of repair: a damaged chunk anywhere in a shard's
+rows (features, pixels, per-clip or per-video tables written with the shard) sends the whole shard back
+to be extracted. Damage in what is written once at creation (the video list, labels, text embeddings,
+int8 steps, metadata) cannot be repaired by re-extraction: the cache must be made again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .cache import CLIP_TABLES, VIDEO_TABLES, Cache, CacheError, Layout
+
+
+@dataclass
+class VerifyReport:
+    damaged: dict[str, list[int]] = field(default_factory=dict)   # array -> damaged rows (clips or videos)
+    shards: set[int] = field(default_factory=set)                 # shards to extract again
+    fatal: list[str] = field(default_factory=list)                 # damage re-extraction cannot mend
+    suspicious: list[str] = field(default_factory=list)            # readable but wrong-looking
+    chunks_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.damaged or self.fatal or self.suspicious)
+
+    def clips(self, layout: Layout) -> list[int]:
+        return sorted(r for s in self.shards for r in layout.shard_rows_range(s))
+
+    def to_dict(self, cache: Cache) -> dict:
+        clips = self.clips(cache.layout)
+        vids = sorted({c // cache.views.count for c in clips})
+        ids = cache.read("videos/id") if vids and "videos/id" not in self.damaged else None
+        return {"ok": self.ok, "chunks_checked": self.chunks_checked, "damaged": self.damaged,
+                "shards_to_reextract": sorted(self.shards), "clips_to_reextract": clips,
+                "videos_to_reextract": [str(ids[v]) if ids is not None else int(v) for v in vids],
+                "fatal": self.fatal, "suspicious": self.suspicious}
+
+
+def verify(cache: Cache, progress=None) -> VerifyReport:
+    rep = VerifyReport()
+    lay = cache.layout
+    _check_metadata(cache, rep)
+    if rep.fatal:
+        return rep
+    per_shard_video = set(("videos/status", "videos/num_frames", "videos/error"))
+    # arrays written once at creation: unrepairable if damaged
+    for name in [*VIDEO_TABLES, *CLIP_TABLES, *cache.meta.get("extras", [])]:
+        if name in per_shard_video:
+            continue
+        rep.chunks_checked += _nchunks(cache.root[name])
+        try:
+            cache.root[name][...]
+        except Exception as e:
+            rep.fatal.append(f"{name} cannot be read ({type(e).__name__}): the cache must be extracted again "
+                             f"with --overwrite")
+    done = cache.shard_done()
+    row_arrays = list(lay.row_arrays())
+    for s in range(lay.num_shards):
+        rows, vids = lay.shard_rows_range(s), lay.shard_videos_range(s)
+        if not done[s]:
+            continue  # not data yet: the next extract writes it
+        for name in row_arrays:
+            _check_block(cache, name, slice(rows.start, rows.stop), rep, s)
+        for name in per_shard_video:
+            _check_block(cache, name, slice(vids.start, vids.stop), rep, s)
+        if progress:
+            progress(1)
+    if not rep.fatal:
+        _check_values(cache, rep, done)
+    return rep
+
+
+def _nchunks(arr) -> int:
+    return int(np.prod([-(-n // c) for n, c in zip(arr.shape, arr.chunks)])) if arr.shape else 1
+
+
+def _check_block(cache: Cache, name: str, sel: slice, rep: VerifyReport, shard: int) -> None:
+    arr = cache.root[name]
+    rep.chunks_checked += -(-(sel.stop - sel.start) // arr.chunks[0])
+    try:
+        arr[sel]
+    except Exception:
+        bad = cache.unreadable_rows(name, sel) or list(range(sel.start, sel.stop))
+        rep.damaged.setdefault(name, []).extend(bad)
+        rep.shards.add(shard)
+
+
+def _check_metadata(cache: Cache, rep: VerifyReport) -> None:
+    lay = cache.layout
+    expected = {name: ((lay.num_clips, *shape), dtype) for name, (shape, dtype) in lay.row_arrays().items()}
+    for name in (*VIDEO_TABLES,):
+        expected[name] = ((lay.num_videos,), None)
+    for name in CLIP_TABLES:
+        expected[name] = ((lay.num_clips,), None)
+    expected["progress"] = ((lay.num_shards,), "uint8")
+    for name, (shape, dtype) in expected.items():
+        try:
+            arr = cache.root[name]
+        except Exception:
+            rep.fatal.append(f"array {name} is missing")
+            continue
+        if tuple(arr.shape) != tuple(shape):
+            rep.fatal.append(f"array {name} has shape {tuple(arr.shape)}, the metadata says {tuple(shape)}")
+        if dtype not in (None, "str") and np.dtype(arr.dtype) != np.dtype(dtype):
+            rep.fatal.append(f"array {name} has dtype {arr.dtype}, the metadata says {dtype}")
+    classes = cache.classes
+    try:
+        labels = cache.root["videos/label"][:]
+        if classes and labels.size and labels.max() >= len(classes):
+            rep.fatal.append(f"labels go up to {labels.max()} but there are {len(classes)} classes")
+    except Exception:
+        pass  # reported with the tables
+
+
+def _check_values(cache: Cache, rep: VerifyReport, done: np.ndarray) -> None:
+    """Valid clips of finished shards must hold features (an all-zero embedding means nothing was written)."""
+    try:
+        valid = cache.root["clips/valid"][:] & cache.done_rows()
+    except Exception:
+        return
+    for s in np.flatnonzero(done):
+        rows = cache.layout.shard_rows_range(int(s))
+        if int(s) in rep.shards:
+            continue
+        v = valid[rows.start:rows.stop]
+        if not v.any():
+            continue
+        emb = cache.root["embed"][rows.start:rows.stop]
+        empty = np.flatnonzero(v & ~np.any(emb.reshape(len(v), -1) != 0, axis=1))
+        if len(empty):
+            rep.suspicious.append(f"shard {int(s)}: {len(empty)} valid clips hold no features")
+            rep.shards.add(int(s))
+
+
+def reset_shards(cache_path, shards) -> None:
+    """Mark shards as not done, so the next extract writes them again (used by --repair)."""
+    import zarr
+    root = zarr.open_group(str(cache_path), mode="r+")
+    prog = root["progress"]
+    for s in sorted(shards):
+        prog[s] = 0
+
+
+__all__ = ["VerifyReport", "verify", "reset_shards", "CacheError"]
