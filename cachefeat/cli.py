@@ -421,7 +421,7 @@ def run(recipe, workdir, force, only):
 # ------------------------------------------------------------------------------------------- train
 _TD = {"adapter": "temporal", "epochs": 30, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 2.0,
        "min_lr": 1e-6, "label_smoothing": 0.1, "mixup": 0.0, "cutmix": 0.0, "grad_clip": 1.0, "train_views": "one",
-       "seed": 0, "device": "auto", "precision": "auto", "in_memory": "auto", "workers": 2}
+       "seed": 0, "device": "auto", "precision": "auto", "in_memory": "auto", "workers": 2, "threads": 0}
 # (kept in step with TrainConfig's defaults by tests/test_train.py::test_cli_defaults_match_train_config)
 
 
@@ -508,6 +508,9 @@ def _read_config_file(path: str) -> dict:
                    "or stream them from disk, whole shards at a time.")
 @click.option("--workers", default=_TD["workers"], show_default=True, type=click.IntRange(0),
               help="Reader processes when streaming (0 = read in this process).")
+@click.option("--threads", default=_TD["threads"], show_default=True, type=click.IntRange(0),
+              help="CPU threads for the adapter (0 = torch's default; 1 is often fastest for small adapters on a "
+                   "busy machine).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
               help="Run folder (e.g. runs/NAME): checkpoint.pt, metrics.jsonl, summary.json, curves.png.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same settings).")
@@ -528,7 +531,7 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
     import shutil
     from click.core import ParameterSource
     from .fmt import human_bytes
-    from .train import CHECKPOINT, TrainConfig, load_checkpoint, open_run, train as run_training
+    from .train import CHECKPOINT, TrainConfig, cpu_threads, load_checkpoint, open_run, train as run_training
 
     values = {"adapter": adapter, **settings}
     opts = {}
@@ -577,7 +580,8 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
     where = "held in RAM" if src.dataset.in_memory else f"streamed by {cfg.workers} reader processes"
     log(f"reads {run.needs.describe()} from {cache}: {n_train} training clips per epoch, "
         f"{human_bytes(src.dataset.nbytes())} {where}" + (f"; validates on {val_cache}" if val_cache else ""))
-    result = run_training(run, run_dir, resume=state, log=log)
+    with cpu_threads(cfg.threads):
+        result = run_training(run, run_dir, resume=state, log=log)
     final = result.history[-1] if result.history else {}
     msg = f"wrote {out}: checkpoint.pt, metrics.jsonl, summary.json, curves.png"
     if final.get("val_top1") is not None:
@@ -600,8 +604,9 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
 @click.option("--in-memory", default="auto", show_default=True, type=click.Choice(["auto", "yes", "no"]),
               help="Hold the arrays in RAM, or stream them whole shards at a time.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Reader processes when streaming.")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="CPU threads (0 = torch's default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (top1, top5 as fractions, and more).")
-def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, workers, as_json):
+def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, workers, threads, as_json):
     """Evaluate a trained adapter on a cache with the multi-view protocol: the logits of all views of a
     video are averaged, then top-1 and top-5 are counted per video. Also per-class accuracy and the
     confusion matrix (CSV and PNG).
@@ -613,7 +618,7 @@ def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, w
     from .cache import open_cache
     from .data import CachedSource, Selection
     from .evaluate import evaluate, write_report
-    from .train import adapter_from_checkpoint, check_features, load_checkpoint, resolve_precision
+    from .train import adapter_from_checkpoint, check_features, cpu_threads, load_checkpoint, resolve_precision
 
     ck = load_checkpoint(checkpoint)
     c = open_cache(cache)
@@ -627,7 +632,8 @@ def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, w
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     src = CachedSource(c, Selection.from_needs(needs), batch_size, in_memory=in_memory, workers=workers)
-    result = evaluate(model.to(dev), src, dev, prec, spec, c.classes)
+    with cpu_threads(threads):
+        result = evaluate(model.to(dev), src, dev, prec, spec, c.classes)
     result = {"top1": result["top1"], "top5": result["top5"], **result,
               "adapter": ck["adapter"], "trainable_params": ck["trainable_params"], "epochs": ck["epoch"],
               "checkpoint": str(checkpoint), "cache": str(cache), "views": c.views.count}
@@ -656,8 +662,9 @@ def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, w
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (backbone and adapter).")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="Adapter compute precision (the backbone uses its own: fp16 on GPU, fp32 on CPU).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="CPU threads (0 = torch's default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
-def predict(videos, checkpoint, top, device, precision, as_json):
+def predict(videos, checkpoint, top, device, precision, threads, as_json):
     """Classify new videos end to end: the backbone, frame sampling, views and preprocessing recorded with
     the training cache (the backbone is rebuilt and its weights hash checked), then the trained adapter;
     the logits of the views are averaged. Prints the top classes with their probabilities.
@@ -665,10 +672,11 @@ def predict(videos, checkpoint, top, device, precision, as_json):
     Example: cachefeat predict --checkpoint runs/evl clip1.mp4 clip2.mp4
     """
     from .predict import predict as run_predict
-    from .train import load_checkpoint
+    from .train import cpu_threads, load_checkpoint
 
     ck = load_checkpoint(checkpoint)
-    results = run_predict(ck, list(videos), device=device, precision=precision, top=top)
+    with cpu_threads(threads):
+        results = run_predict(ck, list(videos), device=device, precision=precision, top=top)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:

@@ -48,12 +48,12 @@ class Selection:
             raise CacheError(f"{cache.path}: layers {missing} are not in the cache (it holds {cache.layers})")
         if self.token_layers and cache.tokens.kind == "cls":
             raise CacheError(f"{cache.path} holds CLS tokens only; patch tokens were asked for")
-        if self.pixels and "pixels" not in cache.meta:
+        if self.pixels and not cache.meta.get("pixels"):
             raise CacheError(f"{cache.path} holds no pixels")
 
     def bytes_per_clip(self, cache: Cache) -> int:
         lay = cache.layout
-        item = 4 if lay.dtype not in ("float16", "float32") else np.dtype(lay.dtype).itemsize  # int8 reads as floats
+        item = 4 if lay.dtype == "float32" else 2    # float16, or int8 dequantized to float16 on read
         T, D = lay.frames, lay.width
         n = (T * lay.embed_dim if self.embed else 0) + T * len(self.cls_layers) * D
         n += T * len(self.token_layers) * lay.tokens.num_patch_tokens * D

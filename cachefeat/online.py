@@ -19,7 +19,7 @@ from .backbone import Backbone, BackboneError, load_backbone
 from .cache import Cache
 from .data import FeatureSource, Selection
 from .preprocess import Preprocessing
-from .specs import SamplingSpec, TokenSpec, ViewSpec
+from .specs import AugmentSpec, PixelSpec, SamplingSpec, TokenSpec, ViewSpec
 from .video import DecodeRequest, DecodeResult, decode_video
 
 
@@ -37,46 +37,60 @@ def backbone_from_meta(meta: dict, device: str = "auto", precision: str = "auto"
 
 
 class OnlineFeatures:
-    """The cache's per-clip feature computation, redone: `extract(pixels)` turns decoded clips into the
-    selection's arrays, rounded to the cache's storage dtype."""
+    """The cache's per-clip feature computation, redone: `request` decodes a video as the cache did (its
+    sampling, views or augmented views, preprocessing, small pixels), `extract` turns decoded clips into the
+    selection's arrays, rounded to the cache's storage precision. `test_views=True` uses deterministic test
+    views even for a cache of augmented training views (predict: 1 centre view)."""
 
-    def __init__(self, meta: dict, selection: Selection, backbone: Backbone, views: ViewSpec | None = None):
-        if selection.pixels:
-            raise BackboneError("computing the cached `pixels` on the fly is not supported yet; "
-                                "use an adapter that reads features only")
+    def __init__(self, meta: dict, selection: Selection, backbone: Backbone, test_views: bool = False):
         self.meta, self.selection, self.backbone = meta, selection, backbone
         self.frames = int(meta["frames"])
         self.sampling = SamplingSpec(**meta["sampling"])
-        self.views = views or ViewSpec(meta["views"]["temporal"], meta["views"]["spatial"])
+        self.augment = None if test_views else AugmentSpec.from_dict(meta.get("augment"))
+        if meta.get("augment") and test_views:
+            self.views = ViewSpec(1, 1)
+        else:
+            self.views = ViewSpec(meta["views"]["temporal"], meta["views"]["spatial"])
         self.prep = Preprocessing.from_dict(meta["preprocessing"])
         self.tokens = TokenSpec.from_dict(meta["tokens"])
+        self.pixels = PixelSpec(**meta["pixels"]) if selection.pixels else None
+        if selection.pixels and not meta.get("pixels"):
+            raise BackboneError("pixels were asked for, but the cache metadata records no --pixels setting")
         self.layers = sorted(set(selection.cls_layers) | set(selection.token_layers))
-        self.dtype = np.float16 if meta.get("dtype") == "float16" else np.float32
+        # int8 caches read back as float16: the closest this can come to them
+        self.dtype = np.float32 if meta.get("dtype") == "float32" else np.float16
 
     def request(self, key: int, path: str, reader: str = "auto") -> DecodeRequest:
-        return DecodeRequest(key, str(path), self.frames, self.sampling, self.views, self.prep, reader)
+        """`key` is the video's row in the cache: augmented views are drawn from (seed, key, view)."""
+        return DecodeRequest(key, str(path), self.frames, self.sampling, self.views, self.prep, reader,
+                             pixels=self.pixels, augment=self.augment)
 
     def decode_result(self, path: str, key: int = 0) -> DecodeResult:
         """Decode all views of one video in this process (never raises: see DecodeResult.ok)."""
         return decode_video(self.request(key, path))
 
-    def extract(self, clips: np.ndarray) -> dict[str, np.ndarray]:
-        """Decoded clips (n, T, h, w, 3) uint8 -> {embed (n,T,E), cls (n,T,L,D), tokens (n,T,L',N,D)}."""
+    def extract(self, clips: np.ndarray, small: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Decoded clips (n, T, h, w, 3) uint8 (and their small frames (n, T*K, S, S, 3)) ->
+        {embed (n,T,E), cls (n,T,L,D), tokens (n,T,L',N,D), pixels}."""
         n, T = clips.shape[:2]
         sel = self.selection
-        out = self.backbone.features(torch.from_numpy(np.ascontiguousarray(clips.reshape(n * T, *clips.shape[2:]))),
-                                     self.layers, self.tokens if sel.token_layers else TokenSpec("cls"))
-        host = lambda t: t.float().cpu().numpy().astype(self.dtype)   # the cache's rounding
         res = {}
-        if sel.embed:
-            res["embed"] = host(out["embed"]).reshape(n, T, -1)
-        if sel.cls_layers:
-            pos = [self.layers.index(l) for l in sel.cls_layers]
-            res["cls"] = host(out["cls"][:, pos]).reshape(n, T, len(pos), -1)
-        if sel.token_layers:
-            pos = [self.layers.index(l) for l in sel.token_layers]
-            tok = host(out["tokens"][:, pos])
-            res["tokens"] = tok.reshape(n, T, *tok.shape[1:])
+        if sel.embed or self.layers:
+            out = self.backbone.features(torch.from_numpy(np.ascontiguousarray(clips.reshape(n * T, *clips.shape[2:]))),
+                                         self.layers or [self.backbone.depth - 1],
+                                         self.tokens if sel.token_layers else TokenSpec("cls"))
+            host = lambda t: t.float().cpu().numpy().astype(self.dtype)   # the cache's rounding
+            if sel.embed:
+                res["embed"] = host(out["embed"]).reshape(n, T, -1)
+            if sel.cls_layers:
+                pos = [self.layers.index(l) for l in sel.cls_layers]
+                res["cls"] = host(out["cls"][:, pos]).reshape(n, T, len(pos), -1)
+            if sel.token_layers:
+                pos = [self.layers.index(l) for l in sel.token_layers]
+                tok = host(out["tokens"][:, pos])
+                res["tokens"] = tok.reshape(n, T, *tok.shape[1:])
+        if sel.pixels:
+            res["pixels"] = small
         return res
 
 
@@ -88,8 +102,6 @@ class OnlineSource(FeatureSource):
                  backbone: Backbone | None = None, device: str = "auto", decode_workers: int = 0,
                  train_views: str = "one"):
         super().__init__(cache, selection, batch_size, seed, train_views)
-        if cache.meta.get("augment"):
-            raise BackboneError(f"{cache.path} holds randomly augmented views, which cannot be recomputed on the fly")
         self.paths = cache.read("videos/path")
         self.online = OnlineFeatures(cache.meta, selection, backbone or backbone_from_meta(cache.meta, device))
         self.decode_workers = decode_workers
@@ -120,8 +132,10 @@ class OnlineSource(FeatureSource):
                     if not res.ok:
                         raise BackboneError(f"{self.paths[res.key]}: {res.stage}: {res.error}")
                     decoded[res.key] = res
-                clips = np.stack([decoded[int(v)].pixels[int(w)] for v, w in zip(self.videos[rows], self.views[rows])])
+                pairs = list(zip(self.videos[rows], self.views[rows]))
+                clips = np.stack([decoded[int(v)].pixels[int(w)] for v, w in pairs])
+                small = np.stack([decoded[int(v)].small[int(w)] for v, w in pairs]) if self.selection.pixels else None
                 for v in need:
                     if last_use[v] == i:   # no later batch needs this video
                         decoded.pop(v)
-                yield {**self.online.extract(clips), **self.tables(rows)}
+                yield {**self.online.extract(clips, small), **self.tables(rows)}

@@ -9,7 +9,6 @@ import torch
 from .data import Selection
 from .evaluate import autocast, to_device
 from .online import OnlineFeatures, backbone_from_meta
-from .specs import ViewSpec
 from .train import adapter_from_checkpoint, resolve_precision
 
 
@@ -21,9 +20,8 @@ def predict(ck: dict, videos: list[str], device: str = "auto", precision: str = 
     dev = backbone.device
     prec = resolve_precision(precision, dev)
     model.to(dev)
-    # a cache of randomly augmented training views has no test protocol to repeat: use the centre view
-    views = ViewSpec(1, 1) if meta.get("augment") else None
-    online = OnlineFeatures(meta, Selection.from_needs(needs), backbone, views)
+    # the cache's test views; a cache of random training views has no test protocol to repeat: centre view
+    online = OnlineFeatures(meta, Selection.from_needs(needs), backbone, test_views=True)
     classes = list(ck["classes"])
     results = []
     for i, path in enumerate(videos):
@@ -31,7 +29,7 @@ def predict(ck: dict, videos: list[str], device: str = "auto", precision: str = 
         if not res.ok:
             results.append({"video": str(path), "error": f"{res.stage}: {res.error}"})
             continue
-        x = to_device(online.extract(res.pixels), dev, spec)    # the views are the batch
+        x = to_device(online.extract(res.pixels, res.small), dev, spec)    # the views are the batch
         with torch.no_grad(), autocast(dev, prec):
             logits = model(x).float().mean(dim=0)
         prob = torch.softmax(logits, dim=-1).cpu().numpy()

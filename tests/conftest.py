@@ -66,9 +66,10 @@ def synth_temporal(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def stage2_caches(synth_temporal, tmp_path_factory) -> dict:
     """Tiny-ViT caches of synth_temporal shared by the stage-two tests: every layer with all patch tokens,
-    8 frames; train with one view per video, val with the 3-clip test protocol (3x1 views)."""
+    8 frames, 16 px pixels at twice the frames (for dist), class-name text embeddings; train with one view
+    per video, val with the 3-clip test protocol (3x1 views)."""
     out = tmp_path_factory.mktemp("stage2")
-    common = ["--layers", "all", "--tokens", "all", "--frames", "8", "--shard-size", "64"]
+    common = ["--layers", "all", "--tokens", "all", "--frames", "8", "--shard-size", "64", "--pixels", "16x2"]
     run_cli(*tiny_extract_args(synth_temporal / "train.txt", out / "train.zarr", *common))
     run_cli(*tiny_extract_args(synth_temporal / "val.txt", out / "val.zarr", *common, "--views", "3x1"))
     return {"train": out / "train.zarr", "val": out / "val.zarr", "data": synth_temporal}
