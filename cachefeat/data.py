@@ -66,6 +66,14 @@ class Selection:
 
 def read_rows(cache: Cache, sel: Selection, rows) -> dict[str, np.ndarray]:
     """The selected arrays for `rows` (a slice or sorted int array), through the cache API."""
+    try:
+        return _read_rows(cache, sel, rows)
+    except KeyError as e:
+        raise CacheError(f"{cache.path}: array {e.args[0]} is missing from the store (damaged or partly "
+                         f"copied? `cachefeat verify` checks a cache)") from None
+
+
+def _read_rows(cache: Cache, sel: Selection, rows) -> dict[str, np.ndarray]:
     out = {}
     if sel.embed:
         out["embed"] = cache.read("embed", rows)

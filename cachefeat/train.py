@@ -355,10 +355,10 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
             if "reversal_accuracy" in val:
                 record["val_reversal_accuracy"] = val["reversal_accuracy"]
         history.append(record)
-        log(_epoch_line(record, cfg.epochs))
         if out is not None:
             save_atomic(checkpoint_state(run, model, opt, scaler, epoch + 1, history, seconds), out / CHECKPOINT)
             write_metrics(out, history)
+        log(_epoch_line(record, cfg.epochs))   # after the checkpoint: a reported epoch survives a crash
 
     summary = make_summary(run, history, seconds, precision, device)
     if out is not None:

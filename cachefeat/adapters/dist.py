@@ -146,7 +146,8 @@ class DiST(Adapter):
         n = len(layers)
         self.temporal_nets = nn.ModuleList(TemporalNet(d, config.temporal_kernel, config.temporal_ratio) for _ in range(n))
         self.inputs = nn.ModuleList(nn.Linear(D, Di) for _ in range(n))
-        self.to_temporal = nn.ModuleList(nn.Linear(Di, d) for _ in range(n))
+        # spatial -> temporal after the last layer would feed nothing (the official code computes and drops it)
+        self.to_temporal = nn.ModuleList(nn.Linear(Di, d) for _ in range(n - 1))
         self.to_integration = nn.ModuleList(nn.Conv3d(d, Di, (K, 1, 1), stride=(K, 1, 1)) for _ in range(n))
         self.frame_cls = nn.Parameter(torch.zeros(n, T, Di))
         self.integration = nn.ModuleList(IntegrationNet(Di, config.temporal_kernel, config.mlp_ratio,
@@ -181,13 +182,13 @@ class DiST(Adapter):
             xt = self.temporal_nets[i](xt)
             z = torch.cat([cls[:, :, i:i + 1], tokens[:, :, i]], dim=2)             # (B, T, 1+N, D)
             m = self.inputs[i](z) + r
-            s2t = self.to_temporal[i](m[:, :, 1:]).permute(0, 3, 1, 2).reshape(B, -1, T, gh, gw)
-            s2t = F.interpolate(s2t, size=(T * self.factor, gh, gw), mode="nearest")  # K x in time
             t2s = self.to_integration[i](xt).flatten(3).permute(0, 2, 3, 1)           # (B, T, N, Di)
             t2s = torch.cat([self.frame_cls[i].expand(B, -1, -1).unsqueeze(2), t2s], dim=2)
+            if i < len(self.to_temporal):                                            # uses m before t2s
+                s2t = self.to_temporal[i](m[:, :, 1:]).permute(0, 3, 1, 2).reshape(B, -1, T, gh, gw)
+                xt = xt + F.interpolate(s2t, size=(T * self.factor, gh, gw), mode="nearest")  # K x in time
             m = m + t2s
             r = self.integration[i](m)
-            xt = xt + s2t
         feats = r + m                                             # (B, T, 1+N, Di)
         video_q = self.video_query.expand(B, 1, -1)
         frame_q = self.frame_query.expand(B * T, 1, -1)
