@@ -576,9 +576,9 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
     log = (lambda s: None) if quiet else click.echo
     src = run.train_source
     n_train = len(src.rows(0, train=True))
-    log(f"adapter {cfg.adapter}: {run.model.num_trainable():,} trainable parameters ({run.model.summary})")
+    log(f"adapter {cfg.adapter}: {run.model.num_trainable():,} trainable parameters; {run.model.summary}")
     where = "held in RAM" if src.dataset.in_memory else f"streamed by {cfg.workers} reader processes"
-    log(f"reads {run.needs.describe()} from {cache}: {n_train} training clips per epoch, "
+    log(f"reads {run.needs.describe()}; from {cache}: {n_train} training clips per epoch, "
         f"{human_bytes(src.dataset.nbytes())} {where}" + (f"; validates on {val_cache}" if val_cache else ""))
     with cpu_threads(cfg.threads):
         result = run_training(run, run_dir, resume=state, log=log)
@@ -644,8 +644,8 @@ def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, w
         click.echo(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=2))
         return
     click.echo(f"{ck['adapter']} ({ck['epoch']} epochs) on {cache}: top-1 {100 * result['top1']:.1f}%  "
-               f"top-5 {100 * result['top5']:.1f}%  ({result['videos']} videos, {result['clips']} clips, "
-               f"logits of {c.views.count} views averaged per video)"
+               f"top-5 {100 * result['top5']:.1f}%  ({result['videos']} videos, {result['clips']} clips"
+               + (f", logits of {c.views.count} views averaged per video)" if c.views.count > 1 else ")")
                + (f"; time-reversal pairs told apart {100 * result['reversal_accuracy']:.1f}%"
                   if "reversal_accuracy" in result else ""))
     rows = [[name, "-" if acc is None else f"{100 * acc:.1f}%"] for name, acc in result["per_class"].items()]

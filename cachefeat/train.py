@@ -249,6 +249,9 @@ def plot_curves(path: Path, history: list[dict]) -> None:
     b.set_ylabel("accuracy")
     b.set_ylim(0, 1)
     b.legend()
+    from matplotlib.ticker import MaxNLocator
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
