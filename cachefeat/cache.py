@@ -496,6 +496,14 @@ class Cache:
         except ValueError:
             raise CacheError(f"layer {layer} is not in the cache (it holds layers {self.layers})") from None
 
+    def dataset(self, embed: bool = False, cls_layers=(), token_layers=(), pixels: bool = False, rows=None,
+                in_memory: str = "auto"):
+        """A torch-style Dataset of the valid clips with only these arrays (see cachefeat.data.CacheDataset):
+        `ds[i]` -> {embed (T,E), cls (T,L,D), tokens (T,L',N,D), pixels, label, video, view, row}."""
+        from .data import CacheDataset, Selection
+        sel = Selection(embed=embed, cls_layers=tuple(cls_layers), token_layers=tuple(token_layers), pixels=pixels)
+        return CacheDataset(self, sel, rows=rows, in_memory=in_memory)
+
     def disk_bytes(self) -> int:
         total = 0
         for dirpath, _, files in os.walk(self.path):

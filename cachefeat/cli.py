@@ -14,11 +14,13 @@ from .fmt import human_bytes, table
 
 # Errors that mean "the command line asks for something impossible": usage errors, exit status 2.
 def _usage_errors():
+    from .adapters.base import AdapterError
     from .backbone import BackboneError
     from .cache import CacheError
     from .manifest import ManifestError
     from .specs import SpecError
-    return (SpecError, BackboneError, ManifestError, CacheError)
+    from .train import TrainError
+    return (SpecError, BackboneError, ManifestError, CacheError, AdapterError, TrainError)
 
 
 class _Group(click.Group):
@@ -441,6 +443,342 @@ def run(recipe, workdir, force, only):
         raise click.UsageError(str(e)) from None
     ran = [r for r in report if not r["skipped"]]
     click.echo(f"recipe {recipe}: {len(ran)} stages run, {len(report) - len(ran)} skipped")
+
+
+# ------------------------------------------------------------------------------------------- train
+_TD = {"adapter": "temporal", "epochs": 30, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 2.0,
+       "min_lr": 1e-6, "label_smoothing": 0.1, "mixup": 0.0, "cutmix": 0.0, "grad_clip": 1.0, "train_views": "one",
+       "seed": 0, "device": "auto", "precision": "auto", "in_memory": "auto", "workers": 2, "threads": 0}
+# (kept in step with TrainConfig's defaults by tests/test_train.py::test_cli_defaults_match_train_config)
+
+
+def _parse_adapter_opts(items) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--adapter-opt")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _read_config_file(path: str) -> dict:
+    import yaml
+    try:
+        data = yaml.safe_load(Path(path).read_text())   # YAML is a superset of JSON
+    except yaml.YAMLError as e:
+        raise click.BadParameter(f"{path} is not valid YAML/JSON: {str(e).splitlines()[0]}", param_hint="--config") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path} must hold a mapping of settings", param_hint="--config")
+    out = {}
+    for key, value in data.items():
+        k = str(key).replace("-", "_")
+        if k not in _TD and k != "adapter_opts":
+            raise click.BadParameter(f"{path}: unknown setting {key!r} (settings: {', '.join(sorted(_TD))}, "
+                                     f"adapter_opts)", param_hint="--config")
+        if k == "adapter_opts":
+            if not isinstance(value, dict):
+                raise click.BadParameter(f"{path}: adapter_opts must be a mapping", param_hint="--config")
+        else:
+            kind = type(_TD[k])
+            try:
+                value = kind(value)
+            except (TypeError, ValueError):
+                raise click.BadParameter(f"{path}: {key}={value!r} is not a valid {kind.__name__}", param_hint="--config") from None
+        out[k] = value
+    return out
+
+
+@cli.command()
+@click.option("--cache", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The training cache (a store written by cachefeat extract).")
+@click.option("--val-cache", type=click.Path(exists=True, file_okay=False),
+              help="A held-out cache evaluated after every epoch (same backbone, preprocessing and class list).")
+@click.option("--adapter", "-a", default=_TD["adapter"], show_default=True,
+              help="Adapter to train: probe, temporal, evl, dist, madapter (`cachefeat adapters` lists them).")
+@click.option("--adapter-opt", "adapter_opt", multiple=True, metavar="KEY=VALUE",
+              help="An adapter option, repeatable (e.g. --adapter-opt layers=4); `cachefeat adapters` lists them.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML or JSON file of settings: keys named like these options (epochs, lr, ...) plus "
+                   "`adapter_opts: {key: value}`. Options given on the command line win over the file.")
+@click.option("--epochs", default=_TD["epochs"], show_default=True, type=click.IntRange(1), help="Passes over the training videos.")
+@click.option("--batch-size", "-b", default=_TD["batch_size"], show_default=True, type=click.IntRange(1), help="Clips per step.")
+@click.option("--lr", default=_TD["lr"], show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Peak learning rate of AdamW (after warm-up; cosine decay to --min-lr).")
+@click.option("--weight-decay", default=_TD["weight_decay"], show_default=True, type=click.FloatRange(0),
+              help="AdamW weight decay (not on biases, norms, queries or position embeddings).")
+@click.option("--warmup-epochs", default=_TD["warmup_epochs"], show_default=True, type=click.FloatRange(0),
+              help="Epochs of linear learning-rate warm-up.")
+@click.option("--min-lr", default=_TD["min_lr"], show_default=True, type=click.FloatRange(0),
+              help="Learning rate at the end of the cosine decay.")
+@click.option("--label-smoothing", default=_TD["label_smoothing"], show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Label smoothing of the cross-entropy targets.")
+@click.option("--mixup", default=_TD["mixup"], show_default=True, type=click.FloatRange(0),
+              help="Mixup of cached features with Beta(a, a) weights; 0 = off (DiST uses 0.8).")
+@click.option("--cutmix", default=_TD["cutmix"], show_default=True, type=click.FloatRange(0),
+              help="CutMix along time: a span of frames from another clip, length ~ Beta(a, a); 0 = off. With "
+                   "--mixup too, each step picks one of the two.")
+@click.option("--grad-clip", default=_TD["grad_clip"], show_default=True, type=click.FloatRange(0),
+              help="Clip the gradient norm to this; 0 = no clipping.")
+@click.option("--train-views", default=_TD["train_views"], show_default=True, type=click.Choice(["one", "all"]),
+              help="one: each epoch draws one of each video's views (the cache's augmented views, or its test "
+                   "views as jitter); all: every view is a training sample.")
+@click.option("--seed", default=_TD["seed"], show_default=True, help="Seed of the adapter's initial weights, data order, dropout and mixing.")
+@click.option("--device", default=_TD["device"], show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", default=_TD["precision"], show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="Adapter compute precision (auto: bf16 autocast on GPUs that have it, else fp16 with loss "
+                   "scaling; fp32 on CPU).")
+@click.option("--in-memory", default=_TD["in_memory"], show_default=True, type=click.Choice(["auto", "yes", "no"]),
+              help="Hold the arrays the adapter reads in RAM (auto: when they take under half the free memory), "
+                   "or stream them from disk, whole shards at a time.")
+@click.option("--workers", default=_TD["workers"], show_default=True, type=click.IntRange(0),
+              help="Reader processes when streaming (0 = read in this process).")
+@click.option("--threads", default=_TD["threads"], show_default=True, type=click.IntRange(0),
+              help="CPU threads for the adapter (0 = torch's default; 1 is often fastest for small adapters on a "
+                   "busy machine).")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="Run folder (e.g. runs/NAME): checkpoint.pt, metrics.jsonl, summary.json, curves.png.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same settings).")
+@click.option("--overwrite", is_flag=True, help="Replace the run in --out instead of refusing.")
+@click.option("--quiet", "-q", is_flag=True, help="Only the final line.")
+@click.pass_context
+def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume, overwrite, quiet, **settings):
+    """Train an adapter on a cache: AdamW, warm-up + cosine schedule, label smoothing, optional feature-space
+    mixup/cutmix, mixed precision on GPU. The backbone is never run (except to copy frozen block weights
+    for evl's temporal cross-attention).
+
+    Refuses, in one line, a cache that cannot provide what the adapter needs, and a val cache made with
+    another backbone, preprocessing or class list. After every epoch the checkpoint is written atomically,
+    so an interrupted run continues with --resume.
+
+    Example: cachefeat train --cache k400_train.zarr --val-cache k400_val.zarr --adapter evl --epochs 30 --out runs/evl
+    """
+    import shutil
+    from click.core import ParameterSource
+    from .fmt import human_bytes
+    from .train import CHECKPOINT, TrainConfig, cpu_threads, load_checkpoint, open_run, train as run_training
+
+    values = {"adapter": adapter, **settings}
+    opts = {}
+    if config_file:
+        file = _read_config_file(config_file)
+        opts.update({str(k): v for k, v in (file.pop("adapter_opts", None) or {}).items()})
+        for k, v in file.items():
+            if ctx.get_parameter_source(k) == ParameterSource.DEFAULT:
+                values[k] = v
+    opts.update(_parse_adapter_opts(adapter_opt))
+    try:
+        cfg = TrainConfig(adapter_opts=opts, **values)
+    except TypeError as e:
+        raise click.UsageError(f"--config: {e}") from None
+
+    run_dir = Path(out)
+    state = None
+    if (run_dir / CHECKPOINT).is_file() and not overwrite:
+        ck = load_checkpoint(run_dir)
+        if not resume:
+            raise click.UsageError(f"{out} already holds a run (epoch {ck['epoch']} of {ck['train_config']['epochs']}); "
+                                   f"--resume to continue it, --overwrite to start over, or another --out")
+        old = ck["train_config"]
+        diffs = [f"{k}: {old.get(k)!r} vs {getattr(cfg, k)!r}" for k in TrainConfig.RESULT_KEYS
+                 if old.get(k) != getattr(cfg, k)]
+        if diffs:
+            raise click.UsageError(f"--resume: {out} was trained with other settings ({'; '.join(diffs[:4])}); "
+                                   f"use the same settings, or --overwrite")
+        state = ck
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / CHECKPOINT).is_file():
+            raise click.UsageError(f"{out} exists and is not a cachefeat run; choose another --out")
+        shutil.rmtree(run_dir)   # --overwrite of a run folder
+
+    run = open_run(cfg, cache, val_cache)
+    if state is not None and state["cache_meta"].get("fingerprint") != run.train_cache.meta.get("fingerprint"):
+        raise click.UsageError(f"--resume: {cache} is not the cache {out} was trained on ({state['train_cache']})")
+    if state is not None and state["epoch"] >= cfg.epochs:
+        click.echo(f"{out}: already trained for {state['epoch']} epochs; nothing to do")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = (lambda s: None) if quiet else click.echo
+    src = run.train_source
+    n_train = len(src.rows(0, train=True))
+    log(f"adapter {cfg.adapter}: {run.model.num_trainable():,} trainable parameters; {run.model.summary}")
+    where = "held in RAM" if src.dataset.in_memory else f"streamed by {cfg.workers} reader processes"
+    log(f"reads {run.needs.describe()}; from {cache}: {n_train} training clips per epoch, "
+        f"{human_bytes(src.dataset.nbytes())} {where}" + (f"; validates on {val_cache}" if val_cache else ""))
+    with cpu_threads(cfg.threads):
+        result = run_training(run, run_dir, resume=state, log=log)
+    final = result.history[-1] if result.history else {}
+    msg = f"wrote {out}: checkpoint.pt, metrics.jsonl, summary.json, curves.png"
+    if final.get("val_top1") is not None:
+        msg += f"; val top-1 {100 * final['val_top1']:.1f}%, top-5 {100 * final['val_top5']:.1f}%"
+    click.echo(msg)
+
+
+# ------------------------------------------------------------------------------------------- eval
+@cli.command("eval")
+@click.option("--checkpoint", "-c", required=True, type=click.Path(exists=True),
+              help="A run folder written by cachefeat train, or its checkpoint.pt.")
+@click.option("--cache", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The cache to evaluate on (same backbone, preprocessing and class list as the training cache).")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder for metrics.json, per_class.csv, confusion.csv and confusion.png (default: RUN/eval-<cache name>).")
+@click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(1), help="Clips per forward.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="Adapter compute precision (auto: bf16/fp16 autocast on GPU, fp32 on CPU).")
+@click.option("--in-memory", default="auto", show_default=True, type=click.Choice(["auto", "yes", "no"]),
+              help="Hold the arrays in RAM, or stream them whole shards at a time.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Reader processes when streaming.")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="CPU threads (0 = torch's default).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (top1, top5 as fractions, and more).")
+def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, workers, threads, as_json):
+    """Evaluate a trained adapter on a cache with the multi-view protocol: the logits of all views of a
+    video are averaged, then top-1 and top-5 are counted per video. Also per-class accuracy and the
+    confusion matrix (CSV and PNG).
+
+    Example: cachefeat eval --checkpoint runs/evl --cache k400_val.zarr --json
+    """
+    from .adapters import CacheMismatch, check_cache
+    from .backbone import resolve_device
+    from .cache import open_cache
+    from .data import CachedSource, Selection
+    from .evaluate import evaluate, write_report
+    from .train import adapter_from_checkpoint, check_features, cpu_threads, load_checkpoint, resolve_precision
+
+    ck = load_checkpoint(checkpoint)
+    c = open_cache(cache)
+    check_features(ck["cache_meta"], c.meta, f"the cache {cache}")
+    model, spec, needs = adapter_from_checkpoint(ck)
+    problems = check_cache(ck["adapter"], needs, c.meta, trained=spec)
+    if problems:
+        raise CacheMismatch("; ".join(problems))
+    if not c.valid().any():
+        raise click.UsageError(f"{cache} has no valid clips")
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    src = CachedSource(c, Selection.from_needs(needs), batch_size, in_memory=in_memory, workers=workers)
+    with cpu_threads(threads):
+        result = evaluate(model.to(dev), src, dev, prec, spec, c.classes)
+    result = {"top1": result["top1"], "top5": result["top5"], **result,
+              "adapter": ck["adapter"], "trainable_params": ck["trainable_params"], "epochs": ck["epoch"],
+              "checkpoint": str(checkpoint), "cache": str(cache), "views": c.views.count}
+    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    out_dir = Path(out) if out else run_dir / f"eval-{Path(cache).name.removesuffix('.zarr')}"
+    write_report(out_dir, result, c.classes)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=2))
+        return
+    click.echo(f"{ck['adapter']} ({ck['epoch']} epochs) on {cache}: top-1 {100 * result['top1']:.1f}%  "
+               f"top-5 {100 * result['top5']:.1f}%  ({result['videos']} videos, {result['clips']} clips"
+               + (f", logits of {c.views.count} views averaged per video)" if c.views.count > 1 else ")")
+               + (f"; time-reversal pairs told apart {100 * result['reversal_accuracy']:.1f}%"
+                  if "reversal_accuracy" in result else ""))
+    rows = [[name, "-" if acc is None else f"{100 * acc:.1f}%"] for name, acc in result["per_class"].items()]
+    click.echo(table(rows, ["class", "accuracy"]))
+    click.echo(f"wrote {out_dir}: metrics.json, per_class.csv, confusion.csv, confusion.png")
+
+
+# ------------------------------------------------------------------------------------------- predict
+@cli.command()
+@click.argument("videos", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--checkpoint", "-c", required=True, type=click.Path(exists=True),
+              help="A run folder written by cachefeat train, or its checkpoint.pt.")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(1), help="Classes to show per video.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (backbone and adapter).")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="Adapter compute precision (the backbone uses its own: fp16 on GPU, fp32 on CPU).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="CPU threads (0 = torch's default).")
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
+def predict(videos, checkpoint, top, device, precision, threads, as_json):
+    """Classify new videos end to end: the backbone, frame sampling, views and preprocessing recorded with
+    the training cache (the backbone is rebuilt and its weights hash checked), then the trained adapter;
+    the logits of the views are averaged. Prints the top classes with their probabilities.
+
+    Example: cachefeat predict --checkpoint runs/evl clip1.mp4 clip2.mp4
+    """
+    from .predict import predict as run_predict
+    from .train import cpu_threads, load_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    with cpu_threads(threads):
+        results = run_predict(ck, list(videos), device=device, precision=precision, top=top)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            click.echo(r["video"])
+            if "error" in r:
+                click.echo(f"  failed: {r['error']}")
+                continue
+            for i, t in enumerate(r["top"], 1):
+                click.echo(f"  {i}. {t['class']:<32s} {t['probability']:.3f}")
+    failed = [r for r in results if "error" in r]
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(results)} videos could not be read")
+
+
+# ------------------------------------------------------------------------------------------- compare
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def compare(runs, as_json):
+    """Compare training runs side by side: adapter, trainable parameters, training time, and top-1/top-5
+    of each run's latest `cachefeat eval` (else its last validation).
+
+    Example: cachefeat compare runs/probe runs/temporal runs/evl
+    """
+    rows = []
+    for run in runs:
+        d = Path(run)
+        if not (d / "summary.json").is_file():
+            raise click.UsageError(f"{run} has no summary.json (not a finished cachefeat train run)")
+        s = json.loads((d / "summary.json").read_text())
+        evals = sorted(d.glob("eval-*/metrics.json"), key=lambda p: p.stat().st_mtime)
+        if evals:
+            m = json.loads(evals[-1].read_text())
+            source = f"eval on {Path(m['cache']).name}"
+        else:
+            f = s.get("final") or {}
+            m = {"top1": f.get("val_top1"), "top5": f.get("val_top5"), "reversal_accuracy": f.get("val_reversal_accuracy")}
+            source = "last validation" if m["top1"] is not None else "-"
+        rows.append({"run": str(run), "adapter": s["adapter"], "trainable_params": s["trainable_params"],
+                     "epochs": s["epochs"], "train_seconds": s["train_seconds"], "top1": m.get("top1"),
+                     "top5": m.get("top5"), "reversal_accuracy": m.get("reversal_accuracy"), "measured_by": source})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+    has_rev = any(r["reversal_accuracy"] is not None for r in rows)
+    header = ["run", "adapter", "params", "epochs", "train s", "top-1", "top-5"] + (["reversal pairs"] if has_rev else []) + ["from"]
+    body = [[r["run"], r["adapter"], f"{r['trainable_params']:,}", r["epochs"], f"{r['train_seconds']:.1f}", pct(r["top1"]),
+             pct(r["top5"])] + ([pct(r["reversal_accuracy"])] if has_rev else []) + [r["measured_by"]] for r in rows]
+    click.echo(table(body, header))
+    if has_rev:
+        click.echo("reversal pairs: how often the true class outscores its time-reversed partner (50% = blind to frame order)")
+
+
+# ------------------------------------------------------------------------------------------- adapters
+@cli.command("adapters")
+@click.option("--json", "as_json", is_flag=True, help="Print names, descriptions and options as JSON.")
+def adapters_cmd(as_json):
+    """List the adapters `cachefeat train --adapter` accepts, what each reads from a cache, and its options
+    (set with --adapter-opt KEY=VALUE)."""
+    import dataclasses
+    from . import adapters as reg
+    out = []
+    for name in reg.list_adapters():
+        cls = reg.get(name)
+        opts = {f.name: getattr(cls.Config(), f.name) for f in dataclasses.fields(cls.Config)}
+        out.append({"name": name, "summary": cls.summary, "reads": cls.reads, "options": opts})
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    for a in out:
+        click.echo(f"{a['name']:<9s} {a['summary']}")
+        click.echo(f"{'':9s} reads: {a['reads']}")
+        click.echo(f"{'':9s} options: " + ", ".join(f"{k}={v}" for k, v in a["options"].items()))
 
 
 # ------------------------------------------------------------------------------------------- zeroshot

@@ -63,3 +63,25 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     yield ray
     ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------- stage two
+@pytest.fixture(scope="session")
+def synth_temporal(tmp_path_factory) -> Path:
+    """6 classes x 40 videos (30 train, 10 val), 16 frames of 64 px: enough for temporal adapters to
+    learn time-reversed pairs from a random-weight tiny ViT."""
+    out = tmp_path_factory.mktemp("synth_temporal")
+    generate(out, num_classes=6, videos_per_class=40, frames=16, size=64, seed=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage2_caches(synth_temporal, tmp_path_factory) -> dict:
+    """Tiny-ViT caches of synth_temporal shared by the stage-two tests: every layer with all patch tokens,
+    8 frames, 16 px pixels at twice the frames (for dist), class-name text embeddings; train with one view
+    per video, val with the 3-clip test protocol (3x1 views)."""
+    out = tmp_path_factory.mktemp("stage2")
+    common = ["--layers", "all", "--tokens", "all", "--frames", "8", "--shard-size", "64", "--pixels", "16x2"]
+    run_cli(*tiny_extract_args(synth_temporal / "train.txt", out / "train.zarr", *common))
+    run_cli(*tiny_extract_args(synth_temporal / "val.txt", out / "val.zarr", *common, "--views", "3x1"))
+    return {"train": out / "train.zarr", "val": out / "val.zarr", "data": synth_temporal}

@@ -1,0 +1,351 @@
+"""Reading a cache for stage two: only the arrays an adapter asks for, in RAM when they fit, else streamed
+whole shards at a time by worker processes.
+
+- `Selection`: which arrays (final embedding, CLS of some layers, patch tokens of some layers, pixels).
+- `CacheDataset`: a torch Dataset of the valid clips of a cache, returning per-clip tensors with label,
+  video and view; `load()`s the selection into RAM (reading whole shards: Zarr's per-chunk overhead in
+  Python is ~0.5 ms, far more than decompressing a small chunk) or reads on demand.
+- `plan_epoch`: the order of an epoch as batches of rows, a function of (seed, epoch) only. Training takes
+  one view per video per epoch (one of the cache's augmented views, or one of its test views), shuffled:
+  fully in RAM, or shard-buffered when streaming (shuffle the shards, then the clips inside a buffer of a
+  few shards), so a streaming worker reads a shard file once per epoch.
+- `FeatureSource`: where training batches come from. `CachedSource` reads the cache; `online.OnlineSource`
+  decodes the videos and runs the frozen backbone on the fly, producing the same batches for the same plan
+  (the equivalence that justifies the cache).
+
+Batches are dicts of numpy arrays, clip axis first and time second: embed (B, T, E), cls (B, T, L, D),
+tokens (B, T, L', N, D), pixels (B, T*K, S, S, 3) uint8, and label, video, view, row (B,).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .cache import Cache, CacheError, open_cache
+
+IN_MEMORY_CHOICES = ("auto", "yes", "no")
+TRAIN_VIEWS_CHOICES = ("one", "all")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which arrays to read for every clip. Layers are block indices (the cache must hold them)."""
+    embed: bool = False
+    cls_layers: tuple[int, ...] = ()
+    token_layers: tuple[int, ...] = ()
+    pixels: bool = False
+
+    @classmethod
+    def from_needs(cls, needs) -> "Selection":
+        return cls(embed=needs.embed, cls_layers=tuple(needs.cls_layers), token_layers=tuple(needs.token_layers),
+                   pixels=needs.pixels)
+
+    def check(self, cache: Cache) -> None:
+        missing = [l for l in sorted(set(self.cls_layers) | set(self.token_layers)) if l not in cache.layers]
+        if missing:
+            raise CacheError(f"{cache.path}: layers {missing} are not in the cache (it holds {cache.layers})")
+        if self.token_layers and cache.tokens.kind == "cls":
+            raise CacheError(f"{cache.path} holds CLS tokens only; patch tokens were asked for")
+        if self.pixels and not cache.meta.get("pixels"):
+            raise CacheError(f"{cache.path} holds no pixels")
+
+    def bytes_per_clip(self, cache: Cache) -> int:
+        lay = cache.layout
+        item = 4 if lay.dtype == "float32" else 2    # float16, or int8 dequantized to float16 on read
+        T, D = lay.frames, lay.width
+        n = (T * lay.embed_dim if self.embed else 0) + T * len(self.cls_layers) * D
+        n += T * len(self.token_layers) * lay.tokens.num_patch_tokens * D
+        total = n * item
+        if self.pixels:
+            p = cache.meta["pixels"]
+            total += T * int(p["factor"]) * int(p["size"]) ** 2 * 3
+        return total
+
+
+def read_rows(cache: Cache, sel: Selection, rows) -> dict[str, np.ndarray]:
+    """The selected arrays for `rows` (a slice or sorted int array), through the cache API."""
+    try:
+        return _read_rows(cache, sel, rows)
+    except KeyError as e:
+        raise CacheError(f"{cache.path}: array {e.args[0]} is missing from the store (damaged or partly "
+                         f"copied? `cachefeat verify` checks a cache)") from None
+
+
+def _read_rows(cache: Cache, sel: Selection, rows) -> dict[str, np.ndarray]:
+    out = {}
+    if sel.embed:
+        out["embed"] = cache.read("embed", rows)
+    if sel.cls_layers:
+        out["cls"] = cache.read_cls(rows, layers=list(sel.cls_layers))
+    if sel.token_layers:
+        out["tokens"] = np.stack([cache.read(f"tokens/{l}", rows) for l in sel.token_layers], axis=2)
+    if sel.pixels:
+        out["pixels"] = cache.read("pixels", rows)
+    return out
+
+
+def _read_shard_rows(cache: Cache, sel: Selection, shard: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """`rows` (sorted, all inside `shard`): the whole shard when most of it is wanted (one read per array),
+    else only those rows' chunks."""
+    rng = cache.layout.shard_rows_range(shard)
+    if len(rows) * 2 >= len(rng):
+        block = read_rows(cache, sel, slice(rng.start, rng.stop))
+        return {k: v[rows - rng.start] for k, v in block.items()}
+    return read_rows(cache, sel, rows)
+
+
+class CacheDataset:
+    """The valid clips of a cache (or the given rows) as a torch-style Dataset: `ds[i]` is a dict of
+    per-clip arrays plus label, video, view and row. `in_memory`: yes = load the selection into RAM now,
+    no = read on demand, auto = load when it takes under half the available memory."""
+
+    def __init__(self, cache: Cache | str, selection: Selection, rows=None, in_memory: str = "auto",
+                 memory_fraction: float = 0.5):
+        self.cache = cache if isinstance(cache, Cache) else open_cache(cache)
+        selection.check(self.cache)
+        self.selection = selection
+        valid = self.cache.valid()
+        self.rows = np.flatnonzero(valid) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.labels = self.cache.labels().astype(np.int64)
+        self.videos = self.cache.clip_video().astype(np.int64)
+        self.views = self.cache.clip_view().astype(np.int64)
+        if in_memory not in IN_MEMORY_CHOICES:
+            raise ValueError(f"in_memory must be one of {IN_MEMORY_CHOICES}")
+        self.data: dict[str, np.ndarray] | None = None
+        self._pos = None
+        if in_memory == "yes" or (in_memory == "auto" and self.fits_in_memory(memory_fraction)):
+            self.load()
+
+    @property
+    def in_memory(self) -> bool:
+        return self.data is not None
+
+    def nbytes(self) -> int:
+        return len(self.rows) * self.selection.bytes_per_clip(self.cache)
+
+    def fits_in_memory(self, fraction: float = 0.5) -> bool:
+        import psutil
+        return self.nbytes() <= fraction * psutil.virtual_memory().available
+
+    def load(self) -> None:
+        """Read the selection of every row into RAM, a shard at a time."""
+        rows = np.sort(self.rows)
+        shard_of = rows // self.cache.layout.shard_rows
+        data: dict[str, np.ndarray] = {}
+        for shard in np.unique(shard_of):
+            part = rows[shard_of == shard]
+            block = _read_shard_rows(self.cache, self.selection, int(shard), part)
+            for k, v in block.items():
+                if k not in data:
+                    data[k] = np.empty((len(rows), *v.shape[1:]), v.dtype)
+                data[k][np.searchsorted(rows, part)] = v
+        self._pos = np.full(self.cache.num_clips, -1, np.int64)
+        self._pos[rows] = np.arange(len(rows))
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+        batch = self.gather(self.rows[[i]])
+        return {k: torch.from_numpy(np.ascontiguousarray(v[0])) if isinstance(v[0], np.ndarray) else int(v[0])
+                for k, v in batch.items()}
+
+    def tables(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {"label": self.labels[rows], "video": self.videos[rows], "view": self.views[rows], "row": rows}
+
+    def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """A batch for these rows, in this order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.data is not None:
+            pos = self._pos[rows]
+            if (pos < 0).any():
+                raise IndexError("rows outside this dataset")
+            out = {k: v[pos] for k, v in self.data.items()}
+        else:
+            order = np.argsort(rows, kind="stable")
+            got = read_rows(self.cache, self.selection, rows[order])
+            inv = np.empty_like(order)
+            inv[order] = np.arange(len(order))
+            out = {k: v[inv] for k, v in got.items()}
+        return {**out, **self.tables(rows)}
+
+
+# ------------------------------------------------------------------------------------------- epoch plans
+@dataclass
+class Buffer:
+    """Batches that a reader serves from one read of `shards`."""
+    shards: list[int]
+    batches: list[np.ndarray] = field(default_factory=list)
+
+
+def select_rows(valid: np.ndarray, videos: np.ndarray, labels: np.ndarray, seed: int, epoch: int,
+                views: str = "one", train: bool = True) -> np.ndarray:
+    """Rows an epoch uses. Evaluation: every valid row. Training: labelled rows; with views=one, one valid
+    view per video, drawn anew every epoch (the cache's augmented views, or its test views as jitter)."""
+    rows = np.flatnonzero(valid if not train else valid & (labels >= 0))
+    if not train or views == "all" or len(rows) == 0:
+        return rows
+    vids = videos[rows]
+    starts = np.flatnonzero(np.r_[True, vids[1:] != vids[:-1]])      # rows are grouped by video
+    counts = np.diff(np.r_[starts, len(rows)])
+    rng = np.random.default_rng([seed, epoch, 101])
+    return rows[starts + rng.integers(0, counts)]
+
+
+def plan_epoch(rows: np.ndarray, shard_rows: int, batch_size: int, seed: int, epoch: int, shuffle: bool,
+               buffer_shards: int | None = None) -> list[Buffer]:
+    """Cut `rows` into batches. buffer_shards=None: one buffer, fully shuffled (RAM). Otherwise groups of
+    `buffer_shards` shards (in shuffled order when shuffling), shuffled inside each group; a batch never
+    spans two groups."""
+    rng = np.random.default_rng([seed, epoch, 202])
+    shard_of = rows // shard_rows
+    if buffer_shards is None:
+        groups = [np.unique(shard_of)]
+    else:
+        shards = np.unique(shard_of)
+        if shuffle:
+            shards = rng.permutation(shards)
+        groups = [shards[i:i + buffer_shards] for i in range(0, len(shards), buffer_shards)]
+    plan = []
+    for g in groups:
+        part = rows[np.isin(shard_of, g)] if buffer_shards is not None else rows
+        if shuffle:
+            part = rng.permutation(part)
+        plan.append(Buffer([int(s) for s in g], [part[i:i + batch_size] for i in range(0, len(part), batch_size)]))
+    return plan
+
+
+# ------------------------------------------------------------------------------------------- sources
+class FeatureSource:
+    """Batches of adapter inputs for training and evaluation over the clips of a cache. The clips, their
+    order and the batching are decided here (`plan`); subclasses only say how a buffer's batches are made."""
+
+    def __init__(self, cache: Cache, selection: Selection, batch_size: int, seed: int = 0, train_views: str = "one"):
+        if train_views not in TRAIN_VIEWS_CHOICES:
+            raise ValueError(f"train_views must be one of {TRAIN_VIEWS_CHOICES}")
+        self.cache, self.selection = cache, selection
+        self.batch_size, self.seed, self.train_views = batch_size, seed, train_views
+        self.valid = cache.valid()
+        self.labels = cache.labels().astype(np.int64)
+        self.videos = cache.clip_video().astype(np.int64)
+        self.views = cache.clip_view().astype(np.int64)
+        self.buffer_shards: int | None = None
+
+    @property
+    def meta(self) -> dict:
+        return self.cache.meta
+
+    def rows(self, epoch: int, train: bool) -> np.ndarray:
+        return select_rows(self.valid, self.videos, self.labels, self.seed, epoch, self.train_views, train)
+
+    def plan(self, epoch: int, train: bool) -> list[Buffer]:
+        return plan_epoch(self.rows(epoch, train), self.cache.layout.shard_rows, self.batch_size, self.seed, epoch,
+                          shuffle=train, buffer_shards=self.buffer_shards)
+
+    def steps(self, epoch: int = 0, train: bool = True) -> int:
+        return sum(len(b.batches) for b in self.plan(epoch, train))
+
+    def tables(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {"label": self.labels[rows], "video": self.videos[rows], "view": self.views[rows], "row": rows}
+
+    def batches(self, epoch: int, train: bool) -> Iterator[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class CachedSource(FeatureSource):
+    """Batches read from the cache: from RAM when the selection fits (or in_memory=yes), else streamed by
+    `workers` processes that each read whole buffers of shards, with prefetch; batches come out in plan order
+    whatever the number of workers."""
+
+    def __init__(self, cache: Cache, selection: Selection, batch_size: int, seed: int = 0, in_memory: str = "auto",
+                 workers: int = 2, buffer_shards: int = 4, prefetch: int = 2, train_views: str = "one"):
+        super().__init__(cache, selection, batch_size, seed, train_views)
+        self.dataset = CacheDataset(cache, selection, in_memory=in_memory)
+        self.workers, self.prefetch = max(0, workers), max(1, prefetch)
+        self.buffer_shards = None if self.dataset.in_memory else max(1, buffer_shards)
+
+    def batches(self, epoch: int, train: bool) -> Iterator[dict[str, np.ndarray]]:
+        plan = self.plan(epoch, train)
+        if self.dataset.in_memory:
+            for buf in plan:
+                for rows in buf.batches:
+                    yield self.dataset.gather(rows)
+            return
+        if self.workers == 0:
+            for buf in plan:
+                yield from _buffer_batches(self.cache, self.selection, buf, self.tables)
+            return
+        yield from _stream(self, plan)
+
+
+def _buffer_batches(cache: Cache, sel: Selection, buf: Buffer, tables) -> Iterator[dict[str, np.ndarray]]:
+    """Read a buffer's shards once, then serve its batches from that block."""
+    need = np.sort(np.concatenate(buf.batches)) if buf.batches else np.zeros(0, np.int64)
+    shard_rows = cache.layout.shard_rows
+    parts = [_read_shard_rows(cache, sel, int(s), need[need // shard_rows == s]) for s in buf.shards]
+    block = {k: np.concatenate([p[k] for p in parts]) for k in (parts[0] if parts else {})}
+    order = np.concatenate([need[need // shard_rows == s] for s in buf.shards]) if parts else need
+    pos = {int(r): i for i, r in enumerate(order)}
+    for rows in buf.batches:
+        idx = np.fromiter((pos[int(r)] for r in rows), np.int64, len(rows))
+        yield {**{k: v[idx] for k, v in block.items()}, **tables(rows)}
+
+
+class _BufferReader:
+    """What each torch DataLoader worker runs: worker w serves buffers w, w+n, w+2n, ... and tags every
+    batch with (buffer, batch) so the consumer can restore plan order. Arrays go back as torch tensors,
+    which the DataLoader passes through shared memory instead of a pipe."""
+
+    def __init__(self, path: str, sel: Selection, plan: list[Buffer], labels, videos, views):
+        self.path, self.sel, self.plan = path, sel, plan
+        self.labels, self.videos, self.views = labels, videos, views
+
+    def tables(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {"label": self.labels[rows], "video": self.videos[rows], "view": self.views[rows], "row": rows}
+
+    def __iter__(self):
+        import torch
+        import torch.utils.data as tud
+        info = tud.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        cache = open_cache(self.path)
+        for b in range(wid, len(self.plan), n):
+            for j, batch in enumerate(_buffer_batches(cache, self.sel, self.plan[b], self.tables)):
+                yield b, j, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
+def _stream(src: CachedSource, plan: list[Buffer]) -> Iterator[dict[str, np.ndarray]]:
+    import torch.utils.data as tud
+
+    class _Iterable(tud.IterableDataset):
+        def __init__(self, reader):
+            self.reader = reader
+
+        def __iter__(self):
+            return iter(self.reader)
+
+    reader = _BufferReader(str(src.cache.path), src.selection, plan, src.labels, src.videos, src.views)
+    workers = min(src.workers, max(1, len(plan)))
+    loader = tud.DataLoader(_Iterable(reader), batch_size=None, num_workers=workers, prefetch_factor=src.prefetch,
+                            collate_fn=_passthrough, persistent_workers=False)
+    expected = [(b, j) for b, buf in enumerate(plan) for j in range(len(buf.batches))]
+    pending: dict[tuple[int, int], dict] = {}
+    k = 0
+    for b, j, batch in loader:
+        pending[(int(b), int(j))] = {key: t.numpy() for key, t in batch.items()}
+        while k < len(expected) and expected[k] in pending:
+            yield pending.pop(expected[k])
+            k += 1
+    if k != len(expected):
+        raise CacheError(f"streaming {src.cache.path} lost batches ({k} of {len(expected)} arrived)")
+
+
+def _passthrough(item):
+    return item

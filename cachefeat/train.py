@@ -1,0 +1,408 @@
+"""Stage two: train an adapter on a cache (or on any FeatureSource), never touching the backbone.
+
+    TrainConfig      every setting with its default in plain sight (the CLI and config files override it)
+    open_run(...)    open and check the caches, resolve the adapter against them, build the sources
+    train(...)       the training loop: one function, top to bottom
+    checkpoints      written atomically (tmp + rename) after every epoch; `--resume` continues from one
+
+The data order, dropout and mixup draws are functions of (seed, epoch) only, so a resumed run repeats
+the uninterrupted one exactly, and a run from an OnlineSource sees the same batches as from the cache.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import adapters
+from .adapters import CacheMismatch, FeatureSpec, Needs
+from .cache import Cache, diff_meta, feature_fingerprint, open_cache
+from .data import CachedSource, FeatureSource, Selection
+from .evaluate import autocast, evaluate, to_device
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "cachefeat-checkpoint"
+# cache metadata a checkpoint keeps: enough to rebuild the adapter, check an eval cache, and run predict
+RECORDED_META = ("model", "layers", "tokens", "dtype", "frames", "sampling", "views", "preprocessing",
+                 "compute_precision", "classes", "layout", "pixels", "text", "augment", "fingerprint")
+
+
+class TrainError(Exception):
+    """A run that cannot start or continue as asked (one line)."""
+
+
+@dataclass
+class TrainConfig:
+    adapter: str = "temporal"
+    adapter_opts: dict = field(default_factory=dict)
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3                 # peak learning rate (AdamW)
+    weight_decay: float = 0.05       # not applied to biases, norms, queries and position embeddings
+    warmup_epochs: float = 2.0       # linear warm-up, then cosine decay to min_lr
+    min_lr: float = 1e-6
+    label_smoothing: float = 0.1
+    mixup: float = 0.0               # Beta(a, a) mixup of features; 0 = off (DiST: 0.8)
+    cutmix: float = 0.0              # Beta(a, a) cut of a span of frames; 0 = off (DiST: 1.0)
+    grad_clip: float = 1.0           # max gradient norm; 0 = off
+    train_views: str = "one"         # one view per video per epoch, or all views
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"          # auto: bf16 (or fp16) autocast on GPU, fp32 on CPU
+    in_memory: str = "auto"
+    workers: int = 2                 # streaming reader processes (when the cache is not held in RAM)
+    threads: int = 0                 # CPU threads for the adapter; 0 = torch's default
+
+    # settings that change the result: a resumed run must keep them
+    RESULT_KEYS = ("adapter", "adapter_opts", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+                   "min_lr", "label_smoothing", "mixup", "cutmix", "grad_clip", "train_views", "seed")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise TrainError(f"--precision {precision!r}: expected auto, fp32, fp16 or bf16")
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainError("--precision fp16 needs a GPU; use fp32 (or bf16) on CPU")
+    return precision
+
+
+# ------------------------------------------------------------------------------------------- setup
+def check_features(trained_meta: dict, meta: dict, what: str) -> None:
+    """Features from another cache can be used with a model trained on `trained_meta` when they come from
+    the same backbone weights and preprocessing, and their labels index the same class list."""
+    if feature_fingerprint(trained_meta) != feature_fingerprint(meta):
+        diffs = diff_meta(trained_meta, meta, ("model", "preprocessing"))
+        diffs = [d for d in diffs if not d.startswith(("model.open_clip_version", "model.torch_version"))]
+        raise CacheMismatch(f"{what} holds features of another backbone or preprocessing than the training cache "
+                            f"({'; '.join(diffs[:3]) or 'feature fingerprint differs'})")
+    a, b = list(trained_meta.get("classes") or []), list(meta.get("classes") or [])
+    if a != b:
+        raise CacheMismatch(f"{what} has another class list than the training cache ({len(b)} vs {len(a)} classes"
+                            + (", same count, different names or order)" if len(a) == len(b) else ")"))
+
+
+def resolve_adapter(name: str, options: dict, meta: dict, trained: FeatureSpec | None = None):
+    """(adapter class, config, needs, spec) for a cache's metadata; refuses, in one line, a cache that
+    cannot provide what the adapter needs (with `trained`: the spec a checkpoint was built for)."""
+    spec = trained or FeatureSpec.from_meta(meta)
+    if spec.num_classes < 2:
+        raise CacheMismatch("the cache has no class list (extract with --classes or labelled inputs)")
+    cls, config, needs = adapters.resolve(name, options, spec)
+    problems = adapters.check_cache(name, needs, meta, trained)
+    if problems:
+        raise CacheMismatch("; ".join(problems))
+    return cls, config, needs, spec
+
+
+def build_adapter(cls, config, spec: FeatureSpec, needs: Needs, cache: Cache, seed: int):
+    """Construct the adapter from `seed`, then give it what it needs once: the cache's text embeddings,
+    the frozen backbone's weights (rebuilt from the cache metadata, weights hash checked)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config, spec)
+    if needs.text:
+        model.set_text(torch.from_numpy(np.asarray(cache.read("text/embed"), dtype=np.float32)))
+    if needs.backbone_weights:
+        from .online import backbone_from_meta
+        model.set_backbone(backbone_from_meta(cache.meta, device="cpu").visual)
+    return model
+
+
+@dataclass
+class Run:
+    """Everything a training run needs, opened and checked."""
+    cfg: TrainConfig
+    train_cache: Cache
+    val_cache: Cache | None
+    spec: FeatureSpec
+    needs: Needs
+    model: torch.nn.Module
+    train_source: FeatureSource
+    val_source: FeatureSource | None
+
+
+def open_run(cfg: TrainConfig, cache: str, val_cache: str | None = None) -> Run:
+    train = open_cache(cache)
+    val = open_cache(val_cache) if val_cache else None
+    if not train.valid().any():
+        raise TrainError(f"{cache} has no valid clips (is its extraction finished? see cachefeat info)")
+    if val is not None:
+        check_features(train.meta, val.meta, f"the val cache {val_cache}")
+    cls, config, needs, spec = resolve_adapter(cfg.adapter, cfg.adapter_opts, train.meta)
+    if val is not None:
+        resolve_adapter(cfg.adapter, cfg.adapter_opts, val.meta, trained=spec)
+    model = build_adapter(cls, config, spec, needs, train, cfg.seed)
+    sel = Selection.from_needs(needs)
+    src = CachedSource(train, sel, cfg.batch_size, cfg.seed, cfg.in_memory, cfg.workers, train_views=cfg.train_views)
+    vsrc = CachedSource(val, sel, cfg.batch_size, cfg.seed, cfg.in_memory, cfg.workers) if val is not None else None
+    return Run(cfg, train, val, spec, needs, model, src, vsrc)
+
+
+# ------------------------------------------------------------------------------------------- pieces
+def lr_at(step: int, cfg: TrainConfig, warmup: int, total: int) -> float:
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only: not on biases, norms, queries or position embeddings."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def mix(x: dict[str, torch.Tensor], target: torch.Tensor, cfg: TrainConfig, rng: np.random.Generator):
+    """Feature-space mixup or cutmix (picked at random when both are on, as DiST/timm switch with p=0.5).
+    Mixup blends whole clips; cutmix replaces a span of frames (all arrays alike, pixels at their K x rate)
+    with the same span of the clip mirrored in the batch; targets mix by the share of each clip kept."""
+    kinds = [k for k, a in (("mixup", cfg.mixup), ("cutmix", cfg.cutmix)) if a > 0]
+    if not kinds or target.shape[0] < 2:
+        return x, target
+    kind = kinds[int(rng.integers(len(kinds)))]
+    lam = float(rng.beta(cfg.mixup if kind == "mixup" else cfg.cutmix, cfg.mixup if kind == "mixup" else cfg.cutmix))
+    flip = torch.arange(target.shape[0] - 1, -1, -1, device=target.device)
+    if kind == "mixup":
+        x = {k: lam * v + (1 - lam) * v[flip] for k, v in x.items()}
+    else:
+        frames = next((v.shape[1] for k, v in x.items() if k != "pixels"), None) or x["pixels"].shape[1]
+        cut = int(round((1 - lam) * frames))
+        start = int(rng.integers(0, frames - cut + 1))
+        out = {}
+        for k, v in x.items():
+            f = v.shape[1] // frames   # pixels hold K frames per backbone frame
+            v = v.clone()
+            v[:, start * f:(start + cut) * f] = v[flip][:, start * f:(start + cut) * f]
+            out[k] = v
+        x, lam = out, 1 - cut / frames
+    return x, lam * target + (1 - lam) * target[flip]
+
+
+@contextmanager
+def cpu_threads(n: int):
+    """Run with `n` torch CPU threads (0: leave as is), then restore. Small adapters on a busy machine run
+    far faster on one thread than on threads that wait for each other."""
+    old = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    os.replace(tmp, out / "metrics.jsonl")
+
+
+def plot_curves(path: Path, history: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(ep, [h["train_loss"] for h in history], label="train")
+    if any(h.get("val_loss") is not None for h in history):
+        a.plot(ep, [h.get("val_loss") for h in history], label="val")
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    a.legend()
+    b.plot(ep, [h["train_top1"] for h in history], label="train top-1")
+    if any(h.get("val_top1") is not None for h in history):
+        b.plot(ep, [h.get("val_top1") for h in history], label="val top-1")
+        b.plot(ep, [h.get("val_top5") for h in history], label="val top-5", linestyle="--")
+    b.set_xlabel("epoch")
+    b.set_ylabel("accuracy")
+    b.set_ylim(0, 1)
+    b.legend()
+    from matplotlib.ticker import MaxNLocator
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A run folder or a checkpoint file -> the checkpoint dict (refusing anything else in one line)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT
+    if not p.is_file():
+        raise TrainError(f"{path}: no checkpoint there (expected a run folder with {CHECKPOINT}, or the file)")
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise TrainError(f"{p} is not a readable checkpoint: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"{p} is not a cachefeat checkpoint")
+    return ck
+
+
+def adapter_from_checkpoint(ck: dict) -> tuple[torch.nn.Module, FeatureSpec, Needs]:
+    """Rebuild a trained adapter (weights, frozen buffers and all) from its checkpoint."""
+    spec = FeatureSpec.from_meta(ck["cache_meta"])
+    cls, config, needs = adapters.resolve(ck["adapter"], ck["adapter_config"], spec)
+    model = cls(config, spec)
+    model.load_state_dict(ck["state_dict"])
+    model.eval()
+    return model, spec, needs
+
+
+# ------------------------------------------------------------------------------------------- the loop
+@dataclass
+class TrainResult:
+    history: list[dict]
+    step_losses: list[float]
+    summary: dict
+
+
+def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, log=print) -> TrainResult:
+    """Train `run.model` on `run.train_source`, evaluating on `run.val_source` after every epoch. With `out`,
+    writes checkpoint.pt (every epoch, atomically), metrics.jsonl, summary.json and curves.png there.
+    `resume`: a checkpoint of this run to continue from."""
+    from .backbone import resolve_device
+    cfg, model, spec = run.cfg, run.model, run.spec
+    out = Path(out) if out is not None else None
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    model.to(device)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    steps_per_epoch = run.train_source.steps(0, train=True)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    classes = run.train_cache.classes
+    history: list[dict] = []
+    step_losses: list[float] = []
+    start_epoch, seconds = 0, 0.0
+    if resume is not None:
+        model.load_state_dict(resume["state_dict"])
+        opt.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        start_epoch, history, seconds = resume["epoch"], list(resume["history"]), resume.get("train_seconds", 0.0)
+        log(f"resuming {out} after epoch {start_epoch} of {cfg.epochs}")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        torch.manual_seed(cfg.seed * 100_003 + epoch)        # dropout draws: a function of (seed, epoch)
+        rng = np.random.default_rng([cfg.seed, epoch, 303])  # mixup/cutmix draws
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for i, batch in enumerate(run.train_source.batches(epoch, train=True)):
+            step = epoch * steps_per_epoch + i
+            lr = lr_at(step, cfg, warmup, total_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x = to_device(batch, device, spec)
+            labels = torch.as_tensor(batch["label"], device=device)
+            target = F.one_hot(labels, spec.num_classes).float()
+            target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / spec.num_classes
+            x, target = mix(x, target, cfg, rng)
+            with autocast(device, precision):
+                logits = model(x)
+            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            step_losses.append(loss.item())
+            loss_sum += step_losses[-1] * len(labels)
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+            seen += len(labels)
+        epoch_seconds = time.perf_counter() - t0
+        seconds += epoch_seconds
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
+                  "lr": lr, "seconds": round(epoch_seconds, 3), "clips_per_s": round(seen / max(epoch_seconds, 1e-9), 1)}
+        if run.val_source is not None:
+            val = evaluate(model, run.val_source, device, precision, spec, classes)
+            record.update({"val_loss": val.get("loss"), "val_top1": val["top1"], "val_top5": val["top5"],
+                           "val_clip_top1": val["clip_top1"]})
+            if "reversal_accuracy" in val:
+                record["val_reversal_accuracy"] = val["reversal_accuracy"]
+        history.append(record)
+        if out is not None:
+            save_atomic(checkpoint_state(run, model, opt, scaler, epoch + 1, history, seconds), out / CHECKPOINT)
+            write_metrics(out, history)
+        log(_epoch_line(record, cfg.epochs))   # after the checkpoint: a reported epoch survives a crash
+
+    summary = make_summary(run, history, seconds, precision, device)
+    if out is not None:
+        write_json_atomic(out / "summary.json", summary)
+        if history:
+            plot_curves(out / "curves.png", history)
+    return TrainResult(history, step_losses, summary)
+
+
+def _epoch_line(r: dict, epochs: int) -> str:
+    s = f"epoch {r['epoch']:>3}/{epochs}  loss {r['train_loss']:.4f}  train top-1 {100 * r['train_top1']:5.1f}%"
+    if r.get("val_top1") is not None:
+        s += f"  val loss {r['val_loss']:.4f}  top-1 {100 * r['val_top1']:5.1f}%  top-5 {100 * r['val_top5']:5.1f}%"
+    return s + f"  lr {r['lr']:.2e}  {r['seconds']:.1f} s ({r['clips_per_s']:.0f} clips/s)"
+
+
+def checkpoint_state(run: Run, model, opt, scaler, epoch: int, history: list[dict], seconds: float) -> dict:
+    meta = run.train_cache.meta
+    return {
+        "format": CHECKPOINT_FORMAT, "version": 1,
+        "adapter": run.cfg.adapter, "adapter_config": asdict(model.config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "trainable_params": model.num_trainable(), "needs": asdict(run.needs),
+        "classes": run.train_cache.classes, "feature_fingerprint": feature_fingerprint(meta),
+        "cache_meta": {k: meta[k] for k in RECORDED_META if k in meta},
+        "train_cache": str(run.train_cache.path), "val_cache": str(run.val_cache.path) if run.val_cache else None,
+        "train_config": run.cfg.to_dict(), "epoch": epoch, "history": history, "train_seconds": seconds,
+        "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+    }
+
+
+def make_summary(run: Run, history: list[dict], seconds: float, precision: str, device) -> dict:
+    last = history[-1] if history else {}
+    best = max((h for h in history if h.get("val_top1") is not None), key=lambda h: h["val_top1"], default=None)
+    return {
+        "adapter": run.cfg.adapter, "adapter_config": asdict(run.model.config),
+        "trainable_params": run.model.num_trainable(), "reads": run.needs.describe(),
+        "train_cache": str(run.train_cache.path), "val_cache": str(run.val_cache.path) if run.val_cache else None,
+        "train_clips_per_epoch": len(run.train_source.rows(0, train=True)), "classes": len(run.train_cache.classes),
+        "epochs": len(history), "train_seconds": round(seconds, 2), "device": str(device), "precision": precision,
+        "in_memory": getattr(getattr(run.train_source, "dataset", None), "in_memory", None),
+        "final": last, "best_epoch": best["epoch"] if best else None,
+        "best_val_top1": best["val_top1"] if best else None, "config": run.cfg.to_dict(),
+    }
