@@ -353,8 +353,8 @@ def info(cache, show_failures, as_json, plot_path):
         from .plots import cache_overview
         cache_overview(c, plot_path)
     if as_json:
-        click.echo(json.dumps({"metadata": m, "counts": counts, "failures": failures if show_failures else None},
-                              indent=2, default=str))
+        click.echo(json.dumps({"metadata": m, "counts": counts, "failures": failures if show_failures else None,
+                               "plot": plot_path}, indent=2, default=str))
         return
     model = m["model"]
     click.echo(f"cache      {cache}  (schema {m['schema_version']}, cachefeat {m.get('tool_version')})")
@@ -558,7 +558,7 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
     import shutil
     from click.core import ParameterSource
     from .fmt import human_bytes
-    from .train import CHECKPOINT, TrainConfig, cpu_threads, load_checkpoint, open_run, train as run_training
+    from .train import CHECKPOINT, TrainConfig, TrainDiverged, cpu_threads, load_checkpoint, open_run, train as run_training
 
     values = {"adapter": adapter, **settings}
     opts = {}
@@ -589,9 +589,9 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
                                    f"use the same settings, or --overwrite")
         state = ck
     elif run_dir.exists() and any(run_dir.iterdir()):
-        if not (run_dir / CHECKPOINT).is_file():
+        if not (run_dir / CHECKPOINT).is_file() and any(p.suffix != ".tmp" for p in run_dir.iterdir()):
             raise click.UsageError(f"{out} exists and is not a cachefeat run; choose another --out")
-        shutil.rmtree(run_dir)   # --overwrite of a run folder
+        shutil.rmtree(run_dir)   # --overwrite of a run folder, or one killed before its first checkpoint landed
 
     run = open_run(cfg, cache, val_cache)
     if state is not None and state["cache_meta"].get("fingerprint") != run.train_cache.meta.get("fingerprint"):
@@ -607,8 +607,11 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
     where = "held in RAM" if src.dataset.in_memory else f"streamed by {cfg.workers} reader processes"
     log(f"reads {run.needs.describe()}; from {cache}: {n_train} training clips per epoch, "
         f"{human_bytes(src.dataset.nbytes())} {where}" + (f"; validates on {val_cache}" if val_cache else ""))
-    with cpu_threads(cfg.threads):
-        result = run_training(run, run_dir, resume=state, log=log)
+    try:
+        with cpu_threads(cfg.threads):
+            result = run_training(run, run_dir, resume=state, log=log)
+    except TrainDiverged as e:
+        raise click.ClickException(str(e)) from None
     final = result.history[-1] if result.history else {}
     msg = f"wrote {out}: checkpoint.pt, metrics.jsonl, summary.json, curves.png"
     if final.get("val_top1") is not None:
@@ -656,6 +659,11 @@ def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, w
         raise CacheMismatch("; ".join(problems))
     if not c.valid().any():
         raise click.UsageError(f"{cache} has no valid clips")
+    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    out_dir = Path(out) if out else run_dir / f"eval-{Path(cache).name.removesuffix('.zarr')}"
+    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "metrics.json").is_file()):
+        # an earlier eval's folder is replaced (the figures are a function of checkpoint and cache); anything else is not ours
+        raise click.UsageError(f"--out {out_dir} exists and is not the output of an earlier cachefeat eval; choose another --out")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     src = CachedSource(c, Selection.from_needs(needs), batch_size, in_memory=in_memory, workers=workers)
@@ -664,8 +672,6 @@ def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, w
     result = {"top1": result["top1"], "top5": result["top5"], **result,
               "adapter": ck["adapter"], "trainable_params": ck["trainable_params"], "epochs": ck["epoch"],
               "checkpoint": str(checkpoint), "cache": str(cache), "views": c.views.count}
-    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-    out_dir = Path(out) if out else run_dir / f"eval-{Path(cache).name.removesuffix('.zarr')}"
     write_report(out_dir, result, c.classes)
     if as_json:
         click.echo(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=2))
