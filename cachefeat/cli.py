@@ -429,16 +429,22 @@ def models(show_all):
               help="Where the recipe's relative paths live (default: the recipe's `workdir`, else its file name).")
 @click.option("--force", is_flag=True, help="Run every stage again, even those recorded as done.")
 @click.option("--only", multiple=True, help="Run only this stage (repeatable).")
-def run(recipe, workdir, force, only):
+@click.option("--set", "set_vars", multiple=True, metavar="NAME=VALUE",
+              help="Set a variable of the recipe (its `vars:`), e.g. --set model=ViT-L-14 --set frames=16 (repeatable).")
+def run(recipe, workdir, force, only, set_vars):
     """Run a recipe (pipelines/*.yaml): its stages in order, skipping those already done.
 
     Re-running after a crash continues: finished stages are skipped and the interrupted one resumes.
+    A stage whose settings changed (e.g. another --set) runs again.
 
-    Example: cachefeat run pipelines/demo.yaml --workdir demo
+    \b
+    Examples:
+      cachefeat run pipelines/demo.yaml --workdir demo
+      cachefeat run pipelines/k400.yaml --set model=ViT-L-14 --set frames=16
     """
-    from .recipes import RecipeError, run_recipe
+    from .recipes import RecipeError, parse_set, run_recipe
     try:
-        report = run_recipe(cli, recipe, workdir, force, only)
+        report = run_recipe(cli, recipe, workdir, force, only, overrides=parse_set(set_vars))
     except RecipeError as e:
         raise click.UsageError(str(e)) from None
     ran = [r for r in report if not r["skipped"]]
