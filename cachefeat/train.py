@@ -326,6 +326,8 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
     from .backbone import resolve_device
     cfg, model, spec = run.cfg, run.model, run.spec
     out = Path(out) if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     model.to(device)
