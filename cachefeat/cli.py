@@ -355,8 +355,8 @@ def info(cache, show_failures, as_json, plot_path):
         from .plots import cache_overview
         cache_overview(c, plot_path)
     if as_json:
-        click.echo(json.dumps({"metadata": m, "counts": counts, "failures": failures if show_failures else None},
-                              indent=2, default=str))
+        click.echo(json.dumps({"metadata": m, "counts": counts, "failures": failures if show_failures else None,
+                               "plot": plot_path}, indent=2, default=str))
         return
     model = m["model"]
     click.echo(f"cache      {cache}  (schema {m['schema_version']}, cachefeat {m.get('tool_version')})")
@@ -431,16 +431,22 @@ def models(show_all):
               help="Where the recipe's relative paths live (default: the recipe's `workdir`, else its file name).")
 @click.option("--force", is_flag=True, help="Run every stage again, even those recorded as done.")
 @click.option("--only", multiple=True, help="Run only this stage (repeatable).")
-def run(recipe, workdir, force, only):
+@click.option("--set", "set_vars", multiple=True, metavar="NAME=VALUE",
+              help="Set a variable of the recipe (its `vars:`), e.g. --set model=ViT-L-14 --set frames=16 (repeatable).")
+def run(recipe, workdir, force, only, set_vars):
     """Run a recipe (pipelines/*.yaml): its stages in order, skipping those already done.
 
     Re-running after a crash continues: finished stages are skipped and the interrupted one resumes.
+    A stage whose settings changed (e.g. another --set) runs again.
 
-    Example: cachefeat run pipelines/demo.yaml --workdir demo
+    \b
+    Examples:
+      cachefeat run pipelines/demo.yaml --workdir demo
+      cachefeat run pipelines/k400.yaml --set model=ViT-L-14 --set frames=16
     """
-    from .recipes import RecipeError, run_recipe
+    from .recipes import RecipeError, parse_set, run_recipe
     try:
-        report = run_recipe(cli, recipe, workdir, force, only)
+        report = run_recipe(cli, recipe, workdir, force, only, overrides=parse_set(set_vars))
     except RecipeError as e:
         raise click.UsageError(str(e)) from None
     ran = [r for r in report if not r["skipped"]]
@@ -560,7 +566,7 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
     import shutil
     from click.core import ParameterSource
     from .fmt import human_bytes
-    from .train import CHECKPOINT, TrainConfig, cpu_threads, load_checkpoint, open_run, train as run_training
+    from .train import CHECKPOINT, TrainConfig, TrainDiverged, cpu_threads, load_checkpoint, open_run, train as run_training
 
     values = {"adapter": adapter, **settings}
     opts = {}
@@ -591,9 +597,9 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
                                    f"use the same settings, or --overwrite")
         state = ck
     elif run_dir.exists() and any(run_dir.iterdir()):
-        if not (run_dir / CHECKPOINT).is_file():
+        if not (run_dir / CHECKPOINT).is_file() and any(p.suffix != ".tmp" for p in run_dir.iterdir()):
             raise click.UsageError(f"{out} exists and is not a cachefeat run; choose another --out")
-        shutil.rmtree(run_dir)   # --overwrite of a run folder
+        shutil.rmtree(run_dir)   # --overwrite of a run folder, or one killed before its first checkpoint landed
 
     run = open_run(cfg, cache, val_cache)
     if state is not None and state["cache_meta"].get("fingerprint") != run.train_cache.meta.get("fingerprint"):
@@ -609,8 +615,11 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
     where = "held in RAM" if src.dataset.in_memory else f"streamed by {cfg.workers} reader processes"
     log(f"reads {run.needs.describe()}; from {cache}: {n_train} training clips per epoch, "
         f"{human_bytes(src.dataset.nbytes())} {where}" + (f"; validates on {val_cache}" if val_cache else ""))
-    with cpu_threads(cfg.threads):
-        result = run_training(run, run_dir, resume=state, log=log)
+    try:
+        with cpu_threads(cfg.threads):
+            result = run_training(run, run_dir, resume=state, log=log)
+    except TrainDiverged as e:
+        raise click.ClickException(str(e)) from None
     final = result.history[-1] if result.history else {}
     msg = f"wrote {out}: checkpoint.pt, metrics.jsonl, summary.json, curves.png"
     if final.get("val_top1") is not None:
@@ -658,6 +667,11 @@ def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, w
         raise CacheMismatch("; ".join(problems))
     if not c.valid().any():
         raise click.UsageError(f"{cache} has no valid clips")
+    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    out_dir = Path(out) if out else run_dir / f"eval-{Path(cache).name.removesuffix('.zarr')}"
+    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "metrics.json").is_file()):
+        # an earlier eval's folder is replaced (the figures are a function of checkpoint and cache); anything else is not ours
+        raise click.UsageError(f"--out {out_dir} exists and is not the output of an earlier cachefeat eval; choose another --out")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     src = CachedSource(c, Selection.from_needs(needs), batch_size, in_memory=in_memory, workers=workers)
@@ -666,8 +680,6 @@ def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, w
     result = {"top1": result["top1"], "top5": result["top5"], **result,
               "adapter": ck["adapter"], "trainable_params": ck["trainable_params"], "epochs": ck["epoch"],
               "checkpoint": str(checkpoint), "cache": str(cache), "views": c.views.count}
-    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-    out_dir = Path(out) if out else run_dir / f"eval-{Path(cache).name.removesuffix('.zarr')}"
     write_report(out_dir, result, c.classes)
     if as_json:
         click.echo(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=2))

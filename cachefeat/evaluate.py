@@ -154,10 +154,14 @@ def write_per_class(out_dir: Path, per_class: dict, conf: list[list[int]]) -> No
 
 
 def write_report(out_dir: Path, result: dict, classes: list[str]) -> None:
+    """metrics.json (with `files`: the report's other files, relative to out_dir), and with a confusion
+    matrix: per_class.csv, confusion.csv and confusion.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if result.get("confusion") is not None:
         write_confusion(out_dir, result["confusion"], classes)
         write_per_class(out_dir, result["per_class"], result["confusion"])
+        result = {**result, "files": {"per_class": "per_class.csv", "confusion_csv": "confusion.csv",
+                                      "confusion_png": "confusion.png"}}
     tmp = out_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out_dir / "metrics.json")

@@ -9,7 +9,13 @@
 
 A stage is `<command>: {option: value}`: keys are the command's option names (dashes or underscores) or
 its positional argument names; `true` is a flag; a list repeats the option. Paths are relative to the
-work directory. A finished stage is recorded in WORKDIR/recipe-state.json with a hash of its settings and
+work directory.
+
+Variables: a top-level `vars: {name: default}` mapping; `${name}` anywhere in a string value (`workdir`,
+stage options, stage names) is replaced by the variable's value. A value that is exactly `${name}` takes
+the variable's type (a number stays a number). A variable may use the ones defined above it. Override them
+with `cachefeat run RECIPE --set name=value` (repeatable): one recipe file per data set, with the backbone
+and the frame count as variables, instead of a file per combination. A finished stage is recorded in WORKDIR/recipe-state.json with a hash of its settings and
 is skipped next time, so re-running a recipe after a crash continues where it stopped (and the stage that
 was interrupted resumes on its own: extract continues its shards, train its checkpoint).
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +37,59 @@ class RecipeError(ValueError):
     pass
 
 
-def load_recipe(path: str | os.PathLike) -> dict:
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_-]*)\}")
+
+
+def _substitute(value, env: dict, where: str):
+    if isinstance(value, dict):
+        return {_substitute(k, env, where): _substitute(v, env, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, env, where) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def lookup(name: str):
+        if name not in env:
+            raise RecipeError(f"{where}: ${{{name}}} is not a variable of the recipe (variables: "
+                              f"{', '.join(env) or 'none; define them under `vars:`'})")
+        return env[name]
+    whole = _VAR.fullmatch(value.strip())
+    if whole:
+        return lookup(whole.group(1))
+    return _VAR.sub(lambda m: str(lookup(m.group(1))), value)
+
+
+def _parse_value(text: str):
+    """`--set` values are read as YAML scalars: 16 is a number, ViT-L/14 a string."""
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return v if isinstance(v, (str, int, float, bool)) else text
+
+
+def resolve_vars(recipe: dict, overrides: dict | None, path) -> dict:
+    """The recipe with its `vars` (defaults, then `overrides`) substituted everywhere; `vars` holds the
+    values used."""
+    defaults = recipe.get("vars") or {}
+    if not isinstance(defaults, dict):
+        raise RecipeError(f"recipe {path}: `vars` must be a mapping of name: default")
+    overrides = dict(overrides or {})
+    unknown = [k for k in overrides if k not in defaults]
+    if unknown:
+        raise RecipeError(f"--set {unknown[0]}: recipe {path} has no such variable (variables: "
+                          f"{', '.join(defaults) or 'none'})")
+    env: dict = {}
+    for name, default in defaults.items():
+        value = overrides[name] if name in overrides else default
+        env[str(name)] = _substitute(value, env, f"recipe {path}, variable {name}")
+    out = {k: _substitute(v, env, f"recipe {path}") for k, v in recipe.items() if k != "vars"}
+    out["vars"] = env
+    return out
+
+
+def load_recipe(path: str | os.PathLike, overrides: dict | None = None) -> dict:
+    """Read and check a recipe; `overrides` ({name: value}, e.g. from --set) replace `vars` defaults."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe {path} does not exist")
@@ -38,6 +97,8 @@ def load_recipe(path: str | os.PathLike) -> dict:
         recipe = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+    if isinstance(recipe, dict):
+        recipe = resolve_vars(recipe, overrides, path)
     if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), list) or not recipe["stages"]:
         raise RecipeError(f"recipe {path} needs a non-empty `stages` list")
     names = set()
@@ -102,11 +163,24 @@ def _cwd(path: Path):
         os.chdir(old)
 
 
+def parse_set(items) -> dict:
+    """`--set name=value` items -> {name: value}."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise RecipeError(f"--set {item!r}: expected NAME=VALUE")
+        out[name.strip()] = _parse_value(value.strip())
+    return out
+
+
 def run_recipe(group: click.Group, recipe_path: str, workdir: str | None = None, force: bool = False,
-               only: tuple[str, ...] = (), echo=click.echo) -> list[dict]:
-    recipe = load_recipe(recipe_path)
+               only: tuple[str, ...] = (), echo=click.echo, overrides: dict | None = None) -> list[dict]:
+    recipe = load_recipe(recipe_path, overrides)
     work = Path(workdir or recipe.get("workdir") or Path(recipe_path).stem).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if recipe["vars"]:
+        echo("variables: " + ", ".join(f"{k}={v}" for k, v in recipe["vars"].items()))
     state_path = work / "recipe-state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     report = []

@@ -39,6 +39,11 @@ class TrainError(Exception):
     """A run that cannot start or continue as asked (one line)."""
 
 
+class TrainDiverged(RuntimeError):
+    """The loss (or the weights) became NaN or infinite: training stopped, the last good checkpoint is kept.
+    A failed run rather than bad usage: the CLI exits with status 1."""
+
+
 @dataclass
 class TrainConfig:
     adapter: str = "temporal"
@@ -211,22 +216,45 @@ def cpu_threads(n: int):
         torch.set_num_threads(old)
 
 
-def save_atomic(obj, path: Path) -> None:
+def _replace_durably(write, path: Path) -> None:
+    """Write `path` whole or not at all: `write(file)` fills PATH.tmp, which is flushed to disk (fsync) and
+    renamed over PATH (os.replace is atomic), then the folder entry is synced. A run killed at any point
+    leaves the previous PATH intact, plus at worst a stale PATH.tmp that nothing reads (the next write
+    replaces it)."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:      # platforms where a folder cannot be opened (Windows): the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj, path: Path) -> None:
+    _replace_durably(lambda f: torch.save(obj, f), path)
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    _replace_durably(lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()), path)
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:
-    tmp = out / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    os.replace(tmp, out / "metrics.jsonl")
+    _replace_durably(lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()),
+                     out / "metrics.jsonl")
+
+
+def _diverged(what: str, epoch: int, cfg: TrainConfig, out: Path | None, kept: int, where: str = "") -> TrainDiverged:
+    kept_msg = (f"the checkpoint of epoch {kept} in {out} is kept" if out is not None and kept
+                else "no epoch finished, so there is no checkpoint" if out is not None else "nothing was saved")
+    return TrainDiverged(f"{what} at epoch {epoch + 1}/{cfg.epochs}{where}: training stopped; {kept_msg}. "
+                         f"Lower --lr (now {cfg.lr:g}), keep --grad-clip on, or use --precision fp32")
 
 
 def plot_curves(path: Path, history: list[dict]) -> None:
@@ -298,6 +326,8 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
     from .backbone import resolve_device
     cfg, model, spec = run.cfg, run.model, run.spec
     out = Path(out) if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     model.to(device)
@@ -336,6 +366,9 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
             with autocast(device, precision):
                 logits = model(x)
             loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            if not torch.isfinite(loss):     # before the step: the weights stay as they were
+                raise _diverged(f"the loss became {loss.item()}", epoch, cfg, out, epoch,
+                                f", step {i + 1}/{steps_per_epoch}")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
@@ -357,6 +390,9 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
                            "val_clip_top1": val["clip_top1"]})
             if "reversal_accuracy" in val:
                 record["val_reversal_accuracy"] = val["reversal_accuracy"]
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:   # a finite loss with a non-finite update: never checkpoint such weights
+            raise _diverged(f"weights became non-finite ({', '.join(bad[:3])})", epoch, cfg, out, epoch)
         history.append(record)
         if out is not None:
             save_atomic(checkpoint_state(run, model, opt, scaler, epoch + 1, history, seconds), out / CHECKPOINT)
@@ -365,9 +401,11 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
 
     summary = make_summary(run, history, seconds, precision, device)
     if out is not None:
-        write_json_atomic(out / "summary.json", summary)
+        # the run folder's files, relative to it: what a reader of summary.json opens next
+        summary["files"] = {"checkpoint": CHECKPOINT, "metrics": "metrics.jsonl", "curves_png": "curves.png"}
         if history:
             plot_curves(out / "curves.png", history)
+        write_json_atomic(out / "summary.json", summary)   # last: a run with a summary is complete
     return TrainResult(history, step_losses, summary)
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 import signal
 import time
 
@@ -66,16 +67,110 @@ def test_recipe_errors(tmp_path):
     assert res.exit_code == 2 and "not valid YAML" in res.output
 
 
-def test_shipped_recipes_parse():
-    """Every recipe in pipelines/ names real commands and options."""
+def _shipped():
     from pathlib import Path
-    from cachefeat.cli import cli
+    return sorted((Path(__file__).parents[1] / "pipelines").glob("*.yaml"))
+
+
+def _variants(recipe_path):
+    """The backbone x frame-count combinations a recipe is meant for (its `vars`), or just its defaults."""
+    import yaml
+    names = (yaml.safe_load(recipe_path.read_text()).get("vars") or {})
+    if "model" in names and "frames" in names:
+        return [{"model": m, "frames": f} for m in ("ViT-B-16", "ViT-L-14") for f in (8, 16)]
+    return [{}]
+
+
+def _make_inputs(command, argv, work):
+    """Create the paths a stage reads that earlier stages of the recipe would have written (relative paths:
+    caches, run folders, manifests), so that click's exists=True checks pass."""
+    import click
+    ctx = click.Context(command)
+    raw, _, _ = command.make_parser(ctx).parse_args(list(argv))   # the strings, not yet checked
+    for param in command.params:
+        if not isinstance(param.type, click.Path) or not param.type.exists:
+            continue
+        values = raw.get(param.name)
+        for v in values if isinstance(values, (list, tuple)) else [values]:
+            if v is None or Path(v).is_absolute() or (work / v).exists():
+                continue
+            if param.type.dir_okay and not Path(v).suffix or str(v).endswith(".zarr"):
+                (work / v).mkdir(parents=True)
+            else:
+                (work / v).parent.mkdir(parents=True, exist_ok=True)
+                (work / v).write_text("")
+
+
+@pytest.mark.parametrize("recipe_path", _shipped(), ids=lambda p: p.name)
+def test_shipped_recipes_parse(recipe_path, tmp_path, monkeypatch):
+    """Every recipe in pipelines/, for every backbone and frame count it documents, names real commands and
+    options whose values the command accepts (click's own parsing and callbacks: types, ranges, the spec
+    languages), a model open_clip knows, layers that model has, and adapter options the adapter has. The
+    data paths are placeholders: they are pointed at existing files for the check."""
+    from cachefeat import adapters
+    from cachefeat.backbone import model_geometry
+    from cachefeat.cli import cli, _parse_adapter_opts
     from cachefeat.recipes import load_recipe, stage_command, to_argv
-    recipes = sorted((Path(__file__).parents[1] / "pipelines").glob("*.yaml"))
-    assert recipes
-    for r in recipes:
-        for stage in load_recipe(r)["stages"]:
+    from cachefeat.specs import parse_layers
+    import yaml
+    defaults = yaml.safe_load(recipe_path.read_text()).get("vars") or {}
+    placeholder = {k: str(tmp_path) if "root" in k else str(tmp_path / "file.txt")
+                   for k, v in defaults.items() if isinstance(v, str) and v.startswith("/data/")}
+    (tmp_path / "file.txt").write_text("a\nb\n")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    stages_seen = 0
+    for variant in _variants(recipe_path):
+        recipe = load_recipe(recipe_path, {**placeholder, **variant})
+        for stage in recipe["stages"]:
             name, options = stage_command(stage)
             command = cli.get_command(None, name)
-            assert command is not None, f"{r.name}: unknown command {name}"
-            to_argv(command, options)
+            assert command is not None, f"{recipe_path.name}: unknown command {name}"
+            argv = to_argv(command, options)
+            _make_inputs(command, argv, tmp_path / "work")   # what earlier stages would have written
+            ctx = command.make_context(f"cachefeat {name}", list(argv))   # raises on any bad value
+            p = ctx.params
+            if name == "extract":
+                geo = model_geometry(p["model"])
+                parse_layers(p["layers"], geo["depth"])
+                if variant:
+                    assert p["frames"] == variant["frames"] and variant["model"] in geo["name"]
+            if name == "train":
+                adapters.make_config(p["adapter"], _parse_adapter_opts(p["adapter_opt"]))
+            stages_seen += 1
+    assert stages_seen
+
+
+def test_recipe_variables(tmp_path):
+    from cachefeat.recipes import RecipeError, load_recipe, parse_set
+    r = tmp_path / "v.yaml"
+    r.write_text("vars: {model: ViT-B-16, frames: 8, out: 'c-${model}-${frames}f.zarr'}\n"
+                 "workdir: w-${model}\n"
+                 "stages:\n  - extract: {input: x.txt, model: '${model}', frames: '${frames}', out: '${out}'}\n")
+    rec = load_recipe(r)
+    assert rec["workdir"] == "w-ViT-B-16"
+    assert rec["stages"][0]["extract"] == {"input": "x.txt", "model": "ViT-B-16", "frames": 8, "out": "c-ViT-B-16-8f.zarr"}
+    rec = load_recipe(r, parse_set(["model=ViT-L/14", "frames=16"]))
+    assert rec["stages"][0]["extract"]["frames"] == 16 and rec["stages"][0]["extract"]["out"] == "c-ViT-L/14-16f.zarr"
+    assert rec["vars"] == {"model": "ViT-L/14", "frames": 16, "out": "c-ViT-L/14-16f.zarr"}
+    with pytest.raises(RecipeError, match="--set colour: recipe .* has no such variable .variables: model, frames, out"):
+        load_recipe(r, {"colour": 1})
+    with pytest.raises(RecipeError, match="expected NAME=VALUE"):
+        parse_set(["frames"])
+    r.write_text("stages:\n  - synth: {out: '${where}'}\n")
+    with pytest.raises(RecipeError, match=r"\$\{where\} is not a variable of the recipe"):
+        load_recipe(r)
+
+
+def test_a_changed_variable_reruns_only_the_stages_it_changes(tmp_path):
+    r = tmp_path / "v.yaml"
+    r.write_text("vars: {size: 32}\nstages:\n"
+                 "  - name: a\n    synth: {out: a, classes: 2, videos-per-class: 2, frames: 4, size: 32, quiet: true}\n"
+                 "  - name: b\n    synth: {out: b, classes: 2, videos-per-class: 2, frames: 4, size: '${size}', quiet: true}\n")
+    work = tmp_path / "w"
+    res = run_cli("run", r, "--workdir", work)
+    assert "variables: size=32" in res.output and "2 stages run" in res.output
+    res = run_cli("run", r, "--workdir", work, "--set", "size=48")
+    assert "== a: done earlier, skipped" in res.output and "--size 48" in res.output and "1 stages run, 1 skipped" in res.output
+    res = run_cli("run", r, "--workdir", work, "--set", "frames=8", ok=False)
+    assert res.exit_code == 2 and "has no such variable" in res.output

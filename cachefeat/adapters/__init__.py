@@ -77,7 +77,9 @@ def make_config(name: str, options: dict | None = None):
     for key, value in (options or {}).items():
         k = str(key).replace("-", "_")
         if k not in known:
-            raise AdapterError(f"adapter {name} has no option {key!r} (options: {', '.join(known) or 'none'})")
+            close = difflib.get_close_matches(k, list(known), n=2)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise AdapterError(f"adapter {name} has no option {key!r} (options: {', '.join(known) or 'none'}){hint}")
         values[k] = _convert(name, k, value, getattr(defaults, k))
     return dataclasses.replace(defaults, **values)
 
