@@ -33,9 +33,11 @@ NUM_CLASSES = 10
 
 def settings(mode) -> dict:
     if mode.full:
-        return {"models": ["ViT-B/16", "ViT-L/14"], "clips": 8, "frames": 8, "rounds": 10}
-    # ViT-B/32 on 2 busy CPU cores runs ~3 frames/s forward: a small batch keeps this section near 2 minutes
-    return {"models": ["ViT-B/32"], "clips": 2, "frames": 4, "rounds": 2}
+        return {"models": ["ViT-B/16", "ViT-L/14"], "clips": 8, "frames": 8, "rounds": 10, "threads": 0}
+    # ViT-B/32 on 2 busy CPU cores runs ~3 frames/s forward: a small batch keeps this section to minutes.
+    # One torch thread for every variant: on a 2-core machine shared with other work, two threads that wait
+    # for each other made the timings erratic
+    return {"models": ["ViT-B/32"], "clips": 2, "frames": 4, "rounds": 3, "threads": 1}
 
 
 # ------------------------------------------------------------------------------------------- the variants
@@ -153,9 +155,15 @@ def run(mode, log=print) -> dict:
 
 def _one_model(model: str, mode, st: dict, log, interleaved) -> dict:
     # peak memory first, each variant in a fresh process (before this process allocates anything big)
-    memory = {v: measure_memory(v, model, mode.device, st["clips"], st["frames"]) for v in VARIANTS}
+    memory = {v: measure_memory(v, model, mode.device, st["clips"], st["frames"], threads=st["threads"]) for v in VARIANTS}
     for v, m in memory.items():
         log(f"  {v}: " + (f"peak {m['peak_mib']:.0f} MiB ({m['what']})" if m.get("peak_mib") else f"{m.get('error')}"))
+    from cachefeat.train import cpu_threads
+    with cpu_threads(st["threads"]):
+        return _timed(model, mode, st, log, interleaved, memory)
+
+
+def _timed(model: str, mode, st: dict, log, interleaved, memory: dict) -> dict:
     variants, steps, errors = {}, {}, {}
     for v in VARIANTS:
         try:
@@ -167,7 +175,7 @@ def _one_model(model: str, mode, st: dict, log, interleaved) -> dict:
                 raise
             errors[v] = "out of memory"
             torch.cuda.empty_cache()
-    reps = {v: (5 if v == "cached" else 1) for v in variants}     # (a) is fast: several steps per sample
+    reps = {v: (3 if v == "cached" else 1) for v in variants}     # (a) is fast: several steps per sample
     fns = {v: (lambda var=var, n=reps[v]: [var.step() for _ in range(n)]) for v, var in variants.items()}
     med = interleaved(fns, st["rounds"], mode.device)
     for v in variants:
@@ -176,7 +184,7 @@ def _one_model(model: str, mode, st: dict, log, interleaved) -> dict:
     a_t = steps.get("cached")
     a_m = (memory.get("cached") or {}).get("peak_mib")
     res = {"device": mode.device, "clips_per_step": st["clips"], "frames": st["frames"], "adapter": ADAPTER,
-           "adapter_opts": ADAPTER_OPTS, "rounds": st["rounds"], "precision": next(iter(variants.values())).precision,
+           "adapter_opts": ADAPTER_OPTS, "rounds": st["rounds"], "threads": st["threads"], "precision": next(iter(variants.values())).precision,
            "variants": {}}
     for v in VARIANTS:
         m = memory.get(v) or {}
@@ -193,12 +201,13 @@ def _one_model(model: str, mode, st: dict, log, interleaved) -> dict:
     return res
 
 
-def measure_memory(variant: str, model: str, device: str, clips: int, frames: int, steps: int = 1) -> dict:
+def measure_memory(variant: str, model: str, device: str, clips: int, frames: int, steps: int = 1,
+                   threads: int = 0) -> dict:
     """Peak memory of `steps` training steps of one variant, in a process of its own."""
     here = Path(__file__).resolve().parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--model", model, "--device", device,
-           "--clips", str(clips), "--frames", str(frames), "--steps", str(steps)]
+           "--clips", str(clips), "--frames", str(frames), "--steps", str(steps), "--threads", str(threads)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -216,7 +225,10 @@ def _memory_main(argv=None) -> int:
     ap.add_argument("--clips", type=int, required=True)
     ap.add_argument("--frames", type=int, required=True)
     ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     import open_clip  # noqa: F401  (the floor: torch, open_clip and cachefeat imported, nothing built)
     import cachefeat.adapters  # noqa: F401
     import cachefeat.backbone  # noqa: F401
