@@ -4,7 +4,7 @@
     online  = K runs that decode the videos and run the frozen backbone every step (OnlineSource: the same
               plan and batches as the cache gives, see tests/test_train.py)
 
-Measured: the smallest point (K=2 configs x E=2 epochs), end to end, both ways. From those runs come the
+Measured: the smallest point (K=2 configs x E=3 epochs quick, 2 x 2 full), end to end, both ways. From those runs come the
 per-unit costs (extraction X; per-config setup s_c, s_o; per-epoch c, o, each the median over the
 measured epochs), and from them the totals of larger ablations, *derived, not measured*:
 
@@ -26,13 +26,13 @@ from bench_reading import make_cache, stage2_decode_workers
 
 # K configurations of the temporal adapter, cycled (it reads the last block's CLS)
 CONFIGS = [{"dim": 64, "depth": 1}, {"dim": 128, "depth": 2}, {"dim": 128, "depth": 1}, {"dim": 256, "depth": 2}]
-POINTS = [(2, 2), (4, 10), (8, 30), (16, 50), (32, 100)]
+POINTS = [(1, 1), (2, 3), (4, 10), (8, 30), (16, 50), (32, 100)]
 
 
 def settings(mode) -> dict:
     if mode.full:
         return {"model": "ViT-B/16", "frames": 8, "batch": 32, "K": 2, "E": 2, "videos": None, "threads": 0}
-    return {"model": "cachefeat-tiny-ViT", "frames": 8, "batch": 16, "K": 2, "E": 2, "videos": 48, "threads": 1}
+    return {"model": "cachefeat-tiny-ViT", "frames": 8, "batch": 16, "K": 2, "E": 3, "videos": 48, "threads": 1}
 
 
 def run(mode, log=print) -> dict:

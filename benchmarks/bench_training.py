@@ -186,13 +186,15 @@ def _timed(model: str, mode, st: dict, log, interleaved, memory: dict) -> dict:
     res = {"device": mode.device, "clips_per_step": st["clips"], "frames": st["frames"], "adapter": ADAPTER,
            "adapter_opts": ADAPTER_OPTS, "rounds": st["rounds"], "threads": st["threads"], "precision": next(iter(variants.values())).precision,
            "variants": {}}
+    above = {v: m["peak_mib"] - m.get("floor_mib", 0.0) for v, m in memory.items() if m.get("peak_mib")}
     for v in VARIANTS:
         m = memory.get(v) or {}
         t = steps.get(v)
         res["variants"][v] = {
             "ms_per_step": None if t is None else 1000 * t, "time_over_cached": None if t is None or not a_t else t / a_t,
             "peak_mib": m.get("peak_mib"), "memory_over_cached": (m["peak_mib"] / a_m) if m.get("peak_mib") and a_m else None,
-            "floor_mib": m.get("floor_mib"), "memory_what": m.get("what"),
+            "floor_mib": m.get("floor_mib"), "memory_what": m.get("what"), "above_floor_mib": above.get(v),
+            "above_floor_over_cached": above[v] / above["cached"] if v in above and above.get("cached") else None,
             "trainable_params": variants[v].trainable_params() if v in variants else None,
             "error": errors.get(v) or m.get("error")}
     del variants
@@ -215,9 +217,19 @@ def measure_memory(variant: str, model: str, device: str, clips: int, frames: in
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def _vm_hwm_mib() -> float:
+    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that across
+    fork and exec, so a child started by a big parent would report the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _memory_main(argv=None) -> int:
     import argparse
-    import resource
     ap = argparse.ArgumentParser(description="peak memory of one training-cost variant (run by bench_training)")
     ap.add_argument("--variant", choices=VARIANTS, required=True)
     ap.add_argument("--model", required=True)
@@ -232,7 +244,7 @@ def _memory_main(argv=None) -> int:
     import open_clip  # noqa: F401  (the floor: torch, open_clip and cachefeat imported, nothing built)
     import cachefeat.adapters  # noqa: F401
     import cachefeat.backbone  # noqa: F401
-    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    floor = _vm_hwm_mib()
     cuda = torch.device(a.device).type == "cuda"
     try:
         var = Variant(a.variant, a.model, a.device, a.clips, a.frames)
@@ -250,8 +262,7 @@ def _memory_main(argv=None) -> int:
         res = {"peak_mib": torch.cuda.max_memory_allocated() / 2 ** 20, "what": "GPU max_memory_allocated",
                "floor_mib": 0.0}
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        res = {"peak_mib": peak, "what": "peak RSS", "floor_mib": floor}
+        res = {"peak_mib": _vm_hwm_mib(), "what": "peak RSS", "floor_mib": floor}
     print(json.dumps(res))
     return 0
 

@@ -97,14 +97,15 @@ def report(results: dict) -> str:
                   f"per clip, {r['clips']} clips per epoch, batch {r['batch_size']}, {r['shards']} shards, "
                   f"{r['workers']} reader processes; median of {r['rounds']} alternated epochs each.", "",
                   "| device | in RAM clips/s | streamed clips/s | efficiency | vs goal | first batch RAM / streamed | "
-                  "after the first batch: efficiency |", "|---|---|---|---|---|---|---|",
+                  "after the first batch: efficiency | one process reading, clips/s |", "|---|---|---|---|---|---|---|---|",
                   f"| {r['device']} | {r['ram_clips_per_s']:.1f} | {r['streamed_clips_per_s']:.1f} | "
                   f"{fmt_ratio(r['efficiency'])} | {r['verdict']} | {r['ram_first_batch_s']:.2f} s / "
-                  f"{r['streamed_first_batch_s']:.2f} s | {fmt_ratio(r['steady_efficiency'])} |", ""]
+                  f"{r['streamed_first_batch_s']:.2f} s | {fmt_ratio(r['steady_efficiency'])} | "
+                  f"{r['single_process_read_clips_per_s']:.0f} |", ""]
     if "training" in s:
         lines += ["### Training cost per step, same adapter and batch", "",
-                  "| model | device | variant | trainable params | ms/step | time / (a) | peak memory | memory / (a) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| model | device | variant | trainable params | ms/step | time / (a) | peak memory | memory / (a) | "
+                  "above the import floor | that / (a) |", "|---|---|---|---|---|---|---|---|---|---|"]
         names = {"cached": "(a) from the cache", "online": "(b) online, frozen backbone", "finetune": "(c1) full fine-tuning",
                  "st_adapter": "(c2) ST-Adapter in the backbone"}
         for model, r in s["training"].items():
@@ -112,14 +113,16 @@ def report(results: dict) -> str:
                 t = "n/a" if x["ms_per_step"] is None else f"{x['ms_per_step']:.0f}"
                 m = "n/a" if x["peak_mib"] is None else f"{x['peak_mib']:.0f} MiB"
                 note = f" ({x['error']})" if x.get("error") else ""
+                af = "n/a" if x.get("above_floor_mib") is None else f"{x['above_floor_mib']:.0f} MiB"
                 lines.append(f"| {model} | {r['device']} | {names[v]}{note} | {x['trainable_params'] or 0:,} | {t} | "
-                             f"{fmt_ratio(x['time_over_cached'])} | {m} | {fmt_ratio(x['memory_over_cached'])} |")
+                             f"{fmt_ratio(x['time_over_cached'])} | {m} | {fmt_ratio(x['memory_over_cached'])} | "
+                             f"{af} | {fmt_ratio(x.get('above_floor_over_cached'))} |")
             what = next((x["memory_what"] for x in r["variants"].values() if x.get("memory_what")), "")
             floor = next((x["floor_mib"] for x in r["variants"].values() if x.get("floor_mib")), None)
             lines.append(f"\n{model}: {r['adapter']} {r['adapter_opts']}, {r['clips_per_step']} clips x {r['frames']} "
                          f"frames per step, {r['precision']}; memory is {what} of a process per variant"
-                         + (f" (a process that has only imported torch, open_clip and cachefeat holds {floor:.0f} MiB)"
-                            if floor else "") + ".\n")
+                         + (f"; the import floor is what a process holds after importing torch, open_clip and "
+                            f"cachefeat, before building anything ({floor:.0f} MiB)" if floor else "") + ".\n")
     if "ablation" in s:
         a = s["ablation"]
         m = a["measured"]
@@ -150,7 +153,9 @@ def report(results: dict) -> str:
         lines += ["", f"int8 - float16: {q['mean_diff']:+.2f} points mean over seeds {q['seeds']} (per seed: "
                   + ", ".join(f"{x:+.2f}" for x in q["per_seed_diff"]) + f"); goal: lose at most 0.5 points: "
                   f"{q['verdict']}. {q['val_videos']} val videos: 1 video = {q['points_per_video']:.2f} points. "
-                  f"int8 store size / float16: {q['size_ratio']:.2f}.", ""]
+                  f"int8 store size / float16: {q['size_ratio']:.2f}. The float16-trained adapters on the int8 val "
+                  f"cache (same weights, quantized features): {q['same_weights_mean_diff']:+.2f} points, "
+                  f"{q['same_weights_agreement']:.1%} of val videos predicted alike.", ""]
     return "\n".join(lines)
 
 
