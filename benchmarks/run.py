@@ -138,7 +138,7 @@ def report(results: dict) -> str:
             lines.append(f"| {d['K']} | {d['E']} | {d['KxE']} | {d['cached_s']:.0f} s | {d['online_s']:.0f} s | "
                          f"{d['ratio']:.1f} | derived: {a['formula']} |")
         be = a.get("breakeven_KxE")
-        lines += ["", f"The ratio grows with K x E towards o/c = {a['epoch_ratio']:.1f}"
+        lines += ["", f"Derived: the ratio grows with K x E towards o/c = {a['epoch_ratio']:.1f}"
                   + (f"; the cache pays for itself from K x E ~ {be:.1f} epochs in all." if be else ".") + "", ""]
     if "int8" in s:
         q = s["int8"]
