@@ -4,8 +4,12 @@
     python benchmarks/run.py --full     GPU mode: ViT-B/16 and ViT-L/14 at their real sizes
     python benchmarks/run.py --sections extraction,storage
 
+Sections: extraction, storage, reading (cache read efficiency), training (cost per step: cached, online,
+full fine-tuning, ST-Adapter), ablation (K configs x E epochs), int8 (size and top-1 against float16).
+
 Writes benchmarks/results/<host>-<date>[-full].json and prints Markdown tables; every figure is a ratio of
-two measurements taken in this one process. A goal that is missed is printed with the shortfall.
+two measurements taken in this one run, side by side (peak memory per training variant in a process of its
+own). A goal that is missed is printed with the shortfall.
 """
 from __future__ import annotations
 
