@@ -4,8 +4,12 @@
     python benchmarks/run.py --full     GPU mode: ViT-B/16 and ViT-L/14 at their real sizes
     python benchmarks/run.py --sections extraction,storage
 
+Sections: extraction, storage, reading (cache read efficiency), training (cost per step: cached, online,
+full fine-tuning, ST-Adapter), ablation (K configs x E epochs), int8 (size and top-1 against float16).
+
 Writes benchmarks/results/<host>-<date>[-full].json and prints Markdown tables; every figure is a ratio of
-two measurements taken in this one process. A goal that is missed is printed with the shortfall.
+two measurements taken in this one run, side by side (peak memory per training variant in a process of its
+own). A goal that is missed is printed with the shortfall.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, WORK, Mode, fmt_ratio, machine  # noqa: E402
 
-SECTIONS = ["extraction", "storage"]
+SECTIONS = ["extraction", "storage", "reading", "training", "ablation", "int8"]
 
 
 def main(argv=None) -> int:
@@ -94,6 +98,72 @@ def report(results: dict) -> str:
             lines.append(f"| {k} | {r['ratio']:.3f} | {r['write_mib_s']:.0f} | {r['read_mib_s']:.0f} | "
                          f"{r['random_clip_read_mib_s']:.0f} |")
         lines.append("")
+    if "reading" in s:
+        r = s["reading"]
+        lines += [f"### Cache read efficiency (goal: >= {r['goal']:.2f})", "",
+                  f"{r['adapter']} {r['adapter_opts']} on {r['model']} reads {r['reads']}: {r['mib_per_clip']:.2f} MiB "
+                  f"per clip, {r['clips']} clips per epoch, batch {r['batch_size']}, {r['shards']} shards, "
+                  f"{r['workers']} reader processes; median of {r['rounds']} alternated epochs each.", "",
+                  "| device | in RAM clips/s | streamed clips/s | efficiency | vs goal | first batch RAM / streamed | "
+                  "after the first batch: efficiency | one process reading, clips/s |", "|---|---|---|---|---|---|---|---|",
+                  f"| {r['device']} | {r['ram_clips_per_s']:.1f} | {r['streamed_clips_per_s']:.1f} | "
+                  f"{fmt_ratio(r['efficiency'])} | {r['verdict']} | {r['ram_first_batch_s']:.2f} s / "
+                  f"{r['streamed_first_batch_s']:.2f} s | {fmt_ratio(r['steady_efficiency'])} | "
+                  f"{r['single_process_read_clips_per_s']:.0f} |", ""]
+    if "training" in s:
+        lines += ["### Training cost per step, same adapter and batch", "",
+                  "| model | device | variant | trainable params | ms/step | time / (a) | peak memory | memory / (a) | "
+                  "above the import floor | that / (a) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        names = {"cached": "(a) from the cache", "online": "(b) online, frozen backbone", "finetune": "(c1) full fine-tuning",
+                 "st_adapter": "(c2) ST-Adapter in the backbone"}
+        for model, r in s["training"].items():
+            for v, x in r["variants"].items():
+                t = "n/a" if x["ms_per_step"] is None else f"{x['ms_per_step']:.0f}"
+                m = "n/a" if x["peak_mib"] is None else f"{x['peak_mib']:.0f} MiB"
+                note = f" ({x['error']})" if x.get("error") else ""
+                af = "n/a" if x.get("above_floor_mib") is None else f"{x['above_floor_mib']:.0f} MiB"
+                lines.append(f"| {model} | {r['device']} | {names[v]}{note} | {x['trainable_params'] or 0:,} | {t} | "
+                             f"{fmt_ratio(x['time_over_cached'])} | {m} | {fmt_ratio(x['memory_over_cached'])} | "
+                             f"{af} | {fmt_ratio(x.get('above_floor_over_cached'))} |")
+            what = next((x["memory_what"] for x in r["variants"].values() if x.get("memory_what")), "")
+            floor = next((x["floor_mib"] for x in r["variants"].values() if x.get("floor_mib")), None)
+            lines.append(f"\n{model}: {r['adapter']} {r['adapter_opts']}, {r['clips_per_step']} clips x {r['frames']} "
+                         f"frames per step, {r['precision']}; memory is {what} of a process per variant"
+                         + (f"; the import floor is what a process holds after importing torch, open_clip and "
+                            f"cachefeat, before building anything ({floor:.0f} MiB)" if floor else "") + ".\n")
+    if "ablation" in s:
+        a = s["ablation"]
+        m = a["measured"]
+        lines += [f"### Ablation cost: K configs x E epochs ({a['model']}, {a['device']}, {a['videos']} videos x "
+                  f"{a['frames']} frames)", "",
+                  f"Measured per unit: extraction X = {a['extraction_s']:.1f} s; per epoch cached c = "
+                  f"{a['cached_epoch_s']:.3f} s, online o = {a['online_epoch_s']:.3f} s (o/c = {a['epoch_ratio']:.1f}); "
+                  f"per-config setup s_c = {a['cached_setup_s']:.2f} s, s_o = {a['online_setup_s']:.2f} s.", "",
+                  "| K | E | K x E | cached total | online total | online / cached | how |", "|---|---|---|---|---|---|---|",
+                  f"| {m['K']} | {m['E']} | {m['K'] * m['E']} | {m['cached_s']:.1f} s | {m['online_s']:.1f} s | "
+                  f"{m['ratio']:.2f} | measured end to end |"]
+        for d in a["derived"]:
+            lines.append(f"| {d['K']} | {d['E']} | {d['KxE']} | {d['cached_s']:.0f} s | {d['online_s']:.0f} s | "
+                         f"{d['ratio']:.1f} | derived: {a['formula']} |")
+        be = a.get("breakeven_KxE")
+        lines += ["", f"Derived: the ratio grows with K x E towards o/c = {a['epoch_ratio']:.1f}"
+                  + (f"; the cache pays for itself from K x E ~ {be:.1f} epochs in all." if be else ".") + "", ""]
+    if "int8" in s:
+        q = s["int8"]
+        f16, i8 = q["dtypes"]["float16"], q["dtypes"]["int8"]
+        lines += [f"### int8 cache vs float16 ({q['model']}, layers {q['layers']}, tokens {q['tokens']}, "
+                  f"{q['frames']} frames; temporal {q['adapter_opts']} x {q['epochs']} epochs)", "",
+                  "| dtype | train cache on disk | bytes/frame on disk | val top-1 per seed (%) | mean top-1 (%) |",
+                  "|---|---|---|---|---|"]
+        for name, d, mean in (("float16", f16, q["float16_mean_top1"]), ("int8", i8, q["int8_mean_top1"])):
+            per = ", ".join(f"{v:.2f}" for v in d["top1"].values())
+            lines.append(f"| {name} | {_b(d['bytes_train'])} | {_b(d['bytes_per_frame_on_disk'])} | {per} | {mean:.2f} |")
+        lines += ["", f"int8 - float16: {q['mean_diff']:+.2f} points mean over seeds {q['seeds']} (per seed: "
+                  + ", ".join(f"{x:+.2f}" for x in q["per_seed_diff"]) + f"); goal: lose at most 0.5 points: "
+                  f"{q['verdict']}. {q['val_videos']} val videos: 1 video = {q['points_per_video']:.2f} points. "
+                  f"int8 store size / float16: {q['size_ratio']:.2f}. The float16-trained adapters on the int8 val "
+                  f"cache (same weights, quantized features): {q['same_weights_mean_diff']:+.2f} points, "
+                  f"{q['same_weights_agreement']:.1%} of val videos predicted alike.", ""]
     return "\n".join(lines)
 
 

@@ -1,0 +1,162 @@
+"""Cache read efficiency: adapter training throughput streaming the cache from disk, as `cachefeat train
+--in-memory no` does it (worker processes reading whole buffers of shards, with prefetch), divided by the
+same training with the selection already loaded into RAM.
+
+    efficiency = clips/s streamed  /  clips/s in RAM        (goal >= 0.90)
+
+Both are `cachefeat.train.train` on the same cache, adapter, seed and plan (the same batches), one epoch
+per call, alternated (RAM, streamed, RAM, streamed, ...) and compared by their medians. The adapter is EVL
+with temporal cross-attention, which reads the patch tokens of 5 blocks (4 on the tiny quick-mode model):
+the heaviest reader of the product's adapters. Epoch time includes starting the reader processes, as
+every streamed epoch does. The cache's files are in the page cache after the first epoch (it is far
+smaller than RAM), so this measures decompression, assembly and transport, not the disk. To make epochs
+long enough to matter without decoding more videos, the training cache holds several temporal views per
+video and an epoch here trains on all of them (`--train-views all`).
+"""
+from __future__ import annotations
+
+import shutil
+import statistics
+
+from cachefeat.cache import open_cache
+from cachefeat.extract import ExtractSettings, extract
+from cachefeat.manifest import load_manifest
+from cachefeat.train import TrainConfig, cpu_threads, open_run, train
+
+from common import WORK, synth_data
+
+GOAL = 0.90
+
+
+def settings(mode) -> dict:
+    if mode.full:
+        return {"model": "ViT-B/16", "layers": "last:5", "evl_layers": 4, "frames": 8, "batch": 32, "rounds": 4,
+                "shard_size": None, "videos_per_class": 100, "threads": 0, "videos": None, "train_views": 2}
+    # the tiny registered ViT (4 blocks, width 64): extraction is cheap, and per byte read the adapter does
+    # less work than on a real model, so this is the harder case for the reader
+    # one torch thread: on a shared 2-core machine two threads ran the adapter 8x slower (the CLI tests
+    # and `--threads 1` do the same)
+    return {"model": "cachefeat-tiny-ViT", "layers": "all", "evl_layers": 3, "frames": 8, "batch": 32, "rounds": 3,
+            "shard_size": 32, "videos_per_class": 100, "threads": 1, "videos": 192,
+            "train_views": 4}
+
+
+def stage2_data(mode):
+    """The synthetic data set the stage-two sections share (6 classes, 75% train / 25% val)."""
+    return synth_data("stage2-data", classes=6, videos_per_class=settings(mode)["videos_per_class"], frames=16,
+                      size=64, seed=3)
+
+
+def stage2_decode_workers(mode) -> int:
+    """Decode processes for the stage-two sections' extractions and online runs: with the tiny quick-mode
+    model the backbone costs next to nothing, so decoding gets every core."""
+    import os
+    return mode.decode_workers if mode.full else max(1, os.cpu_count() or 1)
+
+
+def make_cache(mode, name: str, split: str, model: str, layers: str, tokens: str, frames: int, dtype="float16",
+               shard_size=None, fresh=False, views=None, videos: int | None = None) -> tuple:
+    """Extract `split` of the shared data set (or `videos` of it, drawn at random with a fixed seed, so all
+    classes stay) into benchmarks/work/<name>.zarr (reused when complete unless `fresh`). Returns (path,
+    seconds of the extract call or None when reused)."""
+    import numpy as np
+    import time
+    from cachefeat.specs import ViewSpec
+    data = stage2_data(mode)
+    out = WORK / f"{name}.zarr"
+    if not fresh and (out / "zarr.json").exists():
+        try:
+            if open_cache(out).complete:
+                return out, None
+        except Exception:
+            pass
+    shutil.rmtree(out, ignore_errors=True)
+    manifest = load_manifest(data / f"{split}.txt", classes=str(data / "classes.txt"))
+    if videos is not None and videos < len(manifest.videos):
+        keep = np.sort(np.random.default_rng(0).permutation(len(manifest.videos))[:videos])
+        manifest.videos = [manifest.videos[i] for i in keep]
+    s = ExtractSettings(model=model, pretrained="none", layers=layers, tokens=tokens, frames=frames,
+                        device=mode.device, dtype=dtype, shard_size=shard_size, text=False,
+                        views=views or ViewSpec())
+    t0 = time.perf_counter()
+    extract(manifest, out, s, batch_size=mode.batch_size, decode_workers=stage2_decode_workers(mode), progress=False,
+            log=lambda *a: None)
+    return out, time.perf_counter() - t0
+
+
+def stage2_cache(mode, dtype: str, split: str) -> tuple:
+    """The all-token cache of the shared data set that the reading and int8 sections both use."""
+    from cachefeat.specs import ViewSpec
+    st = settings(mode)
+    views = ViewSpec(st["train_views"], 1) if split == "train" else ViewSpec()
+    name = f"stage2-{st['model'].replace('/', '-')}-{st['layers'].replace(':', '')}-{dtype}-{split}-v{views.count}"
+    return make_cache(mode, name, split, st["model"], st["layers"], "all", st["frames"], dtype=dtype,
+                      shard_size=st["shard_size"], videos=st["videos"] if split == "train" else None, views=views)
+
+
+def run(mode, log=print) -> dict:
+    st = settings(mode)
+    cache, _ = stage2_cache(mode, "float16", "train")
+    c = open_cache(cache)
+    runs = {}
+    for how in ("yes", "no"):
+        cfg = TrainConfig(adapter="evl", adapter_opts={"layers": st["evl_layers"]}, epochs=1, batch_size=st["batch"],
+                          device=mode.device, in_memory=how, seed=0, threads=st["threads"], train_views="all")
+        runs[how] = open_run(cfg, str(cache))
+        _time_batches(runs[how].train_source)
+    r = runs["yes"]
+    mib_per_clip = r.train_source.selection.bytes_per_clip(c) / 2 ** 20
+    clips = len(r.train_source.rows(0, train=True))
+    log(f"[reading] {st['model']}: evl layers={st['evl_layers']} reads {r.needs.describe()}; {clips} clips of "
+        f"{mib_per_clip:.2f} MiB per epoch ({clips * mib_per_clip:.0f} MiB), batch {st['batch']}, "
+        f"{c.layout.num_shards} shards, streamed by {runs['no'].cfg.workers} workers")
+    # the reader's own cost: one process loading the whole selection (what each worker does, per buffer)
+    from cachefeat.data import CacheDataset
+    import time
+    t0 = time.perf_counter()
+    CacheDataset(c, r.train_source.selection, in_memory="yes")
+    read_rate = clips / (time.perf_counter() - t0)
+    rates = {"yes": [], "no": []}
+    first = {"yes": [], "no": []}     # seconds from the epoch's start to its first batch
+    steady = {"yes": [], "no": []}    # clips/s after the first batch
+    with cpu_threads(st["threads"]):
+        for i in range(st["rounds"] + 1):          # round 0 warms up (page cache, allocator)
+            for how, run_ in runs.items():
+                h = train(run_, None, log=lambda *a: None).history[-1]
+                if i:
+                    src = run_.train_source
+                    rates[how].append(h["clips_per_s"])
+                    first[how].append(src.first_batch_s)
+                    steady[how].append((clips - src.first_batch_clips) / max(h["seconds"] - src.first_batch_s, 1e-9))
+    med = lambda d, k: statistics.median(d[k])
+    mem, stream = med(rates, "yes"), med(rates, "no")
+    eff = stream / mem
+    steady_eff = med(steady, "no") / med(steady, "yes")
+    verdict = "met" if eff >= GOAL else f"missed by {GOAL - eff:.2f}"
+    log(f"  in RAM {mem:.1f} clips/s, streamed {stream:.1f} clips/s: efficiency {eff:.2f} ({verdict}); "
+        f"first batch after {med(first, 'yes'):.2f} s in RAM, {med(first, 'no'):.2f} s streamed; after it, "
+        f"{med(steady, 'yes'):.1f} vs {med(steady, 'no'):.1f} clips/s: {steady_eff:.2f}; one process reads "
+        f"{read_rate:.0f} clips/s")
+    return {"model": st["model"], "adapter": "evl", "adapter_opts": {"layers": st["evl_layers"]},
+            "reads": r.needs.describe(), "clips": clips, "mib_per_clip": mib_per_clip, "batch_size": st["batch"],
+            "shards": c.layout.num_shards, "workers": runs["no"].cfg.workers, "device": mode.device,
+            "rounds": st["rounds"], "ram_clips_per_s": mem, "streamed_clips_per_s": stream,
+            "ram_samples": rates["yes"], "streamed_samples": rates["no"], "efficiency": eff, "goal": GOAL,
+            "verdict": verdict, "threads": st["threads"], "ram_first_batch_s": med(first, "yes"),
+            "streamed_first_batch_s": med(first, "no"), "ram_steady_clips_per_s": med(steady, "yes"),
+            "streamed_steady_clips_per_s": med(steady, "no"), "steady_efficiency": steady_eff,
+            "single_process_read_clips_per_s": read_rate}
+
+
+def _time_batches(src) -> None:
+    """Record on `src`, every epoch, the seconds until its first batch arrives and that batch's size."""
+    import time
+    inner = src.batches
+
+    def batches(epoch, train):
+        t0 = time.perf_counter()
+        for i, b in enumerate(inner(epoch, train)):
+            if i == 0:
+                src.first_batch_s, src.first_batch_clips = time.perf_counter() - t0, len(b["label"])
+            yield b
+    src.batches = batches
