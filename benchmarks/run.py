@@ -71,12 +71,17 @@ def report(results: dict) -> str:
         for model, r in s["extraction"].items():
             gap = r["efficiency"] - 0.90
             verdict = "met" if gap >= 0 else f"missed by {-gap:.2f}"
-            shares = r.get("time_shares", {})
-            neck = max(shares, key=shares.get) if shares else "?"
-            neck = {"wait_decode": "decoding", "forward": "backbone", "wait_write": "writing"}.get(neck, neck)
+            shares = r.get("time_shares")   # absent from results of runs before it was measured
+            if shares:
+                key = max(shares, key=shares.get)
+                name = {"wait_decode": "decoding", "forward": "backbone", "wait_write": "writing"}[key]
+                neck = f"{name} ({shares[key]:.0%})"
+            else:
+                neck = "not measured"
+            decode = f"{r['decode_only_frames_per_s']:.1f}" if "decode_only_frames_per_s" in r else "not measured"
+            written = f"{r['written_mib_per_s']:.0f}" if "written_mib_per_s" in r else "not measured"
             lines.append(f"| {model} | {r['device']} | {r['extract_frames_per_s']:.1f} | {r['bare_frames_per_s']:.1f} | "
-                         f"{fmt_ratio(r['efficiency'])} | {verdict} | {r.get('decode_only_frames_per_s', float('nan')):.1f} | "
-                         f"{r.get('written_mib_per_s', float('nan')):.0f} | {neck} ({shares.get(max(shares, key=shares.get), 0) if shares else 0:.0%}) | "
+                         f"{fmt_ratio(r['efficiency'])} | {verdict} | {decode} | {written} | {neck} | "
                          f"{fmt_ratio(r['taps_over_plain'])} | {r['naive_frames_per_s']:.1f} | {fmt_ratio(r['extract_over_naive'])} |")
         lines.append("")
     if "storage" in s:
