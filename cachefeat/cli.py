@@ -448,7 +448,7 @@ def run(recipe, workdir, force, only):
 # ------------------------------------------------------------------------------------------- train
 _TD = {"adapter": "temporal", "epochs": 30, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 2.0,
        "min_lr": 1e-6, "label_smoothing": 0.1, "mixup": 0.0, "cutmix": 0.0, "grad_clip": 1.0, "train_views": "one",
-       "seed": 0, "device": "auto", "precision": "auto", "in_memory": "auto", "workers": 2, "threads": 0}
+       "seed": 0, "device": "auto", "precision": "auto", "in_memory": "auto", "read_workers": 2, "threads": 0}
 # (kept in step with TrainConfig's defaults by tests/test_train.py::test_cli_defaults_match_train_config)
 
 
@@ -533,18 +533,28 @@ def _read_config_file(path: str) -> dict:
 @click.option("--in-memory", default=_TD["in_memory"], show_default=True, type=click.Choice(["auto", "yes", "no"]),
               help="Hold the arrays the adapter reads in RAM (auto: when they take under half the free memory), "
                    "or stream them from disk, whole shards at a time.")
-@click.option("--workers", default=_TD["workers"], show_default=True, type=click.IntRange(0),
-              help="Reader processes when streaming (0 = read in this process).")
+@click.option("--read-workers", default=_TD["read_workers"], show_default=True, type=click.IntRange(0),
+              help="Reader processes when streaming (0 = read in this process); per worker with --workers.")
 @click.option("--threads", default=_TD["threads"], show_default=True, type=click.IntRange(0),
               help="CPU threads for the adapter (0 = torch's default; 1 is often fastest for small adapters on a "
                    "busy machine).")
+@click.option("--workers", "-w", "ray_workers", default=1, show_default=True, type=click.IntRange(1),
+              help="Data-parallel workers. Above 1, Ray Train runs N workers (one GPU each with nccl, or one CPU "
+                   "slot each with gloo), each reading its slice of every batch of --batch-size clips (the global "
+                   "batch: same steps and schedule as one process), gradients averaged (DDP); worker 0 validates "
+                   "and writes --out in the single-process format.")
+@click.option("--address", metavar="auto|HOST:PORT",
+              help="Run the workers on a running Ray cluster (`ray start --head` on one node, `ray start --address "
+                   "HEAD:6379` on the others; auto = the cluster of this node) instead of starting Ray here. The "
+                   "caches and --out must then be on storage every node sees at the same path.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
               help="Run folder (e.g. runs/NAME): checkpoint.pt, metrics.jsonl, summary.json, curves.png.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same settings).")
 @click.option("--overwrite", is_flag=True, help="Replace the run in --out instead of refusing.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the final line.")
 @click.pass_context
-def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume, overwrite, quiet, **settings):
+def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers, address, out, resume, overwrite, quiet,
+          **settings):
     """Train an adapter on a cache: AdamW, warm-up + cosine schedule, label smoothing, optional feature-space
     mixup/cutmix, mixed precision on GPU. The backbone is never run (except to copy frozen block weights
     for evl's temporal cross-attention).
@@ -553,9 +563,14 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
     another backbone, preprocessing or class list. After every epoch the checkpoint is written atomically,
     so an interrupted run continues with --resume.
 
-    Example: cachefeat train --cache k400_train.zarr --val-cache k400_val.zarr --adapter evl --epochs 30 --out runs/evl
+    \b
+    Examples:
+      cachefeat train --cache k400_train.zarr --val-cache k400_val.zarr --adapter evl --epochs 30 --out runs/evl
+      cachefeat train ... --workers 8                   # 8 GPUs of this node, data-parallel (Ray Train)
+      cachefeat train ... --workers 16 --address auto   # on the Ray cluster this node belongs to
     """
     import shutil
+    from dataclasses import replace
     from click.core import ParameterSource
     from .fmt import human_bytes
     from .train import CHECKPOINT, TrainConfig, cpu_threads, load_checkpoint, open_run, train as run_training
@@ -593,7 +608,9 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
             raise click.UsageError(f"{out} exists and is not a cachefeat run; choose another --out")
         shutil.rmtree(run_dir)   # --overwrite of a run folder
 
-    run = open_run(cfg, cache, val_cache)
+    distributed = ray_workers > 1 or address
+    # the checks of a single run, here in the driver; with --workers, nothing is loaded into RAM here
+    run = open_run(replace(cfg, in_memory="no") if distributed else cfg, cache, val_cache)
     if state is not None and state["cache_meta"].get("fingerprint") != run.train_cache.meta.get("fingerprint"):
         raise click.UsageError(f"--resume: {cache} is not the cache {out} was trained on ({state['train_cache']})")
     if state is not None and state["epoch"] >= cfg.epochs:
@@ -604,16 +621,33 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
     src = run.train_source
     n_train = len(src.rows(0, train=True))
     log(f"adapter {cfg.adapter}: {run.model.num_trainable():,} trainable parameters; {run.model.summary}")
-    where = "held in RAM" if src.dataset.in_memory else f"streamed by {cfg.workers} reader processes"
+    if distributed:
+        where = f"read by {ray_workers} data-parallel workers, each its slice of every batch"
+    else:
+        where = "held in RAM" if src.dataset.in_memory else f"streamed by {cfg.read_workers} reader processes"
     log(f"reads {run.needs.describe()}; from {cache}: {n_train} training clips per epoch, "
         f"{human_bytes(src.dataset.nbytes())} {where}" + (f"; validates on {val_cache}" if val_cache else ""))
-    with cpu_threads(cfg.threads):
-        result = run_training(run, run_dir, resume=state, log=log)
-    final = result.history[-1] if result.history else {}
+    if distributed:
+        final = _train_on_ray(cfg, cache, val_cache, out, state is not None, ray_workers, address, log)["final"]
+    else:
+        with cpu_threads(cfg.threads):
+            result = run_training(run, run_dir, resume=state, log=log)
+        final = result.history[-1] if result.history else {}
     msg = f"wrote {out}: checkpoint.pt, metrics.jsonl, summary.json, curves.png"
     if final.get("val_top1") is not None:
         msg += f"; val top-1 {100 * final['val_top1']:.1f}%, top-5 {100 * final['val_top5']:.1f}%"
     click.echo(msg)
+
+
+def _train_on_ray(cfg, cache, val_cache, out, resume, workers, address, log) -> dict:
+    from .distributed import ClusterError, WorkerError
+    from .train_distributed import train_distributed
+    try:
+        return train_distributed(cfg, cache, val_cache, out, resume, workers, address, log)
+    except ClusterError as e:
+        raise click.UsageError(str(e)) from None
+    except WorkerError as e:
+        raise click.ClickException(f"{e} (finished epochs are kept: the same command with --resume continues)") from None
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -630,7 +664,8 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
               help="Adapter compute precision (auto: bf16/fp16 autocast on GPU, fp32 on CPU).")
 @click.option("--in-memory", default="auto", show_default=True, type=click.Choice(["auto", "yes", "no"]),
               help="Hold the arrays in RAM, or stream them whole shards at a time.")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Reader processes when streaming.")
+@click.option("--read-workers", "workers", default=2, show_default=True, type=click.IntRange(0),
+              help="Reader processes when streaming (0 = read in this process).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="CPU threads (0 = torch's default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (top1, top5 as fractions, and more).")
 def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, workers, threads, as_json):
