@@ -20,7 +20,8 @@ def _usage_errors():
     from .manifest import ManifestError
     from .specs import SpecError
     from .train import TrainError
-    return (SpecError, BackboneError, ManifestError, CacheError, AdapterError, TrainError)
+    from .ablate import AblationError
+    return (SpecError, BackboneError, ManifestError, CacheError, AdapterError, TrainError, AblationError)
 
 
 class _Group(click.Group):
@@ -648,6 +649,99 @@ def _train_on_ray(cfg, cache, val_cache, out, resume, workers, address, log) -> 
         raise click.UsageError(str(e)) from None
     except WorkerError as e:
         raise click.ClickException(f"{e} (finished epochs are kept: the same command with --resume continues)") from None
+
+
+# ------------------------------------------------------------------------------------------- ablate
+@cli.command()
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "-o", type=click.Path(file_okay=False),
+              help="Folder for trials/<name>/ (one training run folder per trial), results.csv, results.md, "
+                   "results.png and best/ (default: ablations/<spec name>).")
+@click.option("--cache", "train_cache", type=click.Path(exists=True, file_okay=False),
+              help="Use this training cache instead of the spec's train-cache.")
+@click.option("--val-cache", type=click.Path(exists=True, file_okay=False),
+              help="Use this val cache instead of the spec's val-cache.")
+@click.option("--gpus-per-trial", type=click.FloatRange(0), default=None,
+              help="GPUs each trial reserves; fractions share a GPU (0.25: four trials per GPU). Default: 0.25 when "
+                   "the Ray cluster has GPUs, else 0 (CPU trials).")
+@click.option("--cpus-per-trial", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="CPU slots each trial reserves (also its torch threads, unless the spec sets threads).")
+@click.option("--max-concurrent", type=click.IntRange(0), default=0, show_default=True,
+              help="Trials running at once, at most (0 = as many as the per-trial resources fit on the cluster).")
+@click.option("--asha", is_flag=True,
+              help="Stop hopeless trials early: ASHA on val top-1 per epoch (grace period a quarter of the epochs, "
+                   "half of the trials stopped at each rung).")
+@click.option("--num-samples", type=click.IntRange(1), default=None,
+              help="Samples of the spec's random part, each with the whole grid (default: the spec's num-samples, "
+                   "else 1). Trials = grid points x samples.")
+@click.option("--address", metavar="auto|HOST:PORT",
+              help="Run the trials on a running Ray cluster (`ray start --head` on one node, `ray start --address "
+                   "HEAD:6379` on the others; auto = the cluster of this node) instead of starting Ray here. The "
+                   "caches and --out must then be on storage every node sees at the same path.")
+@click.option("--overwrite", is_flag=True, help="Replace the results of an earlier ablation in --out.")
+@click.option("--check", is_flag=True, help="Only check the spec and its caches, list the trials' grid, and exit.")
+def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, max_concurrent, asha, num_samples,
+           address, overwrite, check):
+    """Train many adapter configurations side by side on the same caches (Ray Tune), and rank them.
+
+    SPEC is a YAML file: the caches, the training settings every trial shares, per-adapter settings, and the
+    search space: a grid (every combination is a trial) and/or random draws (--num-samples). See
+    pipelines/ablate-*.yaml. Each trial is a normal `cachefeat train` run into OUT/trials/<name>; val top-1
+    is reported after every epoch (what --asha uses). Prints one line per finished trial; writes
+    results.csv and results.md (config, trainable parameters, val top-1/top-5, time, peak memory, status;
+    sorted by val top-1), results.png, and best/ (the best trial's run folder: `cachefeat eval --checkpoint
+    OUT/best`).
+
+    \b
+    Examples:
+      cachefeat ablate pipelines/ablate-demo.yaml --out ablations/demo
+      cachefeat ablate pipelines/ablate-adapters.yaml --gpus-per-trial 0.25        # 4 trials per GPU
+      cachefeat ablate pipelines/ablate-depth-width.yaml --asha --address auto     # on a Ray cluster
+    """
+    import dataclasses
+    from .ablate import check_caches, load_spec, run_ablation
+    s = load_spec(spec)
+    if train_cache:
+        s = dataclasses.replace(s, train_cache=train_cache)
+    if val_cache:
+        s = dataclasses.replace(s, val_cache=val_cache)
+    check_caches(s)
+    n = num_samples or s.num_samples
+    if check:
+        click.echo(f"{spec}: ok; {s.grid_size() * n} trials of adapters {', '.join(s.adapter_names())} on {s.train_cache}")
+        return
+    out_dir = Path(out or Path("ablations") / Path(spec).stem)
+    if (out_dir / "results.csv").exists() or (out_dir / "trials").exists():
+        if not overwrite:
+            raise click.UsageError(f"{out_dir} already holds an ablation; --overwrite to replace it, or another --out")
+        for name in ("trials", "best", ".tune", "results.csv", "results.md", "results.png"):
+            p = out_dir / name
+            shutil_rm(p)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "spec.yaml").write_text(Path(spec).read_text())
+    from .distributed import ClusterError, WorkerError
+    try:
+        rows = run_ablation(s, str(out_dir), gpus_per_trial, cpus_per_trial, max_concurrent, asha, num_samples,
+                            address, log=click.echo)
+    except ClusterError as e:
+        raise click.UsageError(str(e)) from None
+    except WorkerError as e:
+        raise click.ClickException(str(e)) from None
+    failed = [r for r in rows if r.status.startswith("error")]
+    best = next((r for r in rows if r.val_top1 is not None), None)
+    click.echo(f"wrote {out_dir}: results.csv, results.md, results.png"
+               + (f", best/ ({best.name}: val top-1 {100 * best.val_top1:.1f}%)" if best else ""))
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(rows)} trials failed (status column of {out_dir}/results.md; "
+                                   f"their logs: {out_dir}/trials/<name>/train.log)")
+
+
+def shutil_rm(p: Path) -> None:
+    import shutil
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
 
 
 # ------------------------------------------------------------------------------------------- eval
