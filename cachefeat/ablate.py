@@ -263,11 +263,11 @@ def check_caches(spec: AblationSpec) -> None:
         raise AblationError(f"{spec.path}: val-cache: {e}") from None
     for name in spec.adapter_names():
         opts = {**spec.train.get("adapter_opts", {}), **spec.adapters.get(name, {}).get("adapter_opts", {})}
-        for k, vs in spec.grid.items():            # the searched values that change what is read (layers, ...)
-            if k.startswith(OPT):
-                for v in vs:
-                    _resolve_or_fail(spec, name, {**opts, k[len(OPT):]: v}, train.meta, resolve_adapter)
-        _resolve_or_fail(spec, name, opts, train.meta, resolve_adapter)
+        # every combination of the searched adapter options (they can change what is read: layers, ...)
+        searched = {k[len(OPT):]: vs for k, vs in spec.grid.items() if k.startswith(OPT)}
+        searched.update({k[len(OPT):]: a for k, (kind, a) in spec.random.items() if k.startswith(OPT) and kind == "choice"})
+        for combo in itertools.product(*searched.values()):
+            _resolve_or_fail(spec, name, {**opts, **dict(zip(searched, combo))}, train.meta, resolve_adapter)
 
 
 def _resolve_or_fail(spec, name, opts, meta, resolve_adapter):
@@ -355,18 +355,23 @@ def _run_trial(params: dict, spec: AblationSpec, out: str, cpus: float, gpus: fl
         def log(line):
             logf.write(line + "\n")
             logf.flush()
-        run = open_run(cfg, spec.train_cache, spec.val_cache)
-        params_n = run.model.num_trainable()
-        log(f"adapter {cfg.adapter}: {params_n:,} trainable parameters; {run.model.summary}")
+        try:
+            run = open_run(cfg, spec.train_cache, spec.val_cache)
+            params_n = run.model.num_trainable()
+            log(f"adapter {cfg.adapter}: {params_n:,} trainable parameters; {run.model.summary}")
 
-        def on_epoch(rec):
-            mem, kind = peak_memory()
-            tune.report({"val_top1": rec.get("val_top1"), "val_top5": rec.get("val_top5"),
-                         "val_reversal_accuracy": rec.get("val_reversal_accuracy"), "train_loss": rec["train_loss"],
-                         "epoch": rec["epoch"], "epochs": cfg.epochs, "params": params_n, "name": name,
-                         "seconds": round(time.perf_counter() - t0, 2), "peak_memory": mem, "memory_kind": kind})
-        with cpu_threads(cfg.threads):
-            train(run, run_dir, log=log, on_epoch=on_epoch)
+            def on_epoch(rec):
+                mem, kind = peak_memory()
+                tune.report({"val_top1": rec.get("val_top1"), "val_top5": rec.get("val_top5"),
+                             "val_reversal_accuracy": rec.get("val_reversal_accuracy"), "train_loss": rec["train_loss"],
+                             "epoch": rec["epoch"], "epochs": cfg.epochs, "params": params_n, "name": name,
+                             "seconds": round(time.perf_counter() - t0, 2), "peak_memory": mem, "memory_kind": kind})
+            with cpu_threads(cfg.threads):
+                train(run, run_dir, log=log, on_epoch=on_epoch)
+        except Exception:
+            import traceback
+            log(traceback.format_exc())
+            raise
 
 
 @dataclass
@@ -453,8 +458,11 @@ def run_ablation(spec: AblationSpec, out: str, gpus_per_trial: float | None = No
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"   # the classic reporter: verbose=0 prints nothing
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1e9")
     from ray import tune
-    for name in ("ray.tune", "ray.train", "ray.air"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("ray.tune", "ray.train", "ray.air"):     # a failed trial is one line of ours, with its
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # traceback in the trial's train.log
+    # the trials run in other working directories (and, on a cluster, other machines)
+    spec = dataclasses.replace(spec, train_cache=str(Path(spec.train_cache).resolve()),
+                               val_cache=str(Path(spec.val_cache).resolve()))
     n = num_samples or spec.num_samples
     total = spec.grid_size() * n
     outp = Path(out).resolve()

@@ -67,13 +67,18 @@ def test_recipe_errors(tmp_path):
 
 
 def test_shipped_recipes_parse():
-    """Every recipe in pipelines/ names real commands and options."""
+    """Every recipe in pipelines/ names real commands and options; every ablation spec there (`cachefeat
+    ablate`) parses and validates (more in tests/test_ablate.py)."""
     from pathlib import Path
+    from cachefeat.ablate import is_ablation_spec, load_spec
     from cachefeat.cli import cli
     from cachefeat.recipes import load_recipe, stage_command, to_argv
     recipes = sorted((Path(__file__).parents[1] / "pipelines").glob("*.yaml"))
     assert recipes
     for r in recipes:
+        if is_ablation_spec(r):
+            load_spec(r)
+            continue
         for stage in load_recipe(r)["stages"]:
             name, options = stage_command(stage)
             command = cli.get_command(None, name)
