@@ -391,18 +391,19 @@ class Row:
     status: str
 
 
-def _status(err, epochs_done: int, epochs: int) -> str:
+def _status(err, epochs_done: int, epochs: int, asha: bool) -> str:
     if err is not None:
         inner = getattr(err, "cause", None) or err
         text = " ".join(str(inner).split())
         m = re.findall(r"(\w+(?:Error|Exception|Mismatch)): (.*?)(?: \(|$)", text)
         return ("error: " + (f"{m[-1][0]}: {m[-1][1]}" if m else text))[:200]
     if epochs_done < epochs:
-        return f"stopped early (ASHA) after {epochs_done} of {epochs} epochs"
+        return (f"stopped early (ASHA) after {epochs_done} of {epochs} epochs" if asha else
+                f"interrupted after {epochs_done} of {epochs} epochs")
     return "done"
 
 
-def rows_from(grid, spec: AblationSpec) -> list[Row]:
+def rows_from(grid, spec: AblationSpec, asha: bool = False) -> list[Row]:
     rows = []
     for r in grid:
         m = r.metrics or {}
@@ -412,7 +413,7 @@ def rows_from(grid, spec: AblationSpec) -> list[Row]:
         rows.append(Row(name, params, cfg.to_dict(), m.get("params"), m.get("val_top1"), m.get("val_top5"),
                         m.get("val_reversal_accuracy"), int(m.get("epoch") or 0), cfg.epochs, m.get("seconds"),
                         m.get("peak_memory"), m.get("memory_kind", "RSS"),
-                        _status(r.error, int(m.get("epoch") or 0), cfg.epochs)))
+                        _status(r.error, int(m.get("epoch") or 0), cfg.epochs, asha)))
     rows.sort(key=lambda w: (w.val_top1 is None, -(w.val_top1 or 0), -(w.val_top5 or 0), w.trainable_params or 0))
     return rows
 
@@ -499,7 +500,7 @@ def run_ablation(spec: AblationSpec, out: str, gpus_per_trial: float | None = No
         t0 = time.perf_counter()
         grid = tuner.fit()
         wall = time.perf_counter() - t0
-    rows = rows_from(grid, spec)
+    rows = rows_from(grid, spec, asha)
     write_results(outp, rows, spec, wall)
     return rows
 
@@ -515,19 +516,33 @@ def _mem(v) -> str:
 
 
 def varied_keys(rows: list[Row]) -> list[str]:
-    return list(dict.fromkeys(k for r in rows for k in r.params))
+    """The searched keys, then the settings that differ between trials without being searched (per-adapter
+    settings such as the lr), then `adapter_opts` when the options differ."""
+    keys = list(dict.fromkeys(k for r in rows for k in r.params if k != "adapter"))
+    for k in (rows[0].config if rows else {}):
+        if k not in keys and k != "adapter" and len({json.dumps(r.config.get(k), sort_keys=True) for r in rows}) > 1:
+            keys.append(k)
+    return keys
+
+
+def _get(r: Row, k: str):
+    if k in r.params:
+        return r.params[k]
+    if k == "adapter_opts":
+        return ", ".join(f"{a}={b}" for a, b in r.config[k].items()) or "-"
+    return r.config.get(k)
 
 
 def write_results(out: Path, rows: list[Row], spec: AblationSpec, wall: float) -> None:
     """results.csv, results.md, results.png, best/ (a copy of the best trial's run folder)."""
-    keys = [k for k in varied_keys(rows) if k != "adapter"]   # the adapter has its own column
-    show = [k[len(OPT):] if k.startswith(OPT) else k for k in keys]
+    keys = varied_keys(rows)
+    show = [k[len(OPT):] if k.startswith(OPT) else "options" if k == "adapter_opts" else k for k in keys]
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["rank", "trial", "adapter", *show, "trainable_params", "val_top1", "val_top5",
                     "val_reversal_accuracy", "epochs", "seconds", "peak_memory_bytes", "memory", "status", "config"])
         for i, r in enumerate(rows, 1):
-            w.writerow([i, r.name, r.config["adapter"], *[r.params.get(k, "") for k in keys], r.trainable_params or "",
+            w.writerow([i, r.name, r.config["adapter"], *[_get(r, k) for k in keys], r.trainable_params or "",
                         "" if r.val_top1 is None else f"{r.val_top1:.4f}", "" if r.val_top5 is None else f"{r.val_top5:.4f}",
                         "" if r.reversal is None else f"{r.reversal:.4f}", r.epochs_done, r.seconds or "",
                         r.peak_memory or "", f"peak {r.memory_kind}", r.status, json.dumps(r.config, sort_keys=True)])
@@ -538,14 +553,15 @@ def write_results(out: Path, rows: list[Row], spec: AblationSpec, wall: float) -
              f"wall time; sorted by val top-1 (per video, the views averaged) after the last epoch run.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for i, r in enumerate(rows, 1):
-        cells = [str(i), r.name, r.config["adapter"], *[_cell(r.params.get(k)) for k in keys],
+        cells = [str(i), r.name, r.config["adapter"], *[_cell(_get(r, k)) for k in keys],
                  "-" if r.trainable_params is None else f"{r.trainable_params:,}", _pct(r.val_top1), _pct(r.val_top5),
                  f"{r.epochs_done}/{r.epochs}", "-" if r.seconds is None else f"{r.seconds:.1f} s",
                  _mem(r.peak_memory), r.status.replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
-    base = {k: v for k, v in rows[0].config.items() if k not in keys} if rows else {}
-    lines += ["", "Settings shared by every trial (unless varied above): "
-              + ", ".join(f"{k}={v}" for k, v in base.items() if k not in ("adapter", "adapter_opts")), ""]
+    shared = {k: v for k, v in (rows[0].config if rows else {}).items()
+              if k not in keys and k not in ("adapter", "adapter_opts", "device", "threads")}
+    lines += ["", "Settings of every trial: " + ", ".join(f"{k}={v}" for k, v in shared.items())
+              + " (the trials' device and threads follow --gpus-per-trial and --cpus-per-trial).", ""]
     (out / "results.md").write_text("\n".join(lines))
     plot_results(out / "results.png", rows)
     best = next((r for r in rows if r.val_top1 is not None and (out / "trials" / r.name / "checkpoint.pt").is_file()), None)

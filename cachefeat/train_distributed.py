@@ -34,6 +34,9 @@ def train_distributed(cfg: TrainConfig, cache: str, val_cache: str | None, out: 
                            f"use auto, cuda or cpu")
     with ray_runtime(address) as rt:
         gpu = use_gpus(cfg.device, rt)
+        if gpu and rt.gpus < workers:
+            raise ClusterError(f"--workers {workers}: the Ray cluster has {rt.gpus:g} GPUs, and data-parallel "
+                               f"workers all run at once, one GPU each (fewer workers, or --device cpu)")
         if not gpu and rt.cpus < workers:
             raise ClusterError(f"--workers {workers}: the Ray cluster has {rt.cpus:g} CPU slots (one per worker "
                                f"is needed without GPUs)")
