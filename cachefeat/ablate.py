@@ -518,9 +518,9 @@ def _mem(v) -> str:
 def varied_keys(rows: list[Row]) -> list[str]:
     """The searched keys, then the settings that differ between trials without being searched (per-adapter
     settings such as the lr), then `adapter_opts` when the options differ."""
-    keys = list(dict.fromkeys(k for r in rows for k in r.params if k != "adapter"))
+    keys = list(dict.fromkeys(k for r in rows for k in r.params if k not in ("adapter", "epochs")))
     for k in (rows[0].config if rows else {}):
-        if k not in keys and k != "adapter" and len({json.dumps(r.config.get(k), sort_keys=True) for r in rows}) > 1:
+        if k not in keys and k not in ("adapter", "epochs") and len({json.dumps(r.config.get(k), sort_keys=True) for r in rows}) > 1:
             keys.append(k)
     return keys
 
@@ -547,7 +547,9 @@ def write_results(out: Path, rows: list[Row], spec: AblationSpec, wall: float) -
                         "" if r.reversal is None else f"{r.reversal:.4f}", r.epochs_done, r.seconds or "",
                         r.peak_memory or "", f"peak {r.memory_kind}", r.status, json.dumps(r.config, sort_keys=True)])
     mem_head = "peak GPU memory" if any(r.memory_kind == "GPU" for r in rows) else "peak RSS"
-    head = ["#", "trial", "adapter", *show, "params", "val top-1", "val top-5", "epochs", "time", mem_head, "status"]
+    rev = any(r.reversal is not None for r in rows)     # a synthetic set of time-reversed class pairs
+    head = ["#", "trial", "adapter", *show, "params", "val top-1", "val top-5", *(["reversal pairs"] if rev else []),
+            "epochs", "time", mem_head, "status"]
     lines = [f"# Ablation: {spec.path}", "",
              f"Train cache `{spec.train_cache}`, val cache `{spec.val_cache}`; {len(rows)} trials in {wall:.0f} s "
              f"wall time; sorted by val top-1 (per video, the views averaged) after the last epoch run.", "",
@@ -555,13 +557,18 @@ def write_results(out: Path, rows: list[Row], spec: AblationSpec, wall: float) -
     for i, r in enumerate(rows, 1):
         cells = [str(i), r.name, r.config["adapter"], *[_cell(_get(r, k)) for k in keys],
                  "-" if r.trainable_params is None else f"{r.trainable_params:,}", _pct(r.val_top1), _pct(r.val_top5),
-                 f"{r.epochs_done}/{r.epochs}", "-" if r.seconds is None else f"{r.seconds:.1f} s",
+                 *([_pct(r.reversal)] if rev else []), f"{r.epochs_done}/{r.epochs}", "-" if r.seconds is None else f"{r.seconds:.1f} s",
                  _mem(r.peak_memory), r.status.replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     shared = {k: v for k, v in (rows[0].config if rows else {}).items()
-              if k not in keys and k not in ("adapter", "adapter_opts", "device", "threads")}
+              if k not in keys and k not in ("adapter", "adapter_opts", "device", "threads")
+              and all(r.config.get(k) == v for r in rows)}
     lines += ["", "Settings of every trial: " + ", ".join(f"{k}={v}" for k, v in shared.items())
-              + " (the trials' device and threads follow --gpus-per-trial and --cpus-per-trial).", ""]
+              + " (the trials' device and threads follow --gpus-per-trial and --cpus-per-trial)."]
+    if rev:
+        lines.append("Reversal pairs: how often the true class outscores its time-reversed partner (50% = blind "
+                     "to frame order).")
+    lines.append("")
     (out / "results.md").write_text("\n".join(lines))
     plot_results(out / "results.png", rows)
     best = next((r for r in rows if r.val_top1 is not None and (out / "trials" / r.name / "checkpoint.pt").is_file()), None)
