@@ -56,7 +56,7 @@ def test_an_ablation_of_four_trials_ranks_temporal_adapters_above_the_probe(stag
     # best/ is the best trial's run folder, with a checkpoint that eval accepts
     assert (out / "best" / "checkpoint.pt").is_file() and (out / "trials" / rows[0]["trial"] / "train.log").is_file()
     ev = json.loads(run_cli("eval", "--checkpoint", out / "best", "--cache", stage2_caches["val"], "--json").output)
-    assert ev["adapter"] == "temporal" and ev["top1"] == pytest.approx(top1[0])
+    assert ev["adapter"] == "temporal" and ev["top1"] == pytest.approx(top1[0], abs=1e-4)
     again = run_cli("ablate", spec, "--out", out, ok=False)
     assert again.exit_code == 2 and "already holds an ablation" in again.output
 
