@@ -111,3 +111,24 @@ def test_the_shipped_ablation_specs_are_there():
     names = {p.name for p in SPECS}
     assert {"ablate-demo.yaml", "ablate-adapters.yaml", "ablate-layers.yaml", "ablate-depth-width.yaml",
             "ablate-frames.yaml"} <= names
+
+
+def test_random_search_with_asha_runs_every_sample(stage2_caches, tmp_path, ray_session):
+    """--num-samples draws of the random part, ASHA allowed to stop trials after a grace epoch; each row
+    says whether its trial ran every epoch or was stopped, with the epochs it ran."""
+    spec = tmp_path / "random.yaml"
+    spec.write_text(f"train-cache: {stage2_caches['train']}\nval-cache: {stage2_caches['val']}\n"
+                    "train: {adapter: probe, epochs: 4, batch-size: 32, threads: 1}\n"
+                    "random: {lr: {loguniform: [1e-4, 1e-1]}, weight-decay: {choice: [0.0, 0.05]}}\n")
+    out = tmp_path / "abl"
+    res = run_cli("ablate", spec, "--out", out, "--asha", "--num-samples", "4", "--max-concurrent", "2")
+    assert "4 trials (1 grid point x 4 samples)" in res.output and "ASHA early stopping" in res.output
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 4 and len({r["lr"] for r in rows}) == 4
+    assert all(1e-4 <= float(r["lr"]) <= 1e-1 and float(r["weight_decay"]) in (0.0, 0.05) for r in rows)
+    for r in rows:
+        ran = int(r["epochs"])
+        assert 1 <= ran <= 4 and r["status"] == ("done" if ran == 4 else f"stopped early (ASHA) after {ran} of 4 epochs")
+        # (a stopped trial may finish the epoch it was in before Tune stops it)
+        assert len((out / "trials" / r["trial"] / "metrics.jsonl").read_text().splitlines()) >= ran
+    assert (out / "best" / "checkpoint.pt").is_file()
