@@ -7,6 +7,8 @@ bare backbone call on already-decoded frames, what the taps cost, and what a nai
 """
 from __future__ import annotations
 
+import copy
+import math
 import shutil
 import time
 
@@ -15,6 +17,7 @@ import torch
 import zarr
 
 from cachefeat.backbone import load_backbone
+from cachefeat.decode_pool import DecodePool
 from cachefeat.cache import parse_codec
 from cachefeat.extract import ExtractSettings, extract
 from cachefeat.manifest import load_manifest
@@ -23,25 +26,40 @@ from cachefeat.video import DecodeRequest, decode_video
 
 from common import WORK, Mode, interleaved, synth_data, sync, timed
 
-LAYERS, TOKENS = "all", "all"   # the heaviest taps: every block, every patch token
+# The heaviest taps (every block, every patch token); on GPU also what EVL reads (the last 4 blocks' tokens)
+# and a CLS-only cache, since on a fast GPU writing the tokens can outweigh the forward. ViT-L/14 with every
+# token of every block is 12.6 MB per frame (24 TB for Kinetics-400 at 8 frames), so nobody caches that.
+TAPS_QUICK = [("all", "all")]
+TAPS_FULL = [("all", "all"), ("last:4", "all"), ("all", "cls")]
+TAPS_SKIPPED = {("ViT-L/14", "all", "all")}
 
 
 def run(mode: Mode, log=print) -> dict:
     out = {}
-    data = synth_data("extract-data", classes=6, videos_per_class=max(2, mode.videos // 6 + 1))
+    # Kinetics videos are usually stored at 340x256; the quick mode keeps the demo's small frames
+    size = 256 if mode.full else 96
+    data = synth_data(f"extract-data-{size}", classes=6, videos_per_class=max(2, math.ceil(mode.videos / 6 / 0.75) + 1),
+                      size=size)   # the train split holds 75% of the videos
     manifest = load_manifest(data / "train.txt", classes=str(data / "classes.txt"))
-    manifest.videos = manifest.videos[: mode.videos]
     for model in mode.models:
-        log(f"[extraction] {model}: {len(manifest.videos)} videos x {mode.frames} frames, batch {mode.batch_size}, "
-            f"{mode.decode_workers} decode workers, layers {LAYERS}, tokens {TOKENS}")
-        out[model] = _one_model(model, manifest, mode, log)
+        for layers, tokens in (TAPS_FULL if mode.full else TAPS_QUICK):
+            if (model, layers, tokens) in TAPS_SKIPPED:
+                continue
+            log(f"[extraction] {model}: {len(manifest.videos)} videos ({size} px) x {mode.frames} frames, "
+                f"batch {mode.batch_size}, {mode.decode_workers} decode workers, layers {layers}, tokens {tokens}")
+            key = model if (layers, tokens) == TAPS_QUICK[0] else f"{model} (layers {layers}, tokens {tokens})"
+            out[key] = _one_model(model, manifest, mode, log, layers, tokens)
     return out
 
 
-def _one_model(model: str, manifest, mode: Mode, log) -> dict:
+def _one_model(model: str, manifest, mode: Mode, log, LAYERS: str, TOKENS: str) -> dict:
     bb = load_backbone(model, "none", mode.device)
     layers = parse_layers(LAYERS, bb.depth)
     tokens = parse_tokens(TOKENS, bb.patch_grid)
+    # at most ~4 GB written per configuration: token-heavy caches get fewer videos
+    frame_bytes = 2 * bb.width * len(layers) * (1 + tokens.num_patch_tokens)
+    manifest = copy.copy(manifest)
+    manifest.videos = manifest.videos[: max(24, min(mode.videos, int(4e9 // (frame_bytes * mode.frames))))]
 
     # 1. end to end: the real command's pipeline, into a fresh store
     store = WORK / f"bench-{model.replace('/', '-')}.zarr"
@@ -54,10 +72,20 @@ def _one_model(model: str, manifest, mode: Mode, log) -> dict:
     wall = time.perf_counter() - t0
     e2e = stats.frames / stats.seconds
     log(f"  extract: {stats.frames} frames in {stats.seconds:.1f} s of pipeline ({wall:.1f} s with start-up): "
-        f"{e2e:.1f} frames/s")
+        f"{e2e:.1f} frames/s; bottleneck: {stats.bottleneck()}")
+    write_mib_s = stats.frames * frame_bytes / 2 ** 20 / stats.seconds
+
+    # 1b. the decoders alone (same workers, same requests): the ceiling decoding puts on the pipeline
+    prep = bb.preprocessing
+    with DecodePool(mode.decode_workers) as pool:
+        t0 = time.perf_counter()
+        for i, v in enumerate(manifest.videos):
+            pool.submit(DecodeRequest(i, v.path, mode.frames, SamplingSpec(), ViewSpec(), prep))
+        ok = sum(pool.get().ok for _ in manifest.videos)
+        decode_fps = ok * mode.frames / (time.perf_counter() - t0)
+    log(f"  decoders alone ({mode.decode_workers} workers): {decode_fps:.1f} frames/s")
 
     # 2. the bare backbone call with the same taps on frames decoded beforehand (same batch and device)
-    prep = bb.preprocessing
     decoded = [decode_video(DecodeRequest(i, v.path, mode.frames, SamplingSpec(), ViewSpec(), prep))
                for i, v in enumerate(manifest.videos)]
     pixels = torch.from_numpy(np.concatenate([d.pixels.reshape(-1, *d.pixels.shape[2:]) for d in decoded]))
@@ -89,7 +117,8 @@ def _one_model(model: str, manifest, mode: Mode, log) -> dict:
     shutil.rmtree(naive_store, ignore_errors=True)
     root = zarr.open_group(str(naive_store), mode="w")
     shapes = {"embed": (mode.frames, bb.embed_dim), "cls": (mode.frames, len(layers), bb.width)}
-    shapes.update({f"tokens/{l}": (mode.frames, tokens.num_patch_tokens, bb.width) for l in layers})
+    if tokens.num_patch_tokens:
+        shapes.update({f"tokens/{l}": (mode.frames, tokens.num_patch_tokens, bb.width) for l in layers})
     arrays = {k: root.create_array(k, shape=(len(manifest.videos), *s), chunks=(1, *s), dtype="float16",
                                    compressors=parse_codec("zstd:3")) for k, s in shapes.items()}
 
@@ -101,9 +130,10 @@ def _one_model(model: str, manifest, mode: Mode, log) -> dict:
             f = bb.features(torch.from_numpy(d.pixels[0]), layers, tokens)
             arrays["embed"][i] = f["embed"].half().cpu().numpy()
             arrays["cls"][i] = f["cls"].half().cpu().numpy()
-            toks = f["tokens"].half().cpu().numpy()
-            for li, l in enumerate(layers):
-                arrays[f"tokens/{l}"][i] = toks[:, li]
+            if tokens.num_patch_tokens:
+                toks = f["tokens"].half().cpu().numpy()
+                for li, l in enumerate(layers):
+                    arrays[f"tokens/{l}"][i] = toks[:, li]
 
     naive_s = timed(naive, mode.device)
     naive_fps = len(naive_videos) * mode.frames / naive_s
@@ -113,6 +143,10 @@ def _one_model(model: str, manifest, mode: Mode, log) -> dict:
     return {"frames": stats.frames, "extract_frames_per_s": e2e, "extract_wall_s": wall,
             "bare_frames_per_s": bare, "efficiency": e2e / bare,
             "taps_over_plain": med["taps"] / med["plain"], "naive_frames_per_s": naive_fps,
-            "extract_over_naive": e2e / naive_fps, "batch_size": mode.batch_size,
+            "extract_over_naive": e2e / naive_fps, "batch_size": mode.batch_size, "videos": len(manifest.videos),
+            "decode_only_frames_per_s": decode_fps, "bytes_per_frame": frame_bytes,
+            "written_mib_per_s": write_mib_s, "bottleneck": stats.bottleneck(),
+            "time_shares": {"wait_decode": stats.wait_decode_s / stats.seconds, "forward": stats.forward_s / stats.seconds,
+                            "wait_write": stats.wait_write_s / stats.seconds},
             "decode_workers": mode.decode_workers, "device": mode.device, "layers": LAYERS, "tokens": TOKENS,
             "precision": bb.precision}

@@ -38,7 +38,7 @@ class Mode:
         dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
         cores = os.cpu_count() or 2
         if full:
-            return cls(True, dev, ["ViT-B/16", "ViT-L/14"], 192, 8, 64, max(1, min(12, cores - 2)))
+            return cls(True, dev, ["ViT-B/16", "ViT-L/14"], 384, 8, 64, max(1, min(14, cores - 2)))
         return cls(False, dev, ["ViT-B/32"], 16, 8, 32, max(1, cores - 1))
 
 

@@ -62,14 +62,18 @@ def report(results: dict) -> str:
     lines = []
     if "extraction" in s:
         lines += ["### Extraction efficiency (goal: >= 0.90 on GPU)", "",
-                  "| model | device | extract frames/s | bare forward frames/s | efficiency | vs goal | taps / plain forward | naive loop frames/s | extract / naive |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | device | extract frames/s | bare forward frames/s | efficiency | vs goal | decoders alone frames/s | written MiB/s | bottleneck (share of pipeline time) | taps / plain forward | naive loop frames/s | extract / naive |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for model, r in s["extraction"].items():
             gap = r["efficiency"] - 0.90
             verdict = "met" if gap >= 0 else f"missed by {-gap:.2f}"
+            shares = r.get("time_shares", {})
+            neck = max(shares, key=shares.get) if shares else "?"
+            neck = {"wait_decode": "decoding", "forward": "backbone", "wait_write": "writing"}.get(neck, neck)
             lines.append(f"| {model} | {r['device']} | {r['extract_frames_per_s']:.1f} | {r['bare_frames_per_s']:.1f} | "
-                         f"{fmt_ratio(r['efficiency'])} | {verdict} | {fmt_ratio(r['taps_over_plain'])} | "
-                         f"{r['naive_frames_per_s']:.1f} | {fmt_ratio(r['extract_over_naive'])} |")
+                         f"{fmt_ratio(r['efficiency'])} | {verdict} | {r.get('decode_only_frames_per_s', float('nan')):.1f} | "
+                         f"{r.get('written_mib_per_s', float('nan')):.0f} | {neck} ({shares.get(max(shares, key=shares.get), 0) if shares else 0:.0%}) | "
+                         f"{fmt_ratio(r['taps_over_plain'])} | {r['naive_frames_per_s']:.1f} | {fmt_ratio(r['extract_over_naive'])} |")
         lines.append("")
     if "storage" in s:
         st = s["storage"]

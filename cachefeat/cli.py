@@ -239,6 +239,8 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
     rate = stats.clips / stats.seconds if stats.seconds else 0.0
     click.echo(f"wrote {stats.clips} clips ({stats.frames} frames) in {stats.seconds:.1f} s ({rate:.2f} clips/s); "
                f"{stats.failed_videos} videos failed")
+    if stats.clips and stats.bottleneck():
+        click.echo(f"bottleneck: {stats.bottleneck()}")
     click.echo(f"{out}: {valid} valid clips of {cache.num_clips}, {human_bytes(disk)} on disk"
                + (f", {human_bytes(disk / frames_stored)} per frame" if frames_stored else ""))
     if getattr(stats, "workers", None):

@@ -4,6 +4,9 @@ Each worker is a separate (spawned) process that runs video.decode_video on one 
 parent watches every worker: a request that runs past `timeout` seconds gets its worker killed and is
 recorded as a `timeout` failure; a worker that dies (a segfault in a decoder) is recorded as a `crash`.
 Either way a fresh worker takes its place and the pool goes on. Results come back in completion order.
+A worker's clock starts when it reports ready (interpreter start-up and imports can take seconds on a
+busy machine and are not the decoder's time); the pool's constructor waits for its first workers, so the
+pipeline's own time starts with decoders that can decode.
 
 workers=0 decodes inline in the calling process: no isolation and no timeout, for debugging only.
 """
@@ -19,9 +22,17 @@ from multiprocessing.connection import wait
 from .video import DecodeRequest, DecodeResult, decode_video
 
 
+_READY = "ready"
+_START_TIMEOUT = 300.0   # seconds a new worker may take to import and report ready
+
+
 def _worker_main(conn) -> None:
     # Workers never handle Ctrl-C themselves: the parent decides when the run stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        conn.send(_READY)
+    except (BrokenPipeError, OSError):
+        return
     while True:
         try:
             req = conn.recv()
@@ -46,6 +57,13 @@ class _Worker:
         child.close()
         self.request: DecodeRequest | None = None
         self.started = 0.0
+        self.ready = False
+
+    def take_ready(self) -> None:
+        """Consume the worker's ready message; a request sent meanwhile starts its clock now."""
+        assert self.conn.recv() == _READY
+        self.ready = True
+        self.started = time.monotonic()
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -62,6 +80,26 @@ class DecodePool:
         self._ctx = mp.get_context(start_method)
         self._workers = [_Worker(self._ctx) for _ in range(max(0, workers))]
         self.restarts = 0
+        self._wait_ready(self._workers)
+
+    def _wait_ready(self, workers: list[_Worker]) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT
+        waiting = list(workers)
+        while waiting:
+            left = deadline - time.monotonic()
+            ready = set(wait([w.conn for w in waiting] + [w.proc.sentinel for w in waiting], timeout=max(left, 0)))
+            for w in list(waiting):
+                if w.conn in ready:
+                    try:
+                        w.take_ready()
+                        waiting.remove(w)
+                        continue
+                    except (EOFError, OSError):
+                        pass
+                if w.conn in ready or w.proc.sentinel in ready:
+                    raise RuntimeError(f"a decode worker process died while starting (exit code {w.proc.exitcode})")
+            if waiting and time.monotonic() >= deadline:
+                raise RuntimeError(f"{len(waiting)} decode worker processes did not start within {_START_TIMEOUT:g} s")
 
     # -- feeding
     def submit(self, req: DecodeRequest) -> None:
@@ -84,7 +122,7 @@ class DecodePool:
                     self._queue.appendleft(req)
                     self._replace(w)
                     continue
-                w.request, w.started = req, time.monotonic()
+                w.request, w.started = req, time.monotonic()   # restarted by take_ready if not ready yet
 
     # -- collecting
     def get(self, timeout: float | None = None) -> DecodeResult | None:
@@ -99,13 +137,20 @@ class DecodePool:
             if not busy:
                 return None
             now = time.monotonic()
-            next_kill = min(w.started + self.timeout for w in busy)
+            # a replacement worker still starting has no clock yet: only its start-up limit applies
+            next_kill = min(w.started + (self.timeout if w.ready else _START_TIMEOUT) for w in busy)
             wait_for = next_kill - now
             if deadline is not None:
                 wait_for = min(wait_for, deadline - now)
             handles = [w.conn for w in busy] + [w.proc.sentinel for w in busy]
             ready = set(wait(handles, timeout=max(wait_for, 0.0)))
             for w in busy:
+                if w.conn in ready and not w.ready:
+                    try:
+                        w.take_ready()
+                        continue
+                    except (EOFError, OSError):
+                        pass  # died while starting: a crash, below
                 if w.conn in ready:
                     try:
                         res = w.conn.recv()
@@ -119,8 +164,10 @@ class DecodePool:
                         code = w.proc.exitcode
                         why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
                         self._fail(w, "crash", f"the decoder process died ({why})")
-                elif w.request is not None and time.monotonic() - w.started > self.timeout:
+                elif w.request is not None and w.ready and time.monotonic() - w.started > self.timeout:
                     self._fail(w, "timeout", f"decoding took longer than {self.timeout:g} s and was killed")
+                elif w.request is not None and not w.ready and time.monotonic() - w.started > _START_TIMEOUT:
+                    self._fail(w, "crash", f"the decoder process did not start within {_START_TIMEOUT:g} s")
             self._dispatch()
             if deadline is not None and time.monotonic() >= deadline and not self._ready:
                 return None

@@ -292,6 +292,20 @@ class ExtractStats:
     seconds: float = 0.0
     interrupted: bool = False
     failures: list = field(default_factory=list)
+    # where the pipeline's main thread spent its time: the largest names the bottleneck
+    wait_decode_s: float = 0.0     # waiting for a decoded video
+    forward_s: float = 0.0         # backbone forward and copy to the host
+    wait_write_s: float = 0.0      # waiting for the writer thread to take a finished shard
+
+    def bottleneck(self) -> str:
+        """Where the time went, e.g. 'decoding (decoding 72%, the backbone 20%, writing 3% of the pipeline's
+        time)'; empty when not measured (a distributed run's driver)."""
+        parts = {"decoding": self.wait_decode_s, "the backbone": self.forward_s, "writing": self.wait_write_s}
+        if self.seconds <= 0 or not any(parts.values()):
+            return ""
+        name, t = max(parts.items(), key=lambda kv: kv[1])
+        shares = ", ".join(f"{k} {v / self.seconds:.0%}" for k, v in parts.items())
+        return f"{name} ({shares} of the pipeline's time)"
 
 
 class ShardExtractor:
@@ -404,13 +418,17 @@ class ShardExtractor:
                 taken = head.take_ready(views, T)
                 while head.pending >= self.batch_size or (head.resolved and head.pending):
                     pixels, slots = head.pop_batch(self.batch_size)
+                    tf = time.perf_counter()
                     self._forward(head, pixels, slots)
+                    stats.forward_s += time.perf_counter() - tf
                 if taken:
                     self.on_progress(taken * views)
                 if head.resolved:
                     open_shards.popleft()
                     del by_shard[head.shard]
+                    tw = time.perf_counter()
                     writes.put(head.data())
+                    stats.wait_write_s += time.perf_counter() - tw
                     stats.shards += 1
                     stats.clips += int(head.valid.sum())
                     stats.frames += int(head.valid.sum()) * T
@@ -423,14 +441,18 @@ class ShardExtractor:
                 if taken:
                     continue
                 # 3. wait for the next decoded video
+                td = time.perf_counter()
                 res = self.pool.get(timeout=1.0)
+                stats.wait_decode_s += time.perf_counter() - td
                 if res is not None:
                     st = by_shard.get(res.key // self.layout.shard_videos)
                     if st is not None:
                         st.results[res.key] = res
         finally:
+            tw = time.perf_counter()
             writes.put(None)
             wt.join()
+            stats.wait_write_s += time.perf_counter() - tw
         if writer_error:
             raise writer_error[0]
         stats.interrupted = self.stop_requested and (not exhausted or bool(open_shards))

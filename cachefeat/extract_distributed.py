@@ -197,6 +197,9 @@ class ExtractWorker:
                 total.shards += stats.shards
                 total.clips += stats.clips
                 total.seconds += stats.seconds
+                total.wait_decode_s += stats.wait_decode_s
+                total.forward_s += stats.forward_s
+                total.wait_write_s += stats.wait_write_s
                 self._flush()
                 while (state := ray.get(self.broker.state.remote())) == "wait":
                     time.sleep(0.2)

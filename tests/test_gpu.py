@@ -1,0 +1,44 @@
+"""What only a GPU can show: extraction under fp16/bf16 autocast computes the fp32 features within
+reduced-precision error, and stage two trains with mixed precision to a checkpoint a CPU can use.
+Skipped on machines without CUDA (CI has none); run on a GPU machine with `pytest tests/test_gpu.py`."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cachefeat import open_cache
+from conftest import TINY, run_cli, tiny_extract_args
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gpu_extraction_matches_fp32_on_cpu(synth_small, tmp_path, precision):
+    common = ["--layers", "all", "--tokens", "all", "--frames", "4", "--model", "ViT-B/32", "--no-text"]
+    cpu, gpu = tmp_path / "cpu.zarr", tmp_path / "gpu.zarr"
+    run_cli(*tiny_extract_args(synth_small / "train.txt", cpu, *common, "--device", "cpu"))
+    run_cli(*tiny_extract_args(synth_small / "train.txt", gpu, *common, "--device", "cuda", "--precision", precision))
+    a, b = open_cache(cpu), open_cache(gpu)
+    assert b.meta["compute_precision"] == precision
+    tol = 2e-2 if precision == "fp16" else 6e-2   # relative to the features' scale; bf16 has 8 bits of mantissa
+    for name in ["embed", "cls", f"tokens/{a.layers[-1]}"]:
+        x, y = a.read(name).astype(np.float32), b.read(name).astype(np.float32)
+        rel = np.abs(x - y).mean() / np.abs(x).mean()
+        assert rel < tol, f"{name}: mean relative difference {rel:.4f} under {precision}"
+
+
+def test_gpu_training_with_mixed_precision_gives_a_checkpoint_the_cpu_can_use(stage2_caches, tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", "--cache", stage2_caches["train"], "--val-cache", stage2_caches["val"], "--adapter", "temporal",
+            "--epochs", "3", "--batch-size", "32", "--device", "cuda", "--out", run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["precision"] in ("bf16", "fp16") and np.isfinite(summary["final"]["train_loss"])
+
+    def top1(device):
+        out = run_cli("eval", "--checkpoint", run, "--cache", stage2_caches["val"], "--device", device, "--json").output
+        return json.loads(out[out.index("{"):])["top1"]
+
+    assert abs(top1("cuda") - top1("cpu")) <= 0.05   # reduced-precision logits may flip a near-tie
