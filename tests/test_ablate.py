@@ -132,3 +132,18 @@ def test_random_search_with_asha_runs_every_sample(stage2_caches, tmp_path, ray_
         # (a stopped trial may finish the epoch it was in before Tune stops it)
         assert len((out / "trials" / r["trial"] / "metrics.jsonl").read_text().splitlines()) >= ran
     assert (out / "best" / "checkpoint.pt").is_file()
+
+
+def test_a_failing_trial_is_a_row_with_its_error_and_the_command_exits_1(stage2_caches, tmp_path, ray_session):
+    spec = tmp_path / "fail.yaml"
+    spec.write_text(f"train-cache: {stage2_caches['train']}\nval-cache: {stage2_caches['val']}\n"
+                    "train: {adapter: probe, epochs: 1, threads: 1}\ngrid: {precision: [fp32, fp16]}\n")
+    out = tmp_path / "abl"
+    res = run_cli("ablate", spec, "--out", out, ok=False)
+    assert res.exit_code == 1 and "1 of 2 trials failed" in res.output
+    assert "Traceback" not in res.output and any("failed: " in l and "fp16 needs a GPU" in l for l in res.output.splitlines())
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["status"] for r in rows][0] == "done"
+    assert rows[1]["status"].startswith("error: TrainError: --precision fp16 needs a GPU"), rows[1]["status"]
+    assert "fp16 needs a GPU" in (out / "trials" / rows[1]["trial"] / "train.log").read_text()
+    assert (out / "best" / "checkpoint.pt").is_file() and (out / "results.md").is_file()
