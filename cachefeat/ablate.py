@@ -393,13 +393,8 @@ class Row:
 
 def _status(err, epochs_done: int, epochs: int, asha: bool) -> str:
     if err is not None:
-        # the trial's own exception: the last "module.NameError: message" line of Ray's text
-        lines = [l.strip() for l in str(getattr(err, "cause", None) or err).splitlines() if l.strip()]
-        for line in reversed(lines):
-            m = re.match(r"(?:[\w.]+\.)?(\w+(?:Error|Exception|Mismatch|Interrupt)): (.+)", line)
-            if m:
-                return f"error: {m.group(1)}: {m.group(2)}"[:200]
-        return f"error: {lines[-1] if lines else type(err).__name__}"[:200]
+        from .distributed import error_line
+        return f"error: {error_line(getattr(err, 'cause', None) or err)}"[:200]
     if epochs_done < epochs:
         return (f"stopped early (ASHA) after {epochs_done} of {epochs} epochs" if asha else
                 f"interrupted after {epochs_done} of {epochs} epochs")

@@ -68,7 +68,7 @@ def train_distributed(cfg: TrainConfig, cache: str, val_cache: str | None, out: 
         finally:
             shutil.rmtree(storage, ignore_errors=True)
         if "error" in box:
-            raise WorkerError(f"distributed training failed: {_reason(box['error'])}")
+            raise WorkerError(f"distributed training failed: {_reason(box['error'])}") from box["error"]
     return json.loads((Path(out) / "summary.json").read_text())
 
 
@@ -98,6 +98,8 @@ def _worker(config: dict) -> None:
     main = part.rank == 0
     # only rank 0 validates, so only it opens the val cache
     run = open_run(cfg, config["cache"], config["val_cache"] if main else None)
+    if main:
+        Path(config["out"]).mkdir(parents=True, exist_ok=True)
     resume = load_checkpoint(config["out"]) if config["resume"] else None
     log = queue.put if main else (lambda s: None)
     threads = config["threads"] or 1   # one CPU slot per worker
@@ -107,14 +109,8 @@ def _worker(config: dict) -> None:
 
 def _reason(err: BaseException) -> str:
     """One line from Ray Train's error: the worker's own exception where there is one."""
-    inner = err
-    for attr in ("worker_failures", "errors"):
-        v = getattr(err, attr, None)
-        if isinstance(v, dict) and v:
-            inner = next(iter(v.values()))
-            break
-    text = " ".join(str(inner).split())
-    return f"{type(inner).__name__}: {text[:300]}" if text else type(inner).__name__
+    from .distributed import error_line
+    return error_line(err)
 
 
 def _quiet_ray_train() -> None:
