@@ -394,7 +394,10 @@ class Row:
 def _status(err, epochs_done: int, epochs: int, asha: bool) -> str:
     if err is not None:
         from .distributed import error_line
-        return f"error: {error_line(getattr(err, 'cause', None) or err)}"[:200]
+        cause = getattr(err, "cause", None)       # Ray's task error carries the trial's own exception
+        if isinstance(cause, BaseException) and not type(cause).__module__.startswith("ray"):
+            return f"error: {type(cause).__name__}: {' '.join(str(cause).split())}"[:200]
+        return f"error: {error_line(err)}"[:200]
     if epochs_done < epochs:
         return (f"stopped early (ASHA) after {epochs_done} of {epochs} epochs" if asha else
                 f"interrupted after {epochs_done} of {epochs} epochs")
