@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test bench bench-full clean
+.PHONY: install demo ablate-demo test bench bench-full clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/cachefeat run pipelines/demo.yaml --workdir demo
 
+# the adapters compared with Ray Tune on the demo's caches (about 4 minutes more on 2 cores)
+ablate-demo: demo
+	$(BIN)/cachefeat ablate pipelines/ablate-demo.yaml --out ablations/demo --overwrite
+
 test: install
 	$(BIN)/python -m pytest -q
 
@@ -26,4 +30,4 @@ bench-full: install
 	$(BIN)/python benchmarks/run.py --full
 
 clean:
-	rm -rf $(VENV) demo runs benchmarks/work .pytest_cache
+	rm -rf $(VENV) demo runs ablations benchmarks/work .pytest_cache

@@ -20,7 +20,8 @@ def _usage_errors():
     from .manifest import ManifestError
     from .specs import SpecError
     from .train import TrainError
-    return (SpecError, BackboneError, ManifestError, CacheError, AdapterError, TrainError)
+    from .ablate import AblationError
+    return (SpecError, BackboneError, ManifestError, CacheError, AdapterError, TrainError, AblationError)
 
 
 class _Group(click.Group):
@@ -456,7 +457,7 @@ def run(recipe, workdir, force, only, set_vars):
 # ------------------------------------------------------------------------------------------- train
 _TD = {"adapter": "temporal", "epochs": 30, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 2.0,
        "min_lr": 1e-6, "label_smoothing": 0.1, "mixup": 0.0, "cutmix": 0.0, "grad_clip": 1.0, "train_views": "one",
-       "seed": 0, "device": "auto", "precision": "auto", "in_memory": "auto", "workers": 2, "threads": 0}
+       "seed": 0, "device": "auto", "precision": "auto", "in_memory": "auto", "read_workers": 2, "threads": 0}
 # (kept in step with TrainConfig's defaults by tests/test_train.py::test_cli_defaults_match_train_config)
 
 
@@ -541,18 +542,28 @@ def _read_config_file(path: str) -> dict:
 @click.option("--in-memory", default=_TD["in_memory"], show_default=True, type=click.Choice(["auto", "yes", "no"]),
               help="Hold the arrays the adapter reads in RAM (auto: when they take under half the free memory), "
                    "or stream them from disk, whole shards at a time.")
-@click.option("--workers", default=_TD["workers"], show_default=True, type=click.IntRange(0),
-              help="Reader processes when streaming (0 = read in this process).")
+@click.option("--read-workers", default=_TD["read_workers"], show_default=True, type=click.IntRange(0),
+              help="Reader processes when streaming (0 = read in this process); per worker with --workers.")
 @click.option("--threads", default=_TD["threads"], show_default=True, type=click.IntRange(0),
               help="CPU threads for the adapter (0 = torch's default; 1 is often fastest for small adapters on a "
                    "busy machine).")
+@click.option("--workers", "-w", "ray_workers", default=1, show_default=True, type=click.IntRange(1),
+              help="Data-parallel workers. Above 1, Ray Train runs N workers (one GPU each with nccl, or one CPU "
+                   "slot each with gloo), each reading its slice of every batch of --batch-size clips (the global "
+                   "batch: same steps and schedule as one process), gradients averaged (DDP); worker 0 validates "
+                   "and writes --out in the single-process format.")
+@click.option("--address", metavar="auto|HOST:PORT",
+              help="Run the workers on a running Ray cluster (`ray start --head` on one node, `ray start --address "
+                   "HEAD:6379` on the others; auto = the cluster of this node) instead of starting Ray here. The "
+                   "caches and --out must then be on storage every node sees at the same path.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
               help="Run folder (e.g. runs/NAME): checkpoint.pt, metrics.jsonl, summary.json, curves.png.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same settings).")
 @click.option("--overwrite", is_flag=True, help="Replace the run in --out instead of refusing.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the final line.")
 @click.pass_context
-def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume, overwrite, quiet, **settings):
+def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers, address, out, resume, overwrite, quiet,
+          **settings):
     """Train an adapter on a cache: AdamW, warm-up + cosine schedule, label smoothing, optional feature-space
     mixup/cutmix, mixed precision on GPU. The backbone is never run (except to copy frozen block weights
     for evl's temporal cross-attention).
@@ -561,9 +572,14 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
     another backbone, preprocessing or class list. After every epoch the checkpoint is written atomically,
     so an interrupted run continues with --resume.
 
-    Example: cachefeat train --cache k400_train.zarr --val-cache k400_val.zarr --adapter evl --epochs 30 --out runs/evl
+    \b
+    Examples:
+      cachefeat train --cache k400_train.zarr --val-cache k400_val.zarr --adapter evl --epochs 30 --out runs/evl
+      cachefeat train ... --workers 8                   # 8 GPUs of this node, data-parallel (Ray Train)
+      cachefeat train ... --workers 16 --address auto   # on the Ray cluster this node belongs to
     """
     import shutil
+    from dataclasses import replace
     from click.core import ParameterSource
     from .fmt import human_bytes
     from .train import CHECKPOINT, TrainConfig, TrainDiverged, cpu_threads, load_checkpoint, open_run, train as run_training
@@ -601,7 +617,9 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
             raise click.UsageError(f"{out} exists and is not a cachefeat run; choose another --out")
         shutil.rmtree(run_dir)   # --overwrite of a run folder, or one killed before its first checkpoint landed
 
-    run = open_run(cfg, cache, val_cache)
+    distributed = ray_workers > 1 or address
+    # the checks of a single run, here in the driver; with --workers, nothing is loaded into RAM here
+    run = open_run(replace(cfg, in_memory="no") if distributed else cfg, cache, val_cache)
     if state is not None and state["cache_meta"].get("fingerprint") != run.train_cache.meta.get("fingerprint"):
         raise click.UsageError(f"--resume: {cache} is not the cache {out} was trained on ({state['train_cache']})")
     if state is not None and state["epoch"] >= cfg.epochs:
@@ -612,19 +630,129 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
     src = run.train_source
     n_train = len(src.rows(0, train=True))
     log(f"adapter {cfg.adapter}: {run.model.num_trainable():,} trainable parameters; {run.model.summary}")
-    where = "held in RAM" if src.dataset.in_memory else f"streamed by {cfg.workers} reader processes"
+    if distributed:
+        where = f"read by {ray_workers} data-parallel workers, each its slice of every batch"
+    else:
+        where = "held in RAM" if src.dataset.in_memory else f"streamed by {cfg.read_workers} reader processes"
     log(f"reads {run.needs.describe()}; from {cache}: {n_train} training clips per epoch, "
         f"{human_bytes(src.dataset.nbytes())} {where}" + (f"; validates on {val_cache}" if val_cache else ""))
     try:
-        with cpu_threads(cfg.threads):
-            result = run_training(run, run_dir, resume=state, log=log)
+        if distributed:
+            final = _train_on_ray(cfg, cache, val_cache, out, state is not None, ray_workers, address, log)["final"]
+        else:
+            with cpu_threads(cfg.threads):
+                result = run_training(run, run_dir, resume=state, log=log)
+            final = result.history[-1] if result.history else {}
     except TrainDiverged as e:
         raise click.ClickException(str(e)) from None
-    final = result.history[-1] if result.history else {}
     msg = f"wrote {out}: checkpoint.pt, metrics.jsonl, summary.json, curves.png"
     if final.get("val_top1") is not None:
         msg += f"; val top-1 {100 * final['val_top1']:.1f}%, top-5 {100 * final['val_top5']:.1f}%"
     click.echo(msg)
+
+
+def _train_on_ray(cfg, cache, val_cache, out, resume, workers, address, log) -> dict:
+    from .distributed import ClusterError, WorkerError
+    from .train_distributed import train_distributed
+    try:
+        return train_distributed(cfg, cache, val_cache, out, resume, workers, address, log)
+    except ClusterError as e:
+        raise click.UsageError(str(e)) from None
+    except WorkerError as e:
+        raise click.ClickException(f"{e} (finished epochs are kept: the same command with --resume continues)") from None
+
+
+# ------------------------------------------------------------------------------------------- ablate
+@cli.command()
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "-o", type=click.Path(file_okay=False),
+              help="Folder for trials/<name>/ (one training run folder per trial), results.csv, results.md, "
+                   "results.png and best/ (default: ablations/<spec name>).")
+@click.option("--cache", "train_cache", type=click.Path(exists=True, file_okay=False),
+              help="Use this training cache instead of the spec's train-cache.")
+@click.option("--val-cache", type=click.Path(exists=True, file_okay=False),
+              help="Use this val cache instead of the spec's val-cache.")
+@click.option("--gpus-per-trial", type=click.FloatRange(0), default=None,
+              help="GPUs each trial reserves; fractions share a GPU (0.25: four trials per GPU). Default: 0.25 when "
+                   "the Ray cluster has GPUs, else 0 (CPU trials).")
+@click.option("--cpus-per-trial", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="CPU slots each trial reserves (also its torch threads, unless the spec sets threads).")
+@click.option("--max-concurrent", type=click.IntRange(0), default=0, show_default=True,
+              help="Trials running at once, at most (0 = as many as the per-trial resources fit on the cluster).")
+@click.option("--asha", is_flag=True,
+              help="Stop hopeless trials early: ASHA on val top-1 per epoch (grace period a quarter of the epochs, "
+                   "half of the trials stopped at each rung).")
+@click.option("--num-samples", type=click.IntRange(1), default=None,
+              help="Samples of the spec's random part, each with the whole grid (default: the spec's num-samples, "
+                   "else 1). Trials = grid points x samples.")
+@click.option("--address", metavar="auto|HOST:PORT",
+              help="Run the trials on a running Ray cluster (`ray start --head` on one node, `ray start --address "
+                   "HEAD:6379` on the others; auto = the cluster of this node) instead of starting Ray here. The "
+                   "caches and --out must then be on storage every node sees at the same path.")
+@click.option("--overwrite", is_flag=True, help="Replace the results of an earlier ablation in --out.")
+@click.option("--check", is_flag=True, help="Only check the spec and its caches, list the trials' grid, and exit.")
+def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, max_concurrent, asha, num_samples,
+           address, overwrite, check):
+    """Train many adapter configurations side by side on the same caches (Ray Tune), and rank them.
+
+    SPEC is a YAML file: the caches, the training settings every trial shares, per-adapter settings, and the
+    search space: a grid (every combination is a trial) and/or random draws (--num-samples). See
+    pipelines/ablate-*.yaml. Each trial is a normal `cachefeat train` run into OUT/trials/<name>; val top-1
+    is reported after every epoch (what --asha uses). Prints one line per finished trial; writes
+    results.csv and results.md (config, trainable parameters, val top-1/top-5, time, peak memory, status;
+    sorted by val top-1), results.png, and best/ (the best trial's run folder: `cachefeat eval --checkpoint
+    OUT/best`).
+
+    \b
+    Examples:
+      cachefeat ablate pipelines/ablate-demo.yaml --out ablations/demo
+      cachefeat ablate pipelines/ablate-adapters.yaml --gpus-per-trial 0.25        # 4 trials per GPU
+      cachefeat ablate pipelines/ablate-depth-width.yaml --asha --address auto     # on a Ray cluster
+    """
+    import dataclasses
+    from .ablate import check_caches, load_spec, run_ablation
+    s = load_spec(spec)
+    if train_cache:
+        s = dataclasses.replace(s, train_cache=train_cache)
+    if val_cache:
+        s = dataclasses.replace(s, val_cache=val_cache)
+    check_caches(s)
+    n = num_samples or s.num_samples
+    if check:
+        click.echo(f"{spec}: ok; {s.grid_size() * n} trials of adapters {', '.join(s.adapter_names())} on {s.train_cache}")
+        return
+    out_dir = Path(out or Path("ablations") / Path(spec).stem)
+    if (out_dir / "results.csv").exists() or (out_dir / "trials").exists():
+        if not overwrite:
+            raise click.UsageError(f"{out_dir} already holds an ablation; --overwrite to replace it, or another --out")
+        for name in ("trials", "best", ".tune", "results.csv", "results.md", "results.png"):
+            p = out_dir / name
+            shutil_rm(p)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "spec.yaml").write_text(Path(spec).read_text())
+    from .distributed import ClusterError, WorkerError
+    try:
+        rows = run_ablation(s, str(out_dir), gpus_per_trial, cpus_per_trial, max_concurrent, asha, num_samples,
+                            address, log=click.echo)
+    except ClusterError as e:
+        raise click.UsageError(str(e)) from None
+    except WorkerError as e:
+        raise click.ClickException(str(e)) from None
+    failed = [r for r in rows if r.status.startswith("error")]
+    best = next((r for r in rows if r.val_top1 is not None), None)
+    click.echo(f"wrote {out_dir}: results.csv, results.md, results.png"
+               + (f", best/ ({best.name}: val top-1 {100 * best.val_top1:.1f}%)" if best else ""))
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(rows)} trials failed (status column of {out_dir}/results.md; "
+                                   f"their logs: {out_dir}/trials/<name>/train.log)")
+
+
+def shutil_rm(p: Path) -> None:
+    import shutil
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -641,7 +769,8 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, out, resume,
               help="Adapter compute precision (auto: bf16/fp16 autocast on GPU, fp32 on CPU).")
 @click.option("--in-memory", default="auto", show_default=True, type=click.Choice(["auto", "yes", "no"]),
               help="Hold the arrays in RAM, or stream them whole shards at a time.")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Reader processes when streaming.")
+@click.option("--read-workers", "workers", default=2, show_default=True, type=click.IntRange(0),
+              help="Reader processes when streaming (0 = read in this process).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="CPU threads (0 = torch's default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (top1, top5 as fractions, and more).")
 def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, workers, threads, as_json):

@@ -219,6 +219,15 @@ def plan_epoch(rows: np.ndarray, shard_rows: int, batch_size: int, seed: int, ep
     return plan
 
 
+def part_of_batch(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """Worker `rank`'s share of a global batch in data-parallel training: every world-th row from its rank
+    (DistributedSampler's split), so the workers' shares differ by at most one row and together make the
+    batch. A batch smaller than the world is repeated to one row per worker (every worker must step)."""
+    if len(rows) < world:
+        rows = np.resize(rows, world)
+    return rows[rank::world]
+
+
 # ------------------------------------------------------------------------------------------- sources
 class FeatureSource:
     """Batches of adapter inputs for training and evaluation over the clips of a cache. The clips, their
@@ -234,6 +243,7 @@ class FeatureSource:
         self.videos = cache.clip_video().astype(np.int64)
         self.views = cache.clip_view().astype(np.int64)
         self.buffer_shards: int | None = None
+        self.part = (0, 1)   # (rank, world): in data-parallel training, this worker's slice of every batch
 
     @property
     def meta(self) -> dict:
@@ -243,8 +253,13 @@ class FeatureSource:
         return select_rows(self.valid, self.videos, self.labels, self.seed, epoch, self.train_views, train)
 
     def plan(self, epoch: int, train: bool) -> list[Buffer]:
-        return plan_epoch(self.rows(epoch, train), self.cache.layout.shard_rows, self.batch_size, self.seed, epoch,
+        plan = plan_epoch(self.rows(epoch, train), self.cache.layout.shard_rows, self.batch_size, self.seed, epoch,
                           shuffle=train, buffer_shards=self.buffer_shards)
+        rank, world = self.part
+        if train and world > 1:
+            for buf in plan:
+                buf.batches = [part_of_batch(b, rank, world) for b in buf.batches]
+        return plan
 
     def steps(self, epoch: int = 0, train: bool = True) -> int:
         return sum(len(b.batches) for b in self.plan(epoch, train))

@@ -166,3 +166,14 @@ def death_reason(err: BaseException) -> str:
     if not parts:
         parts = [(text.split(". ")[0] or type(err).__name__).rstrip(".")]
     return ": ".join(parts)[:200]
+
+
+def error_line(err: BaseException) -> str:
+    """The failed task's own exception out of Ray's long text: its last "module.NameError: message" line,
+    as "NameError: message" (else the text's last line)."""
+    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+    for line in reversed(lines):
+        m = re.match(r"(?:[\w.]+\.)?(\w+(?:Error|Exception|Mismatch|Interrupt)): (.+)", line)
+        if m:
+            return f"{m.group(1)}: {m.group(2)}"[:300]
+    return (lines[-1] if lines else type(err).__name__)[:300]

@@ -63,7 +63,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"          # auto: bf16 (or fp16) autocast on GPU, fp32 on CPU
     in_memory: str = "auto"
-    workers: int = 2                 # streaming reader processes (when the cache is not held in RAM)
+    read_workers: int = 2            # streaming reader processes (when the cache is not held in RAM)
     threads: int = 0                 # CPU threads for the adapter; 0 = torch's default
 
     # settings that change the result: a resumed run must keep them
@@ -153,8 +153,8 @@ def open_run(cfg: TrainConfig, cache: str, val_cache: str | None = None) -> Run:
         resolve_adapter(cfg.adapter, cfg.adapter_opts, val.meta, trained=spec)
     model = build_adapter(cls, config, spec, needs, train, cfg.seed)
     sel = Selection.from_needs(needs)
-    src = CachedSource(train, sel, cfg.batch_size, cfg.seed, cfg.in_memory, cfg.workers, train_views=cfg.train_views)
-    vsrc = CachedSource(val, sel, cfg.batch_size, cfg.seed, cfg.in_memory, cfg.workers) if val is not None else None
+    src = CachedSource(train, sel, cfg.batch_size, cfg.seed, cfg.in_memory, cfg.read_workers, train_views=cfg.train_views)
+    vsrc = CachedSource(val, sel, cfg.batch_size, cfg.seed, cfg.in_memory, cfg.read_workers) if val is not None else None
     return Run(cfg, train, val, spec, needs, model, src, vsrc)
 
 
@@ -319,23 +319,115 @@ class TrainResult:
     summary: dict
 
 
-def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, log=print) -> TrainResult:
+@dataclass(frozen=True)
+class Part:
+    """This process's share of a data-parallel run: worker `rank` of `world`. Every worker takes its slice
+    of each global batch (the source's `part`) and DDP averages the gradients, so the steps, schedule and
+    global batches are those of one process. Only rank 0 validates and writes the run folder."""
+    rank: int = 0
+    world: int = 1
+
+
+@dataclass
+class Step:
+    """What one epoch's steps need and change (the model as trained: DDP-wrapped in a distributed run)."""
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    precision: str
+    warmup: int
+    total_steps: int
+    steps_per_epoch: int
+
+
+def train_epoch(run: Run, st: Step, epoch: int, part: Part = Part()) -> tuple[dict, list[float]]:
+    """One pass over this worker's batches of `epoch`: (sums {loss, correct, seen, lr}, per-step losses).
+    Dropout and mixing draws are functions of (seed, epoch) (and the rank, in a distributed run)."""
+    cfg, spec = run.cfg, run.spec
+    st.net.train()
+    torch.manual_seed(cfg.seed * 100_003 + epoch + 7_919 * part.rank)           # dropout draws
+    rng = np.random.default_rng([cfg.seed, epoch, 303] + ([part.rank] if part.world > 1 else []))  # mixing
+    loss_sum, correct, seen, lr, losses = 0.0, 0, 0, cfg.lr, []
+    for i, batch in enumerate(run.train_source.batches(epoch, train=True)):
+        step = epoch * st.steps_per_epoch + i
+        lr = lr_at(step, cfg, st.warmup, st.total_steps)
+        for group in st.opt.param_groups:
+            group["lr"] = lr
+        x = to_device(batch, st.device, spec)
+        labels = torch.as_tensor(batch["label"], device=st.device)
+        target = F.one_hot(labels, spec.num_classes).float()
+        target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / spec.num_classes
+        x, target = mix(x, target, cfg, rng)
+        with autocast(st.device, st.precision):
+            logits = st.net(x)
+        loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        if not _finite_everywhere(loss, part, st.device):   # before the step: the weights stay as they were
+            raise NonFiniteLoss(loss.item(), i + 1)
+        st.opt.zero_grad(set_to_none=True)
+        st.scaler.scale(loss).backward()                      # DDP: gradients averaged over the workers here
+        if cfg.grad_clip > 0:
+            st.scaler.unscale_(st.opt)
+            torch.nn.utils.clip_grad_norm_(st.net.parameters(), cfg.grad_clip)
+        st.scaler.step(st.opt)
+        st.scaler.update()
+        losses.append(loss.item())
+        loss_sum += losses[-1] * len(labels)
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+        seen += len(labels)
+    return {"loss": loss_sum, "correct": correct, "seen": seen, "lr": lr}, losses
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, value: float, step: int):
+        super().__init__(f"loss {value} at step {step}")
+        self.value, self.step = value, step
+
+
+def _finite_everywhere(loss: torch.Tensor, part: Part, device) -> bool:
+    """Is the loss finite on every worker? All of a distributed run's workers must stop at the same step
+    (one that stopped alone would leave the others waiting in the gradient all-reduce)."""
+    bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device)
+    if part.world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def _all_sum(sums: dict, keys: tuple[str, ...], device) -> dict:
+    """Sum `keys` of `sums` over the workers of a distributed run."""
+    import torch.distributed as dist
+    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {**sums, **{k: v for k, v in zip(keys, t.tolist())}}
+
+
+def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, log=print, part: Part = Part(),
+          on_epoch=None) -> TrainResult:
     """Train `run.model` on `run.train_source`, evaluating on `run.val_source` after every epoch. With `out`,
     writes checkpoint.pt (every epoch, atomically), metrics.jsonl, summary.json and curves.png there.
-    `resume`: a checkpoint of this run to continue from."""
+    `resume`: a checkpoint of this run to continue from. `part`: this worker's share of a data-parallel run
+    (a process group must be initialised; cachefeat.train_distributed does that through Ray Train).
+    `on_epoch(record)`: called after every epoch's checkpoint (an ablation reports to Ray Tune there)."""
     from .backbone import resolve_device
-    cfg, model, spec = run.cfg, run.model, run.spec
-    out = Path(out) if out is not None else None
+    cfg, model = run.cfg, run.model
+    main = part.rank == 0
+    out = Path(out) if out is not None and main else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     model.to(device)
+    net = model
+    if part.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        run.train_source.part = (part.rank, part.world)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     steps_per_epoch = run.train_source.steps(0, train=True)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    st = Step(net, opt, scaler, device, precision, int(round(cfg.warmup_epochs * steps_per_epoch)),
+              cfg.epochs * steps_per_epoch, steps_per_epoch)
     classes = run.train_cache.classes
     history: list[dict] = []
     step_losses: list[float] = []
@@ -348,44 +440,23 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
         log(f"resuming {out} after epoch {start_epoch} of {cfg.epochs}")
 
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        torch.manual_seed(cfg.seed * 100_003 + epoch)        # dropout draws: a function of (seed, epoch)
-        rng = np.random.default_rng([cfg.seed, epoch, 303])  # mixup/cutmix draws
         t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for i, batch in enumerate(run.train_source.batches(epoch, train=True)):
-            step = epoch * steps_per_epoch + i
-            lr = lr_at(step, cfg, warmup, total_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x = to_device(batch, device, spec)
-            labels = torch.as_tensor(batch["label"], device=device)
-            target = F.one_hot(labels, spec.num_classes).float()
-            target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / spec.num_classes
-            x, target = mix(x, target, cfg, rng)
-            with autocast(device, precision):
-                logits = model(x)
-            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-            if not torch.isfinite(loss):     # before the step: the weights stay as they were
-                raise _diverged(f"the loss became {loss.item()}", epoch, cfg, out, epoch,
-                                f", step {i + 1}/{steps_per_epoch}")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            step_losses.append(loss.item())
-            loss_sum += step_losses[-1] * len(labels)
-            correct += int((logits.argmax(dim=-1) == labels).sum())
-            seen += len(labels)
+        try:
+            sums, losses = train_epoch(run, st, epoch, part)
+        except NonFiniteLoss as e:
+            raise _diverged(f"the loss became {e.value}", epoch, cfg, out, epoch,
+                            f", step {e.step}/{steps_per_epoch}") from None
+        if part.world > 1:
+            sums = _all_sum(sums, ("loss", "correct", "seen"), device)
+        step_losses += losses
         epoch_seconds = time.perf_counter() - t0
         seconds += epoch_seconds
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
-                  "lr": lr, "seconds": round(epoch_seconds, 3), "clips_per_s": round(seen / max(epoch_seconds, 1e-9), 1)}
-        if run.val_source is not None:
-            val = evaluate(model, run.val_source, device, precision, spec, classes)
+        seen = sums["seen"]
+        record = {"epoch": epoch + 1, "train_loss": sums["loss"] / max(seen, 1),
+                  "train_top1": sums["correct"] / max(seen, 1), "lr": sums["lr"], "seconds": round(epoch_seconds, 3),
+                  "clips_per_s": round(seen / max(epoch_seconds, 1e-9), 1)}
+        if run.val_source is not None and main:
+            val = evaluate(model, run.val_source, device, precision, run.spec, classes)
             record.update({"val_loss": val.get("loss"), "val_top1": val["top1"], "val_top5": val["top5"],
                            "val_clip_top1": val["clip_top1"]})
             if "reversal_accuracy" in val:
@@ -397,9 +468,14 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
         if out is not None:
             save_atomic(checkpoint_state(run, model, opt, scaler, epoch + 1, history, seconds), out / CHECKPOINT)
             write_metrics(out, history)
-        log(_epoch_line(record, cfg.epochs))   # after the checkpoint: a reported epoch survives a crash
+        if main:
+            log(_epoch_line(record, cfg.epochs))   # after the checkpoint: a reported epoch survives a crash
+        if on_epoch is not None:
+            on_epoch(record)
 
     summary = make_summary(run, history, seconds, precision, device)
+    if part.world > 1:
+        summary["workers"] = part.world
     if out is not None:
         # the run folder's files, relative to it: what a reader of summary.json opens next
         summary["files"] = {"checkpoint": CHECKPOINT, "metrics": "metrics.jsonl", "curves_png": "curves.png"}

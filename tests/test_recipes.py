@@ -106,7 +106,12 @@ def test_shipped_recipes_parse(recipe_path, tmp_path, monkeypatch):
     """Every recipe in pipelines/, for every backbone and frame count it documents, names real commands and
     options whose values the command accepts (click's own parsing and callbacks: types, ranges, the spec
     languages), a model open_clip knows, layers that model has, and adapter options the adapter has. The
-    data paths are placeholders: they are pointed at existing files for the check."""
+    data paths are placeholders: they are pointed at existing files for the check. An ablation spec
+    (`cachefeat ablate`) parses and validates (more in tests/test_ablate.py)."""
+    from cachefeat.ablate import is_ablation_spec, load_spec
+    if is_ablation_spec(recipe_path):
+        load_spec(recipe_path)
+        return
     from cachefeat import adapters
     from cachefeat.backbone import model_geometry
     from cachefeat.cli import cli, _parse_adapter_opts

@@ -152,7 +152,7 @@ def test_config_file_settings_yield_to_the_command_line(stage2_caches, tmp_path)
     cfg = tmp_path / "probe.yaml"
     cfg.write_text("adapter: probe\nepochs: 3\nlr: 0.05\nadapter-opts: {dropout: 0.2}\n")
     run_cli("train", "--cache", stage2_caches["train"], "--config", cfg, "--epochs", "2", "--in-memory", "no",
-            "--workers", "2", "--out", tmp_path / "run", "--quiet")
+            "--read-workers", "2", "--out", tmp_path / "run", "--quiet")
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["adapter"] == "probe" and s["epochs"] == 2 and s["config"]["lr"] == 0.05
     assert s["adapter_config"] == {"dropout": 0.2} and s["in_memory"] is False
