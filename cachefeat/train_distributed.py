@@ -23,6 +23,7 @@ from pathlib import Path
 from .distributed import ClusterError, WorkerError, on_driver_node, ray_runtime, use_gpus
 from .train import Part, TrainConfig, cpu_threads, load_checkpoint, open_run, train
 
+
 def train_distributed(cfg: TrainConfig, cache: str, val_cache: str | None, out: str, resume: bool, workers: int,
                       address: str | None = None, log=print) -> dict:
     """Train with `workers` Ray Train workers; returns rank 0's summary (also written to out/summary.json)."""
