@@ -109,7 +109,7 @@ def run(mode, log=print) -> dict:
     clips = len(r.train_source.rows(0, train=True))
     log(f"[reading] {st['model']}: evl layers={st['evl_layers']} reads {r.needs.describe()}; {clips} clips of "
         f"{mib_per_clip:.2f} MiB per epoch ({clips * mib_per_clip:.0f} MiB), batch {st['batch']}, "
-        f"{c.layout.num_shards} shards, streamed by {runs['no'].cfg.workers} workers")
+        f"{c.layout.num_shards} shards, streamed by {runs['no'].cfg.read_workers} workers")
     # the reader's own cost: one process loading the whole selection (what each worker does, per buffer)
     from cachefeat.data import CacheDataset
     import time
@@ -139,7 +139,7 @@ def run(mode, log=print) -> dict:
         f"{read_rate:.0f} clips/s")
     return {"model": st["model"], "adapter": "evl", "adapter_opts": {"layers": st["evl_layers"]},
             "reads": r.needs.describe(), "clips": clips, "mib_per_clip": mib_per_clip, "batch_size": st["batch"],
-            "shards": c.layout.num_shards, "workers": runs["no"].cfg.workers, "device": mode.device,
+            "shards": c.layout.num_shards, "workers": runs["no"].cfg.read_workers, "device": mode.device,
             "rounds": st["rounds"], "ram_clips_per_s": mem, "streamed_clips_per_s": stream,
             "ram_samples": rates["yes"], "streamed_samples": rates["no"], "efficiency": eff, "goal": GOAL,
             "verdict": verdict, "threads": st["threads"], "ram_first_batch_s": med(first, "yes"),

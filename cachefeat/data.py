@@ -87,10 +87,12 @@ def _read_rows(cache: Cache, sel: Selection, rows) -> dict[str, np.ndarray]:
 
 
 def _read_shard_rows(cache: Cache, sel: Selection, shard: int, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """`rows` (sorted, all inside `shard`): the whole shard when most of it is wanted (one read per array),
-    else only those rows' chunks."""
+    """`rows` (sorted, all inside `shard`): the whole shard when a quarter of it or more is wanted (one read
+    per array), else only those rows' chunks. Measured on the demo cache (ViT-B/32, 64-clip shards): a chunk
+    read alone costs 4-5x its share of a whole-shard read, so the whole shard is as fast from 1/4 of its rows
+    (CLS of 12 layers: 31 ms whole, 42 ms for 16 of 64 rows, 136 ms for 32) — one view of a 4-view cache."""
     rng = cache.layout.shard_rows_range(shard)
-    if len(rows) * 2 >= len(rng):
+    if len(rows) * 4 >= len(rng):
         block = read_rows(cache, sel, slice(rng.start, rng.stop))
         return {k: v[rows - rng.start] for k, v in block.items()}
     return read_rows(cache, sel, rows)
