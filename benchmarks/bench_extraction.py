@@ -52,10 +52,10 @@ def run(mode: Mode, log=print) -> dict:
     return out
 
 
-def _one_model(model: str, manifest, mode: Mode, log, LAYERS: str, TOKENS: str) -> dict:
+def _one_model(model: str, manifest, mode: Mode, log, layer_spec: str, token_spec: str) -> dict:
     bb = load_backbone(model, "none", mode.device)
-    layers = parse_layers(LAYERS, bb.depth)
-    tokens = parse_tokens(TOKENS, bb.patch_grid)
+    layers = parse_layers(layer_spec, bb.depth)
+    tokens = parse_tokens(token_spec, bb.patch_grid)
     # at most ~4 GB written per configuration: token-heavy caches get fewer videos
     frame_bytes = 2 * bb.width * len(layers) * (1 + tokens.num_patch_tokens)
     manifest = copy.copy(manifest)
@@ -64,7 +64,7 @@ def _one_model(model: str, manifest, mode: Mode, log, LAYERS: str, TOKENS: str) 
     # 1. end to end: the real command's pipeline, into a fresh store
     store = WORK / f"bench-{model.replace('/', '-')}.zarr"
     shutil.rmtree(store, ignore_errors=True)
-    settings = ExtractSettings(model=model, pretrained="none", layers=LAYERS, tokens=TOKENS, frames=mode.frames,
+    settings = ExtractSettings(model=model, pretrained="none", layers=layer_spec, tokens=token_spec, frames=mode.frames,
                                device=mode.device, text=False)
     t0 = time.perf_counter()
     stats = extract(manifest, store, settings, batch_size=mode.batch_size, decode_workers=mode.decode_workers,
@@ -148,5 +148,5 @@ def _one_model(model: str, manifest, mode: Mode, log, LAYERS: str, TOKENS: str) 
             "written_mib_per_s": write_mib_s, "bottleneck": stats.bottleneck(),
             "time_shares": {"wait_decode": stats.wait_decode_s / stats.seconds, "forward": stats.forward_s / stats.seconds,
                             "wait_write": stats.wait_write_s / stats.seconds},
-            "decode_workers": mode.decode_workers, "device": mode.device, "layers": LAYERS, "tokens": TOKENS,
+            "decode_workers": mode.decode_workers, "device": mode.device, "layers": layer_spec, "tokens": token_spec,
             "precision": bb.precision}

@@ -477,6 +477,18 @@ def repair_shards(out: Path, log) -> list[int]:
 
 
 
+def shards_left(out: Path, layout: Layout, todo: list[int], repair: bool, log) -> list[int]:
+    """The shards a run (single-process or distributed) still has to extract, with --repair's damaged
+    shards added; says what is already done."""
+    if repair:
+        todo = repair_shards(out, log)
+    if not todo:
+        log(f"{out}: already complete ({layout.num_shards} shards); nothing to do")
+    elif layout.num_shards > len(todo):
+        log(f"{out}: resuming, {layout.num_shards - len(todo)} of {layout.num_shards} shards already done")
+    return todo
+
+
 def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batch_size: int = 64,
             decode_workers: int = 2, decode_timeout: float = 60.0, reader: str = "auto", overwrite: bool = False,
             progress: bool = True, log=print, repair: bool = False) -> ExtractStats:
@@ -496,14 +508,9 @@ def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batc
             root, todo = prepare(out, p, settings.codec, overwrite=overwrite,
                                  extras=lambda: creation_extras(p, backbone, pool, batch_size, reader, log))
             layout = p.layout
-            if repair:
-                todo = repair_shards(out, log)
+            todo = shards_left(out, layout, todo, repair, log)
             if not todo:
-                log(f"{out}: already complete ({layout.num_shards} shards); nothing to do")
                 return ExtractStats()
-            done = layout.num_shards - len(todo)
-            if done:
-                log(f"{out}: resuming, {done} of {layout.num_shards} shards already done")
             total_clips = sum(len(layout.shard_rows_range(s)) for s in todo)
             bar = tqdm(total=total_clips, unit="clip", desc="extract", disable=not progress, dynamic_ncols=True)
             ex = ShardExtractor(root, layout, p.meta, backbone, manifest.videos, pool, batch_size, reader,

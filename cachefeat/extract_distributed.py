@@ -37,7 +37,7 @@ from .cache import FAILED, Cache, CacheError, StoreLock
 from .distributed import (WorkerError, death_reason, node_cpu_share, on_driver_node, ray_runtime, use_gpus,
                           worker_resources)
 from .decode_pool import DecodePool
-from .extract import ExtractSettings, ExtractStats, creation_extras, plan, prepare, repair_shards
+from .extract import ExtractSettings, ExtractStats, creation_extras, plan, prepare, shards_left
 from .manifest import Manifest
 
 
@@ -280,13 +280,9 @@ def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSe
             root, todo = prepare(out, p, settings.codec, overwrite=overwrite, extras=extras)
             del bb
             layout = p.layout
-            if repair:
-                todo = repair_shards(out, log)
+            todo = shards_left(out, layout, todo, repair, log)
             if not todo:
-                log(f"{out}: already complete ({layout.num_shards} shards); nothing to do")
                 return DistributedStats()
-            if layout.num_shards > len(todo):
-                log(f"{out}: resuming, {layout.num_shards - len(todo)} of {layout.num_shards} shards already done")
             # workers decode by absolute path: their working directory is not the driver's
             videos = [replace(v, path=os.path.abspath(v.path)) for v in manifest.videos]
             driver = _Driver(out, layout, todo, log, progress, monitor)

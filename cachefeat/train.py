@@ -387,10 +387,12 @@ class NonFiniteLoss(Exception):
 def _finite_everywhere(loss: torch.Tensor, part: Part, device) -> bool:
     """Is the loss finite on every worker? All of a distributed run's workers must stop at the same step
     (one that stopped alone would leave the others waiting in the gradient all-reduce)."""
-    bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device)
-    if part.world > 1:
-        import torch.distributed as dist
-        dist.all_reduce(bad)
+    finite = bool(torch.isfinite(loss))
+    if part.world == 1:
+        return finite
+    import torch.distributed as dist
+    bad = torch.tensor(0.0 if finite else 1.0, device=device)
+    dist.all_reduce(bad)
     return bad.item() == 0
 
 
