@@ -23,6 +23,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 from zarr.core.sync import sync as zarr_sync
 
+from .shard_file import ShardFile, ShardFileError
 from .specs import PixelSpec, TokenSpec, ViewSpec
 
 SCHEMA_VERSION = 1
@@ -301,6 +302,7 @@ def _short(v) -> str:
 class Cache:
     """Read access to a cache store. Only complete shards count: rows of unfinished shards are never
     valid. Arrays are read lazily; `read` returns numpy arrays in the stored dtype."""
+    direct_reads = True     # feature rows straight from the shard files (False: every read through zarr)
 
     def __init__(self, path: str | os.PathLike, mode: str = "r"):
         self.path = Path(path)
@@ -318,6 +320,7 @@ class Cache:
                              f"understands ({SCHEMA_VERSION}); upgrade cachefeat")
         self.meta = meta
         self.layout = Layout.from_dict(meta["layout"])
+        self._shard_files: dict[str, ShardFile | None] = {}
 
     # -- what it holds
     @property
@@ -441,6 +444,9 @@ class Cache:
         return data
 
     def _get(self, name: str, rows, cols=None):
+        data = self._read_direct(name, rows)
+        if data is not None:
+            return data if cols is None else data[(slice(None), *cols)]
         arr = self.root[name]
         try:
             return arr[rows] if cols is None else arr[(rows, *cols)]
@@ -450,6 +456,30 @@ class Cache:
             raise CacheError(f"{self.path}: array {name}, {where}: cannot be read ({_first_line(e)}); the data on disk "
                              f"is damaged: run `cachefeat verify {self.path}`, then `cachefeat extract ... --repair`"
                              ) from None
+
+    def _read_direct(self, name: str, rows) -> np.ndarray | None:
+        """Rows of a sharded feature array decoded straight from its shard files (shard_file.py: the same
+        bytes through the same codecs, without zarr's per-chunk cost), or None where that does not apply
+        (direct reads off, a single row, another layout) or the bytes fail a check: zarr then reads them
+        and the error names what is damaged."""
+        if not self.direct_reads or isinstance(rows, (int, np.integer)):
+            return None
+        if isinstance(rows, slice):
+            if rows.step not in (None, 1):
+                return None
+        else:
+            rows = np.asarray(rows)
+            if rows.ndim != 1 or rows.dtype.kind not in "iu":
+                return None
+        if name not in self._shard_files:
+            self._shard_files[name] = ShardFile.open(self.path / name)
+        reader = self._shard_files[name]
+        if reader is None:
+            return None
+        try:
+            return reader.read(rows)
+        except (ShardFileError, OSError):
+            return None
 
     def unreadable_rows(self, name: str, rows=slice(None)) -> list[int]:
         """The rows of `name` within `rows` that fail to read, one by one."""

@@ -3,8 +3,9 @@ whole shards at a time by worker processes.
 
 - `Selection`: which arrays (final embedding, CLS of some layers, patch tokens of some layers, pixels).
 - `CacheDataset`: a torch Dataset of the valid clips of a cache, returning per-clip tensors with label,
-  video and view; `load()`s the selection into RAM (reading whole shards: Zarr's per-chunk overhead in
-  Python is ~0.5 ms, far more than decompressing a small chunk) or reads on demand.
+  video and view; `load()`s the selection into RAM (a shard at a time) or reads on demand. Feature rows
+  come straight from the shard files (shard_file.py), which costs ~20-40 us per clip and array instead of
+  zarr's ~0.3-0.5 ms.
 - `plan_epoch`: the order of an epoch as batches of rows, a function of (seed, epoch) only. Training takes
   one view per video per epoch (one of the cache's augmented views, or one of its test views), shuffled:
   fully in RAM, or shard-buffered when streaming (shuffle the shards, then the clips inside a buffer of a
@@ -86,18 +87,6 @@ def _read_rows(cache: Cache, sel: Selection, rows) -> dict[str, np.ndarray]:
     return out
 
 
-def _read_shard_rows(cache: Cache, sel: Selection, shard: int, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """`rows` (sorted, all inside `shard`): the whole shard when a quarter of it or more is wanted (one read
-    per array), else only those rows' chunks. Measured on the demo cache (ViT-B/32, 64-clip shards): a chunk
-    read alone costs 4-5x its share of a whole-shard read, so the whole shard is as fast from 1/4 of its rows
-    (CLS of 12 layers: 31 ms whole, 42 ms for 16 of 64 rows, 136 ms for 32) — one view of a 4-view cache."""
-    rng = cache.layout.shard_rows_range(shard)
-    if len(rows) * 4 >= len(rng):
-        block = read_rows(cache, sel, slice(rng.start, rng.stop))
-        return {k: v[rows - rng.start] for k, v in block.items()}
-    return read_rows(cache, sel, rows)
-
-
 class CacheDataset:
     """The valid clips of a cache (or the given rows) as a torch-style Dataset: `ds[i]` is a dict of
     per-clip arrays plus label, video, view and row. `in_memory`: yes = load the selection into RAM now,
@@ -138,7 +127,7 @@ class CacheDataset:
         data: dict[str, np.ndarray] = {}
         for shard in np.unique(shard_of):
             part = rows[shard_of == shard]
-            block = _read_shard_rows(self.cache, self.selection, int(shard), part)
+            block = read_rows(self.cache, self.selection, part)
             for k, v in block.items():
                 if k not in data:
                     data[k] = np.empty((len(rows), *v.shape[1:]), v.dtype)
@@ -303,15 +292,13 @@ class CachedSource(FeatureSource):
 
 
 def _buffer_batches(cache: Cache, sel: Selection, buf: Buffer, tables) -> Iterator[dict[str, np.ndarray]]:
-    """Read a buffer's shards once, then serve its batches from that block."""
-    need = np.sort(np.concatenate(buf.batches)) if buf.batches else np.zeros(0, np.int64)
-    shard_rows = cache.layout.shard_rows
-    parts = [_read_shard_rows(cache, sel, int(s), need[need // shard_rows == s]) for s in buf.shards]
-    block = {k: np.concatenate([p[k] for p in parts]) for k in (parts[0] if parts else {})}
-    order = np.concatenate([need[need // shard_rows == s] for s in buf.shards]) if parts else need
-    pos = {int(r): i for i, r in enumerate(order)}
+    """Read a buffer's rows once (each shard file opened once), then serve its batches from that block."""
+    if not buf.batches:
+        return
+    need = np.unique(np.concatenate(buf.batches))
+    block = read_rows(cache, sel, need)
     for rows in buf.batches:
-        idx = np.fromiter((pos[int(r)] for r in rows), np.int64, len(rows))
+        idx = np.searchsorted(need, rows)
         yield {**{k: v[idx] for k, v in block.items()}, **tables(rows)}
 
 

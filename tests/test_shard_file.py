@@ -1,0 +1,130 @@
+"""The direct shard-file reader returns exactly what zarr returns, for every codec a cache can use, and
+refuses (rather than misreads) anything else."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec
+
+from cachefeat.cache import CODEC_HELP, CacheError, open_cache, parse_codec
+from cachefeat.shard_file import ShardFile, ShardFileError
+
+CODECS = ["zstd:3", "none", "gzip", "blosc-lz4", "blosc-zstd"]
+ROWS, SHARD = 23, 8       # three shards, the last one partial
+
+
+def _array(path, codec="zstd:3", dtype="float16", **kw):
+    """A cache-style array: one chunk per row, `SHARD` rows per shard file. Rows 0..7 random, rows 8..15
+    partly zero (zero chunks are not stored: they read as the fill value), rows 16..22 never written."""
+    shape = (ROWS, 3, 5)
+    a = zarr.create_array(str(path), shape=shape, dtype=dtype, chunks=(1, 3, 5), shards=(SHARD, 3, 5),
+                          compressors=parse_codec(codec), fill_value=0, **kw)
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(16, 3, 5)) * 50).astype(dtype)
+    data[[9, 12]] = 0
+    a[:16] = data
+    return a
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_reads_equal_zarr_for_every_codec(tmp_path, codec):
+    a = _array(tmp_path / "a", codec)
+    f = ShardFile.open(tmp_path / "a")
+    assert f is not None
+    want = a[:]
+    assert np.array_equal(f.read(slice(None)), want)
+    assert np.array_equal(f.read(slice(3, 17)), want[3:17])
+    rows = np.array([22, 5, 5, 9, 0, 16, 15, 8, 7, 7])            # any order, repeats, absent chunks
+    assert np.array_equal(f.read(rows), want[rows])
+    assert f.read(np.zeros(0, np.int64)).shape == (0, 3, 5)
+    with pytest.raises(IndexError):
+        f.read(np.array([ROWS]))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "float32"])
+def test_other_dtypes(tmp_path, dtype):
+    a = _array(tmp_path / "a", dtype=dtype)
+    assert np.array_equal(ShardFile.open(tmp_path / "a").read(slice(None)), a[:])
+
+
+def test_index_at_start_and_big_endian(tmp_path):
+    for name, kw in {"start": {"shards": None}, "big": {}}.items():
+        path = tmp_path / name
+        if name == "start":
+            from zarr.codecs import ShardingCodec, ZstdCodec
+            codec = ShardingCodec(chunk_shape=(1, 3, 5), codecs=[BytesCodec(), ZstdCodec(), Crc32cCodec()],
+                                  index_location="start")
+            a = zarr.create_array(str(path), shape=(ROWS, 3, 5), dtype="float32", chunks=(SHARD, 3, 5),
+                                  serializer=codec, compressors=None, fill_value=0)
+        else:
+            a = zarr.create_array(str(path), shape=(ROWS, 3, 5), dtype="float32", chunks=(1, 3, 5),
+                                  shards=(SHARD, 3, 5), serializer=BytesCodec(endian="big"), fill_value=0)
+        a[:] = np.arange(ROWS * 15, dtype="float32").reshape(ROWS, 3, 5)
+        f = ShardFile.open(path)
+        assert f is not None, name
+        assert np.array_equal(f.read(slice(None)), a[:]), name
+        assert f.read(slice(None)).dtype.isnative
+
+
+def test_other_layouts_are_left_to_zarr(tmp_path):
+    zarr.create_array(str(tmp_path / "plain"), shape=(10, 4), dtype="float32", chunks=(2, 4))
+    zarr.create_array(str(tmp_path / "two_rows"), shape=(10, 4), dtype="float32", chunks=(2, 4), shards=(4, 4))
+    zarr.create_array(str(tmp_path / "split_cols"), shape=(10, 4), dtype="float32", chunks=(1, 2), shards=(4, 4))
+    zarr.create_array(str(tmp_path / "text"), shape=(10,), dtype=str, chunks=(1,), shards=(5,))
+    for name in ("plain", "two_rows", "split_cols", "text", "missing"):
+        assert ShardFile.open(tmp_path / name) is None, name
+
+
+def test_damage_raises_instead_of_misreading(tmp_path):
+    _array(tmp_path / "a")
+    shard = tmp_path / "a" / "c" / "0" / "0" / "0"
+    good = shard.read_bytes()
+    f = ShardFile.open(tmp_path / "a")
+    b = bytearray(good)
+    b[10] ^= 0xFF                                    # inside the first chunk
+    shard.write_bytes(bytes(b))
+    with pytest.raises(ShardFileError, match="chunk 0 fails its checksum"):
+        f.read(slice(0, 8))
+    assert np.array_equal(f.read(slice(1, 8)), zarr.open_array(str(tmp_path / "a"))[1:8])  # the others read
+    b = bytearray(good)
+    b[-10] ^= 0xFF                                   # inside the index
+    shard.write_bytes(bytes(b))
+    with pytest.raises(ShardFileError, match="index fails its checksum"):
+        f.read(slice(0, 8))
+    shard.write_bytes(good[:40])                     # truncated
+    with pytest.raises(ShardFileError):
+        f.read(slice(0, 8))
+
+
+def test_cache_reads_the_same_with_and_without_direct_reads(stage2_caches):
+    """Every feature array of a real extracted cache (float16 tokens, CLS, embeddings, uint8 pixels) reads
+    the same through the shard files as through zarr, also for layer subsets and row lists."""
+    direct, via_zarr = open_cache(stage2_caches["val"]), open_cache(stage2_caches["val"])
+    via_zarr.direct_reads = False
+    rows = np.array([5, 1, 1, 29, 17])
+    for name in [*direct.layout.feature_arrays(), "pixels"]:
+        assert direct._read_direct(name, slice(None)) is not None, name
+        for r in (slice(None), slice(2, 20), rows):
+            assert np.array_equal(direct.read(name, r), via_zarr.read(name, r)), name
+    for layers in ([1, 2], [0, 3]):
+        assert np.array_equal(direct.read_cls(rows, layers), via_zarr.read_cls(rows, layers))
+
+
+def test_damaged_chunk_is_still_named_by_the_cache(stage2_caches, tmp_path):
+    """A chunk that fails its checksum makes the direct read give way to zarr, whose error names the clip."""
+    import shutil
+    path = tmp_path / "val.zarr"
+    shutil.copytree(stage2_caches["val"], path)
+    shard = path / "tokens" / "1" / "c" / "0" / "0" / "0" / "0"
+    b = bytearray(shard.read_bytes())
+    b[100] ^= 0xFF
+    shard.write_bytes(bytes(b))
+    with pytest.raises(CacheError, match=r"array tokens/1, clips 0\b.*damaged"):
+        open_cache(path).read("tokens/1", slice(0, 8))
+
+
+def test_every_codec_the_cli_offers_is_tested():
+    import re
+    offered = {name.split("[")[0] for name in re.split(r", | or ", CODEC_HELP)}
+    assert offered == {c.split(":")[0] for c in CODECS}
