@@ -441,39 +441,44 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
         start_epoch, history, seconds = resume["epoch"], list(resume["history"]), resume.get("train_seconds", 0.0)
         log(f"resuming {out} after epoch {start_epoch} of {cfg.epochs}")
 
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        try:
-            sums, losses = train_epoch(run, st, epoch, part)
-        except NonFiniteLoss as e:
-            raise _diverged(f"the loss became {e.value}", epoch, cfg, out, epoch,
-                            f", step {e.step}/{steps_per_epoch}") from None
-        if part.world > 1:
-            sums = _all_sum(sums, ("loss", "correct", "seen"), device)
-        step_losses += losses
-        epoch_seconds = time.perf_counter() - t0
-        seconds += epoch_seconds
-        seen = sums["seen"]
-        record = {"epoch": epoch + 1, "train_loss": sums["loss"] / max(seen, 1),
-                  "train_top1": sums["correct"] / max(seen, 1), "lr": sums["lr"], "seconds": round(epoch_seconds, 3),
-                  "clips_per_s": round(seen / max(epoch_seconds, 1e-9), 1)}
-        if run.val_source is not None and main:
-            val = evaluate(model, run.val_source, device, precision, run.spec, classes)
-            record.update({"val_loss": val.get("loss"), "val_top1": val["top1"], "val_top5": val["top5"],
-                           "val_clip_top1": val["clip_top1"]})
-            if "reversal_accuracy" in val:
-                record["val_reversal_accuracy"] = val["reversal_accuracy"]
-        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:   # a finite loss with a non-finite update: never checkpoint such weights
-            raise _diverged(f"weights became non-finite ({', '.join(bad[:3])})", epoch, cfg, out, epoch)
-        history.append(record)
-        if out is not None:
-            save_atomic(checkpoint_state(run, model, opt, scaler, epoch + 1, history, seconds), out / CHECKPOINT)
-            write_metrics(out, history)
-        if main:
-            log(_epoch_line(record, cfg.epochs))   # after the checkpoint: a reported epoch survives a crash
-        if on_epoch is not None:
-            on_epoch(record)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            try:
+                sums, losses = train_epoch(run, st, epoch, part)
+            except NonFiniteLoss as e:
+                raise _diverged(f"the loss became {e.value}", epoch, cfg, out, epoch,
+                                f", step {e.step}/{steps_per_epoch}") from None
+            if part.world > 1:
+                sums = _all_sum(sums, ("loss", "correct", "seen"), device)
+            step_losses += losses
+            epoch_seconds = time.perf_counter() - t0
+            seconds += epoch_seconds
+            seen = sums["seen"]
+            record = {"epoch": epoch + 1, "train_loss": sums["loss"] / max(seen, 1),
+                      "train_top1": sums["correct"] / max(seen, 1), "lr": sums["lr"], "seconds": round(epoch_seconds, 3),
+                      "clips_per_s": round(seen / max(epoch_seconds, 1e-9), 1)}
+            if run.val_source is not None and main:
+                val = evaluate(model, run.val_source, device, precision, run.spec, classes)
+                record.update({"val_loss": val.get("loss"), "val_top1": val["top1"], "val_top5": val["top5"],
+                               "val_clip_top1": val["clip_top1"]})
+                if "reversal_accuracy" in val:
+                    record["val_reversal_accuracy"] = val["reversal_accuracy"]
+            bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+            if bad:   # a finite loss with a non-finite update: never checkpoint such weights
+                raise _diverged(f"weights became non-finite ({', '.join(bad[:3])})", epoch, cfg, out, epoch)
+            history.append(record)
+            if out is not None:
+                save_atomic(checkpoint_state(run, model, opt, scaler, epoch + 1, history, seconds), out / CHECKPOINT)
+                write_metrics(out, history)
+            if main:
+                log(_epoch_line(record, cfg.epochs))   # after the checkpoint: a reported epoch survives a crash
+            if on_epoch is not None:
+                on_epoch(record)
+    finally:   # streamed sources read ahead into the next epoch: stop their reader processes
+        for source in (run.train_source, run.val_source):
+            if source is not None:
+                source.close()
 
     summary = make_summary(run, history, seconds, precision, device)
     if part.world > 1:

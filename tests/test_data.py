@@ -37,6 +37,46 @@ def test_streamed_batches_equal_in_memory_batches_in_plan_order(stage2_caches):
     assert b["pixels"].dtype == np.uint8 and np.array_equal(b["label"], cache.labels()[rows])
 
 
+def _same(got: list[dict], ref: list[dict]) -> bool:
+    return len(got) == len(ref) and all(g.keys() == r.keys() and all(np.array_equal(g[k], r[k]) for k in r)
+                                        for g, r in zip(got, ref))
+
+
+def test_streaming_reads_ahead_across_epochs_and_stays_in_plan_order(stage2_caches):
+    """The reader processes go on from one epoch's plan to the next's; whatever the caller does (epochs in
+    order, an epoch abandoned halfway, an epoch asked again or skipped, evaluation in between) every epoch
+    is the plan's batches in order, and close() ends the processes."""
+    import psutil
+
+    def children():
+        return {p.pid for p in psutil.Process().children(recursive=True)
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+
+    cache = open_cache(stage2_caches["train"])
+    before = children()
+    mem = CachedSource(cache, SEL, 16, seed=3, in_memory="yes")
+    src = CachedSource(cache, SEL, 16, seed=3, in_memory="no", workers=2, buffer_shards=1)
+
+    def ref(epoch, train=True):
+        return [mem.dataset.gather(rows) for buf in src.plan(epoch, train) for rows in buf.batches]
+
+    assert _same(list(src.batches(0, True)), ref(0))
+    stream = src._stream
+    assert _same(list(src.batches(1, True)), ref(1)) and src._stream is stream      # the same processes went on
+    assert _same(list(src.batches(0, False)), ref(0, False))                       # evaluation: its own pass
+    assert src._stream is None                                                      # ... and its readers end
+    assert _same(list(src.batches(2, True)), ref(2))
+    it = src.batches(3, True)
+    first = [next(it), next(it)]
+    it.close()                                                                      # abandoned after two batches
+    assert _same(first, ref(3)[:2])
+    assert _same(list(src.batches(3, True)), ref(3))                                # asked again: all of it
+    assert _same(list(src.batches(7, True)), ref(7))                                # skipped ahead
+    assert len(children() - before) == 2
+    src.close()
+    assert children() == before
+
+
 def test_shard_buffered_order_reads_each_shard_once_and_shuffles_within():
     rows = np.arange(0, 200)
     plan = plan_epoch(rows, shard_rows=50, batch_size=16, seed=0, epoch=0, shuffle=True, buffer_shards=2)

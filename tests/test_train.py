@@ -46,6 +46,27 @@ def test_training_from_the_cache_equals_training_with_the_backbone_on_the_fly(sm
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4, msg=k)
 
 
+def test_streamed_training_through_reader_processes_equals_reading_in_process(small_caches):
+    """Streaming the cache through reader processes that read ahead across epochs gives the same batches,
+    so the same losses, as reading it in the training process; when train() returns no reader is left."""
+    import psutil
+
+    def children():
+        return {p.pid for p in psutil.Process().children(recursive=True)
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+
+    before = children()
+    losses = {}
+    for workers in (0, 2):
+        cfg = TrainConfig(adapter="evl", adapter_opts={"layers": 2}, epochs=3, batch_size=4, seed=2, in_memory="no",
+                          read_workers=workers, threads=1)
+        run = open_run(cfg, small_caches / "aug.zarr", small_caches / "aug.zarr")
+        losses[workers] = train(run, None, log=lambda s: None).step_losses
+    assert len(losses[2]) == 9
+    np.testing.assert_allclose(losses[2], losses[0], rtol=1e-6)
+    assert children() == before
+
+
 def test_an_interrupted_run_resumes_to_the_same_result(small_caches, tmp_path):
     args = ["train", "--cache", small_caches / "aug.zarr", "--adapter", "temporal", "--adapter-opt", "dim=32",
             "--epochs", "4", "--batch-size", "4", "--threads", "1"]
