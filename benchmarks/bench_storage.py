@@ -18,6 +18,7 @@ from cachefeat.backbone import model_geometry
 from cachefeat.cache import Layout, open_cache, parse_codec
 from cachefeat.extract import ExtractSettings, extract
 from cachefeat.manifest import load_manifest
+from cachefeat.shard_file import ShardFile
 from cachefeat.specs import TokenSpec, ViewSpec, parse_layers, parse_tokens
 
 from common import WORK, Mode, synth_data
@@ -75,26 +76,40 @@ def codecs(mode: Mode, log=print) -> dict:
             made[name][...] = a
         write_s = time.perf_counter() - t0
         size = sum(os.path.getsize(os.path.join(p, f)) for p, _, fs in os.walk(d) for f in fs)
-        reads = []
+        # whole arrays and random single clips, through zarr and through cachefeat's shard-file reader
+        # (what training reads with), interleaved
+        reads, direct_reads = [], []
         for _ in range(3):
             r = zarr.open_group(str(d), mode="r")
             t0 = time.perf_counter()
             for name in arrays:
                 r[name][...]
             reads.append(time.perf_counter() - t0)
-        r = zarr.open_group(str(d), mode="r")
-        rng = np.random.default_rng(0)
-        picks = rng.integers(0, c.num_clips, 32)
+            files = {name: ShardFile.open(d / name) for name in arrays}
+            t0 = time.perf_counter()
+            for f in files.values():
+                f.read(slice(None))
+            direct_reads.append(time.perf_counter() - t0)
+        picks = np.random.default_rng(0).integers(0, c.num_clips, 32)
         t0 = time.perf_counter()
         for i in picks:
             for name in arrays:
                 r[name][int(i)]
         clip_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in picks:
+            for f in files.values():
+                f.read(np.array([i]))
+        direct_clip_s = time.perf_counter() - t0
         per_clip_bytes = raw / c.num_clips * len(picks)
-        results[spec] = {"ratio": raw / size, "write_mib_s": raw / write_s / 2**20,
-                         "read_mib_s": raw / min(reads) / 2**20, "random_clip_read_mib_s": per_clip_bytes / clip_s / 2**20}
-        log(f"  {spec:13s} ratio {raw / size:5.3f}  write {raw / write_s / 2**20:7.1f} MiB/s  "
-            f"read {raw / min(reads) / 2**20:7.1f} MiB/s  random clips {per_clip_bytes / clip_s / 2**20:7.1f} MiB/s")
+        mib = 2 ** 20
+        results[spec] = {"ratio": raw / size, "write_mib_s": raw / write_s / mib,
+                         "read_mib_s": raw / min(reads) / mib, "random_clip_read_mib_s": per_clip_bytes / clip_s / mib,
+                         "direct_read_mib_s": raw / min(direct_reads) / mib,
+                         "direct_random_clip_read_mib_s": per_clip_bytes / direct_clip_s / mib}
+        log(f"  {spec:13s} ratio {raw / size:5.3f}  write {raw / write_s / mib:7.1f} MiB/s  "
+            f"read {raw / min(reads) / mib:7.1f} MiB/s (shard files {raw / min(direct_reads) / mib:7.1f})  "
+            f"random clips {per_clip_bytes / clip_s / mib:7.1f} MiB/s (shard files {per_clip_bytes / direct_clip_s / mib:7.1f})")
     shutil.rmtree(WORK / "codec-test.zarr", ignore_errors=True)
     return {"model": model, "raw_mib": raw / 2**20, "codecs": results}
 

@@ -98,10 +98,12 @@ def report(results: dict) -> str:
                          f"{r['k400_8f_tb']:.2f} TB | {_b(q['bytes_per_frame'])} | {q['k400_8f_tb']:.2f} TB |")
         cd = st["codecs"]
         lines += ["", f"### Codecs on {cd['model']} tokens ({cd['raw_mib']:.0f} MiB float16, random weights)", "",
-                  "| codec (+ CRC32C) | ratio | write MiB/s | read MiB/s | random clip reads MiB/s |", "|---|---|---|---|---|"]
+                  "| codec (+ CRC32C) | ratio | write MiB/s | read MiB/s: zarr / shard files | "
+                  "random clip reads MiB/s: zarr / shard files |", "|---|---|---|---|---|"]
         for k, r in cd["codecs"].items():
-            lines.append(f"| {k} | {r['ratio']:.3f} | {r['write_mib_s']:.0f} | {r['read_mib_s']:.0f} | "
-                         f"{r['random_clip_read_mib_s']:.0f} |")
+            lines.append(f"| {k} | {r['ratio']:.3f} | {r['write_mib_s']:.0f} | {r['read_mib_s']:.0f} / "
+                         f"{r['direct_read_mib_s']:.0f} | {r['random_clip_read_mib_s']:.0f} / "
+                         f"{r['direct_random_clip_read_mib_s']:.0f} |")
         lines.append("")
     if "reading" in s:
         r = s["reading"]
