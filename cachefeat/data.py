@@ -1,5 +1,5 @@
 """Reading a cache for stage two: only the arrays an adapter asks for, in RAM when they fit, else streamed
-whole shards at a time by worker processes.
+a buffer of shards at a time by reader processes that read on across epochs.
 
 - `Selection`: which arrays (final embedding, CLS of some layers, patch tokens of some layers, pixels).
 - `CacheDataset`: a torch Dataset of the valid clips of a cache, returning per-clip tensors with label,
@@ -375,8 +375,8 @@ class _BufferReader:
 
 def _pack(batch: dict[str, np.ndarray]) -> tuple:
     """A batch as one uint8 tensor and its layout [(name, dtype, shape, offset)]. The DataLoader hands each
-    tensor over through shared memory with its own file-descriptor handshake, ~0.5 ms of the training
-    process's time apiece (measured): one tensor per batch instead of one per array."""
+    tensor over through shared memory with its own file-descriptor handshake, ~0.2 ms of the training
+    process's time apiece (measured: 2.2 ms per batch of 6 tensors, 1.2 ms packed): one per batch."""
     import torch
     layout, end = [], 0
     for k, v in batch.items():

@@ -120,7 +120,10 @@ class ShardFile:
         if dtype.kind not in "biuf":
             return None
         dtype = dtype.newbyteorder("<" if endian == "little" else ">")
-        return cls(folder, shape, dtype, shard[0], chunk, meta.get("fill_value", 0), decompress, chunk_crc,
+        fill = meta.get("fill_value", 0)
+        if isinstance(fill, bool) or not isinstance(fill, (int, float)):   # "NaN", hex strings...: zarr's job
+            return None
+        return cls(folder, shape, dtype, shard[0], chunk, fill, decompress, chunk_crc,
                    index[2], cfg.get("index_location", "end") == "end")
 
     @property
@@ -222,7 +225,10 @@ class ShardFile:
             if len(blob) < 4 or _crc32c(blob[:-4]) != int.from_bytes(blob[-4:].tobytes(), "little"):
                 raise ShardFileError(f"{path}: chunk {row} fails its checksum")
             blob = blob[:-4]
-        raw = self.decompress(blob) if self.decompress is not None else blob
+        try:
+            raw = self.decompress(blob) if self.decompress is not None else blob
+        except Exception as e:               # the codec's own error for a damaged frame
+            raise ShardFileError(f"{path}: chunk {row} does not decompress ({e})") from None
         if memoryview(raw).nbytes != self.chunk_nbytes:
             raise ShardFileError(f"{path}: chunk {row} decodes to the wrong size")
         return np.frombuffer(raw, self.dtype).reshape(self.shape[1:])

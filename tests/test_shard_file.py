@@ -72,7 +72,9 @@ def test_other_layouts_are_left_to_zarr(tmp_path):
     zarr.create_array(str(tmp_path / "two_rows"), shape=(10, 4), dtype="float32", chunks=(2, 4), shards=(4, 4))
     zarr.create_array(str(tmp_path / "split_cols"), shape=(10, 4), dtype="float32", chunks=(1, 2), shards=(4, 4))
     zarr.create_array(str(tmp_path / "text"), shape=(10,), dtype=str, chunks=(1,), shards=(5,))
-    for name in ("plain", "two_rows", "split_cols", "text", "missing"):
+    zarr.create_array(str(tmp_path / "nan_fill"), shape=(10, 4), dtype="float32", chunks=(1, 4), shards=(4, 4),
+                      fill_value=np.nan)
+    for name in ("plain", "two_rows", "split_cols", "text", "nan_fill", "missing"):
         assert ShardFile.open(tmp_path / name) is None, name
 
 
@@ -95,6 +97,22 @@ def test_damage_raises_instead_of_misreading(tmp_path):
     shard.write_bytes(good[:40])                     # truncated
     with pytest.raises(ShardFileError):
         f.read(slice(0, 8))
+
+
+def test_a_damaged_frame_without_checksum_raises(tmp_path):
+    from zarr.codecs import ZstdCodec
+    a = zarr.create_array(str(tmp_path / "a"), shape=(8, 16), dtype="float32", chunks=(1, 16), shards=(8, 16),
+                          compressors=[ZstdCodec()])
+    a[:] = np.arange(128, dtype="float32").reshape(8, 16)
+    shard = tmp_path / "a" / "c" / "0" / "0"
+    b = bytearray(shard.read_bytes())
+    b[0] ^= 0xFF                                     # the first chunk's zstd magic number
+    shard.write_bytes(bytes(b))
+    f = ShardFile.open(tmp_path / "a")
+    assert f is not None and not f.chunk_crc
+    with pytest.raises(ShardFileError, match="chunk 0 does not decompress"):
+        f.read(slice(None))
+    assert np.array_equal(f.read(slice(1, 8)), np.arange(16, 128, dtype="float32").reshape(7, 16))
 
 
 def test_cache_reads_the_same_with_and_without_direct_reads(stage2_caches):
