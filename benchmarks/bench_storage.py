@@ -49,7 +49,7 @@ def codecs(mode: Mode, log=print) -> dict:
     data = synth_data("extract-data", classes=6, videos_per_class=max(2, mode.videos // 6 + 1))
     manifest = load_manifest(data / "train.txt", classes=str(data / "classes.txt"))
     manifest.videos = manifest.videos[: (8 if not mode.full else 64)]
-    src = WORK / "codec-src.zarr"
+    src = WORK / f"codec-src-{len(manifest.videos)}.zarr"     # named by its size: a stale one is never reused
     if not (src / "zarr.json").exists() or not open_cache(src).complete:
         shutil.rmtree(src, ignore_errors=True)
         frames = 4 if not mode.full else 8
