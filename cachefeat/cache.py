@@ -469,8 +469,8 @@ class Cache:
                 return None
         else:
             rows = np.asarray(rows)
-            if rows.ndim != 1 or rows.dtype.kind not in "iu":
-                return None
+            if rows.ndim != 1 or rows.dtype.kind not in "iu" or (rows.size and rows.min() < 0):
+                return None                  # zarr's indexing rules (negative rows count from the end)
         if name not in self._shard_files:
             self._shard_files[name] = ShardFile.open(self.path / name)
         reader = self._shard_files[name]

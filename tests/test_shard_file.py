@@ -123,7 +123,7 @@ def test_cache_reads_the_same_with_and_without_direct_reads(stage2_caches):
     rows = np.array([5, 1, 1, 29, 17])
     for name in [*direct.layout.feature_arrays(), "pixels"]:
         assert direct._read_direct(name, slice(None)) is not None, name
-        for r in (slice(None), slice(2, 20), rows):
+        for r in (slice(None), slice(2, 20), slice(-5, None), rows, np.array([-1, 0])):
             assert np.array_equal(direct.read(name, r), via_zarr.read(name, r)), name
     for layers in ([1, 2], [0, 3]):
         assert np.array_equal(direct.read_cls(rows, layers), via_zarr.read_cls(rows, layers))
