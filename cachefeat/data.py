@@ -4,8 +4,8 @@ a buffer of shards at a time by reader processes that read on across epochs.
 - `Selection`: which arrays (final embedding, CLS of some layers, patch tokens of some layers, pixels).
 - `CacheDataset`: a torch Dataset of the valid clips of a cache, returning per-clip tensors with label,
   video and view; `load()`s the selection into RAM (a shard at a time) or reads on demand. Feature rows
-  come straight from the shard files (shard_file.py), which costs ~20-40 us per clip and array instead of
-  zarr's ~0.3-0.5 ms.
+  come straight from the shard files (shard_file.py): ~0.05 ms per clip and array instead of zarr's ~0.5 ms
+  (the reading benchmark's single-process rates).
 - `plan_epoch`: the order of an epoch as batches of rows, a function of (seed, epoch) only. Training takes
   one view per video per epoch (one of the cache's augmented views, or one of its test views), shuffled:
   fully in RAM, or shard-buffered when streaming (shuffle the shards, then the clips inside a buffer of a
@@ -304,14 +304,13 @@ class CachedSource(FeatureSource):
         self._stream: _Stream | None = None
 
     def batches(self, epoch: int, train: bool) -> Iterator[dict[str, np.ndarray]]:
-        plan = self.plan(epoch, train)
         if self.dataset.in_memory:
-            for buf in plan:
+            for buf in self.plan(epoch, train):
                 for rows in buf.batches:
                     yield self.dataset.gather(rows)
             return
         if self.workers == 0:
-            for buf in plan:
+            for buf in self.plan(epoch, train):
                 yield from _buffer_batches(self.cache, self.selection, buf, self.tables)
             return
         if self._stream is None or not self._stream.serves(epoch, train):
@@ -375,8 +374,8 @@ class _BufferReader:
 
 def _pack(batch: dict[str, np.ndarray]) -> tuple:
     """A batch as one uint8 tensor and its layout [(name, dtype, shape, offset)]. The DataLoader hands each
-    tensor over through shared memory with its own file-descriptor handshake, ~0.2 ms of the training
-    process's time apiece (measured: 2.2 ms per batch of 6 tensors, 1.2 ms packed): one per batch."""
+    tensor over through shared memory with its own file-descriptor handshake, which costs the training
+    process far more than the copy into one block costs the reader: one tensor per batch."""
     import torch
     layout, end = [], 0
     for k, v in batch.items():

@@ -1,8 +1,8 @@
 """Reading rows of a sharded cache array straight from its shard files, without zarr's per-chunk machinery.
 
 A cache's feature arrays hold one chunk per clip inside one shard file per shard (docs/cache-format.md).
-zarr-python spends ~0.3-0.5 ms of Python per chunk it reads (measured on the reading benchmark's cache),
-while decoding a 16 KiB chunk takes ~20 us, so a streamed reader of small chunks ran at a fraction of the
+zarr-python spends ~0.5 ms per chunk it reads (the reading benchmark: 338-378 clips/s of 5 chunks each
+through zarr, 3,600-3,900 through this reader), while decompressing a 16 KiB zstd chunk takes ~20 us, so a streamed reader of small chunks ran at a fraction of the
 disk's and the codec's speed. `ShardFile` decodes exactly what zarr would: the sharding codec's index
 (little-endian (offset, nbytes) uint64 pairs, CRC32C-checked), then each wanted inner chunk through the
 array's own codec chain (bytes -> zstd | gzip | blosc | nothing -> crc32c), with positional reads of only
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -126,12 +127,9 @@ class ShardFile:
         return cls(folder, shape, dtype, shard[0], chunk, fill, decompress, chunk_crc,
                    index[2], cfg.get("index_location", "end") == "end")
 
-    @property
+    @cached_property
     def chunk_nbytes(self) -> int:
-        return self._chunk_nbytes
-
-    def __post_init__(self):
-        object.__setattr__(self, "_chunk_nbytes", int(np.prod(self.chunk_shape)) * self.dtype.itemsize)
+        return int(np.prod(self.chunk_shape)) * self.dtype.itemsize
 
     # -- reading
     def read(self, rows) -> np.ndarray:

@@ -54,3 +54,10 @@ def _bits(x: np.ndarray) -> np.ndarray:
     if x.dtype.kind in "TUO":
         return np.array(x.tolist(), dtype=object)
     return x
+
+
+def live_children() -> set[int]:
+    """Pids of this process's live (not zombie) descendants: what a test checks to see processes ended."""
+    import psutil
+    return {p.pid for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}

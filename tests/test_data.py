@@ -8,6 +8,8 @@ import pytest
 from cachefeat.cache import CacheError, open_cache
 from cachefeat.data import CachedSource, CacheDataset, Selection, plan_epoch, select_rows
 
+from helpers import live_children
+
 
 SEL = Selection(embed=True, cls_layers=(1, 3), token_layers=(2, 3), pixels=True)
 
@@ -46,14 +48,8 @@ def test_streaming_reads_ahead_across_epochs_and_stays_in_plan_order(stage2_cach
     """The reader processes go on from one epoch's plan to the next's; whatever the caller does (epochs in
     order, an epoch abandoned halfway, an epoch asked again or skipped, evaluation in between) every epoch
     is the plan's batches in order, and close() ends the processes."""
-    import psutil
-
-    def children():
-        return {p.pid for p in psutil.Process().children(recursive=True)
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
-
     cache = open_cache(stage2_caches["train"])
-    before = children()
+    before = live_children()
     mem = CachedSource(cache, SEL, 16, seed=3, in_memory="yes")
     src = CachedSource(cache, SEL, 16, seed=3, in_memory="no", workers=2, buffer_shards=1)
 
@@ -72,9 +68,9 @@ def test_streaming_reads_ahead_across_epochs_and_stays_in_plan_order(stage2_cach
     assert _same(first, ref(3)[:2])
     assert _same(list(src.batches(3, True)), ref(3))                                # asked again: all of it
     assert _same(list(src.batches(7, True)), ref(7))                                # skipped ahead
-    assert len(children() - before) == 2
+    assert len(live_children() - before) == 2
     src.close()
-    assert children() == before
+    assert live_children() == before
 
 
 def test_shard_buffered_order_reads_each_shard_once_and_shuffles_within():

@@ -12,6 +12,7 @@ from cachefeat.online import OnlineSource
 from cachefeat.train import TrainConfig, cpu_threads, load_checkpoint, lr_at, mix, open_run, train
 
 from conftest import run_cli, tiny_extract_args
+from helpers import live_children
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +50,7 @@ def test_training_from_the_cache_equals_training_with_the_backbone_on_the_fly(sm
 def test_streamed_training_through_reader_processes_equals_reading_in_process(small_caches):
     """Streaming the cache through reader processes that read ahead across epochs gives the same batches,
     so the same losses, as reading it in the training process; when train() returns no reader is left."""
-    import psutil
-
-    def children():
-        return {p.pid for p in psutil.Process().children(recursive=True)
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
-
-    before = children()
+    before = live_children()
     losses = {}
     for workers in (0, 2):
         cfg = TrainConfig(adapter="evl", adapter_opts={"layers": 2}, epochs=3, batch_size=4, seed=2, in_memory="no",
@@ -64,7 +59,7 @@ def test_streamed_training_through_reader_processes_equals_reading_in_process(sm
         losses[workers] = train(run, None, log=lambda s: None).step_losses
     assert len(losses[2]) == 9
     np.testing.assert_allclose(losses[2], losses[0], rtol=1e-6)
-    assert children() == before
+    assert live_children() == before
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(small_caches, tmp_path):
