@@ -17,9 +17,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from cachefeat.cache import open_cache
-from cachefeat.data import Selection
-from cachefeat.online import OnlineSource, backbone_from_meta
+from cachefeat.store import open_cache
+from cachefeat.train.online import OnlineSource, backbone_from_meta
 from cachefeat.train import TrainConfig, cpu_threads, open_run, train
 
 from bench_reading import make_cache, stage2_decode_workers
@@ -59,7 +58,7 @@ def run(mode, log=print) -> dict:
             if how == "online":
                 if backbone is None:
                     backbone = backbone_from_meta(c.meta, mode.device)
-                r.train_source = OnlineSource(r.train_cache, Selection.from_needs(r.needs), cfg.batch_size, cfg.seed,
+                r.train_source = OnlineSource(r.train_cache, r.needs, cfg.batch_size, cfg.seed,
                                               backbone=backbone, decode_workers=stage2_decode_workers(mode))
             with cpu_threads(st["threads"]):
                 res = train(r, None, log=lambda *a: None)

@@ -16,15 +16,16 @@ import numpy as np
 import torch
 import zarr
 
-from cachefeat.backbone import load_backbone
-from cachefeat.decode_pool import DecodePool
-from cachefeat.cache import parse_codec
+from cachefeat.devices import autocast
+from cachefeat.extract.backbone import load_backbone
+from cachefeat.extract.decode_pool import DecodePool
+from cachefeat.store import parse_codec
 from cachefeat.extract import ExtractSettings, extract
-from cachefeat.manifest import load_manifest
+from cachefeat.extract.manifest import load_manifest
 from cachefeat.specs import SamplingSpec, ViewSpec, parse_layers, parse_tokens
-from cachefeat.video import DecodeRequest, decode_video
+from cachefeat.extract.video import DecodeRequest, decode_video
 
-from common import WORK, Mode, interleaved, synth_data, sync, timed
+from common import WORK, Mode, interleaved, synth_data, timed
 
 # The heaviest taps (every block, every patch token); on GPU also what EVL reads (the last 4 blocks' tokens)
 # and a CLS-only cache, since on a fast GPU writing the tokens can outweigh the forward. ViT-L/14 with every
@@ -101,11 +102,11 @@ def _one_model(model: str, manifest, mode: Mode, log, layer_spec: str, token_spe
     visual = bb.visual
 
     def plain():
-        with torch.inference_mode(), bb.autocast():
+        with torch.inference_mode(), autocast(bb.device, bb.precision):
             visual(x)
 
     def taps():
-        with torch.inference_mode(), bb.autocast():
+        with torch.inference_mode(), autocast(bb.device, bb.precision):
             visual.forward_intermediates(x, indices=layers, output_fmt="NLC", output_extra_tokens=True)
 
     rounds = 5 if not mode.full else 20

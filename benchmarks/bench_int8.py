@@ -11,11 +11,10 @@ same initialisation and data order for both dtypes), with the per-seed differenc
 """
 from __future__ import annotations
 
-import os
 import statistics
 from pathlib import Path
 
-from cachefeat.cache import open_cache
+from cachefeat.store import open_cache
 from cachefeat.train import TrainConfig, cpu_threads, open_run, train
 
 from bench_reading import settings as reading_settings, stage2_cache
@@ -91,9 +90,9 @@ def _same_weights(run, out, int8_val) -> dict:
     """The float16-trained adapter evaluated on the float16 and on the int8 val cache: the quantization's
     effect alone, without the run-to-run spread of training on slightly different features."""
     import numpy as np
-    from cachefeat.backbone import resolve_device
-    from cachefeat.data import CachedSource
-    from cachefeat.evaluate import clip_logits, video_logits
+    from cachefeat.devices import resolve_device
+    from cachefeat.train.reader import CachedSource
+    from cachefeat.train.evaluate import clip_logits, video_logits
     device, precision = resolve_device(run.cfg.device), out.summary["precision"]
     preds = {}
     for name, src in (("float16", run.val_source),

@@ -23,10 +23,10 @@ import shutil
 import statistics
 import time
 
-from cachefeat.cache import open_cache
-from cachefeat.data import CacheDataset
+from cachefeat.store import open_cache
+from cachefeat.train.reader import CacheDataset
 from cachefeat.extract import ExtractSettings, extract
-from cachefeat.manifest import load_manifest
+from cachefeat.extract.manifest import load_manifest
 from cachefeat.train import TrainConfig, cpu_threads, open_run, train
 
 from common import WORK, synth_data

@@ -14,12 +14,12 @@ import time
 import numpy as np
 import zarr
 
-from cachefeat.backbone import model_geometry
-from cachefeat.cache import Layout, open_cache, parse_codec
+from cachefeat.extract.backbone import model_geometry
+from cachefeat.store import Layout, open_cache, parse_codec
 from cachefeat.extract import ExtractSettings, extract
-from cachefeat.manifest import load_manifest
-from cachefeat.shard_file import ShardFile
-from cachefeat.specs import TokenSpec, ViewSpec, parse_layers, parse_tokens
+from cachefeat.extract.manifest import load_manifest
+from cachefeat.store.shard_file import ShardFile
+from cachefeat.specs import ViewSpec, parse_layers, parse_tokens
 
 from common import WORK, Mode, synth_data
 

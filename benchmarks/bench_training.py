@@ -43,7 +43,7 @@ def settings(mode) -> dict:
 # ------------------------------------------------------------------------------------------- the variants
 def _geometry(model: str) -> dict:
     import open_clip
-    from cachefeat.backbone import model_geometry, resolve_model_name
+    from cachefeat.extract.backbone import model_geometry, resolve_model_name
     geo = model_geometry(model)
     v = open_clip.get_model_config(resolve_model_name(model))["vision_cfg"]
     geo["heads"] = geo["width"] // int(v.get("head_width", 64))
@@ -65,11 +65,11 @@ class Variant:
 
     def __init__(self, kind: str, model: str, device: str, clips: int, frames: int, seed: int = 0):
         from cachefeat import adapters
-        from cachefeat.backbone import resolve_device
-        from cachefeat.train import param_groups, resolve_precision
+        from cachefeat.devices import resolve_device, resolve_precision
+        from cachefeat.train import param_groups
         self.kind, self.clips, self.frames = kind, clips, frames
         self.device = resolve_device(device)
-        self.precision = resolve_precision("auto", self.device)     # as `cachefeat train`: bf16 on GPU
+        self.precision = resolve_precision("auto", self.device, gpu_auto="bf16")     # as `cachefeat train`: bf16 on GPU
         geo = _geometry(model)
         self.spec = _spec(geo, frames)
         torch.manual_seed(seed)
@@ -85,7 +85,7 @@ class Variant:
             self.batch = {"cls": rng.standard_normal((clips, frames, K, D), dtype=np.float32).astype(np.float16),
                           "tokens": rng.standard_normal((clips, frames, K, N, D), dtype=np.float32).astype(np.float16)}
         else:
-            from cachefeat.backbone import load_backbone
+            from cachefeat.extract.backbone import load_backbone
             bb = load_backbone(model, "none", device=str(self.device))
             self.visual = bb.visual
             s = geo["image_size"]
@@ -116,7 +116,8 @@ class Variant:
         return {"cls": cls.reshape(B, T, *cls.shape[1:]).float(), "tokens": tok.reshape(B, T, *tok.shape[1:]).float()}
 
     def step(self) -> float:
-        from cachefeat.evaluate import autocast, to_device
+        from cachefeat.devices import autocast
+        from cachefeat.train.evaluate import to_device
         if self.kind == "cached":
             x = to_device(self.batch, self.device, self.spec)
         elif self.kind == "online":
@@ -243,7 +244,7 @@ def _memory_main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     import open_clip  # noqa: F401  (the floor: torch, open_clip and cachefeat imported, nothing built)
     import cachefeat.adapters  # noqa: F401
-    import cachefeat.backbone  # noqa: F401
+    import cachefeat.extract.backbone  # noqa: F401
     floor = _vm_hwm_mib()
     cuda = torch.device(a.device).type == "cuda"
     try:

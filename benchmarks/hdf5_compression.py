@@ -16,8 +16,8 @@ from pathlib import Path
 
 import h5py
 
-from cachefeat.cache import open_cache
-from cachefeat.exchange import write_hdf5
+from cachefeat.store import open_cache
+from cachefeat.store.exchange import write_hdf5
 from cachefeat.fmt import human_bytes, table
 
 OPTIONS = [

@@ -1,18 +1,22 @@
 """cachefeat: extract frozen CLIP ViT features from videos once into a Zarr v3 cache, then train and
 ablate video adapters on the cache without touching the backbone again.
 
-Python API (README, "From Python"; examples/api_example.py):
-    cachefeat.open_cache(path)      a cache: metadata, arrays as NumPy, a torch Dataset (cachefeat.cache.Cache)
-    cachefeat.load_adapter(run)     a trained adapter that runs on cached features (cachefeat.api.TrainedAdapter)
-    cachefeat.train.TrainConfig, open_run, train   training from Python (the module cachefeat.train)
+The package shows the design: cachefeat.store (the cache), cachefeat.extract (stage one),
+cachefeat.train (stage two), cachefeat.adapters, and the thin command line in cachefeat.cli.
+
+Python API (docs/python-api.md; examples/api_example.py):
+    cachefeat.open_cache(path)      a cache: metadata, arrays as NumPy (cachefeat.store.Cache)
+    cachefeat.open_dataset(cache, cls_layers=..., token_layers=...)   a torch Dataset of chosen arrays
+    cachefeat.load_adapter(run)     a trained adapter that runs on cached features (cachefeat.train.TrainedAdapter)
+    cachefeat.train.TrainConfig, open_run, train   training from Python
 Heavy modules load on first use, so the decode worker processes, which import this package, stay light
 (no torch).
 """
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "open_cache", "load_adapter"]
+__all__ = ["__version__", "open_cache", "open_dataset", "load_adapter"]
 
-_LAZY = {"open_cache": "cache", "load_adapter": "api"}
+_LAZY = {"open_cache": "store", "open_dataset": "train.reader", "load_adapter": "train.trained"}
 
 
 def __getattr__(name):

@@ -1,27 +1,29 @@
-"""The `cachefeat` command: one function per command; errors are one line (exit 2 for bad usage, 1 for a
-run that failed), never a traceback."""
+"""The `cachefeat` command: one function per command, which parses its options, calls the library
+(cachefeat.store, cachefeat.extract, cachefeat.train) and prints. Errors are one line (exit 2 for bad usage,
+1 for a run that failed), never a traceback."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .fmt import human_bytes, table
+from .fmt import human_bytes, ranges, table
+from .train.config import TrainConfig
 
 # Errors that mean "the command line asks for something impossible": usage errors, exit status 2.
 def _usage_errors():
     from .adapters.base import AdapterError
-    from .backbone import BackboneError
-    from .cache import CacheError
-    from .manifest import ManifestError
+    from .devices import DeviceError
+    from .extract.backbone import BackboneError
+    from .extract.manifest import ManifestError
     from .specs import SpecError
-    from .train import TrainError
-    from .ablate import AblationError
-    return (SpecError, BackboneError, ManifestError, CacheError, AdapterError, TrainError, AblationError)
+    from .store import CacheError
+    from .train.ablate import AblationError
+    from .train.config import TrainError
+    return (SpecError, BackboneError, DeviceError, ManifestError, CacheError, AdapterError, TrainError, AblationError)
 
 
 class _Group(click.Group):
@@ -199,13 +201,15 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
     Resumable: run the same command again after a crash and it continues with the shards not yet done.
     Videos that cannot be read are recorded in the cache (see `cachefeat info --failures`).
 
-    Example: cachefeat extract k400/train.csv --out k400_train.zarr --model ViT-L/14 --pretrained openai
-    --layers all --tokens all --frames 8 --views 1x1
+    Example (what EVL reads; --dry-run first shows the size: all layers with all tokens is ~24 TB for
+    Kinetics-400 train at ViT-L/14): cachefeat extract k400/train.csv --out k400_train.zarr --model ViT-L/14
+    --pretrained openai --layers last:5 --tokens all --frames 8
     """
-    from .cache import parse_codec
-    from .decode_pool import default_workers
-    from .extract import ExtractSettings, extract as run_extract
-    from .manifest import load_manifest
+    from .extract.decode_pool import default_workers
+    from .extract.manifest import load_manifest
+    from .extract.pipeline import extract as run_extract
+    from .extract.plan import ExtractSettings, dry_run_report
+    from .store import parse_codec
 
     parse_codec(codec)  # validate before any work
     if overwrite and repair:
@@ -221,7 +225,7 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
                                seed=seed, quick_gelu=quick_gelu, device=device, precision=precision,
                                pixels=pixels, augment=augment, text=not no_text, text_template=text_template)
     if dry_run:
-        click.echo(dry_run_report(manifest, settings))
+        click.echo(dry_run_report(settings, manifest))
         return
     if workers > 1 or address:
         stats = _extract_on_ray(manifest, out, settings, workers, address, batch_size, decode_workers,
@@ -231,7 +235,7 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
                             decode_workers=default_workers() if decode_workers is None else decode_workers,
                             decode_timeout=decode_timeout, reader=reader, overwrite=overwrite, progress=not quiet,
                             log=click.echo, repair=repair)
-    from .cache import open_cache
+    from .store import open_cache
     cache = open_cache(out)
     valid = int(cache.valid().sum())
     disk = cache.disk_bytes()
@@ -261,8 +265,8 @@ def _extract_on_ray(manifest, out, settings, workers, address, batch_size, decod
     if settings.device not in ("auto", "cpu", "cuda"):
         raise click.BadParameter("with --workers each worker gets its own GPU from Ray: use auto, cuda or cpu",
                                  param_hint="--device")
-    from .distributed import ClusterError, WorkerError
-    from .extract_distributed import extract_distributed
+    from .ray_runtime import ClusterError, WorkerError
+    from .extract.distributed import extract_distributed
     try:
         return extract_distributed(manifest, out, settings, workers=workers, batch_size=batch_size,
                                    decode_workers=decode_workers, decode_timeout=decode_timeout, reader=reader,
@@ -288,44 +292,6 @@ def worker_report(stats) -> str:
     return line
 
 
-def dry_run_report(manifest, settings) -> str:
-    """What the cache will hold and take on disk, from the model's config alone (nothing is loaded)."""
-    from .backbone import model_geometry
-    from .cache import Layout
-    from .extract import auto_shard_videos
-    from .specs import ViewSpec, parse_layers, parse_tokens
-    geo = model_geometry(settings.model)
-    layers = parse_layers(settings.layers, geo["depth"])
-    tokens = parse_tokens(settings.tokens, tuple(geo["patch_grid"]))
-    views = ViewSpec(settings.augment.views, 1) if settings.augment else settings.views
-    layout = Layout(num_videos=len(manifest.videos), views=views, frames=settings.frames,
-                    layers=tuple(layers), tokens=tokens, width=geo["width"], embed_dim=geo["embed_dim"],
-                    dtype=settings.dtype, shard_videos=1, pixels=settings.pixels, augmented=bool(settings.augment))
-    per_clip = layout.bytes_per_clip()
-    shard_videos = auto_shard_videos(sum(per_clip.values()), views.count, settings.shard_size,
-                                     len(manifest.videos))
-    C, T = layout.num_clips, layout.frames
-    groups: dict[str, int] = {}
-    for name, b in per_clip.items():
-        key = "tokens/<layer> x%d" % len(layers) if name.startswith("tokens/") else name
-        groups[key] = groups.get(key, 0) + b
-    rows = [[k, human_bytes(b / T), human_bytes(b * C)] for k, b in groups.items()]
-    total = sum(per_clip.values())
-    text = len(manifest.classes) * geo["embed_dim"] * 4 if settings.text and manifest.classes else 0
-    if text:
-        rows.append([f"text/embed ({len(manifest.classes)} classes)", "-", human_bytes(text)])
-    rows.append(["total", human_bytes(total / T), human_bytes(total * C + text)])
-    head = (f"dry run: {geo['name']} ({geo['depth']} blocks, width {geo['width']}, patch grid "
-            f"{geo['patch_grid'][0]}x{geo['patch_grid'][1]}), layers {layers if len(layers) < 8 else settings.layers}, "
-            f"tokens {tokens}, {settings.dtype}\n"
-            f"{len(manifest.videos)} videos x {views.count} {'augmented ' if settings.augment else ''}views = "
-            f"{C} clips x {T} frames = {C * T} frames; "
-            f"shards of {shard_videos * views.count} clips ({layout.num_videos and -(-len(manifest.videos) // shard_videos)} shards)")
-    note = ("uncompressed sizes; lossless compression of float16 features saves little (about 1.1x measured), "
-            "so expect close to this on disk")
-    return "\n".join([head, table(rows, ["array", "per frame", "whole cache"]), note])
-
-
 # ------------------------------------------------------------------------------------------- info
 @cli.command()
 @click.argument("cache", type=click.Path(exists=True))
@@ -338,7 +304,7 @@ def info(cache, show_failures, as_json, plot_path):
 
     Example: cachefeat info k400_train.zarr --failures
     """
-    from .cache import open_cache
+    from .store import open_cache
     c = open_cache(cache)
     m, lay = c.meta, c.layout
     done = c.shard_done()
@@ -371,7 +337,7 @@ def info(cache, show_failures, as_json, plot_path):
                f"views {lay.views}  preprocessing {m['preprocessing']['size'][0]}px {m['preprocessing']['interpolation']} "
                f"{m['preprocessing']['resize_mode']}")
     aug = c.augment
-    held = [f"embed", f"cls x{len(lay.layers)} layers"]
+    held = ["embed", f"cls x{len(lay.layers)} layers"]
     if lay.tokens.kind != "cls":
         held.append(f"{lay.tokens} tokens x{len(lay.layers)} layers")
     if lay.pixels:
@@ -415,7 +381,7 @@ def info(cache, show_failures, as_json, plot_path):
 def models(show_all):
     """List the open_clip ViT models that can be used as a backbone, with their pretrained tags."""
     import open_clip
-    from .backbone import is_vit, register_model_configs
+    from .extract.backbone import is_vit, register_model_configs
     register_model_configs()
     for name in open_clip.list_models():
         if not is_vit(name) or not name.startswith("ViT"):
@@ -455,10 +421,7 @@ def run(recipe, workdir, force, only, set_vars):
 
 
 # ------------------------------------------------------------------------------------------- train
-_TD = {"adapter": "temporal", "epochs": 30, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 2.0,
-       "min_lr": 1e-6, "label_smoothing": 0.1, "mixup": 0.0, "cutmix": 0.0, "grad_clip": 1.0, "train_views": "one",
-       "seed": 0, "device": "auto", "precision": "auto", "in_memory": "auto", "read_workers": 2, "threads": 0}
-# (kept in step with TrainConfig's defaults by tests/test_train.py::test_cli_defaults_match_train_config)
+_TD = TrainConfig.defaults()    # every train option's default comes from TrainConfig
 
 
 def _parse_adapter_opts(items) -> dict:
@@ -468,35 +431,6 @@ def _parse_adapter_opts(items) -> dict:
         if not sep or not key.strip():
             raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--adapter-opt")
         out[key.strip()] = value.strip()
-    return out
-
-
-def _read_config_file(path: str) -> dict:
-    import yaml
-    try:
-        data = yaml.safe_load(Path(path).read_text())   # YAML is a superset of JSON
-    except yaml.YAMLError as e:
-        raise click.BadParameter(f"{path} is not valid YAML/JSON: {str(e).splitlines()[0]}", param_hint="--config") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise click.BadParameter(f"{path} must hold a mapping of settings", param_hint="--config")
-    out = {}
-    for key, value in data.items():
-        k = str(key).replace("-", "_")
-        if k not in _TD and k != "adapter_opts":
-            raise click.BadParameter(f"{path}: unknown setting {key!r} (settings: {', '.join(sorted(_TD))}, "
-                                     f"adapter_opts)", param_hint="--config")
-        if k == "adapter_opts":
-            if not isinstance(value, dict):
-                raise click.BadParameter(f"{path}: adapter_opts must be a mapping", param_hint="--config")
-        else:
-            kind = type(_TD[k])
-            try:
-                value = kind(value)
-            except (TypeError, ValueError):
-                raise click.BadParameter(f"{path}: {key}={value!r} is not a valid {kind.__name__}", param_hint="--config") from None
-        out[k] = value
     return out
 
 
@@ -578,54 +512,30 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
       cachefeat train ... --workers 8                   # 8 GPUs of this node, data-parallel (Ray Train)
       cachefeat train ... --workers 16 --address auto   # on the Ray cluster this node belongs to
     """
-    import shutil
     from dataclasses import replace
     from click.core import ParameterSource
-    from .fmt import human_bytes
-    from .train import CHECKPOINT, TrainConfig, TrainDiverged, cpu_threads, load_checkpoint, open_run, train as run_training
+    from .train import TrainDiverged, cpu_threads, open_run, open_run_folder, read_config_file
+    from .train import train as run_training
 
     values = {"adapter": adapter, **settings}
     opts = {}
     if config_file:
-        file = _read_config_file(config_file)
+        file = read_config_file(config_file)
         opts.update({str(k): v for k, v in (file.pop("adapter_opts", None) or {}).items()})
         for k, v in file.items():
             if ctx.get_parameter_source(k) == ParameterSource.DEFAULT:
                 values[k] = v
     opts.update(_parse_adapter_opts(adapter_opt))
-    try:
-        cfg = TrainConfig(adapter_opts=opts, **values)
-    except TypeError as e:
-        raise click.UsageError(f"--config: {e}") from None
-
-    run_dir = Path(out)
-    state = None
-    if (run_dir / CHECKPOINT).is_file() and not overwrite:
-        ck = load_checkpoint(run_dir)
-        if not resume:
-            raise click.UsageError(f"{out} already holds a run (epoch {ck['epoch']} of {ck['train_config']['epochs']}); "
-                                   f"--resume to continue it, --overwrite to start over, or another --out")
-        old = ck["train_config"]
-        diffs = [f"{k}: {old.get(k)!r} vs {getattr(cfg, k)!r}" for k in TrainConfig.RESULT_KEYS
-                 if old.get(k) != getattr(cfg, k)]
-        if diffs:
-            raise click.UsageError(f"--resume: {out} was trained with other settings ({'; '.join(diffs[:4])}); "
-                                   f"use the same settings, or --overwrite")
-        state = ck
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        if not (run_dir / CHECKPOINT).is_file() and any(p.suffix != ".tmp" for p in run_dir.iterdir()):
-            raise click.UsageError(f"{out} exists and is not a cachefeat run; choose another --out")
-        shutil.rmtree(run_dir)   # --overwrite of a run folder, or one killed before its first checkpoint landed
-
+    cfg = TrainConfig(adapter_opts=opts, **values)
+    folder = open_run_folder(out, cfg, resume=resume, overwrite=overwrite)   # checks only: deletes nothing yet
     distributed = ray_workers > 1 or address
     # the checks of a single run, here in the driver; with --workers, nothing is loaded into RAM here
     run = open_run(replace(cfg, in_memory="no") if distributed else cfg, cache, val_cache)
-    if state is not None and state["cache_meta"].get("fingerprint") != run.train_cache.meta.get("fingerprint"):
-        raise click.UsageError(f"--resume: {cache} is not the cache {out} was trained on ({state['train_cache']})")
-    if state is not None and state["epoch"] >= cfg.epochs:
-        click.echo(f"{out}: already trained for {state['epoch']} epochs; nothing to do")
+    folder.check_cache(run.train_cache)
+    if folder.finished:
+        click.echo(f"{out}: already trained for {folder.resume_from['epoch']} epochs; nothing to do")
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
+    folder.start()     # every check passed: an earlier run being replaced goes now
     log = (lambda s: None) if quiet else click.echo
     src = run.train_source
     n_train = len(src.rows(0, train=True))
@@ -638,10 +548,11 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
         f"{human_bytes(src.dataset.nbytes())} {where}" + (f"; validates on {val_cache}" if val_cache else ""))
     try:
         if distributed:
-            final = _train_on_ray(cfg, cache, val_cache, out, state is not None, ray_workers, address, log)["final"]
+            final = _train_on_ray(cfg, cache, val_cache, out, folder.resume_from is not None, ray_workers, address,
+                                  log)["final"]
         else:
             with cpu_threads(cfg.threads):
-                result = run_training(run, run_dir, resume=state, log=log)
+                result = run_training(run, folder.path, resume=folder.resume_from, log=log)
             final = result.history[-1] if result.history else {}
     except TrainDiverged as e:
         raise click.ClickException(str(e)) from None
@@ -652,8 +563,8 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
 
 
 def _train_on_ray(cfg, cache, val_cache, out, resume, workers, address, log) -> dict:
-    from .distributed import ClusterError, WorkerError
-    from .train_distributed import train_distributed
+    from .ray_runtime import ClusterError, WorkerError
+    from .train.distributed import train_distributed
     try:
         return train_distributed(cfg, cache, val_cache, out, resume, workers, address, log)
     except ClusterError as e:
@@ -710,7 +621,7 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
       cachefeat ablate pipelines/ablate-depth-width.yaml --asha --address auto     # on a Ray cluster
     """
     import dataclasses
-    from .ablate import check_caches, load_spec, run_ablation
+    from .train.ablate import check_caches, load_spec, run_ablation
     s = load_spec(spec)
     if train_cache:
         s = dataclasses.replace(s, train_cache=train_cache)
@@ -730,7 +641,7 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
             shutil_rm(p)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "spec.yaml").write_text(Path(spec).read_text())
-    from .distributed import ClusterError, WorkerError
+    from .ray_runtime import ClusterError, WorkerError
     try:
         rows = run_ablation(s, str(out_dir), gpus_per_trial, cpus_per_trial, max_concurrent, asha, num_samples,
                             address, log=click.echo)
@@ -780,42 +691,21 @@ def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, w
 
     Example: cachefeat eval --checkpoint runs/evl --cache k400_val.zarr --json
     """
-    from .adapters import CacheMismatch, check_cache
-    from .backbone import resolve_device
-    from .cache import open_cache
-    from .data import CachedSource, Selection
-    from .evaluate import evaluate, write_report
-    from .train import adapter_from_checkpoint, check_features, cpu_threads, load_checkpoint, resolve_precision
+    from .train import cpu_threads, load_adapter
+    from .train.evaluate import report_dir, write_report
 
-    ck = load_checkpoint(checkpoint)
-    c = open_cache(cache)
-    check_features(ck["cache_meta"], c.meta, f"the cache {cache}")
-    model, spec, needs = adapter_from_checkpoint(ck)
-    problems = check_cache(ck["adapter"], needs, c.meta, trained=spec)
-    if problems:
-        raise CacheMismatch("; ".join(problems))
-    if not c.valid().any():
-        raise click.UsageError(f"{cache} has no valid clips")
-    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-    out_dir = Path(out) if out else run_dir / f"eval-{Path(cache).name.removesuffix('.zarr')}"
-    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "metrics.json").is_file()):
-        # an earlier eval's folder is replaced (the figures are a function of checkpoint and cache); anything else is not ours
-        raise click.UsageError(f"--out {out_dir} exists and is not the output of an earlier cachefeat eval; choose another --out")
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    src = CachedSource(c, Selection.from_needs(needs), batch_size, in_memory=in_memory, workers=workers)
+    adapter = load_adapter(checkpoint)
+    out_dir = report_dir(checkpoint, cache, out)
     with cpu_threads(threads):
-        result = evaluate(model.to(dev), src, dev, prec, spec, c.classes)
-    result = {"top1": result["top1"], "top5": result["top5"], **result,
-              "adapter": ck["adapter"], "trainable_params": ck["trainable_params"], "epochs": ck["epoch"],
-              "checkpoint": str(checkpoint), "cache": str(cache), "views": c.views.count}
-    write_report(out_dir, result, c.classes)
+        result = adapter.evaluate(cache, batch_size, device, precision, in_memory, workers)
+    ck, classes = adapter.checkpoint, adapter.classes
+    write_report(out_dir, result, classes)
     if as_json:
         click.echo(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=2))
         return
     click.echo(f"{ck['adapter']} ({ck['epoch']} epochs) on {cache}: top-1 {100 * result['top1']:.1f}%  "
                f"top-5 {100 * result['top5']:.1f}%  ({result['videos']} videos, {result['clips']} clips"
-               + (f", logits of {c.views.count} views averaged per video)" if c.views.count > 1 else ")")
+               + (f", logits of {result['views']} views averaged per video)" if result["views"] > 1 else ")")
                + (f"; time-reversal pairs told apart {100 * result['reversal_accuracy']:.1f}%"
                   if "reversal_accuracy" in result else ""))
     rows = [[name, "-" if acc is None else f"{100 * acc:.1f}%"] for name, acc in result["per_class"].items()]
@@ -841,8 +731,8 @@ def predict(videos, checkpoint, top, device, precision, threads, as_json):
 
     Example: cachefeat predict --checkpoint runs/evl clip1.mp4 clip2.mp4
     """
-    from .predict import predict as run_predict
     from .train import cpu_threads, load_checkpoint
+    from .train.predict import predict as run_predict
 
     ck = load_checkpoint(checkpoint)
     with cpu_threads(threads):
@@ -872,23 +762,8 @@ def compare(runs, as_json):
 
     Example: cachefeat compare runs/probe runs/temporal runs/evl
     """
-    rows = []
-    for run in runs:
-        d = Path(run)
-        if not (d / "summary.json").is_file():
-            raise click.UsageError(f"{run} has no summary.json (not a finished cachefeat train run)")
-        s = json.loads((d / "summary.json").read_text())
-        evals = sorted(d.glob("eval-*/metrics.json"), key=lambda p: p.stat().st_mtime)
-        if evals:
-            m = json.loads(evals[-1].read_text())
-            source = f"eval on {Path(m['cache']).name}"
-        else:
-            f = s.get("final") or {}
-            m = {"top1": f.get("val_top1"), "top5": f.get("val_top5"), "reversal_accuracy": f.get("val_reversal_accuracy")}
-            source = "last validation" if m["top1"] is not None else "-"
-        rows.append({"run": str(run), "adapter": s["adapter"], "trainable_params": s["trainable_params"],
-                     "epochs": s["epochs"], "train_seconds": s["train_seconds"], "top1": m.get("top1"),
-                     "top5": m.get("top5"), "reversal_accuracy": m.get("reversal_accuracy"), "measured_by": source})
+    from .train import compare_runs
+    rows = compare_runs(runs)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -938,8 +813,8 @@ def zeroshot(cache_path, as_json):
 
     Example: cachefeat zeroshot --cache k400_val.zarr
     """
-    from .cache import open_cache
-    from .zeroshot import zero_shot
+    from .store import open_cache
+    from .train.zeroshot import zero_shot
     r = zero_shot(open_cache(cache_path))
     if as_json:
         click.echo(json.dumps(r))
@@ -961,8 +836,8 @@ def verify(cache, as_json):
     Example: cachefeat verify k400_train.zarr
     """
     from tqdm import tqdm
-    from .cache import open_cache
-    from .verify import verify as run_verify
+    from .store import open_cache
+    from .store import verify as run_verify
     c = open_cache(cache)
     with tqdm(total=int(c.shard_done().sum()), unit="shard", desc="verify", disable=as_json, leave=False) as bar:
         rep = run_verify(c, progress=bar.update)
@@ -974,8 +849,7 @@ def verify(cache, as_json):
         for msg in rep.fatal:
             click.echo(f"  FATAL {msg}")
         for name, rows in rep.damaged.items():
-            from .cache import _ranges
-            click.echo(f"  damaged: {name} rows {_ranges(sorted(rows))}")
+            click.echo(f"  damaged: {name} rows {ranges(sorted(rows))}")
         for msg in rep.suspicious:
             click.echo(f"  suspicious: {msg}")
         if rep.ok:
@@ -1015,7 +889,7 @@ def export(cache, out, fmt, compression, allow_incomplete, overwrite, quiet):
       cachefeat export k400_val.zarr k400_val.h5 --format hdf5
       cachefeat export k400_val.zarr k400_val_npy --format npy
     """
-    from .exchange import DEFAULT_COMPRESSION, export_hdf5, export_npy, parse_compression
+    from .store.exchange import DEFAULT_COMPRESSION, export_hdf5, export_npy, parse_compression
     if fmt == "npy" and compression is not None:
         raise click.UsageError("--compression applies to --format hdf5 only (.npy files are not compressed)")
     compression = compression or DEFAULT_COMPRESSION
@@ -1046,7 +920,7 @@ def import_(input, out, overwrite, quiet):
 
     Example: cachefeat import k400_val.h5 --out k400_val.zarr
     """
-    from .exchange import import_hdf5
+    from .store.exchange import import_hdf5
     try:
         s = import_hdf5(input, out, overwrite, progress=not quiet)
     except OSError as e:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import Cache
+from .store import Cache
 
 
 def cache_overview(cache: Cache, path: str | Path) -> Path:

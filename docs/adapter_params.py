@@ -7,7 +7,7 @@ at 112 px x 2 frames, class-name text embeddings.
 """
 from cachefeat import adapters
 from cachefeat.adapters import FeatureSpec
-from cachefeat.backbone import model_geometry
+from cachefeat.extract.backbone import model_geometry
 from cachefeat.specs import TokenSpec
 
 SETTINGS = [("probe", {}), ("temporal", {}), ("evl", {}), ("dist", {"pool_blocks": 2, "head": "linear"}),

@@ -68,7 +68,7 @@ print("nearest-mean train accuracy:", float(((x @ means.T).argmax(1) == labels[v
 # Only the selected arrays are read (held in RAM when they fit).
 
 # %%
-ds = cache.dataset(cls_layers=cache.layers[-2:], token_layers=[cache.layers[-1]])
+ds = cachefeat.open_dataset(cache, cls_layers=cache.layers[-2:], token_layers=[cache.layers[-1]])
 item = ds[0]
 print(len(ds), "clips;", {k: tuple(v.shape) if hasattr(v, "shape") else v for k, v in item.items()})
 loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cachefeat.cache import open_cache
+from cachefeat.store import open_cache
 
 VOLATILE_META = ("created", "source_path")
 
@@ -32,7 +32,7 @@ def assert_caches_equal(a_path, b_path, features_only: bool = False, exact: bool
 
 
 def _assert_stores_identical(a_path, b_path) -> None:
-    from cachefeat.exchange import store_nodes
+    from cachefeat.store.exchange import store_nodes
     a, b = open_cache(a_path), open_cache(b_path)
     ga, aa = store_nodes(a.root)
     gb, ab = store_nodes(b.root)

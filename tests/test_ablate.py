@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cachefeat.ablate import AblationError, is_ablation_spec, load_spec, parse_spec, search_space, trial_config
+from cachefeat.train.ablate import AblationError, is_ablation_spec, load_spec, parse_spec, search_space, trial_config
 
 from conftest import run_cli
 
@@ -144,6 +144,6 @@ def test_a_failing_trial_is_a_row_with_its_error_and_the_command_exits_1(stage2_
     assert "Traceback" not in res.output and any("failed: " in l and "fp16 needs a GPU" in l for l in res.output.splitlines())
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["status"] for r in rows][0] == "done"
-    assert rows[1]["status"].startswith("error: TrainError: --precision fp16 needs a GPU"), rows[1]["status"]
+    assert rows[1]["status"].startswith("error: DeviceError: --precision fp16 needs a GPU"), rows[1]["status"]
     assert "fp16 needs a GPU" in (out / "trials" / rows[1]["trial"] / "train.log").read_text()
     assert (out / "best" / "checkpoint.pt").is_file() and (out / "results.md").is_file()

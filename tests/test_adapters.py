@@ -6,11 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cachefeat import adapters
-from cachefeat.adapters import AdapterError, CacheMismatch, FeatureSpec, check_cache
-from cachefeat.backbone import load_backbone
+from cachefeat.adapters import AdapterError, CacheMismatch, FeatureSpec
+from cachefeat.extract.backbone import load_backbone
 from cachefeat.specs import TokenSpec
 
 from conftest import TINY, run_cli
@@ -58,7 +57,7 @@ def test_registry_lists_every_adapter():
 def test_adapter_maps_the_batch_contract_to_logits(name, opts):
     spec = tiny_spec()
     cls, config, needs = adapters.resolve(name, opts, spec)
-    assert check_cache(name, needs, _meta(spec)) == []
+    assert needs.problems(name, _meta(spec)) == []
     torch.manual_seed(0)
     model = cls(config, spec)
     if needs.text:
@@ -121,16 +120,16 @@ def test_a_cache_that_cannot_provide_the_needs_is_refused_naming_the_difference(
     spec = tiny_spec()
     cls_only = _meta(spec, tokens={"kind": "cls", "grid": None})
     _, _, needs = adapters.resolve("evl", {"layers": 3}, spec)
-    (msg,) = check_cache("evl", needs, cls_only)
+    (msg,) = needs.problems("evl", cls_only)
     assert "needs patch tokens" in msg and "CLS tokens only" in msg and "--tokens all" in msg
     _, _, needs = adapters.resolve("temporal", {}, spec)
-    (msg,) = check_cache("temporal", needs, _meta(spec, layers=[0, 1]))
+    (msg,) = needs.problems("temporal", _meta(spec, layers=[0, 1]))
     assert msg.startswith("temporal needs layers [3], but the cache holds layers [0, 1]")
     _, _, needs = adapters.resolve("dist", {"head": "text"}, spec)
-    problems = check_cache("dist", needs, _meta(spec, pixels=None, text=None))
+    problems = needs.problems("dist", _meta(spec, pixels=None, text=None))
     assert any("pixels" in p and "--pixels" in p for p in problems) and any("text" in p for p in problems)
     # against a trained spec: same frames, token grid and pixel size
-    problems = check_cache("dist", needs, _meta(spec, frames=16, tokens={"kind": "pooled", "grid": [2, 2]}), trained=spec)
+    problems = needs.problems("dist", _meta(spec, frames=16, tokens={"kind": "pooled", "grid": [2, 2]}), trained=spec)
     assert any("trained on 8 frames" in p for p in problems) and any("pooled:2x2" in p for p in problems)
     # needs that no cache of this model can meet
     with pytest.raises(CacheMismatch, match="block 0 has none cached"):

@@ -2,12 +2,12 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import open_clip
 import pytest
 import torch
 
-from cachefeat.backbone import (BackboneError, _pick_quickgelu, load_backbone, model_geometry, resolve_model_name,
+from cachefeat.devices import DeviceError
+from cachefeat.extract.backbone import (BackboneError, _pick_quickgelu, load_backbone, model_geometry, resolve_model_name,
                                 weights_digest)
 from cachefeat.specs import TokenSpec
 
@@ -58,9 +58,9 @@ def test_bad_settings_are_one_line_errors(tmp_path):
     with pytest.raises(BackboneError, match="neither a file nor a known tag for ViT-B-32; tags: openai"):
         load_backbone("ViT-B-32", "laion5000", "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(BackboneError, match="CUDA is not available"):
+        with pytest.raises(DeviceError, match="CUDA is not available"):
             load_backbone(TINY, "none", "cuda")
-    with pytest.raises(BackboneError, match="fp16 needs a GPU"):
+    with pytest.raises(DeviceError, match="fp16 needs a GPU"):
         load_backbone(TINY, "none", "cpu", precision="fp16")
     geo = model_geometry("ViT-B/16")
     assert (geo["depth"], geo["width"], geo["patch_grid"], geo["embed_dim"]) == (12, 768, [14, 14], 512)

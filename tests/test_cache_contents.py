@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cachefeat.backbone import register_model_configs
-from cachefeat.cache import open_cache
-from cachefeat.sampling import pixel_indices
+from cachefeat.extract.backbone import register_model_configs
+from cachefeat.store import open_cache
+from cachefeat.extract.sampling import pixel_indices
 
 from conftest import TINY, run_cli, tiny_extract_args
 from helpers import assert_caches_equal

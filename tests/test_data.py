@@ -5,13 +5,14 @@ import shutil
 import numpy as np
 import pytest
 
-from cachefeat.cache import CacheError, open_cache
-from cachefeat.data import CachedSource, CacheDataset, Selection, plan_epoch, select_rows
+from cachefeat.store import CacheError, open_cache
+from cachefeat.adapters import CacheMismatch, Needs
+from cachefeat.train.reader import CachedSource, CacheDataset, open_dataset, plan_epoch, select_rows
 
 from helpers import live_children
 
 
-SEL = Selection(embed=True, cls_layers=(1, 3), token_layers=(2, 3), pixels=True)
+SEL = Needs(embed=True, cls_layers=(1, 3), token_layers=(2, 3), pixels=True)
 
 
 def test_streamed_batches_equal_in_memory_batches_in_plan_order(stage2_caches):
@@ -106,27 +107,27 @@ def test_only_the_selected_arrays_are_read(stage2_caches, tmp_path):
     shutil.rmtree(copy / "tokens" / "0")
     shutil.rmtree(copy / "pixels")
     partial, full = open_cache(copy), open_cache(stage2_caches["train"])
-    sel = Selection(cls_layers=(3,), token_layers=(3,))
+    sel = Needs(cls_layers=(3,), token_layers=(3,))
     for in_memory in ("yes", "no"):
         a = CacheDataset(partial, sel, in_memory=in_memory).gather(np.array([5, 70, 2]))
         b = CacheDataset(full, sel, in_memory="yes").gather(np.array([5, 70, 2]))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(CacheError, match="array tokens/0 is missing from the store"):
-        CacheDataset(partial, Selection(token_layers=(0,)), in_memory="yes")
+        CacheDataset(partial, Needs(token_layers=(0,)), in_memory="yes")
 
 
 def test_cache_dataset_python_api(stage2_caches):
     cache = open_cache(stage2_caches["val"])
-    ds = cache.dataset(embed=True, cls_layers=[3], in_memory="no")
+    ds = open_dataset(cache, embed=True, cls_layers=[3], in_memory="no")
     assert len(ds) == cache.num_clips and not ds.in_memory
     item = ds[4]
     assert tuple(item["embed"].shape) == (8, 32) and tuple(item["cls"].shape) == (8, 1, 64)
     assert (item["video"], item["view"], item["row"]) == (1, 1, 4) and item["label"] == cache.labels()[4]
-    mem = cache.dataset(embed=True, cls_layers=[3], in_memory="yes")
+    mem = open_dataset(cache, embed=True, cls_layers=[3], in_memory="yes")
     assert np.array_equal(mem[4]["cls"].numpy(), item["cls"].numpy())
     assert mem.nbytes() == cache.num_clips * 8 * (32 + 64) * 2      # float16
-    with pytest.raises(CacheError, match="layers \\[7\\] are not in the cache"):
-        cache.dataset(cls_layers=[7])
+    with pytest.raises(CacheMismatch, match="needs layers \\[7\\], but the cache holds layers"):
+        open_dataset(cache, cls_layers=[7])
     import torch.utils.data as tud
     batch = next(iter(tud.DataLoader(mem, batch_size=5)))
     assert tuple(batch["cls"].shape) == (5, 8, 1, 64) and batch["label"].shape == (5,)

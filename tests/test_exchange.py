@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import zarr
 
-from cachefeat.cache import open_cache
-from cachefeat.exchange import safe_stems, store_nodes
+from cachefeat.store import open_cache
+from cachefeat.store.exchange import safe_stems, store_nodes
 
 from conftest import run_cli, tiny_extract_args
 from helpers import assert_caches_equal

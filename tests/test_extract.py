@@ -1,7 +1,4 @@
-import os
 import re
-import signal
-import time
 from pathlib import Path
 
 import decord
@@ -12,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cachefeat.backbone import register_model_configs
-from cachefeat.cache import Cache, open_cache
+from cachefeat.extract.backbone import register_model_configs, weights_digest
+from cachefeat.store import open_cache
 
 from conftest import TINY, run_cli, tiny_extract_args
 from media import encode, good_video, random_bytes, truncated
@@ -50,7 +47,7 @@ def test_cached_values_equal_open_clip(tmp_path, synth_small, dtype, tol):
                                "--frames", "4", "--dtype", dtype, "--views", "2x1"))
     cache = open_cache(out)
     model, preprocess = _reference_model()
-    assert cache.meta["model"]["weights_sha256"] == __import__("cachefeat.backbone").backbone.weights_digest(model.visual)
+    assert cache.meta["model"]["weights_sha256"] == weights_digest(model.visual)
     paths = cache.read("videos/path")
     layers = cache.layers
     assert layers == [0, 1, 2, 3]

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from cachefeat.extract import ExtractSettings
-from cachefeat.manifest import load_manifest
+from cachefeat.extract.manifest import load_manifest
 from cachefeat.specs import parse_pixels, parse_views
 
 from conftest import TINY, REPO, cli_subprocess, run_cli, tiny_extract_args
@@ -37,7 +37,7 @@ def _manifest(synth):
 
 
 def _extract(synth, out, **kw):
-    from cachefeat.extract_distributed import extract_distributed
+    from cachefeat.extract.distributed import extract_distributed
     lines = []
     stats = extract_distributed(_manifest(synth), out, SETTINGS, workers=2, decode_workers=1, progress=False,
                                 log=lines.append, **kw)
@@ -117,13 +117,13 @@ def test_cli_starts_ray_quietly_and_stops_it(tmp_path, synth_medium, reference):
 
 
 def test_worker_that_cannot_see_the_store_says_why(tmp_path):
-    from cachefeat.extract_distributed import WorkerSetupError, open_store_for_worker
+    from cachefeat.extract.distributed import WorkerSetupError, open_store_for_worker
     with pytest.raises(WorkerSetupError, match="storage every node mounts at the same path"):
         open_store_for_worker(str(tmp_path / "not-here.zarr"), "abc", "worker 1 on node-b (pid 7)")
 
 
 def test_bad_cluster_options_are_usage_errors(synth_small):
-    from cachefeat.distributed import ClusterError, _check_reachable
+    from cachefeat.ray_runtime import ClusterError, _check_reachable
     base = tiny_extract_args(synth_small / "val.txt", "/nonexistent/x.zarr")
     res = run_cli(*base, "--workers", "2", "--device", "cuda:1", ok=False)
     assert res.exit_code == 2 and "each worker gets its own GPU" in res.output

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from cachefeat.manifest import ManifestError, load_manifest, read_class_list
+from cachefeat.extract.manifest import ManifestError, load_manifest, read_class_list
 
 
 def touch(p: Path) -> Path:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from cachefeat.cache import open_cache
+from cachefeat.store import open_cache
 
 from conftest import TINY, cli_subprocess, run_cli
 
@@ -108,12 +108,12 @@ def test_shipped_recipes_parse(recipe_path, tmp_path, monkeypatch):
     languages), a model open_clip knows, layers that model has, and adapter options the adapter has. The
     data paths are placeholders: they are pointed at existing files for the check. An ablation spec
     (`cachefeat ablate`) parses and validates (more in tests/test_ablate.py)."""
-    from cachefeat.ablate import is_ablation_spec, load_spec
+    from cachefeat.train.ablate import is_ablation_spec, load_spec
     if is_ablation_spec(recipe_path):
         load_spec(recipe_path)
         return
     from cachefeat import adapters
-    from cachefeat.backbone import model_geometry
+    from cachefeat.extract.backbone import model_geometry
     from cachefeat.cli import cli, _parse_adapter_opts
     from cachefeat.recipes import load_recipe, stage_command, to_argv
     from cachefeat.specs import parse_layers

@@ -3,8 +3,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -13,7 +11,7 @@ import av
 import numpy as np
 import pytest
 
-from cachefeat.cache import Cache, CacheError, open_cache
+from cachefeat.store import Cache, CacheError, open_cache
 from cachefeat.synth import render_video, write_mp4
 
 from conftest import cli_subprocess, run_cli, tiny_extract_args
@@ -73,7 +71,7 @@ def corpus(tmp_path_factory):
     lines = []
     for name in CORPUS:
         if name == "good.mp4 (again)":
-            lines.append(f"good.mp4 b")
+            lines.append("good.mp4 b")
         elif name == "unknown-label.mp4":
             lines.append(f"{name} zzz")
         else:

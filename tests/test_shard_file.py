@@ -7,8 +7,8 @@ import pytest
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
-from cachefeat.cache import CODEC_HELP, CacheError, open_cache, parse_codec
-from cachefeat.shard_file import ShardFile, ShardFileError
+from cachefeat.store import CODEC_HELP, CacheError, open_cache, parse_codec
+from cachefeat.store.shard_file import ShardFile, ShardFileError
 
 CODECS = ["zstd:3", "none", "gzip", "blosc-lz4", "blosc-zstd"]
 ROWS, SHARD = 23, 8       # three shards, the last one partial

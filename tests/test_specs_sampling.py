@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cachefeat.sampling import clip_indices
+from cachefeat.extract.sampling import clip_indices
 from cachefeat.specs import (SamplingSpec, SpecError, TokenSpec, ViewSpec, parse_dtype, parse_layers, parse_sampling,
                              parse_tokens, parse_views)
 

@@ -3,7 +3,6 @@ split, random-weight tiny ViT): each temporal adapter clearly beats the frame-av
 near chance between classes that are each other's time reversal; predict recognises trained videos."""
 import json
 
-import numpy as np
 import pytest
 
 from cachefeat.synth import reversal_partner

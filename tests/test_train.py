@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cachefeat.cache import open_cache
-from cachefeat.online import OnlineSource
+from cachefeat.train.online import OnlineSource
 from cachefeat.train import TrainConfig, cpu_threads, load_checkpoint, lr_at, mix, open_run, train
 
 from conftest import run_cli, tiny_extract_args
@@ -158,10 +157,11 @@ def test_feature_space_mixup_and_cutmix():
     assert same_x is x and same_t is target
 
 
-def test_cli_defaults_match_train_config():
-    from dataclasses import fields
-    from cachefeat.cli import _TD
-    assert _TD == {f.name: f.default for f in fields(TrainConfig) if f.name != "adapter_opts"}
+def test_every_train_setting_is_an_option_with_its_default():
+    """`cachefeat train` with no options trains with TrainConfig's defaults, and every setting can be set."""
+    from cachefeat.cli import cli
+    options = {p.name: p.default for p in cli.commands["train"].params}
+    assert {k: options.get(k) for k in TrainConfig.defaults()} == TrainConfig.defaults()
 
 
 def test_config_file_settings_yield_to_the_command_line(stage2_caches, tmp_path):

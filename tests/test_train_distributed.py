@@ -6,7 +6,7 @@ import json
 import numpy as np
 import torch
 
-from cachefeat.data import part_of_batch
+from cachefeat.train.reader import part_of_batch
 from cachefeat.train import load_checkpoint
 
 from conftest import run_cli

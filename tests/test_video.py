@@ -7,12 +7,12 @@ import open_clip
 import pytest
 from PIL import Image
 
-from cachefeat.decode_pool import DecodePool
-from cachefeat.preprocess import Preprocessing, crops
+from cachefeat.extract.decode_pool import DecodePool
+from cachefeat.extract.preprocess import Preprocessing, crops
 from cachefeat.specs import SamplingSpec, ViewSpec
-from cachefeat.video import DecodeRequest, DecordReader, PyAVReader, decode_video
+from cachefeat.extract.video import DecodeRequest, DecordReader, PyAVReader, decode_video
 
-from media import encode, encode_in_fresh_process, faststart_copy, fifo, good_video, random_bytes, truncated
+from media import encode_in_fresh_process, faststart_copy, fifo, good_video, random_bytes, truncated
 
 PREP = Preprocessing(size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 
-from .base import Adapter, AdapterError, CacheMismatch, FeatureSpec, Needs, check_cache
+from .base import Adapter, AdapterError, CacheMismatch, FeatureSpec, Needs
 
 _REGISTRY: dict[str, type[Adapter]] = {}
 
@@ -97,5 +97,5 @@ def build(name: str, options: dict | None, spec: FeatureSpec) -> Adapter:
     return cls(config, spec)
 
 
-__all__ = ["Adapter", "AdapterError", "CacheMismatch", "FeatureSpec", "Needs", "build", "check_cache", "get",
+__all__ = ["Adapter", "AdapterError", "CacheMismatch", "FeatureSpec", "Needs", "build", "get",
            "list_adapters", "make_config", "register", "resolve"]

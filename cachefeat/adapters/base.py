@@ -87,34 +87,46 @@ class Needs:
             parts.append("frozen block weights")
         return ", ".join(parts) or "nothing"
 
+    def problems(self, adapter: str, meta: dict, trained: FeatureSpec | None = None) -> list[str]:
+        """Why a cache (its metadata) cannot feed these needs; empty when it can. With `trained` (the spec an
+        adapter was built for), the cache must also have the same shapes: frames, token grid, pixel size."""
+        problems = []
+        layers = list(meta["layers"])
+        tokens = TokenSpec.from_dict(meta["tokens"])
+        want = sorted(set(self.cls_layers) | set(self.token_layers))
+        missing = [l for l in want if l not in layers]
+        if missing:
+            problems.append(f"{adapter} needs layers {missing}, but the cache holds layers {_short_list(layers)} "
+                            f"(extract with --layers including them)")
+        if self.token_layers and tokens.kind == "cls":
+            problems.append(f"{adapter} needs patch tokens, but the cache has CLS tokens only "
+                            f"(extract with --tokens all or pooled:HxW)")
+        if self.pixels and not meta.get("pixels"):
+            problems.append(f"{adapter} needs the cached pixels, but the cache has none (extract with --pixels)")
+        if self.text and not meta.get("text"):
+            problems.append(f"{adapter} needs class-name text embeddings (text/embed), but the cache has none "
+                            f"(needs a model with a text tower and a class list)")
+        if trained is not None:
+            if int(meta["frames"]) != trained.frames:
+                problems.append(f"the adapter was trained on {trained.frames} frames per clip, this cache has {meta['frames']}")
+            if self.token_layers and tokens.kind != "cls" and tuple(tokens.grid) != tuple(trained.tokens.grid):
+                problems.append(f"the adapter was trained on tokens {trained.tokens}, this cache has tokens {tokens}")
+            if self.pixels and meta.get("pixels") and _pix(meta["pixels"]) != _pix(trained.pixels):
+                problems.append(f"the adapter was trained on pixels {_pix(trained.pixels)}, this cache has {_pix(meta['pixels'])}")
+        return problems
 
-def check_cache(adapter: str, needs: Needs, meta: dict, trained: FeatureSpec | None = None) -> list[str]:
-    """Why a cache (its metadata) cannot feed `needs`; empty when it can. With `trained` (the spec an adapter
-    was built for), the cache must also have the same shapes: frames, token grid, pixel size."""
-    problems = []
-    layers = list(meta["layers"])
-    tokens = TokenSpec.from_dict(meta["tokens"])
-    want = sorted(set(needs.cls_layers) | set(needs.token_layers))
-    missing = [l for l in want if l not in layers]
-    if missing:
-        problems.append(f"{adapter} needs layers {missing}, but the cache holds layers {_short_list(layers)} "
-                        f"(extract with --layers including them)")
-    if needs.token_layers and tokens.kind == "cls":
-        problems.append(f"{adapter} needs patch tokens, but the cache has CLS tokens only "
-                        f"(extract with --tokens all or pooled:HxW)")
-    if needs.pixels and not meta.get("pixels"):
-        problems.append(f"{adapter} needs the cached pixels, but the cache has none (extract with --pixels)")
-    if needs.text and not meta.get("text"):
-        problems.append(f"{adapter} needs class-name text embeddings (text/embed), but the cache has none "
-                        f"(needs a model with a text tower and a class list)")
-    if trained is not None:
-        if int(meta["frames"]) != trained.frames:
-            problems.append(f"the adapter was trained on {trained.frames} frames per clip, this cache has {meta['frames']}")
-        if needs.token_layers and tokens.kind != "cls" and tuple(tokens.grid) != tuple(trained.tokens.grid):
-            problems.append(f"the adapter was trained on tokens {trained.tokens}, this cache has tokens {tokens}")
-        if needs.pixels and meta.get("pixels") and _pix(meta["pixels"]) != _pix(trained.pixels):
-            problems.append(f"the adapter was trained on pixels {_pix(trained.pixels)}, this cache has {_pix(meta['pixels'])}")
-    return problems
+    def bytes_per_clip(self, meta: dict) -> int:
+        """Bytes one clip of the arrays read takes in memory (int8 caches are dequantized to float16)."""
+        lay = meta["layout"]
+        item = 4 if lay["dtype"] == "float32" else 2
+        T, D = int(lay["frames"]), int(lay["width"])
+        n = (T * int(lay["embed_dim"]) if self.embed else 0) + T * len(self.cls_layers) * D
+        n += T * len(self.token_layers) * TokenSpec.from_dict(lay["tokens"]).num_patch_tokens * D
+        total = n * item
+        if self.pixels:
+            p = meta["pixels"]
+            total += T * int(p["factor"]) * int(p["size"]) ** 2 * 3
+        return total
 
 
 def _pix(p: dict | None) -> str:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import Selection
-from .evaluate import autocast, to_device
+from ..devices import autocast, resolve_precision
+from .checkpoint import adapter_from_checkpoint
+from .evaluate import to_device
 from .online import OnlineFeatures, backbone_from_meta
-from .train import adapter_from_checkpoint, resolve_precision
 
 
 def predict(ck: dict, videos: list[str], device: str = "auto", precision: str = "auto", top: int = 5) -> list[dict]:
@@ -18,10 +18,10 @@ def predict(ck: dict, videos: list[str], device: str = "auto", precision: str = 
     meta = ck["cache_meta"]
     backbone = backbone_from_meta(meta, device=device)
     dev = backbone.device
-    prec = resolve_precision(precision, dev)
+    prec = resolve_precision(precision, dev, gpu_auto="bf16")
     model.to(dev)
     # the cache's test views; a cache of random training views has no test protocol to repeat: centre view
-    online = OnlineFeatures(meta, Selection.from_needs(needs), backbone, test_views=True)
+    online = OnlineFeatures(meta, needs, backbone, test_views=True)
     classes = list(ck["classes"])
     results = []
     for i, path in enumerate(videos):

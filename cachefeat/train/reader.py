@@ -1,7 +1,8 @@
 """Reading a cache for stage two: only the arrays an adapter asks for, in RAM when they fit, else streamed
 a buffer of shards at a time by reader processes that read on across epochs.
 
-- `Selection`: which arrays (final embedding, CLS of some layers, patch tokens of some layers, pixels).
+- `Needs` (cachefeat.adapters): which arrays an adapter reads, and so which this reader reads (final
+  embedding, CLS of some layers, patch tokens of some layers, pixels).
 - `CacheDataset`: a torch Dataset of the valid clips of a cache, returning per-clip tensors with label,
   video and view; `load()`s the selection into RAM (a shard at a time) or reads on demand. Feature rows
   come straight from the shard files (shard_file.py): ~0.05 ms per clip and array instead of zarr's ~0.5 ms
@@ -24,48 +25,30 @@ from typing import Iterator
 
 import numpy as np
 
-from .cache import Cache, CacheError, open_cache
+from ..adapters.base import CacheMismatch, Needs
+from ..store import Cache, CacheError, open_cache
 
 IN_MEMORY_CHOICES = ("auto", "yes", "no")
 TRAIN_VIEWS_CHOICES = ("one", "all")
 
 
 @dataclass(frozen=True)
-class Selection:
-    """Which arrays to read for every clip. Layers are block indices (the cache must hold them)."""
-    embed: bool = False
-    cls_layers: tuple[int, ...] = ()
-    token_layers: tuple[int, ...] = ()
-    pixels: bool = False
+class ClipTables:
+    """Every clip's label, video and view, read from a cache once; `tables(rows)` is a batch's share."""
+    label: np.ndarray
+    video: np.ndarray
+    view: np.ndarray
 
     @classmethod
-    def from_needs(cls, needs) -> "Selection":
-        return cls(embed=needs.embed, cls_layers=tuple(needs.cls_layers), token_layers=tuple(needs.token_layers),
-                   pixels=needs.pixels)
+    def of(cls, cache: Cache) -> "ClipTables":
+        return cls(cache.labels().astype(np.int64), cache.clip_video().astype(np.int64),
+                   cache.clip_view().astype(np.int64))
 
-    def check(self, cache: Cache) -> None:
-        missing = [l for l in sorted(set(self.cls_layers) | set(self.token_layers)) if l not in cache.layers]
-        if missing:
-            raise CacheError(f"{cache.path}: layers {missing} are not in the cache (it holds {cache.layers})")
-        if self.token_layers and cache.tokens.kind == "cls":
-            raise CacheError(f"{cache.path} holds CLS tokens only; patch tokens were asked for")
-        if self.pixels and not cache.meta.get("pixels"):
-            raise CacheError(f"{cache.path} holds no pixels")
-
-    def bytes_per_clip(self, cache: Cache) -> int:
-        lay = cache.layout
-        item = 4 if lay.dtype == "float32" else 2    # float16, or int8 dequantized to float16 on read
-        T, D = lay.frames, lay.width
-        n = (T * lay.embed_dim if self.embed else 0) + T * len(self.cls_layers) * D
-        n += T * len(self.token_layers) * lay.tokens.num_patch_tokens * D
-        total = n * item
-        if self.pixels:
-            p = cache.meta["pixels"]
-            total += T * int(p["factor"]) * int(p["size"]) ** 2 * 3
-        return total
+    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {"label": self.label[rows], "video": self.video[rows], "view": self.view[rows], "row": rows}
 
 
-def read_rows(cache: Cache, sel: Selection, rows) -> dict[str, np.ndarray]:
+def read_rows(cache: Cache, sel: Needs, rows) -> dict[str, np.ndarray]:
     """The selected arrays for `rows` (a slice or sorted int array), through the cache API."""
     try:
         return _read_rows(cache, sel, rows)
@@ -74,7 +57,7 @@ def read_rows(cache: Cache, sel: Selection, rows) -> dict[str, np.ndarray]:
                          f"copied? `cachefeat verify` checks a cache)") from None
 
 
-def _read_rows(cache: Cache, sel: Selection, rows) -> dict[str, np.ndarray]:
+def _read_rows(cache: Cache, sel: Needs, rows) -> dict[str, np.ndarray]:
     out = {}
     if sel.embed:
         out["embed"] = cache.read("embed", rows)
@@ -92,16 +75,16 @@ class CacheDataset:
     per-clip arrays plus label, video, view and row. `in_memory`: yes = load the selection into RAM now,
     no = read on demand, auto = load when it takes under half the available memory."""
 
-    def __init__(self, cache: Cache | str, selection: Selection, rows=None, in_memory: str = "auto",
-                 memory_fraction: float = 0.5):
+    def __init__(self, cache: Cache | str, selection: Needs, rows=None, in_memory: str = "auto",
+                 memory_fraction: float = 0.5, tables: ClipTables | None = None):
         self.cache = cache if isinstance(cache, Cache) else open_cache(cache)
-        selection.check(self.cache)
+        problems = selection.problems("the reader", self.cache.meta)
+        if problems:
+            raise CacheMismatch(f"{self.cache.path}: {'; '.join(problems)}")
         self.selection = selection
         valid = self.cache.valid()
         self.rows = np.flatnonzero(valid) if rows is None else np.asarray(rows, dtype=np.int64)
-        self.labels = self.cache.labels().astype(np.int64)
-        self.videos = self.cache.clip_video().astype(np.int64)
-        self.views = self.cache.clip_view().astype(np.int64)
+        self.tables = tables or ClipTables.of(self.cache)
         if in_memory not in IN_MEMORY_CHOICES:
             raise ValueError(f"in_memory must be one of {IN_MEMORY_CHOICES}")
         self.data: dict[str, np.ndarray] | None = None
@@ -114,7 +97,7 @@ class CacheDataset:
         return self.data is not None
 
     def nbytes(self) -> int:
-        return len(self.rows) * self.selection.bytes_per_clip(self.cache)
+        return len(self.rows) * self.selection.bytes_per_clip(self.cache.meta)
 
     def fits_in_memory(self, fraction: float = 0.5) -> bool:
         import psutil
@@ -145,9 +128,6 @@ class CacheDataset:
         return {k: torch.from_numpy(np.ascontiguousarray(v[0])) if isinstance(v[0], np.ndarray) else int(v[0])
                 for k, v in batch.items()}
 
-    def tables(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return {"label": self.labels[rows], "video": self.videos[rows], "view": self.views[rows], "row": rows}
-
     def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """A batch for these rows, in this order."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -163,6 +143,14 @@ class CacheDataset:
             inv[order] = np.arange(len(order))
             out = {k: v[inv] for k, v in got.items()}
         return {**out, **self.tables(rows)}
+
+
+def open_dataset(cache: Cache | str, embed: bool = False, cls_layers=(), token_layers=(), pixels: bool = False,
+                 rows=None, in_memory: str = "auto") -> CacheDataset:
+    """A torch-style Dataset of the valid clips of a cache (a path or an open Cache) with only these arrays:
+    `ds[i]` -> {embed (T,E), cls (T,L,D), tokens (T,L',N,D), pixels, label, video, view, row}."""
+    needs = Needs(embed=embed, cls_layers=tuple(cls_layers), token_layers=tuple(token_layers), pixels=pixels)
+    return CacheDataset(cache, needs, rows=rows, in_memory=in_memory)
 
 
 # ------------------------------------------------------------------------------------------- epoch plans
@@ -251,15 +239,13 @@ class FeatureSource:
     """Batches of adapter inputs for training and evaluation over the clips of a cache. The clips, their
     order and the batching are decided here (`plan`); subclasses only say how a buffer's batches are made."""
 
-    def __init__(self, cache: Cache, selection: Selection, batch_size: int, seed: int = 0, train_views: str = "one"):
+    def __init__(self, cache: Cache, selection: Needs, batch_size: int, seed: int = 0, train_views: str = "one"):
         if train_views not in TRAIN_VIEWS_CHOICES:
             raise ValueError(f"train_views must be one of {TRAIN_VIEWS_CHOICES}")
         self.cache, self.selection = cache, selection
         self.batch_size, self.seed, self.train_views = batch_size, seed, train_views
         self.valid = cache.valid()
-        self.labels = cache.labels().astype(np.int64)
-        self.videos = cache.clip_video().astype(np.int64)
-        self.views = cache.clip_view().astype(np.int64)
+        self.tables = ClipTables.of(cache)
         self.buffer_shards: int | None = None
         self.part = (0, 1)   # (rank, world): in data-parallel training, this worker's slice of every batch
 
@@ -268,7 +254,7 @@ class FeatureSource:
         return self.cache.meta
 
     def planner(self) -> EpochPlanner:
-        return EpochPlanner(self.valid, self.videos, self.labels, self.seed, self.train_views,
+        return EpochPlanner(self.valid, self.tables.video, self.tables.label, self.seed, self.train_views,
                             self.cache.layout.shard_rows, self.batch_size, self.buffer_shards, self.part)
 
     def rows(self, epoch: int, train: bool) -> np.ndarray:
@@ -279,9 +265,6 @@ class FeatureSource:
 
     def steps(self, epoch: int = 0, train: bool = True) -> int:
         return sum(len(b.batches) for b in self.plan(epoch, train))
-
-    def tables(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return {"label": self.labels[rows], "video": self.videos[rows], "view": self.views[rows], "row": rows}
 
     def batches(self, epoch: int, train: bool) -> Iterator[dict[str, np.ndarray]]:
         raise NotImplementedError
@@ -295,10 +278,10 @@ class CachedSource(FeatureSource):
     `workers` processes that each read whole buffers of shards, with prefetch; batches come out in plan order
     whatever the number of workers."""
 
-    def __init__(self, cache: Cache, selection: Selection, batch_size: int, seed: int = 0, in_memory: str = "auto",
+    def __init__(self, cache: Cache, selection: Needs, batch_size: int, seed: int = 0, in_memory: str = "auto",
                  workers: int = 2, buffer_shards: int = 4, prefetch: int = 2, train_views: str = "one"):
         super().__init__(cache, selection, batch_size, seed, train_views)
-        self.dataset = CacheDataset(cache, selection, in_memory=in_memory)
+        self.dataset = CacheDataset(cache, selection, in_memory=in_memory, tables=self.tables)
         self.workers, self.prefetch = max(0, workers), max(1, prefetch)
         self.buffer_shards = None if self.dataset.in_memory else max(1, buffer_shards)
         self._stream: _Stream | None = None
@@ -330,7 +313,7 @@ class CachedSource(FeatureSource):
             self._stream = None
 
 
-def _buffer_batches(cache: Cache, sel: Selection, buf: Buffer, tables) -> Iterator[dict[str, np.ndarray]]:
+def _buffer_batches(cache: Cache, sel: Needs, buf: Buffer, tables) -> Iterator[dict[str, np.ndarray]]:
     """Read a buffer's rows once (each shard file opened once), then serve its batches from that block."""
     if not buf.batches:
         return
@@ -347,14 +330,11 @@ class _BufferReader:
     w+n, w+2n, ... and tags every batch with (epoch, buffer, batch) so the consumer can restore plan order.
     A batch goes back packed in one torch tensor, which the DataLoader passes through shared memory."""
 
-    def __init__(self, path: str, sel: Selection, planner: EpochPlanner, first: int, train: bool,
-                 epochs: int | None, labels, videos, views):
+    def __init__(self, path: str, sel: Needs, planner: EpochPlanner, first: int, train: bool,
+                 epochs: int | None, tables: ClipTables):
         self.path, self.sel, self.planner = path, sel, planner
         self.first, self.train, self.epochs = first, train, epochs
-        self.labels, self.videos, self.views = labels, videos, views
-
-    def tables(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return {"label": self.labels[rows], "video": self.videos[rows], "view": self.views[rows], "row": rows}
+        self.tables = tables
 
     def __iter__(self):
         import itertools
@@ -413,7 +393,7 @@ class _Stream:
 
         self.planner, self.train, self.next_epoch, self.path = src.planner(), train, epoch, src.cache.path
         reader = _BufferReader(str(src.cache.path), src.selection, self.planner, epoch, train,
-                               None if train else 1, src.labels, src.videos, src.views)
+                               None if train else 1, src.tables)
         plan = self.planner.plan(epoch, train)
         workers = min(src.workers, max(1, len(plan))) if not train else src.workers
         # its own generator: starting workers draws a seed, which must not move the training's torch RNG

@@ -1,5 +1,5 @@
 """The Python API's trained-adapter side: `cachefeat.load_adapter(run)` gives back a trained adapter with
-what it needs to run on cached features (the cache side is `cachefeat.open_cache`, see cache.Cache).
+what it needs to run on cached features (the cache side is `cachefeat.open_cache`, see store.Cache).
 
     adapter = cachefeat.load_adapter("runs/evl")
     ds = adapter.dataset("k400_val.zarr")          # the arrays it reads, from a cache checked to fit it
@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .adapters import Adapter, CacheMismatch, FeatureSpec, Needs, check_cache
+from ..adapters import Adapter, FeatureSpec, Needs
+from ..devices import resolve_device, resolve_precision
+from ..store import Cache, open_cache
+from .checkpoint import adapter_from_checkpoint, check_fits, load_checkpoint
+from .config import TrainError
+from .evaluate import evaluate, to_device
+from .reader import CacheDataset, CachedSource
 
 
 @dataclass
@@ -25,6 +31,7 @@ class TrainedAdapter:
     needs: Needs
     classes: list[str]
     checkpoint: dict        # the run's checkpoint: adapter name and config, training config, history, cache metadata
+    path: str = ""          # where it was loaded from
 
     @property
     def name(self) -> str:
@@ -32,26 +39,20 @@ class TrainedAdapter:
 
     def check(self, cache) -> None:
         """Refuse (CacheMismatch, one line) a cache whose features or shapes this adapter cannot use."""
-        from .train import check_features
-        check_features(self.checkpoint["cache_meta"], cache.meta, f"the cache {cache.path}")
-        problems = check_cache(self.name, self.needs, cache.meta, trained=self.spec)
-        if problems:
-            raise CacheMismatch("; ".join(problems))
+        check_fits(cache.meta, self.name, self.needs, f"the cache {cache.path}",
+                   trained_meta=self.checkpoint["cache_meta"], trained=self.spec)
 
     def dataset(self, cache, rows=None, in_memory: str = "auto"):
         """The valid clips of `cache` (a path or an open Cache) with exactly the arrays this adapter reads,
-        as a torch-style Dataset (cachefeat.data.CacheDataset); the cache is checked first."""
-        from .cache import Cache, open_cache
-        from .data import CacheDataset, Selection
+        as a torch-style Dataset (cachefeat.train.reader.CacheDataset); the cache is checked first."""
         cache = cache if isinstance(cache, Cache) else open_cache(cache)
         self.check(cache)
-        return CacheDataset(cache, Selection.from_needs(self.needs), rows=rows, in_memory=in_memory)
+        return CacheDataset(cache, self.needs, rows=rows, in_memory=in_memory)
 
     @torch.no_grad()
     def logits(self, batch: dict) -> torch.Tensor:
         """Logits (B, classes) for a batch of cached features: a dict of arrays or tensors with the clip axis
         first (what `dataset(...).gather(rows)` returns; pixels as the cache's uint8)."""
-        from .evaluate import to_device
         device = next(self.model.parameters()).device
         x = to_device({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()
                        if k in ("embed", "cls", "tokens", "pixels")}, device, self.spec)
@@ -63,6 +64,23 @@ class TrainedAdapter:
         order = np.argsort(-p, axis=1)[:, :top]
         return [[(self.classes[j], float(p[i, j])) for j in row] for i, row in enumerate(order)]
 
+    def evaluate(self, cache, batch_size: int = 64, device: str = "auto", precision: str = "auto",
+                 in_memory: str = "auto", read_workers: int = 2) -> dict:
+        """The multi-view test protocol on `cache` (a path or an open Cache, checked to fit first): top-1 and
+        top-5 per video, per-class accuracy, the confusion matrix, and what was evaluated."""
+        cache = cache if isinstance(cache, Cache) else open_cache(cache)
+        self.check(cache)
+        if not cache.valid().any():
+            raise TrainError(f"{cache.path} has no valid clips")
+        dev = resolve_device(device)
+        prec = resolve_precision(precision, dev, gpu_auto="bf16")
+        src = CachedSource(cache, self.needs, batch_size, in_memory=in_memory, workers=read_workers)
+        result = evaluate(self.model.to(dev), src, dev, prec, self.spec, cache.classes)
+        ck = self.checkpoint
+        return {"top1": result["top1"], "top5": result["top5"], **result, "adapter": ck["adapter"],
+                "trainable_params": ck["trainable_params"], "epochs": ck["epoch"], "checkpoint": self.path,
+                "cache": str(cache.path), "views": cache.views.count}
+
     def to(self, device) -> "TrainedAdapter":
         self.model.to(device)
         return self
@@ -70,7 +88,6 @@ class TrainedAdapter:
 
 def load_adapter(run: str | os.PathLike, device: str = "cpu") -> TrainedAdapter:
     """A trained adapter from a run folder written by `cachefeat train` (or its checkpoint.pt)."""
-    from .train import adapter_from_checkpoint, load_checkpoint
     ck = load_checkpoint(run)
     model, spec, needs = adapter_from_checkpoint(ck)
-    return TrainedAdapter(model.to(device), spec, needs, list(ck["classes"]), ck)
+    return TrainedAdapter(model.to(device), spec, needs, list(ck["classes"]), ck, str(run))

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import csv
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+from ..devices import autocast
+from .config import TrainError
 
 
 def to_device(batch: dict, device: torch.device, spec) -> dict[str, torch.Tensor]:
@@ -91,7 +87,7 @@ def metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
 
 def reversal_accuracy(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> float | None:
     """For the synthetic data set: how often the true class outscores its time reversal (chance 0.5)."""
-    from .synth import class_names, reversal_partner
+    from ..synth import class_names, reversal_partner
     try:
         if list(classes) != class_names(len(classes)):
             return None
@@ -151,6 +147,17 @@ def write_per_class(out_dir: Path, per_class: dict, conf: list[list[int]]) -> No
         w.writerow(["class", "videos", "accuracy"])
         for (name, acc), row in zip(per_class.items(), conf):
             w.writerow([name, sum(row), "" if acc is None else f"{acc:.4f}"])
+
+
+def report_dir(checkpoint: str | Path, cache: str | Path, out: str | Path | None = None) -> Path:
+    """Where `eval` writes its report: `out`, else RUN/eval-<cache name>. An earlier eval's folder is
+    replaced (its figures are a function of checkpoint and cache); anything else is refused."""
+    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    out_dir = Path(out) if out else run_dir / f"eval-{Path(cache).name.removesuffix('.zarr')}"
+    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "metrics.json").is_file()):
+        raise TrainError(f"--out {out_dir} exists and is not the output of an earlier cachefeat eval; "
+                         f"choose another --out")
+    return out_dir
 
 
 def write_report(out_dir: Path, result: dict, classes: list[str]) -> None:

@@ -1,116 +1,44 @@
-"""Stage two: train an adapter on a cache (or on any FeatureSource), never touching the backbone.
+"""Stage two's training loop: train an adapter on a cache (or on any FeatureSource), never touching the
+backbone.
 
-    TrainConfig      every setting with its default in plain sight (the CLI and config files override it)
     open_run(...)    open and check the caches, resolve the adapter against them, build the sources
     train(...)       the training loop: one function, top to bottom
-    checkpoints      written atomically (tmp + rename) after every epoch; `--resume` continues from one
+    checkpoints      written atomically (checkpoint.py) after every epoch; `--resume` continues from one
 
 The data order, dropout and mixup draws are functions of (seed, epoch) only, so a resumed run repeats
 the uninterrupted one exactly, and a run from an OnlineSource sees the same batches as from the cache.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import adapters
-from .adapters import CacheMismatch, FeatureSpec, Needs
-from .cache import Cache, diff_meta, feature_fingerprint, open_cache
-from .data import CachedSource, FeatureSource, Selection
-from .evaluate import autocast, evaluate, to_device
-
-CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = "cachefeat-checkpoint"
-# cache metadata a checkpoint keeps: enough to rebuild the adapter, check an eval cache, and run predict
-RECORDED_META = ("model", "layers", "tokens", "dtype", "frames", "sampling", "views", "preprocessing",
-                 "compute_precision", "classes", "layout", "pixels", "text", "augment", "fingerprint")
-
-
-class TrainError(Exception):
-    """A run that cannot start or continue as asked (one line)."""
-
-
-class TrainDiverged(RuntimeError):
-    """The loss (or the weights) became NaN or infinite: training stopped, the last good checkpoint is kept.
-    A failed run rather than bad usage: the CLI exits with status 1."""
-
-
-@dataclass
-class TrainConfig:
-    adapter: str = "temporal"
-    adapter_opts: dict = field(default_factory=dict)
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3                 # peak learning rate (AdamW)
-    weight_decay: float = 0.05       # not applied to biases, norms, queries and position embeddings
-    warmup_epochs: float = 2.0       # linear warm-up, then cosine decay to min_lr
-    min_lr: float = 1e-6
-    label_smoothing: float = 0.1
-    mixup: float = 0.0               # Beta(a, a) mixup of features; 0 = off (DiST: 0.8)
-    cutmix: float = 0.0              # Beta(a, a) cut of a span of frames; 0 = off (DiST: 1.0)
-    grad_clip: float = 1.0           # max gradient norm; 0 = off
-    train_views: str = "one"         # one view per video per epoch, or all views
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"          # auto: bf16 (or fp16) autocast on GPU, fp32 on CPU
-    in_memory: str = "auto"
-    read_workers: int = 2            # streaming reader processes (when the cache is not held in RAM)
-    threads: int = 0                 # CPU threads for the adapter; 0 = torch's default
-
-    # settings that change the result: a resumed run must keep them
-    RESULT_KEYS = ("adapter", "adapter_opts", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
-                   "min_lr", "label_smoothing", "mixup", "cutmix", "grad_clip", "train_views", "seed")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise TrainError(f"--precision {precision!r}: expected auto, fp32, fp16 or bf16")
-    if precision == "fp16" and device.type != "cuda":
-        raise TrainError("--precision fp16 needs a GPU; use fp32 (or bf16) on CPU")
-    return precision
-
+from .. import adapters
+from ..adapters import CacheMismatch, FeatureSpec, Needs
+from ..devices import autocast, resolve_device, resolve_precision
+from ..store import Cache, open_cache
+from .checkpoint import CHECKPOINT, check_fits, checkpoint_state, save_atomic, write_json_atomic, write_metrics
+from .config import TrainConfig, TrainDiverged, TrainError
+from .evaluate import evaluate, to_device
+from .reader import CachedSource, FeatureSource
 
 # ------------------------------------------------------------------------------------------- setup
-def check_features(trained_meta: dict, meta: dict, what: str) -> None:
-    """Features from another cache can be used with a model trained on `trained_meta` when they come from
-    the same backbone weights and preprocessing, and their labels index the same class list."""
-    if feature_fingerprint(trained_meta) != feature_fingerprint(meta):
-        diffs = diff_meta(trained_meta, meta, ("model", "preprocessing"))
-        diffs = [d for d in diffs if not d.startswith(("model.open_clip_version", "model.torch_version"))]
-        raise CacheMismatch(f"{what} holds features of another backbone or preprocessing than the training cache "
-                            f"({'; '.join(diffs[:3]) or 'feature fingerprint differs'})")
-    a, b = list(trained_meta.get("classes") or []), list(meta.get("classes") or [])
-    if a != b:
-        raise CacheMismatch(f"{what} has another class list than the training cache ({len(b)} vs {len(a)} classes"
-                            + (", same count, different names or order)" if len(a) == len(b) else ")"))
-
-
-def resolve_adapter(name: str, options: dict, meta: dict, trained: FeatureSpec | None = None):
-    """(adapter class, config, needs, spec) for a cache's metadata; refuses, in one line, a cache that
-    cannot provide what the adapter needs (with `trained`: the spec a checkpoint was built for)."""
-    spec = trained or FeatureSpec.from_meta(meta)
+def resolve_adapter(name: str, options: dict, meta: dict):
+    """(adapter class, config, needs, spec) for a training cache's metadata; refuses, in one line, a cache
+    that cannot provide what the adapter needs."""
+    spec = FeatureSpec.from_meta(meta)
     if spec.num_classes < 2:
         raise CacheMismatch("the cache has no class list (extract with --classes or labelled inputs)")
     cls, config, needs = adapters.resolve(name, options, spec)
-    problems = adapters.check_cache(name, needs, meta, trained)
-    if problems:
-        raise CacheMismatch("; ".join(problems))
+    check_fits(meta, name, needs, "the training cache")
     return cls, config, needs, spec
 
 
@@ -146,15 +74,12 @@ def open_run(cfg: TrainConfig, cache: str, val_cache: str | None = None) -> Run:
     val = open_cache(val_cache) if val_cache else None
     if not train.valid().any():
         raise TrainError(f"{cache} has no valid clips (is its extraction finished? see cachefeat info)")
-    if val is not None:
-        check_features(train.meta, val.meta, f"the val cache {val_cache}")
     cls, config, needs, spec = resolve_adapter(cfg.adapter, cfg.adapter_opts, train.meta)
     if val is not None:
-        resolve_adapter(cfg.adapter, cfg.adapter_opts, val.meta, trained=spec)
+        check_fits(val.meta, cfg.adapter, needs, f"the val cache {val_cache}", trained_meta=train.meta, trained=spec)
     model = build_adapter(cls, config, spec, needs, train, cfg.seed)
-    sel = Selection.from_needs(needs)
-    src = CachedSource(train, sel, cfg.batch_size, cfg.seed, cfg.in_memory, cfg.read_workers, train_views=cfg.train_views)
-    vsrc = CachedSource(val, sel, cfg.batch_size, cfg.seed, cfg.in_memory, cfg.read_workers) if val is not None else None
+    src = CachedSource(train, needs, cfg.batch_size, cfg.seed, cfg.in_memory, cfg.read_workers, train_views=cfg.train_views)
+    vsrc = CachedSource(val, needs, cfg.batch_size, cfg.seed, cfg.in_memory, cfg.read_workers) if val is not None else None
     return Run(cfg, train, val, spec, needs, model, src, vsrc)
 
 
@@ -216,40 +141,6 @@ def cpu_threads(n: int):
         torch.set_num_threads(old)
 
 
-def _replace_durably(write, path: Path) -> None:
-    """Write `path` whole or not at all: `write(file)` fills PATH.tmp, which is flushed to disk (fsync) and
-    renamed over PATH (os.replace is atomic), then the folder entry is synced. A run killed at any point
-    leaves the previous PATH intact, plus at worst a stale PATH.tmp that nothing reads (the next write
-    replaces it)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:      # platforms where a folder cannot be opened (Windows): the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_atomic(obj, path: Path) -> None:
-    _replace_durably(lambda f: torch.save(obj, f), path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    _replace_durably(lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()), path)
-
-
-def write_metrics(out: Path, history: list[dict]) -> None:
-    _replace_durably(lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()),
-                     out / "metrics.jsonl")
-
-
 def _diverged(what: str, epoch: int, cfg: TrainConfig, out: Path | None, kept: int, where: str = "") -> TrainDiverged:
     kept_msg = (f"the checkpoint of epoch {kept} in {out} is kept" if out is not None and kept
                 else "no epoch finished, so there is no checkpoint" if out is not None else "nothing was saved")
@@ -283,32 +174,6 @@ def plot_curves(path: Path, history: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """A run folder or a checkpoint file -> the checkpoint dict (refusing anything else in one line)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / CHECKPOINT
-    if not p.is_file():
-        raise TrainError(f"{path}: no checkpoint there (expected a run folder with {CHECKPOINT}, or the file)")
-    try:
-        ck = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise TrainError(f"{p} is not a readable checkpoint: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(f"{p} is not a cachefeat checkpoint")
-    return ck
-
-
-def adapter_from_checkpoint(ck: dict) -> tuple[torch.nn.Module, FeatureSpec, Needs]:
-    """Rebuild a trained adapter (weights, frozen buffers and all) from its checkpoint."""
-    spec = FeatureSpec.from_meta(ck["cache_meta"])
-    cls, config, needs = adapters.resolve(ck["adapter"], ck["adapter_config"], spec)
-    model = cls(config, spec)
-    model.load_state_dict(ck["state_dict"])
-    model.eval()
-    return model, spec, needs
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -411,14 +276,13 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
     `resume`: a checkpoint of this run to continue from. `part`: this worker's share of a data-parallel run
     (a process group must be initialised; cachefeat.train_distributed does that through Ray Train).
     `on_epoch(record)`: called after every epoch's checkpoint (an ablation reports to Ray Tune there)."""
-    from .backbone import resolve_device
     cfg, model = run.cfg, run.model
     main = part.rank == 0
     out = Path(out) if out is not None and main else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, gpu_auto="bf16")
     model.to(device)
     net = model
     if part.world > 1:
@@ -497,21 +361,6 @@ def _epoch_line(r: dict, epochs: int) -> str:
     if r.get("val_top1") is not None:
         s += f"  val loss {r['val_loss']:.4f}  top-1 {100 * r['val_top1']:5.1f}%  top-5 {100 * r['val_top5']:5.1f}%"
     return s + f"  lr {r['lr']:.2e}  {r['seconds']:.1f} s ({r['clips_per_s']:.0f} clips/s)"
-
-
-def checkpoint_state(run: Run, model, opt, scaler, epoch: int, history: list[dict], seconds: float) -> dict:
-    meta = run.train_cache.meta
-    return {
-        "format": CHECKPOINT_FORMAT, "version": 1,
-        "adapter": run.cfg.adapter, "adapter_config": asdict(model.config),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "trainable_params": model.num_trainable(), "needs": asdict(run.needs),
-        "classes": run.train_cache.classes, "feature_fingerprint": feature_fingerprint(meta),
-        "cache_meta": {k: meta[k] for k in RECORDED_META if k in meta},
-        "train_cache": str(run.train_cache.path), "val_cache": str(run.val_cache.path) if run.val_cache else None,
-        "train_config": run.cfg.to_dict(), "epoch": epoch, "history": history, "train_seconds": seconds,
-        "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-    }
 
 
 def make_summary(run: Run, history: list[dict], seconds: float, precision: str, device) -> dict:

@@ -15,13 +15,12 @@ shard counts as done only once its `progress` flag is set after its data. A shar
 only when Ray reports its worker dead, and only if its flag is not set; were a "dead" worker still writing
 (a partitioned node), it would write the same bytes in whole chunks, so the store ends up the same.
 
-`extract_distributed()` runs on whatever Ray runtime `distributed.ray_runtime()` gives: one already
+`extract_distributed()` runs on whatever Ray runtime `ray_runtime.ray_runtime()` gives: one already
 initialised (tests), a cluster (`address`), or a local one started and stopped for the run (the CLI).
 """
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import threading
 import time
@@ -33,12 +32,13 @@ from typing import Callable
 import numpy as np
 import ray
 
-from .cache import FAILED, Cache, CacheError, StoreLock
-from .distributed import (WorkerError, death_reason, node_cpu_share, on_driver_node, ray_runtime, use_gpus,
-                          worker_resources)
+from ..ray_runtime import (WorkerError, death_reason, node_cpu_share, on_driver_node, ray_runtime, use_gpus,
+                           worker_resources)
+from ..store import FAILED, Cache, CacheError, open_for_writing
 from .decode_pool import DecodePool
-from .extract import ExtractSettings, ExtractStats, creation_extras, plan, prepare, shards_left
 from .manifest import Manifest
+from .pipeline import ExtractStats, creation_extras, stop_on_sigint
+from .plan import ExtractSettings, plan
 
 
 # ------------------------------------------------------------------------------------------- broker
@@ -139,7 +139,7 @@ class ExtractWorker:
         import torch
         from .backbone import load_backbone
         from .decode_pool import DecodePool
-        from .extract import ShardExtractor
+        from .pipeline import ShardExtractor
         host, pid = socket.gethostname(), os.getpid()
         where = f"worker {self.id} on {host} (pid {pid})"
         cache = open_store_for_worker(out, fingerprint, where)
@@ -158,8 +158,8 @@ class ExtractWorker:
         self.pool = DecodePool(decode_workers, decode_timeout)
         self.reported, self.last_flush = 0, time.monotonic()
         self.flush_lock = threading.Lock()   # the decode loop and the writer thread both flush
-        self.extractor = ShardExtractor(cache.root, cache.layout, cache.meta, bb, videos, self.pool, batch_size,
-                                        reader, on_progress=self._on_progress, on_shard_done=self._on_shard_done)
+        self.extractor = ShardExtractor(cache, bb, videos, self.pool, batch_size, reader,
+                                        on_progress=self._on_progress, on_shard_done=self._on_shard_done)
         name = torch.cuda.get_device_name(bb.device) if gpu else "cpu"
         return {"host": host, "pid": pid, "device": f"{bb.device} ({name})" if gpu else "cpu",
                 "decode_workers": decode_workers}
@@ -255,7 +255,8 @@ def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSe
     (default: `workers`). `monitor`, if given, is called with a RunState on every poll (about 5 per second).
     """
     import torch
-    from .backbone import load_backbone, resolve_precision
+    from ..devices import resolve_precision
+    from .backbone import load_backbone
     with ray_runtime(address) as runtime:
         gpu = use_gpus(settings.device, runtime)
         device = "cuda" if gpu else "cpu"
@@ -263,43 +264,35 @@ def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSe
         # hash, with the precision the workers will compute in (part of the cache's identity)
         bb = load_backbone(settings.model, settings.pretrained, "cpu", "fp32", seed=settings.seed,
                            quick_gelu=settings.quick_gelu)
-        bb = replace(bb, precision=resolve_precision(settings.precision, torch.device(device)))
+        bb = replace(bb, precision=resolve_precision(settings.precision, torch.device(device), gpu_auto="fp16"))
         p = plan(settings, manifest, bb)
         weights_sha256 = bb.weights_sha256
+
+        def extras():  # computed once, here, before any worker starts (text embeddings, int8 steps)
+            with DecodePool(1, decode_timeout) as pool:
+                return creation_extras(p, bb, pool, batch_size, reader, log)
+
         out = Path(out).resolve()
-        lock = StoreLock(out)
-        lock.acquire()
-        try:
-            if repair and not (out / "zarr.json").is_file():
-                raise CacheError(f"--repair: there is no cache at {out} to repair")
-
-            def extras():  # computed once, here, before any worker starts (text embeddings, int8 steps)
-                with DecodePool(1, decode_timeout) as pool:
-                    return creation_extras(p, bb, pool, batch_size, reader, log)
-
-            root, todo = prepare(out, p, settings.codec, overwrite=overwrite, extras=extras)
-            del bb
-            layout = p.layout
-            todo = shards_left(out, layout, todo, repair, log)
-            if not todo:
+        with open_for_writing(out, p.meta, p.layout, manifest.videos, settings.codec, overwrite, repair,
+                              extras=extras, log=log) as store:
+            bb = None    # the driver's copy is not needed any more: free it before the workers start
+            if not store.todo:
                 return DistributedStats()
             # workers decode by absolute path: their working directory is not the driver's
             videos = [replace(v, path=os.path.abspath(v.path)) for v in manifest.videos]
-            driver = _Driver(out, layout, todo, log, progress, monitor)
-            n = min(workers, len(todo))
+            driver = _Driver(store.cache, store.todo, log, progress, monitor)
+            n = min(workers, len(store.todo))
             if n < workers:
-                log(f"{len(todo)} shard{'s' * (len(todo) != 1)} to write: starting {n} worker{'s' * (n != 1)}, "
-                    f"not {workers} (--shard-size sets the clips per shard)")
+                log(f"{len(store.todo)} shard{'s' * (len(store.todo) != 1)} to write: starting {n} "
+                    f"worker{'s' * (n != 1)}, not {workers} (--shard-size sets the clips per shard)")
             cap = runtime.gpus if gpu else runtime.cpus
             if n > cap:
                 log(f"{n} workers asked for, but the cluster has {cap:g} {'GPUs' if gpu else 'CPUs'}: "
                     f"the others start when resources free up")
-            setup_args = (str(out), settings, device, root.attrs["cachefeat"]["fingerprint"], weights_sha256,
+            setup_args = (str(out), settings, device, store.meta["fingerprint"], weights_sha256,
                           ray.put(videos), n, batch_size, decode_workers, decode_timeout, reader)
             return driver.run(n, worker_resources(gpu), setup_args,
                               n if max_replacements is None else max_replacements)
-        finally:
-            lock.release()
 
 
 # what Ray raises when a worker's process or node is gone (as opposed to an error raised by our code)
@@ -312,9 +305,9 @@ class _Driver:
 
     POLL = 0.2
 
-    def __init__(self, out: Path, layout, todo: list[int], log, progress: bool, monitor):
-        self.out, self.layout, self.todo, self.log, self.monitor = out, layout, todo, log, monitor
-        rows = {s: len(layout.shard_rows_range(s)) for s in todo}
+    def __init__(self, store: Cache, todo: list[int], log, progress: bool, monitor):
+        self.store, self.layout, self.todo, self.log, self.monitor = store, store.layout, todo, log, monitor
+        rows = {s: len(self.layout.shard_rows_range(s)) for s in todo}
         self.broker = ShardBroker.options(**on_driver_node()).remote(todo, rows)
         self.workers: dict[int, WorkerInfo] = {}
         self.pending: dict = {}          # ObjectRef -> (worker id, "setup" | "run")
@@ -339,53 +332,48 @@ class _Driver:
         self.t0 = t0 = time.perf_counter()
         for _ in range(n):
             self.start_worker(resources, setup_args)
-        previous = signal.getsignal(signal.SIGINT)
-        in_main = threading.current_thread() is threading.main_thread()
 
-        def on_sigint(signum, frame):
-            if self.stats.interrupted:  # second Ctrl-C: stop now
-                signal.signal(signal.SIGINT, previous)
-                raise KeyboardInterrupt
+        def request_stop():
             self.stats.interrupted = True
             self.broker.stop.remote()
-            self.say("interrupted: the workers finish the shards in flight (Ctrl-C again to stop at once)")
 
-        if in_main:
-            signal.signal(signal.SIGINT, on_sigint)
         try:
-            while True:
-                ready = []
-                if self.pending:
-                    ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=self.POLL)
-                else:
-                    time.sleep(self.POLL)
-                for ref in ready:
-                    self._collect(ref, resources, setup_args, replacements)
-                snap = ray.get(self.broker.snapshot.remote())
-                for w in self.workers.values():
-                    w.held = snap["held"].get(w.id, [])
-                self._show(snap)
-                if self.monitor:
-                    self.monitor(RunState(list(self.workers.values()), len(self.todo), snap["done"], snap["clips"]))
-                busy = [w for w in self.workers.values() if w.state in ("starting", "running")]
-                if snap["done"] == len(self.todo) or snap["stopped"]:
-                    # all written (or stopping): wait for the workers that run; never for one still
-                    # waiting for resources or loading its model
-                    if not any(w.state == "running" for w in busy):
-                        break
-                elif not busy:
-                    left = len(self.todo) - snap["done"]
-                    raise WorkerError(f"every worker died and the {replacements} replacements are used up; "
-                                      f"{left} shards left (last error: {self._last_error()}); run the same "
-                                      f"command again to resume")
+            with stop_on_sigint(request_stop, self.say, "the shards in flight on every worker"):
+                self._watch(resources, setup_args, replacements)
         finally:
-            if in_main:
-                signal.signal(signal.SIGINT, previous)
             self.bar.close()
             for w in self.workers.values():
                 ray.kill(w.actor)        # frees GPUs at once; also any still waiting for resources
             ray.kill(self.broker)
         return self._summary(time.perf_counter() - t0)
+
+    def _watch(self, resources: dict, setup_args: tuple, replacements: int) -> None:
+        """Poll until every shard is written (or the run stops), replacing dead workers."""
+        while True:
+            ready = []
+            if self.pending:
+                ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=self.POLL)
+            else:
+                time.sleep(self.POLL)
+            for ref in ready:
+                self._collect(ref, resources, setup_args, replacements)
+            snap = ray.get(self.broker.snapshot.remote())
+            for w in self.workers.values():
+                w.held = snap["held"].get(w.id, [])
+            self._show(snap)
+            if self.monitor:
+                self.monitor(RunState(list(self.workers.values()), len(self.todo), snap["done"], snap["clips"]))
+            busy = [w for w in self.workers.values() if w.state in ("starting", "running")]
+            if snap["done"] == len(self.todo) or snap["stopped"]:
+                # all written (or stopping): wait for the workers that run; never for one still
+                # waiting for resources or loading its model
+                if not any(w.state == "running" for w in busy):
+                    break
+            elif not busy:
+                left = len(self.todo) - snap["done"]
+                raise WorkerError(f"every worker died and the {replacements} replacements are used up; "
+                                  f"{left} shards left (last error: {self._last_error()}); run the same "
+                                  f"command again to resume")
 
     def _collect(self, ref, resources, setup_args, replacements) -> None:
         wid, what = self.pending.pop(ref)
@@ -421,7 +409,7 @@ class _Driver:
         self.stats.worker_deaths += 1
         ray.kill(w.actor, no_restart=True)     # make sure: a worker only "unavailable" must not write on
         held = ray.get(self.broker.release.remote(w.id))
-        flags = Cache(self.out).shard_done()   # the store decides: a flagged shard is complete
+        flags = self.store.shard_done()        # the store decides: a flagged shard is complete
         redo = [s for s in held if not flags[s]]
         self.broker.requeue.remote(redo)
         self.broker.mark_done.remote([s for s in held if flags[s]])
@@ -449,7 +437,7 @@ class _Driver:
     def _summary(self, seconds: float) -> DistributedStats:
         """Counts and failures read back from the store for the shards this run had to do: exact even when
         a worker died before it could report."""
-        cache = Cache(self.out)
+        cache = self.store
         done = cache.shard_done()
         lay = self.layout
         ran = [s for s in self.todo if done[s]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cache import Cache, CacheError
+from ..store import Cache, CacheError
 
 
 def zero_shot(cache: Cache) -> dict:

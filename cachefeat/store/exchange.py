@@ -29,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from . import __version__
-from .cache import ATTR, SCHEMA_VERSION, Cache, CacheError, StoreLock, open_cache
+from .. import __version__
+from .layout import ATTR, SCHEMA_VERSION, CacheError
+from .lock import StoreLock
+from .reader import Cache, open_cache
 
 EXPORT_VERSION = 1
 HDF5_MARK = "cachefeat_export"       # root attribute of an HDF5 export: JSON {format, version, ...}

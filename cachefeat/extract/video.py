@@ -18,7 +18,7 @@ import numpy as np
 
 from .preprocess import Preprocessing, augmented_crop, crops, draw_augmentation, small
 from .sampling import clip_indices, pixel_indices
-from .specs import AugmentSpec, PixelSpec, SamplingSpec, ViewSpec
+from ..specs import AugmentSpec, PixelSpec, SamplingSpec, ViewSpec
 
 
 class DecodeError(Exception):

@@ -15,12 +15,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .backbone import Backbone, BackboneError, load_backbone
-from .cache import Cache
-from .data import FeatureSource, Selection
-from .preprocess import Preprocessing
-from .specs import AugmentSpec, PixelSpec, SamplingSpec, TokenSpec, ViewSpec
-from .video import DecodeRequest, DecodeResult, decode_video
+from ..adapters import Needs
+from ..extract.backbone import Backbone, BackboneError, load_backbone
+from ..extract.preprocess import Preprocessing
+from ..extract.video import DecodeRequest, DecodeResult, decode_video
+from ..specs import AugmentSpec, PixelSpec, SamplingSpec, TokenSpec, ViewSpec
+from ..store import Cache
+from .reader import FeatureSource
 
 
 def backbone_from_meta(meta: dict, device: str = "auto", precision: str = "auto") -> Backbone:
@@ -42,7 +43,7 @@ class OnlineFeatures:
     selection's arrays, rounded to the cache's storage precision. `test_views=True` uses deterministic test
     views even for a cache of augmented training views (predict: 1 centre view)."""
 
-    def __init__(self, meta: dict, selection: Selection, backbone: Backbone, test_views: bool = False):
+    def __init__(self, meta: dict, selection: Needs, backbone: Backbone, test_views: bool = False):
         self.meta, self.selection, self.backbone = meta, selection, backbone
         self.frames = int(meta["frames"])
         self.sampling = SamplingSpec(**meta["sampling"])
@@ -98,7 +99,7 @@ class OnlineSource(FeatureSource):
     """A cache's clips with their features computed on the fly (decode + frozen backbone), in the same
     plan and batches as CachedSource. Decoding runs in `decode_workers` processes, one batch ahead."""
 
-    def __init__(self, cache: Cache, selection: Selection, batch_size: int, seed: int = 0,
+    def __init__(self, cache: Cache, selection: Needs, batch_size: int, seed: int = 0,
                  backbone: Backbone | None = None, device: str = "auto", decode_workers: int = 0,
                  train_views: str = "one"):
         super().__init__(cache, selection, batch_size, seed, train_views)
@@ -107,15 +108,15 @@ class OnlineSource(FeatureSource):
         self.decode_workers = decode_workers
 
     def batches(self, epoch: int, train: bool) -> Iterator[dict[str, np.ndarray]]:
-        from .decode_pool import DecodePool
+        from ..extract.decode_pool import DecodePool
         batches = [rows for buf in self.plan(epoch, train) for rows in buf.batches]
-        last_use = {int(v): i for i, rows in enumerate(batches) for v in self.videos[rows]}
+        last_use = {int(v): i for i, rows in enumerate(batches) for v in self.tables.video[rows]}
         with DecodePool(self.decode_workers) as pool:
             decoded: dict[int, DecodeResult] = {}
             submitted: set[int] = set()
 
             def submit(rows):
-                for v in np.unique(self.videos[rows]):
+                for v in np.unique(self.tables.video[rows]):
                     if int(v) not in submitted:
                         submitted.add(int(v))
                         pool.submit(self.online.request(int(v), self.paths[v]))
@@ -124,7 +125,7 @@ class OnlineSource(FeatureSource):
                 submit(rows)
                 if i + 1 < len(batches):
                     submit(batches[i + 1])   # decode the next batch while this one runs the backbone
-                need = {int(v) for v in self.videos[rows]}
+                need = {int(v) for v in self.tables.video[rows]}
                 while not need <= decoded.keys():
                     res = pool.get()
                     if res is None:
@@ -132,7 +133,7 @@ class OnlineSource(FeatureSource):
                     if not res.ok:
                         raise BackboneError(f"{self.paths[res.key]}: {res.stage}: {res.error}")
                     decoded[res.key] = res
-                pairs = list(zip(self.videos[rows], self.views[rows]))
+                pairs = list(zip(self.tables.video[rows], self.tables.view[rows]))
                 clips = np.stack([decoded[int(v)].pixels[int(w)] for v, w in pairs])
                 small = np.stack([decoded[int(v)].small[int(w)] for v, w in pairs]) if self.selection.pixels else None
                 for v in need:

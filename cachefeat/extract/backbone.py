@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..devices import autocast, resolve_device, resolve_precision
+from ..specs import TokenSpec
 from .preprocess import Preprocessing
-from .specs import TokenSpec
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
@@ -117,30 +117,6 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise BackboneError(f"--device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackboneError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
-    return dev
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto = fp16 autocast on GPU (CLIP was trained in fp16; more mantissa than bf16), fp32 on CPU
-    (CPUs without bf16 units run autocast several times slower than fp32)."""
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise BackboneError(f"--precision {precision!r}: expected auto, fp32, fp16 or bf16")
-    if precision == "fp16" and device.type == "cpu":
-        raise BackboneError("--precision fp16 needs a GPU; use fp32 (or bf16) on CPU")
-    return precision
-
-
 @dataclass
 class Backbone:
     model: torch.nn.Module          # the whole open_clip model (text tower kept on CPU for class-name embeddings)
@@ -205,12 +181,6 @@ class Backbone:
         return torch.cat(out).numpy()
 
     # -- the forward that extraction runs
-    def autocast(self):
-        if self.precision == "fp32":
-            return nullcontext()
-        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (B, h, w, 3) on any device -> normalised float32 (B, 3, h, w) on the compute device,
         the same arithmetic as torchvision's ToTensor + Normalize."""
@@ -226,7 +196,7 @@ class Backbone:
         Returns float tensors on the compute device: cls (B, L, D), embed (B, E) and, unless tokens is
         `cls`, tokens (B, L, N, D) with N patch tokens (pooled when asked)."""
         x = self.normalize(pixels)
-        with self.autocast():
+        with autocast(self.device, self.precision):
             out = self.visual.forward_intermediates(x, indices=list(layers), output_fmt="NLC",
                                                     output_extra_tokens=True, normalize_intermediates=False)
         res = {"cls": torch.stack([p[:, 0] for p in out["image_intermediates_prefix"]], dim=1),
@@ -256,7 +226,7 @@ def load_backbone(model: str, pretrained: str | None = "none", device: str = "au
     register_model_configs()
     name = resolve_model_name(model)
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    prec = resolve_precision(precision, dev, gpu_auto="fp16")
     pre = "none" if pretrained in (None, "", "none", "None") else pretrained
     force_qg = bool(quick_gelu)
     schema = name.startswith(("hf-hub:", "local-dir:"))

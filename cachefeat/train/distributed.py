@@ -20,14 +20,15 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from .distributed import ClusterError, WorkerError, on_driver_node, ray_runtime, use_gpus
-from .train import Part, TrainConfig, cpu_threads, load_checkpoint, open_run, train
+from ..ray_runtime import ClusterError, WorkerError, on_driver_node, ray_runtime, use_gpus
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .loop import Part, cpu_threads, open_run, train
 
 
 def train_distributed(cfg: TrainConfig, cache: str, val_cache: str | None, out: str, resume: bool, workers: int,
                       address: str | None = None, log=print) -> dict:
     """Train with `workers` Ray Train workers; returns rank 0's summary (also written to out/summary.json)."""
-    import ray
     from ray.util.queue import Queue
 
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -110,7 +111,7 @@ def _worker(config: dict) -> None:
 
 def _reason(err: BaseException) -> str:
     """One line from Ray Train's error: the worker's own exception where there is one."""
-    from .distributed import error_line
+    from ..ray_runtime import error_line
     return error_line(err)
 
 

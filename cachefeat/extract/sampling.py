@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .specs import SamplingSpec
+from ..specs import SamplingSpec
 
 
 def clip_indices(num_frames: int, frames: int, sampling: SamplingSpec, view: int = 0, num_views: int = 1,

@@ -7,154 +7,34 @@ Decode, forward and write overlap, so the backbone waits neither on decoding nor
 decoded once for all its views. Batches never straddle shards, so a shard's features do not depend on
 which shards ran before it: a resumed or multi-worker run writes exactly what a single run writes.
 
-`prepare()` builds or re-opens the store (refusing one made with other settings), `ShardExtractor.run()`
-fills any given shards (extract_distributed.py runs the same class in Ray actors, each over the shards it
-takes from a queue), and `extract()` ties them together for the single-process CLI path.
+`store.open_for_writing()` creates or re-opens the store (refusing one made with other settings),
+`ShardExtractor.run()` fills any given shards (distributed.py runs the same class in Ray actors, each over
+the shards it takes from a queue), and `extract()` ties them together for the single-process path.
 """
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Queue
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
-from . import __version__
+from ..specs import AugmentSpec, SamplingSpec
+from ..store import FAILED, OK, Cache, CacheError, Layout, ShardData, open_for_writing, write_shard
 from .backbone import Backbone, load_backbone
-from .cache import (FAILED, OK, Cache, CacheError, Layout, ShardData, StoreLock, content_fingerprint,
-                    create_store, diff_meta, is_unfinished_creation, write_shard)
 from .decode_pool import DecodePool
 from .manifest import Manifest, VideoEntry
-from .specs import AugmentSpec, PixelSpec, SamplingSpec, ViewSpec, parse_layers, parse_tokens
+from .plan import INT8_HEADROOM, ExtractSettings, Plan, plan
 from .video import DecodeRequest, DecodeResult
-
-SHORT_VIDEO_POLICY = ("uniform: frames repeat in order when the video has fewer frames than segments; "
-                      "dense: the clip starts at frame 0 and indices past the end repeat the last frame")
-LAYER_DEFINITION = ("layer i = output of visual transformer block i (0-indexed), the residual stream before "
-                    "ln_post; cls holds its class token, tokens/<i> its patch tokens; embed = encode_image output "
-                    "(ln_post + proj, not L2-normalised)")
-
-
-@dataclass
-class ExtractSettings:
-    """Everything about what goes into the cache (not how fast): the CLI's options."""
-    model: str = "ViT-B/16"
-    pretrained: str = "none"
-    layers: str = "all"
-    tokens: str = "cls"
-    frames: int = 8
-    sampling: SamplingSpec = field(default_factory=SamplingSpec)
-    views: ViewSpec = field(default_factory=ViewSpec)
-    dtype: str = "float16"
-    codec: str = "zstd:3"
-    shard_size: int | None = None      # clips per shard; None = automatic
-    seed: int = 0                      # random-init seed for pretrained=none
-    quick_gelu: bool | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    pixels: PixelSpec | None = None        # also keep small frames (DiST-style pixel encoders)
-    augment: AugmentSpec | None = None     # random training views instead of the test views
-    text: bool = True                      # class-name text embeddings, when the model has a text tower
-    text_template: str = "{}"
-    int8_calibration_videos: int = 32
-
-
-@dataclass
-class Plan:
-    """A resolved extraction: store layout and metadata, ready to create or resume."""
-    layout: Layout
-    meta: dict
-    manifest: Manifest
-
-
-def auto_shard_videos(bytes_per_clip: int, views: int, requested_clips: int | None, num_videos: int) -> int:
-    """Videos per shard. Default: 64 clips, fewer when a clip is big (a shard is assembled in RAM: keep it
-    under ~1 GiB)."""
-    if requested_clips is not None:
-        clips = requested_clips
-    else:
-        clips = max(1, min(64, (1 << 30) // max(bytes_per_clip, 1)))
-    return max(1, min(num_videos, clips // views if clips >= views else 1))
-
-
-def plan(settings: ExtractSettings, manifest: Manifest, backbone: Backbone) -> Plan:
-    layers = parse_layers(settings.layers, backbone.depth)
-    tokens = parse_tokens(settings.tokens, backbone.patch_grid)
-    backbone.preprocessing.check_spatial_views(settings.views.spatial)
-    views = ViewSpec(settings.augment.views, 1) if settings.augment else settings.views
-    base = Layout(num_videos=len(manifest.videos), views=views, frames=settings.frames,
-                  layers=tuple(layers), tokens=tokens, width=backbone.width, embed_dim=backbone.embed_dim,
-                  dtype=settings.dtype, shard_videos=1, pixels=settings.pixels, augmented=bool(settings.augment))
-    per_clip = sum(base.bytes_per_clip().values())
-    shard_videos = auto_shard_videos(per_clip, settings.views.count, settings.shard_size, len(manifest.videos))
-    layout = Layout(**{**base.__dict__, "shard_videos": shard_videos})
-    meta = {
-        "tool": "cachefeat", "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": backbone.describe(), "layers": list(layers), "tokens": tokens.to_dict(), "dtype": settings.dtype,
-        "frames": settings.frames, "sampling": settings.sampling.to_dict(),
-        "views": {"temporal": views.temporal, "spatial": views.spatial},
-        "preprocessing": backbone.preprocessing.to_dict(), "compute_precision": backbone.precision,
-        "classes": manifest.classes,
-        "source": {"format": manifest.format, "sha256": manifest.sha256, "num_videos": len(manifest.videos)},
-        "source_path": manifest.source, "short_video_policy": SHORT_VIDEO_POLICY,
-        "layer_definition": LAYER_DEFINITION,
-        "pixels": settings.pixels.to_dict() if settings.pixels else None,
-        "augment": settings.augment.to_dict() if settings.augment else None,
-        "text": None,
-        "quantization": None,
-    }
-    if settings.text and manifest.classes and backbone.has_text_tower:
-        meta["text"] = {"template": settings.text_template,
-                        "prompts": [settings.text_template.format(c) for c in manifest.classes]}
-    if settings.dtype == "int8":
-        meta["quantization"] = {"method": "symmetric per-channel int8", "headroom": INT8_HEADROOM,
-                                "calibration_videos": settings.int8_calibration_videos,
-                                "rule": "value = int8 * step; step = headroom * max|x| / 127 per layer and channel "
-                                        "over the calibration videos (evenly spaced in the manifest); larger values "
-                                        "saturate at +-127"}
-    return Plan(layout, meta, manifest)
-
-
-def prepare(out: str | Path, p: Plan, codec: str, overwrite: bool = False, extras=None) -> tuple[object, list[int]]:
-    """Create the store, or re-open it to resume. Returns (zarr root, shards still to do). The caller
-    holds the store lock. A store made with different settings is refused, naming the differences.
-    `extras` is a callable returning the small arrays computed once at creation (creation_extras)."""
-    out = Path(out)
-    if out.exists() and is_unfinished_creation(out):
-        _remove_store(out)  # killed while creating it: nothing in it is data yet
-    if out.exists():
-        is_cache = (out / "zarr.json").is_file()
-        if not is_cache and out.is_dir() and any(p_ for p_ in out.iterdir() if p_.name != "cachefeat.lock"):
-            raise CacheError(f"{out} exists and is not a cachefeat cache; choose another --out "
-                             f"(--overwrite only replaces a cachefeat cache)")
-        if not is_cache and out.is_file():
-            raise CacheError(f"{out} is a file; choose another --out")
-        if is_cache and overwrite:
-            Cache(out)  # refuses to delete a Zarr store that is not ours
-            _remove_store(out)
-        elif is_cache:
-            old = Cache(out, mode="r+")
-            new = dict(p.meta, layout=p.layout.to_dict(), codec=codec, schema_version=old.meta.get("schema_version"))
-            if old.meta.get("fingerprint") != content_fingerprint(new):
-                diffs = diff_meta(old.meta, new)
-                raise CacheError(f"{out} was made with other settings ({'; '.join(diffs[:4]) or 'metadata differs'});"
-                                 f" use the same settings to resume, --overwrite to start over, or another --out")
-            todo = [int(s) for s in np.flatnonzero(~old.shard_done())]
-            return old.root, todo
-    root = create_store(out, p.meta, p.layout, p.manifest.videos, codec=codec, extras=extras() if extras else None)
-    return root, list(range(p.layout.num_shards))
-
-
-INT8_HEADROOM = 1.1
 
 
 def creation_extras(p: Plan, backbone: Backbone, pool: DecodePool, batch_size: int, reader: str = "auto",
@@ -202,13 +82,6 @@ def calibrate_int8(p: Plan, backbone: Backbone, pool: DecodePool, batch_size: in
     log(f"int8: calibrated per-channel steps on {got} videos")
     return {f"quant/{k}": (INT8_HEADROOM * m.clamp_min(1e-6) / 127).numpy().astype(np.float32)
             for k, m in absmax.items()}
-
-
-def _remove_store(out: Path) -> None:
-    for child in out.iterdir():
-        if child.name == "cachefeat.lock":
-            continue  # ours, held by this process
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 # ------------------------------------------------------------------------------------------- shards
@@ -311,10 +184,11 @@ class ExtractStats:
 class ShardExtractor:
     """Runs the pipeline over shards pulled from an iterable (which may be lazy: a Ray queue)."""
 
-    def __init__(self, root, layout: Layout, meta: dict, backbone: Backbone, videos: list[VideoEntry],
+    def __init__(self, store: Cache, backbone: Backbone, videos: list[VideoEntry],
                  pool: DecodePool, batch_size: int = 64, reader: str = "auto", on_progress=None,
                  on_shard_done=None, max_inflight: int | None = None):
-        self.root, self.layout, self.backbone, self.videos, self.pool = root, layout, backbone, videos, pool
+        layout, meta = store.layout, store.meta
+        self.root, self.layout, self.backbone, self.videos, self.pool = store.root, layout, backbone, videos, pool
         self.batch_size = batch_size
         self.layers = list(layout.layers)
         self.tokens = layout.tokens
@@ -328,7 +202,7 @@ class ShardExtractor:
         self.stop_requested = False
         dev = backbone.device
         # int8 caches quantize on the compute device with the steps fixed when the store was created
-        self.steps = ({k: torch.from_numpy(root[f"quant/{k}"][:]).to(dev) for k in layout.feature_arrays()}
+        self.steps = ({k: torch.from_numpy(store.quant_step(k)).to(dev) for k in layout.feature_arrays()}
                       if layout.dtype == "int8" else None)
 
     # -- forward
@@ -461,32 +335,30 @@ class ShardExtractor:
 
 
 # ------------------------------------------------------------------------------------------- entry
-def repair_shards(out: Path, log) -> list[int]:
-    """Mark the damaged shards as not done; returns every shard left to do."""
-    from .verify import reset_shards, verify
-    cache = Cache(out)
-    rep = verify(cache)
-    if rep.fatal:
-        raise CacheError(f"{out} cannot be repaired by re-extraction: {rep.fatal[0]}")
-    if rep.shards:
-        log(f"repair: {len(rep.shards)} damaged shards ({len(rep.clips(cache.layout))} clips) will be extracted again")
-        reset_shards(out, rep.shards)
-    else:
-        log("repair: verify found no damage")
-    return [int(s) for s in np.flatnonzero(~Cache(out).shard_done())]
+@contextmanager
+def stop_on_sigint(request_stop: Callable[[], None], say: Callable[[str], None], what: str):
+    """Ctrl-C, the same for single-process and Ray extraction: the first asks the run to finish `what` and
+    stop (`request_stop()`), a second stops at once (KeyboardInterrupt). Outside the main thread, where
+    Python delivers no signals, nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    asked = []
 
+    def on_sigint(signum, frame):
+        if asked:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        asked.append(True)
+        request_stop()
+        say(f"interrupted: finishing {what} (Ctrl-C again to stop at once)")
 
-
-def shards_left(out: Path, layout: Layout, todo: list[int], repair: bool, log) -> list[int]:
-    """The shards a run (single-process or distributed) still has to extract, with --repair's damaged
-    shards added; says what is already done."""
-    if repair:
-        todo = repair_shards(out, log)
-    if not todo:
-        log(f"{out}: already complete ({layout.num_shards} shards); nothing to do")
-    elif layout.num_shards > len(todo):
-        log(f"{out}: resuming, {layout.num_shards - len(todo)} of {layout.num_shards} shards already done")
-    return todo
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batch_size: int = 64,
@@ -495,44 +367,25 @@ def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batc
     """Extract (or resume extracting) `manifest` into the cache at `out` in this process. With `repair`,
     shards that `cachefeat verify` finds damaged are extracted again."""
     from tqdm import tqdm
-    out = Path(out)
     backbone = load_backbone(settings.model, settings.pretrained, settings.device, settings.precision,
                              seed=settings.seed, quick_gelu=settings.quick_gelu)
     p = plan(settings, manifest, backbone)
-    lock = StoreLock(out)
-    lock.acquire()
-    try:
-        with DecodePool(decode_workers, decode_timeout) as pool:
-            if repair and not (out / "zarr.json").is_file():
-                raise CacheError(f"--repair: there is no cache at {out} to repair")
-            root, todo = prepare(out, p, settings.codec, overwrite=overwrite,
-                                 extras=lambda: creation_extras(p, backbone, pool, batch_size, reader, log))
-            layout = p.layout
-            todo = shards_left(out, layout, todo, repair, log)
-            if not todo:
-                return ExtractStats()
-            total_clips = sum(len(layout.shard_rows_range(s)) for s in todo)
-            bar = tqdm(total=total_clips, unit="clip", desc="extract", disable=not progress, dynamic_ncols=True)
-            ex = ShardExtractor(root, layout, p.meta, backbone, manifest.videos, pool, batch_size, reader,
-                                on_progress=bar.update)
-            previous = signal.getsignal(signal.SIGINT)
+    with DecodePool(decode_workers, decode_timeout) as pool, \
+            open_for_writing(out, p.meta, p.layout, manifest.videos, settings.codec, overwrite, repair,
+                             extras=lambda: creation_extras(p, backbone, pool, batch_size, reader, log),
+                             log=log) as store:
+        if not store.todo:
+            return ExtractStats()
+        layout = store.layout
+        total_clips = sum(len(layout.shard_rows_range(s)) for s in store.todo)
+        bar = tqdm(total=total_clips, unit="clip", desc="extract", disable=not progress, dynamic_ncols=True)
+        ex = ShardExtractor(store.cache, backbone, manifest.videos, pool, batch_size, reader, on_progress=bar.update)
 
-            def on_sigint(signum, frame):
-                if ex.stop_requested:  # second Ctrl-C: stop now
-                    signal.signal(signal.SIGINT, previous)
-                    raise KeyboardInterrupt
-                ex.stop_requested = True
-                bar.write("interrupted: finishing the shard in flight (Ctrl-C again to stop at once)")
+        def request_stop():
+            ex.stop_requested = True
 
-            in_main = threading.current_thread() is threading.main_thread()
-            if in_main:
-                signal.signal(signal.SIGINT, on_sigint)
-            try:
-                stats = ex.run(todo)
-            finally:
-                if in_main:
-                    signal.signal(signal.SIGINT, previous)
-                bar.close()
-        return stats
-    finally:
-        lock.release()
+        try:
+            with stop_on_sigint(request_stop, bar.write, "the shard in flight"):
+                return ex.run(store.todo)
+        finally:
+            bar.close()

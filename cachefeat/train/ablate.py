@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from .train import TrainConfig
+from .config import TrainConfig
 
 TOP_KEYS = ("train-cache", "val-cache", "train", "adapters", "grid", "random", "num-samples")
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
@@ -147,8 +147,8 @@ def _settings(block, where: str) -> dict:
 
 def parse_spec(data, path: str = "<spec>") -> AblationSpec:
     """Check a spec's structure, keys, adapters and adapter options (not its caches: `check_caches`)."""
-    from . import adapters as registry
-    from .adapters.base import AdapterError
+    from .. import adapters as registry
+    from ..adapters.base import AdapterError
     if not isinstance(data, dict):
         raise AblationError(f"{path}: an ablation spec is a mapping (train-cache, val-cache, train, grid, ...)")
     data = {str(k).replace("_", "-"): v for k, v in data.items()}
@@ -244,9 +244,10 @@ def is_ablation_spec(path: str | os.PathLike) -> bool:
 
 def check_caches(spec: AblationSpec) -> None:
     """The caches exist, match each other, and can feed every adapter a trial can pick (one line if not)."""
-    from .adapters import CacheMismatch
-    from .cache import CacheError, open_cache
-    from .train import check_features, resolve_adapter
+    from ..adapters import CacheMismatch, Needs
+    from ..store import CacheError, open_cache
+    from .checkpoint import check_fits
+    from .loop import resolve_adapter
     caches = {}
     for key, p in (("train-cache", spec.train_cache), ("val-cache", spec.val_cache)):
         if not Path(p).exists():
@@ -258,7 +259,7 @@ def check_caches(spec: AblationSpec) -> None:
             raise AblationError(f"{spec.path}: {key}: {e}") from None
     train, val = caches["train-cache"], caches["val-cache"]
     try:
-        check_features(train.meta, val.meta, f"the val cache {spec.val_cache}")
+        check_fits(val.meta, "", Needs(), f"the val cache {spec.val_cache}", trained_meta=train.meta)
     except CacheMismatch as e:
         raise AblationError(f"{spec.path}: val-cache: {e}") from None
     for name in spec.adapter_names():
@@ -271,8 +272,8 @@ def check_caches(spec: AblationSpec) -> None:
 
 
 def _resolve_or_fail(spec, name, opts, meta, resolve_adapter):
-    from .adapters import CacheMismatch
-    from .adapters.base import AdapterError
+    from ..adapters import CacheMismatch
+    from ..adapters.base import AdapterError
     try:
         resolve_adapter(name, opts, meta)
     except (CacheMismatch, AdapterError) as e:
@@ -338,7 +339,7 @@ def peak_memory() -> tuple[int, str]:
 def _run_trial(params: dict, spec: AblationSpec, out: str, cpus: float, gpus: float) -> None:
     """One Tune trial: the normal training into OUT/trials/<name>, val top-1 reported after every epoch."""
     from ray import tune
-    from .train import cpu_threads, open_run, train
+    from .loop import cpu_threads, open_run, train
     t0 = time.perf_counter()
     ctx = tune.get_context()
     name = trial_name(_trial_index(ctx.get_trial_id()), params)
@@ -393,7 +394,7 @@ class Row:
 
 def _status(err, epochs_done: int, epochs: int, asha: bool) -> str:
     if err is not None:
-        from .distributed import error_line
+        from ..ray_runtime import error_line
         cause = getattr(err, "cause", None)       # Ray's task error carries the trial's own exception
         if isinstance(cause, BaseException) and not type(cause).__module__.startswith("ray"):
             return f"error: {type(cause).__name__}: {' '.join(str(cause).split())}"[:200]
@@ -455,7 +456,7 @@ def run_ablation(spec: AblationSpec, out: str, gpus_per_trial: float | None = No
                  max_concurrent: int = 0, asha: bool = False, num_samples: int | None = None,
                  address: str | None = None, log=print) -> list[Row]:
     """Run every trial of `spec` with Ray Tune and write the results into `out` (see the module docstring)."""
-    from .distributed import ClusterError, ray_runtime
+    from ..ray_runtime import ClusterError, ray_runtime
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # no CSV/JSON/TensorBoard files per trial
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"   # the classic reporter: verbose=0 prints nothing
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1e9")
@@ -512,7 +513,7 @@ def _pct(v) -> str:
 
 
 def _mem(v) -> str:
-    from .fmt import human_bytes
+    from ..fmt import human_bytes
     return "-" if v is None else human_bytes(v)
 
 

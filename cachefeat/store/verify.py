@@ -1,5 +1,5 @@
 """`cachefeat verify`: read every chunk of a cache, check its checksums and metadata, and say which
-clips must be re-extracted. `extract --repair` uses the report to re-extract only the damaged shards.
+clips must be re-extracted. `extract --repair` (store.writer) uses the report to re-extract only the damaged shards.
 
 Shards are the unit of writing, so they are the unit of repair: a damaged chunk anywhere in a shard's
 rows (features, pixels, per-clip or per-video tables written with the shard) sends the whole shard back
@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cache import CLIP_TABLES, VIDEO_TABLES, Cache, CacheError, Layout
+from .layout import CLIP_TABLES, VIDEO_TABLES, Layout
+from .reader import Cache
 
 
 @dataclass
@@ -82,8 +83,7 @@ def _check_block(cache: Cache, name: str, sel: slice, rep: VerifyReport, shard: 
     arr = cache.root[name]
     rep.chunks_checked += -(-(sel.stop - sel.start) // arr.chunks[0])
     try:
-        if cache._read_direct(name, sel) is None:     # the shard files, checksums included; else zarr
-            arr[sel]
+        cache.read_stored(name, sel)     # the shard files, checksums included; else zarr
     except Exception:
         bad = cache.unreadable_rows(name, sel) or list(range(sel.start, sel.stop))
         rep.damaged.setdefault(name, []).extend(bad)
@@ -135,15 +135,3 @@ def _check_values(cache: Cache, rep: VerifyReport, done: np.ndarray) -> None:
         if len(empty):
             rep.suspicious.append(f"shard {int(s)}: {len(empty)} valid clips hold no features")
             rep.shards.add(int(s))
-
-
-def reset_shards(cache_path, shards) -> None:
-    """Mark shards as not done, so the next extract writes them again (used by --repair)."""
-    import zarr
-    root = zarr.open_group(str(cache_path), mode="r+")
-    prog = root["progress"]
-    for s in sorted(shards):
-        prog[s] = 0
-
-
-__all__ = ["VerifyReport", "verify", "reset_shards", "CacheError"]

@@ -1,0 +1,25 @@
+"""Stage one: videos -> frozen backbone -> cache (`cachefeat extract`).
+
+    plan.py         ExtractSettings; the one planner of a cache's arrays and shards (extract and --dry-run)
+    manifest.py     video lists: class folders, `path label` lists, Kinetics CSV, Something-Something JSON
+    video.py        decoding (decord, PyAV) and the frames of each view
+    sampling.py     which frames: uniform segments or dense strides
+    preprocess.py   resize, crop, augmented views, the small pixel frames
+    decode_pool.py  decoder processes with a timeout per video
+    backbone.py     the frozen open_clip ViT and its tapped forward
+    pipeline.py     decode -> forward -> write, over the shards a store has left (`extract`)
+    distributed.py  the same pipeline in Ray actors, one per GPU (`extract_distributed`)
+
+Names load on first use: decoder processes import this package and must stay light (no torch).
+"""
+_LAZY = {"ExtractSettings": "plan", "plan_layout": "plan", "dry_run_report": "plan",
+         "extract": "pipeline", "ExtractStats": "pipeline", "extract_distributed": "distributed"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    import importlib
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,140 @@
+"""Stage one's settings and planning: what goes into a cache (ExtractSettings), the one planner of its
+arrays and shards (`plan_layout`, shared by `extract` and `--dry-run`), and the metadata it records."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+from .. import __version__
+from ..fmt import human_bytes, table
+from ..specs import AugmentSpec, PixelSpec, SamplingSpec, ViewSpec, parse_layers, parse_tokens
+from ..store import Layout
+from .backbone import Backbone, model_geometry
+from .manifest import Manifest
+
+INT8_HEADROOM = 1.1      # int8 step = headroom * max|x| / 127 over the calibration videos
+
+SHORT_VIDEO_POLICY = ("uniform: frames repeat in order when the video has fewer frames than segments; "
+                      "dense: the clip starts at frame 0 and indices past the end repeat the last frame")
+LAYER_DEFINITION = ("layer i = output of visual transformer block i (0-indexed), the residual stream before "
+                    "ln_post; cls holds its class token, tokens/<i> its patch tokens; embed = encode_image output "
+                    "(ln_post + proj, not L2-normalised)")
+
+
+@dataclass
+class ExtractSettings:
+    """Everything about what goes into the cache (not how fast): the CLI's options."""
+    model: str = "ViT-B/16"
+    pretrained: str = "none"
+    layers: str = "all"
+    tokens: str = "cls"
+    frames: int = 8
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    views: ViewSpec = field(default_factory=ViewSpec)
+    dtype: str = "float16"
+    codec: str = "zstd:3"
+    shard_size: int | None = None      # clips per shard; None = automatic
+    seed: int = 0                      # random-init seed for pretrained=none
+    quick_gelu: bool | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    pixels: PixelSpec | None = None        # also keep small frames (DiST-style pixel encoders)
+    augment: AugmentSpec | None = None     # random training views instead of the test views
+    text: bool = True                      # class-name text embeddings, when the model has a text tower
+    text_template: str = "{}"
+    int8_calibration_videos: int = 32
+
+    @property
+    def cache_views(self) -> ViewSpec:
+        """The views each video gets in the cache: K augmented views with --aug-views, else --views."""
+        return ViewSpec(self.augment.views, 1) if self.augment else self.views
+
+
+@dataclass
+class Plan:
+    """A resolved extraction: store layout and metadata, ready to create or resume."""
+    layout: Layout
+    meta: dict
+    manifest: Manifest
+
+
+def auto_shard_videos(bytes_per_clip: int, views: int, requested_clips: int | None, num_videos: int) -> int:
+    """Videos per shard. Default: 64 clips, fewer when a clip is big (a shard is assembled in RAM: keep it
+    under ~1 GiB)."""
+    if requested_clips is not None:
+        clips = requested_clips
+    else:
+        clips = max(1, min(64, (1 << 30) // max(bytes_per_clip, 1)))
+    return max(1, min(num_videos, clips // views if clips >= views else 1))
+
+
+def plan_layout(settings: ExtractSettings, num_videos: int, depth: int, patch_grid, width: int,
+                embed_dim: int) -> Layout:
+    """The one planner of a cache's arrays and shards, from the model's geometry: `extract` (with the
+    backbone built) and `--dry-run` (from the model's config alone) both call it, so they cannot disagree."""
+    views = settings.cache_views
+    base = Layout(num_videos=num_videos, views=views, frames=settings.frames,
+                  layers=tuple(parse_layers(settings.layers, depth)),
+                  tokens=parse_tokens(settings.tokens, tuple(patch_grid)), width=width, embed_dim=embed_dim,
+                  dtype=settings.dtype, shard_videos=1, pixels=settings.pixels, augmented=bool(settings.augment))
+    per_clip = sum(base.bytes_per_clip().values())
+    return replace(base, shard_videos=auto_shard_videos(per_clip, views.count, settings.shard_size, num_videos))
+
+
+def plan(settings: ExtractSettings, manifest: Manifest, backbone: Backbone) -> Plan:
+    backbone.preprocessing.check_spatial_views(settings.views.spatial)
+    layout = plan_layout(settings, len(manifest.videos), backbone.depth, backbone.patch_grid, backbone.width,
+                         backbone.embed_dim)
+    layers, tokens, views = list(layout.layers), layout.tokens, layout.views
+    meta = {
+        "tool": "cachefeat", "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": backbone.describe(), "layers": list(layers), "tokens": tokens.to_dict(), "dtype": settings.dtype,
+        "frames": settings.frames, "sampling": settings.sampling.to_dict(),
+        "views": {"temporal": views.temporal, "spatial": views.spatial},
+        "preprocessing": backbone.preprocessing.to_dict(), "compute_precision": backbone.precision,
+        "classes": manifest.classes,
+        "source": {"format": manifest.format, "sha256": manifest.sha256, "num_videos": len(manifest.videos)},
+        "source_path": manifest.source, "short_video_policy": SHORT_VIDEO_POLICY,
+        "layer_definition": LAYER_DEFINITION,
+        "pixels": settings.pixels.to_dict() if settings.pixels else None,
+        "augment": settings.augment.to_dict() if settings.augment else None,
+        "text": None,
+        "quantization": None,
+    }
+    if settings.text and manifest.classes and backbone.has_text_tower:
+        meta["text"] = {"template": settings.text_template,
+                        "prompts": [settings.text_template.format(c) for c in manifest.classes]}
+    if settings.dtype == "int8":
+        meta["quantization"] = {"method": "symmetric per-channel int8", "headroom": INT8_HEADROOM,
+                                "calibration_videos": settings.int8_calibration_videos,
+                                "rule": "value = int8 * step; step = headroom * max|x| / 127 per layer and channel "
+                                        "over the calibration videos (evenly spaced in the manifest); larger values "
+                                        "saturate at +-127"}
+    return Plan(layout, meta, manifest)
+
+
+def dry_run_report(settings: ExtractSettings, manifest: Manifest) -> str:
+    """What the cache will hold and take on disk, from the model's config alone (nothing is loaded)."""
+    geo = model_geometry(settings.model)
+    layout = plan_layout(settings, len(manifest.videos), geo["depth"], geo["patch_grid"], geo["width"],
+                         geo["embed_dim"])
+    per_clip = layout.bytes_per_clip()
+    C, T, layers = layout.num_clips, layout.frames, layout.layers
+    groups: dict[str, int] = {}
+    for name, b in per_clip.items():
+        key = "tokens/<layer> x%d" % len(layers) if name.startswith("tokens/") else name
+        groups[key] = groups.get(key, 0) + b
+    rows = [[k, human_bytes(b / T), human_bytes(b * C)] for k, b in groups.items()]
+    total = sum(per_clip.values())
+    text = len(manifest.classes) * geo["embed_dim"] * 4 if settings.text and manifest.classes else 0
+    if text:
+        rows.append([f"text/embed ({len(manifest.classes)} classes)", "-", human_bytes(text)])
+    rows.append(["total", human_bytes(total / T), human_bytes(total * C + text)])
+    head = (f"dry run: {geo['name']} ({geo['depth']} blocks, width {geo['width']}, patch grid "
+            f"{geo['patch_grid'][0]}x{geo['patch_grid'][1]}), layers "
+            f"{list(layers) if len(layers) < 8 else settings.layers}, tokens {layout.tokens}, {settings.dtype}\n"
+            f"{layout.num_videos} videos x {layout.views.count} {'augmented ' if settings.augment else ''}views = "
+            f"{C} clips x {T} frames = {C * T} frames; shards of {layout.shard_rows} clips ({layout.num_shards} shards)")
+    note = ("uncompressed sizes; lossless compression of float16 features saves little (about 1.1x measured), "
+            "so expect close to this on disk")
+    return "\n".join([head, table(rows, ["array", "per frame", "whole cache"]), note])

@@ -1,0 +1,192 @@
+"""The cache's layout: one Zarr v3 store per split, self-describing, written shard by shard.
+docs/cache-format.md documents every array and attribute; this package (cachefeat.store) is the only code
+that knows the layout, and it imports nothing from stage one or stage two.
+
+Rows are clips: clip = video * views + view, a fixed order decided when the store is created, so any
+number of writers, crashes and resumes give the same arrays. A shard is `shard_videos` consecutive videos
+(all their views); it is written whole, by one writer, once, and only then marked done in `progress`.
+Zarr's sharding codec rewrites a whole shard file on a partial update, so two writers must never share a
+shard; and a shard whose progress flag is not set is never read as data (a crash mid-write leaves it
+unmarked, and the next run writes it again).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
+
+from ..specs import PixelSpec, TokenSpec, ViewSpec
+
+SCHEMA_VERSION = 1
+ATTR = "cachefeat"
+CREATING = "cachefeat_creating"
+LOCK_NAME = "cachefeat.lock"
+
+# video status values in videos/status
+PENDING, OK, FAILED = 0, 1, 2
+
+
+class CacheError(Exception):
+    """A store that cannot be used as asked; the message says why, in one line."""
+
+
+# ------------------------------------------------------------------------------------------- codecs
+CODEC_HELP = "none, zstd[:LEVEL], blosc-lz4, blosc-zstd[:LEVEL] or gzip[:LEVEL]"
+DEFAULT_CODEC = "zstd:3"
+
+
+def parse_codec(spec: str) -> list:
+    """A --codec value -> zarr compressors. A CRC32C checksum is always appended, so corruption on disk
+    is detected when the chunk is read."""
+    name, _, level = spec.strip().lower().partition(":")
+    try:
+        lvl = int(level) if level else None
+    except ValueError:
+        raise CacheError(f"--codec {spec!r}: the level must be an integer") from None
+    if name == "none":
+        chain = []
+    elif name == "zstd":
+        chain = [ZstdCodec(level=3 if lvl is None else lvl)]
+    elif name == "gzip":
+        chain = [GzipCodec(level=1 if lvl is None else lvl)]
+    elif name == "blosc-lz4":
+        chain = [BloscCodec(cname="lz4", clevel=5 if lvl is None else lvl, shuffle="shuffle")]
+    elif name == "blosc-zstd":
+        chain = [BloscCodec(cname="zstd", clevel=1 if lvl is None else lvl, shuffle="shuffle")]
+    else:
+        raise CacheError(f"--codec {spec!r}: expected {CODEC_HELP}")
+    return chain + [Crc32cCodec()]
+
+
+# ------------------------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class Layout:
+    """Shapes of every array, derived from a few numbers (stored in the attrs as `layout`)."""
+    num_videos: int
+    views: ViewSpec
+    frames: int
+    layers: tuple[int, ...]
+    tokens: TokenSpec
+    width: int
+    embed_dim: int
+    dtype: str                          # float16, float32 or int8 (then dequantized on read)
+    shard_videos: int
+    pixels: PixelSpec | None = None     # small frames for pixel-level encoders
+    augmented: bool = False             # views are random training views (clips/aug records them)
+
+    @property
+    def num_clips(self) -> int:
+        return self.num_videos * self.views.count
+
+    @property
+    def shard_rows(self) -> int:
+        return self.shard_videos * self.views.count
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_videos // self.shard_videos)
+
+    def shard_videos_range(self, shard: int) -> range:
+        return range(shard * self.shard_videos, min((shard + 1) * self.shard_videos, self.num_videos))
+
+    def shard_rows_range(self, shard: int) -> range:
+        return range(shard * self.shard_rows, min((shard + 1) * self.shard_rows, self.num_clips))
+
+    def feature_arrays(self) -> dict[str, tuple]:
+        """name -> per-clip shape (without the leading clip axis) of every backbone feature array."""
+        T, L, D = self.frames, len(self.layers), self.width
+        out = {"embed": (T, self.embed_dim), "cls": (T, L, D)}
+        if self.tokens.kind != "cls":
+            for layer in self.layers:
+                out[f"tokens/{layer}"] = (T, self.tokens.num_patch_tokens, D)
+        return out
+
+    def row_arrays(self) -> dict[str, tuple[tuple, str]]:
+        """Every array with one row per clip that a shard writer fills: name -> (per-clip shape, dtype)."""
+        out = {name: (shape, self.dtype) for name, shape in self.feature_arrays().items()}
+        if self.pixels:
+            tk, s = self.frames * self.pixels.factor, self.pixels.size
+            out["pixels"] = ((tk, s, s, 3), "uint8")
+            out["clips/pixel_frame_idx"] = ((tk,), "int32")
+        out["clips/valid"] = ((), "bool")
+        out["clips/frame_idx"] = ((self.frames,), "int32")
+        if self.augmented:
+            out["clips/aug"] = ((), "str")
+        return out
+
+    def bytes_per_clip(self) -> dict[str, int]:
+        """Stored (uncompressed) bytes per clip of the feature and pixel arrays."""
+        names = [*self.feature_arrays(), *(["pixels"] if self.pixels else [])]
+        arrays = self.row_arrays()
+        return {k: int(np.prod(arrays[k][0])) * np.dtype(arrays[k][1]).itemsize for k in names}
+
+    def to_dict(self) -> dict:
+        return {"num_videos": self.num_videos, "views": [self.views.temporal, self.views.spatial],
+                "frames": self.frames, "layers": list(self.layers), "tokens": self.tokens.to_dict(),
+                "width": self.width, "embed_dim": self.embed_dim, "dtype": self.dtype,
+                "shard_videos": self.shard_videos, "num_clips": self.num_clips, "num_shards": self.num_shards,
+                "pixels": self.pixels.to_dict() if self.pixels else None, "augmented": self.augmented}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Layout":
+        px = d.get("pixels")
+        return cls(num_videos=d["num_videos"], views=ViewSpec(*d["views"]), frames=d["frames"],
+                   layers=tuple(d["layers"]), tokens=TokenSpec.from_dict(d["tokens"]), width=d["width"],
+                   embed_dim=d["embed_dim"], dtype=d["dtype"], shard_videos=d["shard_videos"],
+                   pixels=PixelSpec(**px) if px else None, augmented=bool(d.get("augmented", False)))
+
+
+VIDEO_TABLES = ("videos/path", "videos/id", "videos/label", "videos/status", "videos/num_frames", "videos/error")
+CLIP_TABLES = ("clips/video", "clips/view", "clips/label")
+
+_DIMS = {"embed": ("clip", "frame", "channel"), "cls": ("clip", "frame", "layer", "channel"),
+         "tokens": ("clip", "frame", "token", "channel"), "pixels": ("clip", "frame", "y", "x", "rgb"),
+         "clips/valid": ("clip",), "clips/frame_idx": ("clip", "frame"), "clips/pixel_frame_idx": ("clip", "frame"),
+         "clips/aug": ("clip",)}
+
+
+# ------------------------------------------------------------------------------------------- metadata
+# What decides the arrays' contents: a resumed run must agree on all of it.
+_CONTENT_KEYS = ("model", "layers", "tokens", "dtype", "frames", "sampling", "views", "preprocessing",
+                 "compute_precision", "source", "layout", "codec", "classes", "pixels", "augment", "text",
+                 "quantization")
+_MODEL_IDENTITY = ("name", "pretrained", "init_seed", "quick_gelu", "weights_sha256")
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def content_fingerprint(meta: dict) -> str:
+    sub = {k: meta.get(k) for k in _CONTENT_KEYS}
+    sub["model"] = {k: (meta.get("model") or {}).get(k) for k in _MODEL_IDENTITY}
+    return hashlib.sha256(_canonical(sub).encode()).hexdigest()[:16]
+
+
+def feature_fingerprint(meta: dict) -> str:
+    """Identity of the feature space: same backbone weights and preprocessing give comparable features,
+    whatever the videos, frames, views or layers kept. Train and eval caches must share it."""
+    sub = {"model": {k: (meta.get("model") or {}).get(k) for k in _MODEL_IDENTITY},
+           "preprocessing": meta.get("preprocessing")}
+    return hashlib.sha256(_canonical(sub).encode()).hexdigest()[:16]
+
+
+def diff_meta(a: dict, b: dict, keys=_CONTENT_KEYS, prefix: str = "") -> list[str]:
+    """Human-readable differences between two metadata dicts, e.g. ['layers: [8, 9] vs [0, 1, 2]']."""
+    out = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_meta(va, vb, sorted(set(va) | set(vb)), prefix=f"{prefix}{k}.")
+        elif _canonical(va) != _canonical(vb):
+            sa, sb = _short(va), _short(vb)
+            out.append(f"{prefix}{k}: {sa} vs {sb}")
+    return out
+
+
+def _short(v) -> str:
+    s = _canonical(v)
+    return s if len(s) <= 60 else s[:57] + "..."

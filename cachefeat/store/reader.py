@@ -1,0 +1,268 @@
+"""Reading a cache: `open_cache(path)` -> Cache, its metadata and arrays as NumPy. Only complete shards
+count. Feature rows are decoded straight from the shard files (shard_file.py) where that applies; zarr
+is the reader of record, and names the damaged clips when bytes fail their checksum."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from ..fmt import ranges
+from ..specs import PixelSpec, TokenSpec, ViewSpec
+from .layout import ATTR, CLIP_TABLES, FAILED, SCHEMA_VERSION, VIDEO_TABLES, CacheError, Layout, feature_fingerprint
+from .shard_file import ShardFile, ShardFileError
+
+
+class Cache:
+    """Read access to a cache store. Only complete shards count: rows of unfinished shards are never
+    valid. Arrays are read lazily; `read` returns numpy arrays in the stored dtype."""
+    direct_reads = True     # feature rows straight from the shard files (False: every read through zarr)
+
+    def __init__(self, path: str | os.PathLike, mode: str = "r"):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise CacheError(f"{path} is not a cachefeat cache (no Zarr v3 store there)")
+        try:
+            self.root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        except Exception as e:
+            raise CacheError(f"{path} is not a readable Zarr v3 store: {e}") from None
+        meta = self.root.attrs.get(ATTR)
+        if not isinstance(meta, dict) or "layout" not in meta:
+            raise CacheError(f"{path} is a Zarr store but not a cachefeat cache (no '{ATTR}' metadata)")
+        if meta.get("schema_version", 0) > SCHEMA_VERSION:
+            raise CacheError(f"{path} has cache schema {meta['schema_version']}, newer than this cachefeat "
+                             f"understands ({SCHEMA_VERSION}); upgrade cachefeat")
+        self.meta = meta
+        self.layout = Layout.from_dict(meta["layout"])
+        self._shard_files: dict[str, ShardFile | None] = {}
+
+    # -- what it holds
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta.get("classes") or [])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.layout.layers)
+
+    @property
+    def tokens(self) -> TokenSpec:
+        return self.layout.tokens
+
+    @property
+    def frames(self) -> int:
+        return self.layout.frames
+
+    @property
+    def num_clips(self) -> int:
+        return self.layout.num_clips
+
+    @property
+    def num_videos(self) -> int:
+        return self.layout.num_videos
+
+    @property
+    def views(self) -> ViewSpec:
+        return self.layout.views
+
+    @property
+    def feature_fingerprint(self) -> str:
+        return feature_fingerprint(self.meta)
+
+    def array(self, name: str):
+        return self.root[name]
+
+    def array_names(self) -> list[str]:
+        """Every array of the store: row arrays (features first), tables, extras, progress."""
+        return [*self.layout.row_arrays(), *VIDEO_TABLES, *CLIP_TABLES, *self.meta.get("extras", []), "progress"]
+
+    @property
+    def pixels(self) -> PixelSpec | None:
+        return self.layout.pixels
+
+    @property
+    def augment(self) -> dict | None:
+        """The random-view settings of a training cache made with --aug-views, else None."""
+        return self.meta.get("augment")
+
+    @property
+    def text(self) -> dict | None:
+        """{template, prompts} when class-name text embeddings are stored (`text/embed`)."""
+        return self.meta.get("text")
+
+    def text_embeddings(self) -> np.ndarray:
+        if not self.text:
+            raise CacheError(f"{self.path} holds no class-name text embeddings (extracted with --no-text, or the "
+                             f"model has no text tower, or the classes are unknown)")
+        return self.root["text/embed"][:]
+
+    # -- progress and validity
+    def shard_done(self) -> np.ndarray:
+        """(shards,) bool. A flag that cannot be read (corrupted on disk) counts as not done: that shard is
+        written again by the next extract."""
+        prog = self.root["progress"]
+        try:
+            return prog[:] == 1
+        except Exception:
+            out = np.zeros(prog.shape[0], bool)
+            for s in range(prog.shape[0]):
+                try:
+                    out[s] = prog[s] == 1
+                except Exception:
+                    pass
+            return out
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.shard_done().all())
+
+    def done_rows(self) -> np.ndarray:
+        done = self.shard_done()
+        return np.repeat(done, self.layout.shard_rows)[: self.num_clips]
+
+    def valid(self) -> np.ndarray:
+        """(clips,) bool: decoded, extracted and in a finished shard."""
+        return self.root["clips/valid"][:] & self.done_rows()
+
+    def labels(self) -> np.ndarray:
+        return self.root["clips/label"][:]
+
+    def clip_video(self) -> np.ndarray:
+        return self.root["clips/video"][:]
+
+    def clip_view(self) -> np.ndarray:
+        return self.root["clips/view"][:]
+
+    def failures(self) -> list[dict]:
+        """Videos that could not be extracted (in finished shards), with the stage and the reason."""
+        status = self.root["videos/status"][:]
+        done = np.repeat(self.shard_done(), self.layout.shard_videos)[: self.num_videos]
+        bad = np.flatnonzero((status == FAILED) & done)
+        if len(bad) == 0:
+            return []
+        paths, ids, errs = (self.root[f"videos/{k}"][:] for k in ("path", "id", "error"))
+        out = []
+        for i in bad:
+            stage, _, msg = str(errs[i]).partition(": ")
+            out.append({"video": int(i), "id": str(ids[i]), "path": str(paths[i]), "stage": stage, "error": msg})
+        return out
+
+    # -- features
+    def read(self, name: str, rows=slice(None)) -> np.ndarray:
+        """Rows of an array. Feature arrays of an int8 cache come back dequantized to float16, so readers
+        never see the difference (except for the quantization error). Data that fails its checksum raises
+        CacheError naming the array and the clips."""
+        data = self.read_stored(name, rows)
+        if self.layout.dtype == "int8" and name in self.layout.feature_arrays():
+            data = self._dequantize(name, data)
+        return data
+
+    def read_stored(self, name: str, rows=slice(None), cols=None) -> np.ndarray:
+        """Rows of an array as stored (int8 stays int8), every checksum checked; CacheError naming the damaged
+        clips when bytes fail it. `cols`: an index into the per-clip axes."""
+        data = self._read_direct(name, rows)
+        if data is not None:
+            return data if cols is None else data[(slice(None), *cols)]
+        arr = self.root[name]
+        try:
+            return arr[rows] if cols is None else arr[(rows, *cols)]
+        except Exception as e:
+            bad = self.unreadable_rows(name, rows)
+            where = f"clips {ranges(bad)}" if bad else f"rows {rows}"
+            raise CacheError(f"{self.path}: array {name}, {where}: cannot be read ({_first_line(e)}); the data on disk "
+                             f"is damaged: run `cachefeat verify {self.path}`, then `cachefeat extract ... --repair`"
+                             ) from None
+
+    def _read_direct(self, name: str, rows) -> np.ndarray | None:
+        """Rows of a sharded feature array decoded straight from its shard files (shard_file.py: the same
+        bytes through the same codecs, without zarr's per-chunk cost), or None where that does not apply
+        (direct reads off, a single row, another layout) or the bytes fail a check: zarr then reads them
+        and the error names what is damaged."""
+        if not self.direct_reads or isinstance(rows, (int, np.integer)):
+            return None
+        if isinstance(rows, slice):
+            if rows.step not in (None, 1):
+                return None
+        else:
+            rows = np.asarray(rows)
+            if rows.ndim != 1 or rows.dtype.kind not in "iu" or (rows.size and rows.min() < 0):
+                return None                  # zarr's indexing rules (negative rows count from the end)
+        if name not in self._shard_files:
+            self._shard_files[name] = ShardFile.open(self.path / name)
+        reader = self._shard_files[name]
+        if reader is None:
+            return None
+        try:
+            return reader.read(rows)
+        except (ShardFileError, OSError):
+            return None
+
+    def unreadable_rows(self, name: str, rows=slice(None)) -> list[int]:
+        """The rows of `name` within `rows` that fail to read, one by one."""
+        arr = self.root[name]
+        idx = np.arange(arr.shape[0])[rows] if not isinstance(rows, (int, np.integer)) else [int(rows)]
+        bad = []
+        for r in np.atleast_1d(idx):
+            try:
+                arr[int(r)]
+            except Exception:
+                bad.append(int(r))
+        return bad
+
+    def read_cls(self, rows=slice(None), layers: list[int] | None = None) -> np.ndarray:
+        """(clips, T, L', D) class tokens of `layers` (block indices; default all tapped)."""
+        if layers is None:
+            return self.read("cls", rows)
+        pos = [self.layer_position(l) for l in layers]
+        if pos == list(range(pos[0], pos[0] + len(pos))):
+            data = self.read_stored("cls", rows, (slice(None), slice(pos[0], pos[0] + len(pos))))
+        else:
+            data = self.read_stored("cls", rows)[:, :, pos]
+        if self.layout.dtype == "int8":
+            data = self._dequantize("cls", data, pos)
+        return data
+
+    def quant_step(self, name: str) -> np.ndarray:
+        """The int8 step of a feature array: value = int8 * step, per layer and channel."""
+        if not hasattr(self, "_steps"):
+            self._steps = {}
+        if name not in self._steps:
+            self._steps[name] = self.root[f"quant/{name}"][:]
+        return self._steps[name]
+
+    def _dequantize(self, name: str, q: np.ndarray, layer_pos: list[int] | None = None) -> np.ndarray:
+        step = self.quant_step(name)          # cls: (L, D); embed and tokens/<i>: (D,)
+        if layer_pos is not None:
+            step = step[layer_pos]
+        return (q.astype(np.float32) * step).astype(np.float16)
+
+    def layer_position(self, layer: int) -> int:
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise CacheError(f"layer {layer} is not in the cache (it holds layers {self.layers})") from None
+
+    def disk_bytes(self) -> int:
+        total = 0
+        for dirpath, _, files in os.walk(self.path):
+            for f in files:
+                total += os.path.getsize(os.path.join(dirpath, f))
+        return total
+
+    def feature_bytes_raw(self) -> int:
+        """Uncompressed bytes of the feature arrays' finished rows."""
+        per_clip = sum(self.layout.bytes_per_clip().values())
+        return int(self.done_rows().sum()) * per_clip
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0][:200]}" if s else type(e).__name__
+
+
+def open_cache(path: str | os.PathLike) -> Cache:
+    """Open a cachefeat cache for reading."""
+    return Cache(path, mode="r")
+

@@ -1,0 +1,242 @@
+"""Writing a cache: the one way to open a store for writing (`open_for_writing`: lock, unfinished
+creation, create or resume, repair, what is left to do), used by single-process and Ray extraction alike,
+and the shard writer.
+
+A shard is written whole, then flagged done in `progress`; killed anywhere before the flag, it reads as
+not done and the next run writes it again. Stage one decides what goes into a shard; this module decides
+how it lands.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+from zarr.core.sync import sync as zarr_sync
+
+from .layout import (_DIMS, ATTR, CREATING, DEFAULT_CODEC, LOCK_NAME, SCHEMA_VERSION, CacheError, Layout,
+                     content_fingerprint, diff_meta, parse_codec)
+from .lock import StoreLock
+from .reader import Cache
+from .verify import verify
+
+
+# ------------------------------------------------------------------------------------------- life cycle
+@dataclass
+class StoreWriter:
+    """A store opened for writing: the lock is held until `close()` (or the end of a `with` block)."""
+    cache: Cache            # the store, opened read-write
+    lock: StoreLock
+    todo: list[int]         # shards still to write, in order
+
+    @property
+    def path(self) -> Path:
+        return self.cache.path
+
+    @property
+    def layout(self) -> Layout:
+        return self.cache.layout
+
+    @property
+    def meta(self) -> dict:
+        return self.cache.meta
+
+    def close(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_for_writing(path: str | os.PathLike, meta: dict, layout: Layout, videos: list, codec: str = DEFAULT_CODEC,
+                     overwrite: bool = False, repair: bool = False,
+                     extras: Callable[[], dict[str, np.ndarray]] | None = None, log=print) -> StoreWriter:
+    """Take the store's lock, then create the store or re-open it to resume, and say what is left to do.
+
+    A store whose creation was interrupted is removed and made again; a store made with other settings is
+    refused, naming the differences (`overwrite` replaces it); `repair` verifies every finished shard and
+    sends the damaged ones back to be written. `extras()` computes the small arrays written once at
+    creation (text embeddings, int8 steps); it runs only when the store is created, with the lock held."""
+    path = Path(path)
+    lock = StoreLock(path)
+    lock.acquire()
+    try:
+        cache = _create_or_resume(path, meta, layout, videos, codec, overwrite, repair, extras)
+        todo = _shards_left(cache, repair, log)
+    except BaseException:
+        lock.release()
+        raise
+    return StoreWriter(cache, lock, todo)
+
+
+def _create_or_resume(path: Path, meta: dict, layout: Layout, videos: list, codec: str, overwrite: bool,
+                      repair: bool, extras) -> Cache:
+    if path.exists() and is_unfinished_creation(path):
+        remove_store(path)  # killed while creating it: nothing in it is data yet
+    is_cache = (path / "zarr.json").is_file()
+    if repair and not is_cache:
+        raise CacheError(f"--repair: there is no cache at {path} to repair")
+    if path.is_file():
+        raise CacheError(f"{path} is a file; choose another --out")
+    if not is_cache and path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):
+        raise CacheError(f"{path} exists and is not a cachefeat cache; choose another --out "
+                         f"(--overwrite only replaces a cachefeat cache)")
+    if is_cache and overwrite:
+        Cache(path)  # refuses to delete a Zarr store that is not ours
+        remove_store(path)
+    elif is_cache:
+        old = Cache(path, mode="r+")
+        new = dict(meta, layout=layout.to_dict(), codec=codec, schema_version=old.meta.get("schema_version"))
+        if old.meta.get("fingerprint") != content_fingerprint(new):
+            diffs = diff_meta(old.meta, new)
+            raise CacheError(f"{path} was made with other settings ({'; '.join(diffs[:4]) or 'metadata differs'});"
+                             f" use the same settings to resume, --overwrite to start over, or another --out")
+        return old
+    create_store(path, meta, layout, videos, codec=codec, extras=extras() if extras else None)
+    return Cache(path, mode="r+")
+
+
+def _shards_left(cache: Cache, repair: bool, log) -> list[int]:
+    """The shards still to write, with --repair's damaged shards sent back first; says what is done."""
+    layout = cache.layout
+    if repair:
+        rep = verify(cache)
+        if rep.fatal:
+            raise CacheError(f"{cache.path} cannot be repaired by re-extraction: {rep.fatal[0]}")
+        if rep.shards:
+            log(f"repair: {len(rep.shards)} damaged shards ({len(rep.clips(layout))} clips) will be extracted again")
+            reset_shards(cache, rep.shards)
+        else:
+            log("repair: verify found no damage")
+    todo = [int(s) for s in np.flatnonzero(~cache.shard_done())]
+    if not todo:
+        log(f"{cache.path}: already complete ({layout.num_shards} shards); nothing to do")
+    elif layout.num_shards > len(todo):
+        log(f"{cache.path}: resuming, {layout.num_shards - len(todo)} of {layout.num_shards} shards already done")
+    return todo
+
+
+def reset_shards(cache: Cache, shards) -> None:
+    """Mark shards as not done, so the next extract writes them again (what --repair does)."""
+    prog = cache.root["progress"]
+    for s in sorted(shards):
+        prog[s] = 0
+
+
+def remove_store(path: Path) -> None:
+    """Delete a store's contents, keeping the lock file this process holds."""
+    for child in path.iterdir():
+        if child.name == LOCK_NAME:
+            continue
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+# ------------------------------------------------------------------------------------------- creation
+def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: list, codec: str = DEFAULT_CODEC,
+                 extras: dict[str, np.ndarray] | None = None):
+    """Create the store with every array (row arrays empty), the static per-video and per-clip tables,
+    `extras` (small arrays known up front: text embeddings, int8 steps) and the metadata. `videos` are
+    manifest.VideoEntry rows in cache order."""
+    compressors = parse_codec(codec)
+    # mode "a", not "w": the folder may already hold this writer's lock file, which "w" would delete;
+    # the caller has made sure no other store content is there
+    root = zarr.open_group(str(path), mode="a", zarr_format=3)
+    root.attrs[CREATING] = True   # replaced by the metadata once every array exists (see is_unfinished_creation)
+    C, V, n = layout.num_clips, layout.num_videos, layout.views.count
+    rows, vids = layout.shard_rows, layout.shard_videos
+    for name, (shape, dtype) in layout.row_arrays().items():
+        dims = _DIMS[name] if name in _DIMS else _DIMS[name.split("/")[0]]
+        if shape:  # big per-clip arrays: one chunk per clip, one shard file per shard
+            root.create_array(name, shape=(C, *shape), dtype=dtype, chunks=(1, *shape), shards=(rows, *shape),
+                              compressors=compressors, fill_value=0, dimension_names=dims)
+        else:      # one value per clip: one chunk per shard
+            root.create_array(name, shape=(C,), dtype=str if dtype == "str" else dtype, chunks=(rows,),
+                              compressors=compressors, fill_value="" if dtype == "str" else 0, dimension_names=dims)
+
+    def table(name, data, chunk, dims=None):
+        data = np.asarray(data)
+        a = root.create_array(name, shape=data.shape, dtype=data.dtype if data.dtype.kind != "U" else str,
+                              chunks=(chunk, *data.shape[1:]), compressors=compressors,
+                              fill_value="" if data.dtype.kind == "U" else 0, dimension_names=dims)
+        a[...] = data
+        return a
+
+    table("videos/path", np.array([str(v.path) for v in videos], dtype=str), vids, ("video",))
+    table("videos/id", np.array([str(v.video_id) for v in videos], dtype=str), vids, ("video",))
+    table("videos/label", np.array([v.label for v in videos], dtype=np.int32), vids, ("video",))
+    table("videos/status", np.zeros(V, np.uint8), vids, ("video",))
+    table("videos/num_frames", np.zeros(V, np.int32), vids, ("video",))
+    table("videos/error", np.array([""] * V, dtype=str), vids, ("video",))
+    table("clips/video", np.repeat(np.arange(V, dtype=np.int32), n), rows, ("clip",))
+    table("clips/view", np.tile(np.arange(n, dtype=np.int16), V), rows, ("clip",))
+    table("clips/label", np.repeat(np.array([v.label for v in videos], dtype=np.int32), n), rows, ("clip",))
+    for name, data in (extras or {}).items():
+        dims = ("class", "channel") if name == "text/embed" else ("layer", "channel")[-np.ndim(data):]
+        table(name, data, max(1, len(data)), dims)
+    # one chunk per shard flag: each writer touches only its own files
+    root.create_array("progress", shape=(layout.num_shards,), dtype=np.uint8, chunks=(1,),
+                      compressors=[Crc32cCodec()], fill_value=0, dimension_names=("shard",))
+    meta = dict(meta, schema_version=SCHEMA_VERSION, layout=layout.to_dict(), codec=codec,
+                extras=sorted(extras or {}))
+    meta["fingerprint"] = content_fingerprint(meta)
+    root.attrs.put({ATTR: meta})  # last: until here the store reads as unfinished
+    return root
+
+
+def is_unfinished_creation(path: str | os.PathLike) -> bool:
+    """A store whose creation was interrupted: our marker but no metadata yet (or an empty group with
+    nothing else in the folder but our lock). Safe to remove and create again."""
+    p = Path(path)
+    try:
+        group = json.loads((p / "zarr.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    attrs = group.get("attributes") or {}
+    if ATTR in attrs:
+        return False
+    if attrs.get(CREATING):
+        return True
+    return not attrs and {c.name for c in p.iterdir()} <= {"zarr.json", LOCK_NAME}
+
+
+# ------------------------------------------------------------------------------------------- shards
+@dataclass
+class ShardData:
+    """Everything one writer writes for one shard: arrays cover exactly the shard's rows / videos."""
+    shard: int
+    rows: dict[str, np.ndarray]       # Layout.row_arrays() name -> (shard rows, ...)
+    videos: dict[str, np.ndarray]     # videos/status, videos/num_frames, videos/error -> (shard videos,)
+
+
+def write_shard(root, layout: Layout, data: ShardData) -> None:
+    """Write a whole shard, then flag it done. Killed anywhere before the flag, the shard reads as
+    not done and is redone by the next run."""
+    rows = layout.shard_rows_range(data.shard)
+    vids = layout.shard_videos_range(data.shard)
+    r, v = slice(rows.start, rows.stop), slice(vids.start, vids.stop)
+    for name, arr in data.rows.items():
+        _drop_chunk(root[name], data.shard)
+        root[name][r] = arr
+    for name, arr in data.videos.items():
+        _drop_chunk(root[name], data.shard)
+        root[name][v] = arr
+    root["progress"][data.shard] = 1
+
+
+def _drop_chunk(arr, index: int) -> None:
+    """Delete the stored object holding the `index`-th block of rows (a shard file, or the chunk of a
+    per-clip table). zarr's sharding codec otherwise reads the old shard before writing a new one, even
+    when the write covers all of it: wasted work, and a damaged old shard would block its own rewrite."""
+    coords = (index,) + (0,) * (arr.ndim - 1)
+    key = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+    zarr_sync(arr.store_path.store.delete(key))
+

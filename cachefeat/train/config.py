@@ -1,0 +1,82 @@
+"""Stage two's settings: every training setting with its default in plain sight (TrainConfig), read from
+the command line (the CLI takes its defaults from here) or from a YAML/JSON file."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+class TrainError(Exception):
+    """A run that cannot start or continue as asked (one line)."""
+
+
+class TrainDiverged(RuntimeError):
+    """The loss (or the weights) became NaN or infinite: training stopped, the last good checkpoint is kept.
+    A failed run rather than bad usage: the CLI exits with status 1."""
+
+
+@dataclass
+class TrainConfig:
+    adapter: str = "temporal"
+    adapter_opts: dict = field(default_factory=dict)
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3                 # peak learning rate (AdamW)
+    weight_decay: float = 0.05       # not applied to biases, norms, queries and position embeddings
+    warmup_epochs: float = 2.0       # linear warm-up, then cosine decay to min_lr
+    min_lr: float = 1e-6
+    label_smoothing: float = 0.1
+    mixup: float = 0.0               # Beta(a, a) mixup of features; 0 = off (DiST: 0.8)
+    cutmix: float = 0.0              # Beta(a, a) cut of a span of frames; 0 = off (DiST: 1.0)
+    grad_clip: float = 1.0           # max gradient norm; 0 = off
+    train_views: str = "one"         # one view per video per epoch, or all views
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"          # auto: bf16 (or fp16) autocast on GPU, fp32 on CPU
+    in_memory: str = "auto"
+    read_workers: int = 2            # streaming reader processes (when the cache is not held in RAM)
+    threads: int = 0                 # CPU threads for the adapter; 0 = torch's default
+
+    # settings that change the result: a resumed run must keep them
+    RESULT_KEYS = ("adapter", "adapter_opts", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+                   "min_lr", "label_smoothing", "mixup", "cutmix", "grad_clip", "train_views", "seed")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """name -> default of every scalar setting (adapter_opts aside)."""
+        return {f.name: f.default for f in fields(cls) if f.name != "adapter_opts"}
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The settings of a YAML or JSON file (keys named like TrainConfig's fields, dashes allowed, plus
+    `adapter_opts: {key: value}`), each converted to its field's type; one-line TrainError otherwise."""
+    import yaml
+    try:
+        data = yaml.safe_load(Path(path).read_text())   # YAML is a superset of JSON
+    except yaml.YAMLError as e:
+        raise TrainError(f"--config {path} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TrainError(f"--config {path} must hold a mapping of settings")
+    defaults = TrainConfig.defaults()
+    out = {}
+    for key, value in data.items():
+        k = str(key).replace("-", "_")
+        if k == "adapter_opts":
+            if not isinstance(value, dict):
+                raise TrainError(f"--config {path}: adapter_opts must be a mapping")
+        elif k not in defaults:
+            raise TrainError(f"--config {path}: unknown setting {key!r} (settings: {', '.join(sorted(defaults))}, "
+                             f"adapter_opts)")
+        else:
+            kind = type(defaults[k])
+            try:
+                value = kind(value)
+            except (TypeError, ValueError):
+                raise TrainError(f"--config {path}: {key}={value!r} is not a valid {kind.__name__}") from None
+        out[k] = value
+    return out
