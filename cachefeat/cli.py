@@ -621,7 +621,7 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
       cachefeat ablate pipelines/ablate-depth-width.yaml --asha --address auto     # on a Ray cluster
     """
     import dataclasses
-    from .train.ablate import check_caches, load_spec, run_ablation
+    from .train.ablate import check_caches, load_spec, prepare_out_dir, run_ablation
     s = load_spec(spec)
     if train_cache:
         s = dataclasses.replace(s, train_cache=train_cache)
@@ -632,15 +632,7 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
     if check:
         click.echo(f"{spec}: ok; {s.grid_size() * n} trials of adapters {', '.join(s.adapter_names())} on {s.train_cache}")
         return
-    out_dir = Path(out or Path("ablations") / Path(spec).stem)
-    if (out_dir / "results.csv").exists() or (out_dir / "trials").exists():
-        if not overwrite:
-            raise click.UsageError(f"{out_dir} already holds an ablation; --overwrite to replace it, or another --out")
-        for name in ("trials", "best", ".tune", "results.csv", "results.md", "results.png"):
-            p = out_dir / name
-            shutil_rm(p)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "spec.yaml").write_text(Path(spec).read_text())
+    out_dir = prepare_out_dir(out or Path("ablations") / Path(spec).stem, spec, overwrite)
     from .ray_runtime import ClusterError, WorkerError
     try:
         rows = run_ablation(s, str(out_dir), gpus_per_trial, cpus_per_trial, max_concurrent, asha, num_samples,
@@ -656,14 +648,6 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
     if failed:
         raise click.ClickException(f"{len(failed)} of {len(rows)} trials failed (status column of {out_dir}/results.md; "
                                    f"their logs: {out_dir}/trials/<name>/train.log)")
-
-
-def shutil_rm(p: Path) -> None:
-    import shutil
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
 
 
 # ------------------------------------------------------------------------------------------- eval

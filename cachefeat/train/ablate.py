@@ -452,6 +452,24 @@ def _progress_callback(total: int, log):
     return Progress()
 
 
+def prepare_out_dir(out: str | Path, spec_path: str | Path, overwrite: bool = False) -> Path:
+    """The ablation's folder, ready for a run: an earlier ablation there is refused, or its results removed
+    with `overwrite`; the spec is copied in beside the results."""
+    out_dir = Path(out)
+    if (out_dir / "results.csv").exists() or (out_dir / "trials").exists():
+        if not overwrite:
+            raise AblationError(f"{out_dir} already holds an ablation; --overwrite to replace it, or another --out")
+        for name in ("trials", "best", ".tune", "results.csv", "results.md", "results.png"):
+            p = out_dir / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "spec.yaml").write_text(Path(spec_path).read_text())
+    return out_dir
+
+
 def run_ablation(spec: AblationSpec, out: str, gpus_per_trial: float | None = None, cpus_per_trial: float = 1,
                  max_concurrent: int = 0, asha: bool = False, num_samples: int | None = None,
                  address: str | None = None, log=print) -> list[Row]:
