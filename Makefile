@@ -21,6 +21,7 @@ ablate-demo: demo
 	$(BIN)/cachefeat ablate pipelines/ablate-demo.yaml --out ablations/demo --overwrite
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -4,8 +4,8 @@
     online  = K runs that decode the videos and run the frozen backbone every step (OnlineSource: the same
               plan and batches as the cache gives, see tests/test_train.py)
 
-Measured: the smallest point (K=2 configs x E=3 epochs quick, 2 x 2 full), end to end, both ways. From those runs come the
-per-unit costs (extraction X; per-config setup s_c, s_o; per-epoch c, o, each the median over the
+Measured: the smallest point (K=2 configs x E=3 epochs quick, 2 x 2 full), end to end, both ways. From those runs
+come the per-unit costs (extraction X; per-config setup s_c, s_o; per-epoch c, o, each the median over the
 measured epochs), and from them the totals of larger ablations, *derived, not measured*:
 
     cached(K, E) = X + K*s_c + K*E*c        online(K, E) = K*s_o + K*E*o
@@ -18,8 +18,8 @@ import statistics
 import time
 
 from cachefeat.store import open_cache
-from cachefeat.train.online import OnlineSource, backbone_from_meta
 from cachefeat.train import TrainConfig, cpu_threads, open_run, train
+from cachefeat.train.online import OnlineSource, backbone_from_meta
 
 from bench_reading import make_cache, stage2_decode_workers
 

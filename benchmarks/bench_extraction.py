@@ -17,13 +17,13 @@ import torch
 import zarr
 
 from cachefeat.devices import autocast
+from cachefeat.extract import ExtractSettings, extract
 from cachefeat.extract.backbone import load_backbone
 from cachefeat.extract.decode_pool import DecodePool
-from cachefeat.store import parse_codec
-from cachefeat.extract import ExtractSettings, extract
 from cachefeat.extract.manifest import load_manifest
-from cachefeat.specs import SamplingSpec, ViewSpec, parse_layers, parse_tokens
 from cachefeat.extract.video import DecodeRequest, decode_video
+from cachefeat.specs import SamplingSpec, ViewSpec, parse_layers, parse_tokens
+from cachefeat.store import parse_codec
 
 from common import WORK, Mode, interleaved, synth_data, timed
 
@@ -147,7 +147,8 @@ def _one_model(model: str, manifest, mode: Mode, log, layer_spec: str, token_spe
             "extract_over_naive": e2e / naive_fps, "batch_size": mode.batch_size, "videos": len(manifest.videos),
             "decode_only_frames_per_s": decode_fps, "bytes_per_frame": frame_bytes,
             "written_mib_per_s": write_mib_s, "bottleneck": stats.bottleneck(),
-            "time_shares": {"wait_decode": stats.wait_decode_s / stats.seconds, "forward": stats.forward_s / stats.seconds,
+            "time_shares": {"wait_decode": stats.wait_decode_s / stats.seconds,
+                            "forward": stats.forward_s / stats.seconds,
                             "wait_write": stats.wait_write_s / stats.seconds},
             "decode_workers": mode.decode_workers, "device": mode.device, "layers": layer_spec, "tokens": token_spec,
             "precision": bb.precision}

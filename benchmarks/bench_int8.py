@@ -17,7 +17,8 @@ from pathlib import Path
 from cachefeat.store import open_cache
 from cachefeat.train import TrainConfig, cpu_threads, open_run, train
 
-from bench_reading import settings as reading_settings, stage2_cache
+from bench_reading import settings as reading_settings
+from bench_reading import stage2_cache
 
 MAX_LOSS = 0.5   # points of top-1
 
@@ -90,9 +91,10 @@ def _same_weights(run, out, int8_val) -> dict:
     """The float16-trained adapter evaluated on the float16 and on the int8 val cache: the quantization's
     effect alone, without the run-to-run spread of training on slightly different features."""
     import numpy as np
+
     from cachefeat.devices import resolve_device
-    from cachefeat.train.reader import CachedSource
     from cachefeat.train.evaluate import clip_logits, video_logits
+    from cachefeat.train.reader import CachedSource
     device, precision = resolve_device(run.cfg.device), out.summary["precision"]
     preds = {}
     for name, src in (("float16", run.val_source),

@@ -5,8 +5,8 @@ with the selection already loaded into RAM.
 
     efficiency = clips/s streamed  /  clips/s in RAM        (goal >= 0.90)
 
-Both are `cachefeat.train.train` runs of 8 epochs (the recipes train 30-60) on the same cache, adapter, seed, clips and batch
-size (RAM shuffles over the whole cache, streaming within buffers of shards), alternated (RAM, streamed,
+Both are `cachefeat.train.train` runs of 8 epochs (the recipes train 30-60) on the same cache, adapter, seed, clips and
+batch size (RAM shuffles over the whole cache, streaming within buffers of shards), alternated (RAM, streamed,
 RAM, streamed, ...) and compared by the medians of their clips/s over whole runs. A run's time includes
 starting the reader processes at its first epoch; later epochs start on batches already read. Reported
 apart: the first and the later epochs, and one process's reading rate from the shard files and through
@@ -23,11 +23,11 @@ import shutil
 import statistics
 import time
 
-from cachefeat.store import open_cache
-from cachefeat.train.reader import CacheDataset
 from cachefeat.extract import ExtractSettings, extract
 from cachefeat.extract.manifest import load_manifest
+from cachefeat.store import open_cache
 from cachefeat.train import TrainConfig, cpu_threads, open_run, train
+from cachefeat.train.reader import CacheDataset
 
 from common import WORK, synth_data
 
@@ -37,7 +37,8 @@ GOAL = 0.90
 def settings(mode) -> dict:
     if mode.full:
         return {"model": "ViT-B/16", "layers": "last:5", "evl_layers": 4, "frames": 8, "batch": 32, "rounds": 3,
-                "epochs": 8, "shard_size": None, "videos_per_class": 100, "threads": 0, "videos": None, "train_views": 2}
+                "epochs": 8, "shard_size": None, "videos_per_class": 100, "threads": 0, "videos": None,
+                "train_views": 2}
     # the tiny registered ViT (4 blocks, width 64): extraction is cheap, and per byte read the adapter does
     # less work than on a real model, so this is the harder case for the reader
     # one torch thread: on a shared 2-core machine two threads ran the adapter 8x slower (the CLI tests
@@ -66,6 +67,7 @@ def make_cache(mode, name: str, split: str, model: str, layers: str, tokens: str
     classes stay) into benchmarks/work/<name>.zarr (reused when complete unless `fresh`). Returns (path,
     seconds of the extract call or None when reused)."""
     import numpy as np
+
     from cachefeat.specs import ViewSpec
     data = stage2_data(mode)
     out = WORK / f"{name}.zarr"

@@ -14,12 +14,12 @@ import time
 import numpy as np
 import zarr
 
-from cachefeat.extract.backbone import model_geometry
-from cachefeat.store import Layout, open_cache, parse_codec
 from cachefeat.extract import ExtractSettings, extract
+from cachefeat.extract.backbone import model_geometry
 from cachefeat.extract.manifest import load_manifest
-from cachefeat.store.shard_file import ShardFile
 from cachefeat.specs import ViewSpec, parse_layers, parse_tokens
+from cachefeat.store import Layout, open_cache, parse_codec
+from cachefeat.store.shard_file import ShardFile
 
 from common import WORK, Mode, synth_data
 
@@ -109,7 +109,8 @@ def codecs(mode: Mode, log=print) -> dict:
                          "direct_random_clip_read_mib_s": per_clip_bytes / direct_clip_s / mib}
         log(f"  {spec:13s} ratio {raw / size:5.3f}  write {raw / write_s / mib:7.1f} MiB/s  "
             f"read {raw / min(reads) / mib:7.1f} MiB/s (shard files {raw / min(direct_reads) / mib:7.1f})  "
-            f"random clips {per_clip_bytes / clip_s / mib:7.1f} MiB/s (shard files {per_clip_bytes / direct_clip_s / mib:7.1f})")
+            f"random clips {per_clip_bytes / clip_s / mib:7.1f} MiB/s "
+            f"(shard files {per_clip_bytes / direct_clip_s / mib:7.1f})")
     shutil.rmtree(WORK / "codec-test.zarr", ignore_errors=True)
     return {"model": model, "raw_mib": raw / 2**20, "codecs": results}
 

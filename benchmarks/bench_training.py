@@ -43,6 +43,7 @@ def settings(mode) -> dict:
 # ------------------------------------------------------------------------------------------- the variants
 def _geometry(model: str) -> dict:
     import open_clip
+
     from cachefeat.extract.backbone import model_geometry, resolve_model_name
     geo = model_geometry(model)
     v = open_clip.get_model_config(resolve_model_name(model))["vision_cfg"]
@@ -156,7 +157,8 @@ def run(mode, log=print) -> dict:
 
 def _one_model(model: str, mode, st: dict, log, interleaved) -> dict:
     # peak memory first, each variant in a fresh process (before this process allocates anything big)
-    memory = {v: measure_memory(v, model, mode.device, st["clips"], st["frames"], threads=st["threads"]) for v in VARIANTS}
+    memory = {v: measure_memory(v, model, mode.device, st["clips"], st["frames"], threads=st["threads"])
+              for v in VARIANTS}
     for v, m in memory.items():
         log(f"  {v}: " + (f"peak {m['peak_mib']:.0f} MiB ({m['what']})" if m.get("peak_mib") else f"{m.get('error')}"))
     from cachefeat.train import cpu_threads
@@ -185,15 +187,17 @@ def _timed(model: str, mode, st: dict, log, interleaved, memory: dict) -> dict:
     a_t = steps.get("cached")
     a_m = (memory.get("cached") or {}).get("peak_mib")
     res = {"device": mode.device, "clips_per_step": st["clips"], "frames": st["frames"], "adapter": ADAPTER,
-           "adapter_opts": ADAPTER_OPTS, "rounds": st["rounds"], "threads": st["threads"], "precision": next(iter(variants.values())).precision,
-           "variants": {}}
+           "adapter_opts": ADAPTER_OPTS, "rounds": st["rounds"], "threads": st["threads"],
+           "precision": next(iter(variants.values())).precision, "variants": {}}
     above = {v: m["peak_mib"] - m.get("floor_mib", 0.0) for v, m in memory.items() if m.get("peak_mib")}
     for v in VARIANTS:
         m = memory.get(v) or {}
         t = steps.get(v)
         res["variants"][v] = {
-            "ms_per_step": None if t is None else 1000 * t, "time_over_cached": None if t is None or not a_t else t / a_t,
-            "peak_mib": m.get("peak_mib"), "memory_over_cached": (m["peak_mib"] / a_m) if m.get("peak_mib") and a_m else None,
+            "ms_per_step": None if t is None else 1000 * t,
+            "time_over_cached": None if t is None or not a_t else t / a_t,
+            "peak_mib": m.get("peak_mib"),
+            "memory_over_cached": (m["peak_mib"] / a_m) if m.get("peak_mib") and a_m else None,
             "floor_mib": m.get("floor_mib"), "memory_what": m.get("what"), "above_floor_mib": above.get(v),
             "above_floor_over_cached": above[v] / above["cached"] if v in above and above.get("cached") else None,
             "trainable_params": variants[v].trainable_params() if v in variants else None,
@@ -243,6 +247,7 @@ def _memory_main(argv=None) -> int:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     import open_clip  # noqa: F401  (the floor: torch, open_clip and cachefeat imported, nothing built)
+
     import cachefeat.adapters  # noqa: F401
     import cachefeat.extract.backbone  # noqa: F401
     floor = _vm_hwm_mib()

@@ -34,7 +34,7 @@ class Mode:
     decode_workers: int
 
     @classmethod
-    def create(cls, full: bool, device: str = "auto") -> "Mode":
+    def create(cls, full: bool, device: str = "auto") -> Mode:
         dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
         cores = os.cpu_count() or 2
         if full:
@@ -44,7 +44,8 @@ class Mode:
 
 def machine() -> dict:
     info = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+            "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1)
@@ -77,7 +78,7 @@ def timed(fn, device="cpu") -> float:
 def interleaved(fns: dict, rounds: int, device="cpu") -> dict[str, float]:
     """Median seconds of each function, run in turn A B A B ... so drift hits all alike."""
     times = {k: [] for k in fns}
-    for k, f in fns.items():   # warm-up
+    for f in fns.values():   # warm-up
         f()
     for _ in range(rounds):
         for k, f in fns.items():

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import h5py
 
+from cachefeat.fmt import human_bytes, table
 from cachefeat.store import open_cache
 from cachefeat.store.exchange import write_hdf5
-from cachefeat.fmt import human_bytes, table
 
 OPTIONS = [
     ("none", {}),
@@ -62,8 +62,8 @@ def main():
                 read_all(path)
                 read_s = min(read_s, time.perf_counter() - t0)
             size, raw = path.stat().st_size, stats.raw_bytes
-            rows.append([label, human_bytes(size), f"{raw / size:.3f}", f"{write_s:.1f}", f"{raw / write_s / 2**20:.0f}",
-                         f"{read_s:.2f}", f"{raw / read_s / 2**20:.0f}"])
+            rows.append([label, human_bytes(size), f"{raw / size:.3f}", f"{write_s:.1f}",
+                         f"{raw / write_s / 2**20:.0f}", f"{read_s:.2f}", f"{raw / read_s / 2**20:.0f}"])
             path.unlink()
     print(f"{args.cache}: {human_bytes(raw)} of arrays; Zarr store on disk {human_bytes(cache.disk_bytes())} "
           f"({cache.meta.get('codec')})")

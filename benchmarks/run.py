@@ -43,7 +43,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     info = machine()
     print(f"cachefeat benchmarks ({'full' if mode.full else 'quick'} mode) on {info['host']}: "
-          f"{info.get('gpu', info['processor'])}, {info['cpu_count']} CPU cores, torch {info['torch']}, device {mode.device}")
+          f"{info.get('gpu', info['processor'])}, {info['cpu_count']} CPU cores, torch {info['torch']}, "
+          f"device {mode.device}")
     t0 = time.time()
     results = {"machine": info, "mode": "full" if mode.full else "quick", "device": mode.device,
                "date": time.strftime("%Y-%m-%d %H:%M"), "sections": {}}
@@ -66,7 +67,9 @@ def report(results: dict) -> str:
     lines = []
     if "extraction" in s:
         lines += ["### Extraction efficiency (goal: >= 0.90 on GPU)", "",
-                  "| model | device | extract frames/s | bare forward frames/s | efficiency | vs goal | decoders alone frames/s | written MiB/s | bottleneck (share of pipeline time) | taps / plain forward | naive loop frames/s | extract / naive |",
+                  "| model | device | extract frames/s | bare forward frames/s | efficiency | vs goal "
+                  "| decoders alone frames/s | written MiB/s | bottleneck (share of pipeline time) "
+                  "| taps / plain forward | naive loop frames/s | extract / naive |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for model, r in s["extraction"].items():
             gap = r["efficiency"] - 0.90
@@ -80,9 +83,11 @@ def report(results: dict) -> str:
                 neck = "not measured"
             decode = f"{r['decode_only_frames_per_s']:.1f}" if "decode_only_frames_per_s" in r else "not measured"
             written = f"{r['written_mib_per_s']:.0f}" if "written_mib_per_s" in r else "not measured"
-            lines.append(f"| {model} | {r['device']} | {r['extract_frames_per_s']:.1f} | {r['bare_frames_per_s']:.1f} | "
+            lines.append(f"| {model} | {r['device']} | {r['extract_frames_per_s']:.1f} | "
+                         f"{r['bare_frames_per_s']:.1f} | "
                          f"{fmt_ratio(r['efficiency'])} | {verdict} | {decode} | {written} | {neck} | "
-                         f"{fmt_ratio(r['taps_over_plain'])} | {r['naive_frames_per_s']:.1f} | {fmt_ratio(r['extract_over_naive'])} |")
+                         f"{fmt_ratio(r['taps_over_plain'])} | {r['naive_frames_per_s']:.1f} | "
+                         f"{fmt_ratio(r['extract_over_naive'])} |")
         lines.append("")
     if "storage" in s:
         st = s["storage"]
@@ -93,7 +98,8 @@ def report(results: dict) -> str:
         for r in rows:
             if r["dtype"] != "float16":
                 continue
-            q = next(x for x in rows if x["dtype"] == "int8" and all(x[k] == r[k] for k in ("model", "tokens", "layers")))
+            q = next(x for x in rows
+                     if x["dtype"] == "int8" and all(x[k] == r[k] for k in ("model", "tokens", "layers")))
             lines.append(f"| {r['model']} | {r['tokens']} | {r['layers']} | {_b(r['bytes_per_frame'])} | "
                          f"{r['k400_8f_tb']:.2f} TB | {_b(q['bytes_per_frame'])} | {q['k400_8f_tb']:.2f} TB |")
         cd = st["codecs"]
@@ -124,8 +130,8 @@ def report(results: dict) -> str:
         lines += ["### Training cost per step, same adapter and batch", "",
                   "| model | device | variant | trainable params | ms/step | time / (a) | peak memory | memory / (a) | "
                   "above the import floor | that / (a) |", "|---|---|---|---|---|---|---|---|---|---|"]
-        names = {"cached": "(a) from the cache", "online": "(b) online, frozen backbone", "finetune": "(c1) full fine-tuning",
-                 "st_adapter": "(c2) ST-Adapter in the backbone"}
+        names = {"cached": "(a) from the cache", "online": "(b) online, frozen backbone",
+                 "finetune": "(c1) full fine-tuning", "st_adapter": "(c2) ST-Adapter in the backbone"}
         for model, r in s["training"].items():
             for v, x in r["variants"].items():
                 t = "n/a" if x["ms_per_step"] is None else f"{x['ms_per_step']:.0f}"
@@ -147,9 +153,11 @@ def report(results: dict) -> str:
         lines += [f"### Ablation cost: K configs x E epochs ({a['model']}, {a['device']}, {a['videos']} videos x "
                   f"{a['frames']} frames)", "",
                   f"Measured per unit: extraction X = {a['extraction_s']:.1f} s; per epoch cached c = "
-                  f"{a['cached_epoch_s']:.3f} s, online o = {a['online_epoch_s']:.3f} s (o/c = {a['epoch_ratio']:.1f}); "
+                  f"{a['cached_epoch_s']:.3f} s, online o = {a['online_epoch_s']:.3f} s "
+                  f"(o/c = {a['epoch_ratio']:.1f}); "
                   f"per-config setup s_c = {a['cached_setup_s']:.2f} s, s_o = {a['online_setup_s']:.2f} s.", "",
-                  "| K | E | K x E | cached total | online total | online / cached | how |", "|---|---|---|---|---|---|---|",
+                  "| K | E | K x E | cached total | online total | online / cached | how |",
+                  "|---|---|---|---|---|---|---|",
                   f"| {m['K']} | {m['E']} | {m['K'] * m['E']} | {m['cached_s']:.1f} s | {m['online_s']:.1f} s | "
                   f"{m['ratio']:.2f} | measured end to end |"]
         for d in a["derived"]:
@@ -167,7 +175,8 @@ def report(results: dict) -> str:
                   "|---|---|---|---|---|"]
         for name, d, mean in (("float16", f16, q["float16_mean_top1"]), ("int8", i8, q["int8_mean_top1"])):
             per = ", ".join(f"{v:.2f}" for v in d["top1"].values())
-            lines.append(f"| {name} | {_b(d['bytes_train'])} | {_b(d['bytes_per_frame_on_disk'])} | {per} | {mean:.2f} |")
+            lines.append(f"| {name} | {_b(d['bytes_train'])} | {_b(d['bytes_per_frame_on_disk'])} | {per} | "
+                         f"{mean:.2f} |")
         lines += ["", f"int8 - float16: {q['mean_diff']:+.2f} points mean over seeds {q['seeds']} (per seed: "
                   + ", ".join(f"{x:+.2f}" for x in q["per_seed_diff"]) + f"); goal: lose at most 0.5 points: "
                   f"{q['verdict']}. {q['val_videos']} val videos: 1 video = {q['points_per_video']:.2f} points. "

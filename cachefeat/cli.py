@@ -13,6 +13,7 @@ from . import __version__
 from .fmt import human_bytes, ranges, table
 from .train.config import TrainConfig
 
+
 # Errors that mean "the command line asks for something impossible": usage errors, exit status 2.
 def _usage_errors():
     from .adapters.base import AdapterError
@@ -116,7 +117,8 @@ def _shard_size(ctx, param, value):
 
 @cli.command()
 @click.argument("input", type=click.Path(exists=True))
-@click.option("--out", "-o", required=True, type=click.Path(), help="The cache to write (a Zarr v3 store, e.g. k400_train.zarr).")
+@click.option("--out", "-o", required=True, type=click.Path(),
+              help="The cache to write (a Zarr v3 store, e.g. k400_train.zarr).")
 @click.option("--format", "fmt", type=click.Choice(["auto", "folder", "list", "kinetics", "ssv2"]), default="auto",
               show_default=True, help="How to read INPUT: a class-folder tree, a `path label` list, a Kinetics CSV, "
                                       "or a Something-Something JSON (auto: by extension).")
@@ -153,18 +155,23 @@ def _shard_size(ctx, param, value):
 @click.option("--aug-views", type=click.IntRange(1, 64),
               help="Training cache: K random augmented views per video (random frames within segments, "
                    "random-resized crop, flips, optional colour jitter) instead of the test views of --views.")
-@click.option("--aug-scale", default="0.4,1.0", show_default=True, help="Random-resized-crop area range (with --aug-views).")
+@click.option("--aug-scale", default="0.4,1.0", show_default=True,
+              help="Random-resized-crop area range (with --aug-views).")
 @click.option("--aug-ratio", default="0.75,1.3333", show_default=True, help="Random-resized-crop aspect-ratio range.")
 @click.option("--no-flip", is_flag=True,
               help="No horizontal flips in augmented views (Something-Something's left/right classes need this).")
-@click.option("--color-jitter", metavar="B,C,S,H", help="Colour jitter of augmented views, e.g. 0.4,0.4,0.2,0.1 (off by default).")
-@click.option("--aug-seed", default=0, show_default=True, help="Seed of the augmented views: the same seed gives the same views.")
+@click.option("--color-jitter", metavar="B,C,S,H",
+              help="Colour jitter of augmented views, e.g. 0.4,0.4,0.2,0.1 (off by default).")
+@click.option("--aug-seed", default=0, show_default=True,
+              help="Seed of the augmented views: the same seed gives the same views.")
 @click.option("--text-template", default="{}", show_default=True,
               help="Prompt for the class-name text embeddings; {} is the class name, e.g. 'a video of {}.'")
 @click.option("--no-text", is_flag=True, help="Do not store class-name text embeddings.")
 @click.option("--codec", default="zstd:3", show_default=True,
-              help="Compression: none, zstd[:L], blosc-lz4, blosc-zstd[:L], gzip[:L] (a CRC32C checksum is always added).")
-@click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(1), help="Frames per backbone forward.")
+              help="Compression: none, zstd[:L], blosc-lz4, blosc-zstd[:L], gzip[:L] "
+                   "(a CRC32C checksum is always added).")
+@click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(1),
+              help="Frames per backbone forward.")
 @click.option("--shard-size", default="auto", show_default=True, callback=_shard_size,
               help="Clips per shard (the unit of writing and resuming); auto = 64, fewer when clips are large.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -182,7 +189,8 @@ def _shard_size(ctx, param, value):
                    "--address HEAD:6379` on the others; auto = the cluster of this node) instead of starting "
                    "Ray here. --out and the videos must then be on storage every node sees at the same path.")
 @click.option("--decode-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1),
-              help="Seconds one video may take to decode before its decoder is killed and the video recorded as failed.")
+              help="Seconds one video may take to decode before its decoder is killed and the video recorded "
+                   "as failed.")
 @click.option("--reader", type=click.Choice(["auto", "decord", "pyav"]), default="auto", show_default=True,
               help="Video reader (auto: decord, falling back to PyAV for files decord cannot read).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out instead of resuming it.")
@@ -254,7 +262,8 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
     if len(stats.failures) > 10:
         click.echo(f"  ... and {len(stats.failures) - 10} more (cachefeat info {out} --failures)")
     if stats.interrupted:
-        click.echo(f"stopped early: run the same command again to resume ({int((~cache.shard_done()).sum())} shards left)")
+        click.echo(f"stopped early: run the same command again to resume "
+                   f"({int((~cache.shard_done()).sum())} shards left)")
         sys.exit(130)
     if strict and (stats.failed_videos or len(cache.failures())):
         raise click.ClickException(f"{len(cache.failures())} videos failed (--strict)")
@@ -265,8 +274,8 @@ def _extract_on_ray(manifest, out, settings, workers, address, batch_size, decod
     if settings.device not in ("auto", "cpu", "cuda"):
         raise click.BadParameter("with --workers each worker gets its own GPU from Ray: use auto, cuda or cpu",
                                  param_hint="--device")
-    from .ray_runtime import ClusterError, WorkerError
     from .extract.distributed import extract_distributed
+    from .ray_runtime import ClusterError, WorkerError
     try:
         return extract_distributed(manifest, out, settings, workers=workers, batch_size=batch_size,
                                    decode_workers=decode_workers, decode_timeout=decode_timeout, reader=reader,
@@ -334,8 +343,8 @@ def info(cache, show_failures, as_json, plot_path):
                f"dtype {lay.dtype}  codec {m.get('codec')}  computed in {m.get('compute_precision')}")
     s = m["sampling"]
     click.echo(f"sampling   {s['method']}{':' + str(s['stride']) if s.get('stride') else ''}  frames {lay.frames}  "
-               f"views {lay.views}  preprocessing {m['preprocessing']['size'][0]}px {m['preprocessing']['interpolation']} "
-               f"{m['preprocessing']['resize_mode']}")
+               f"views {lay.views}  preprocessing {m['preprocessing']['size'][0]}px "
+               f"{m['preprocessing']['interpolation']} {m['preprocessing']['resize_mode']}")
     aug = c.augment
     held = ["embed", f"cls x{len(lay.layers)} layers"]
     if lay.tokens.kind != "cls":
@@ -351,7 +360,8 @@ def info(cache, show_failures, as_json, plot_path):
     click.echo(f"holds      {'; '.join(held)}")
     click.echo(f"classes    {len(c.classes)}" + (f" ({', '.join(c.classes[:6])}{', ...' if len(c.classes) > 6 else ''})"
                                                  if c.classes else ""))
-    state = "complete" if done.all() else f"INCOMPLETE: {int(done.sum())} of {len(done)} shards done (resume with extract)"
+    state = ("complete" if done.all()
+             else f"INCOMPLETE: {int(done.sum())} of {len(done)} shards done (resume with extract)")
     click.echo(f"progress   {state}")
     click.echo(f"clips      {counts['valid_clips']} valid of {c.num_clips} ({c.num_videos} videos x {lay.views.count} "
                f"views); {len(failures)} videos failed")
@@ -370,7 +380,8 @@ def info(cache, show_failures, as_json, plot_path):
         click.echo(f"plot       {plot_path}")
     if failures:
         shown = failures if show_failures else failures[:5]
-        click.echo("failures" + ("" if show_failures or len(failures) <= 5 else f" (first 5; --failures for all {len(failures)})"))
+        click.echo("failures" + ("" if show_failures or len(failures) <= 5
+                                 else f" (first 5; --failures for all {len(failures)})"))
         for f in shown:
             click.echo(f"  [{f['stage']}] {f['path']}: {f['error']}")
 
@@ -381,6 +392,7 @@ def info(cache, show_failures, as_json, plot_path):
 def models(show_all):
     """List the open_clip ViT models that can be used as a backbone, with their pretrained tags."""
     import open_clip
+
     from .extract.backbone import is_vit, register_model_configs
     register_model_configs()
     for name in open_clip.list_models():
@@ -399,7 +411,8 @@ def models(show_all):
 @click.option("--force", is_flag=True, help="Run every stage again, even those recorded as done.")
 @click.option("--only", multiple=True, help="Run only this stage (repeatable).")
 @click.option("--set", "set_vars", multiple=True, metavar="NAME=VALUE",
-              help="Set a variable of the recipe (its `vars:`), e.g. --set model=ViT-L-14 --set frames=16 (repeatable).")
+              help="Set a variable of the recipe (its `vars:`), e.g. --set model=ViT-L-14 --set frames=16 "
+                   "(repeatable).")
 def run(recipe, workdir, force, only, set_vars):
     """Run a recipe (pipelines/*.yaml): its stages in order, skipping those already done.
 
@@ -446,8 +459,10 @@ def _parse_adapter_opts(items) -> dict:
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML or JSON file of settings: keys named like these options (epochs, lr, ...) plus "
                    "`adapter_opts: {key: value}`. Options given on the command line win over the file.")
-@click.option("--epochs", default=_TD["epochs"], show_default=True, type=click.IntRange(1), help="Passes over the training videos.")
-@click.option("--batch-size", "-b", default=_TD["batch_size"], show_default=True, type=click.IntRange(1), help="Clips per step.")
+@click.option("--epochs", default=_TD["epochs"], show_default=True, type=click.IntRange(1),
+              help="Passes over the training videos.")
+@click.option("--batch-size", "-b", default=_TD["batch_size"], show_default=True, type=click.IntRange(1),
+              help="Clips per step.")
 @click.option("--lr", default=_TD["lr"], show_default=True, type=click.FloatRange(0, min_open=True),
               help="Peak learning rate of AdamW (after warm-up; cosine decay to --min-lr).")
 @click.option("--weight-decay", default=_TD["weight_decay"], show_default=True, type=click.FloatRange(0),
@@ -456,8 +471,8 @@ def _parse_adapter_opts(items) -> dict:
               help="Epochs of linear learning-rate warm-up.")
 @click.option("--min-lr", default=_TD["min_lr"], show_default=True, type=click.FloatRange(0),
               help="Learning rate at the end of the cosine decay.")
-@click.option("--label-smoothing", default=_TD["label_smoothing"], show_default=True, type=click.FloatRange(0, 1, max_open=True),
-              help="Label smoothing of the cross-entropy targets.")
+@click.option("--label-smoothing", default=_TD["label_smoothing"], show_default=True,
+              type=click.FloatRange(0, 1, max_open=True), help="Label smoothing of the cross-entropy targets.")
 @click.option("--mixup", default=_TD["mixup"], show_default=True, type=click.FloatRange(0),
               help="Mixup of cached features with Beta(a, a) weights; 0 = off (DiST uses 0.8).")
 @click.option("--cutmix", default=_TD["cutmix"], show_default=True, type=click.FloatRange(0),
@@ -468,9 +483,11 @@ def _parse_adapter_opts(items) -> dict:
 @click.option("--train-views", default=_TD["train_views"], show_default=True, type=click.Choice(["one", "all"]),
               help="one: each epoch draws one of each video's views (the cache's augmented views, or its test "
                    "views as jitter); all: every view is a training sample.")
-@click.option("--seed", default=_TD["seed"], show_default=True, help="Seed of the adapter's initial weights, data order, dropout and mixing.")
+@click.option("--seed", default=_TD["seed"], show_default=True,
+              help="Seed of the adapter's initial weights, data order, dropout and mixing.")
 @click.option("--device", default=_TD["device"], show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", default=_TD["precision"], show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+@click.option("--precision", default=_TD["precision"], show_default=True,
+              type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="Adapter compute precision (auto: bf16 autocast on GPUs that have it, else fp16 with loss "
                    "scaling; fp32 on CPU).")
 @click.option("--in-memory", default=_TD["in_memory"], show_default=True, type=click.Choice(["auto", "yes", "no"]),
@@ -513,7 +530,9 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
       cachefeat train ... --workers 16 --address auto   # on the Ray cluster this node belongs to
     """
     from dataclasses import replace
+
     from click.core import ParameterSource
+
     from .train import TrainDiverged, cpu_threads, open_run, open_run_folder, read_config_file
     from .train import train as run_training
 
@@ -570,7 +589,8 @@ def _train_on_ray(cfg, cache, val_cache, out, resume, workers, address, log) -> 
     except ClusterError as e:
         raise click.UsageError(str(e)) from None
     except WorkerError as e:
-        raise click.ClickException(f"{e} (finished epochs are kept: the same command with --resume continues)") from None
+        raise click.ClickException(f"{e} (finished epochs are kept: the same command with --resume "
+                                   f"continues)") from None
 
 
 # ------------------------------------------------------------------------------------------- ablate
@@ -621,6 +641,7 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
       cachefeat ablate pipelines/ablate-depth-width.yaml --asha --address auto     # on a Ray cluster
     """
     import dataclasses
+
     from .train.ablate import check_caches, load_spec, prepare_out_dir, run_ablation
     s = load_spec(spec)
     if train_cache:
@@ -630,7 +651,8 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
     check_caches(s)
     n = num_samples or s.num_samples
     if check:
-        click.echo(f"{spec}: ok; {s.grid_size() * n} trials of adapters {', '.join(s.adapter_names())} on {s.train_cache}")
+        click.echo(f"{spec}: ok; {s.grid_size() * n} trials of adapters {', '.join(s.adapter_names())} "
+                   f"on {s.train_cache}")
         return
     out_dir = prepare_out_dir(out or Path("ablations") / Path(spec).stem, spec, overwrite)
     from .ray_runtime import ClusterError, WorkerError
@@ -646,7 +668,8 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
     click.echo(f"wrote {out_dir}: results.csv, results.md, results.png"
                + (f", best/ ({best.name}: val top-1 {100 * best.val_top1:.1f}%)" if best else ""))
     if failed:
-        raise click.ClickException(f"{len(failed)} of {len(rows)} trials failed (status column of {out_dir}/results.md; "
+        raise click.ClickException(f"{len(failed)} of {len(rows)} trials failed "
+                                   f"(status column of {out_dir}/results.md; "
                                    f"their logs: {out_dir}/trials/<name>/train.log)")
 
 
@@ -657,7 +680,8 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
 @click.option("--cache", required=True, type=click.Path(exists=True, file_okay=False),
               help="The cache to evaluate on (same backbone, preprocessing and class list as the training cache).")
 @click.option("--out", type=click.Path(file_okay=False),
-              help="Folder for metrics.json, per_class.csv, confusion.csv and confusion.png (default: RUN/eval-<cache name>).")
+              help="Folder for metrics.json, per_class.csv, confusion.csv and confusion.png "
+                   "(default: RUN/eval-<cache name>).")
 @click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(1), help="Clips per forward.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
@@ -666,7 +690,8 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
               help="Hold the arrays in RAM, or stream them whole shards at a time.")
 @click.option("--read-workers", "workers", default=2, show_default=True, type=click.IntRange(0),
               help="Reader processes when streaming (0 = read in this process).")
-@click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="CPU threads (0 = torch's default).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
+              help="CPU threads (0 = torch's default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (top1, top5 as fractions, and more).")
 def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, workers, threads, as_json):
     """Evaluate a trained adapter on a cache with the multi-view protocol: the logits of all views of a
@@ -706,7 +731,8 @@ def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, w
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (backbone and adapter).")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="Adapter compute precision (the backbone uses its own: fp16 on GPU, fp32 on CPU).")
-@click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="CPU threads (0 = torch's default).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
+              help="CPU threads (0 = torch's default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
 def predict(videos, checkpoint, top, device, precision, threads, as_json):
     """Classify new videos end to end: the backbone, frame sampling, views and preprocessing recorded with
@@ -751,14 +777,20 @@ def compare(runs, as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
     has_rev = any(r["reversal_accuracy"] is not None for r in rows)
-    header = ["run", "adapter", "params", "epochs", "train s", "top-1", "top-5"] + (["reversal pairs"] if has_rev else []) + ["from"]
-    body = [[r["run"], r["adapter"], f"{r['trainable_params']:,}", r["epochs"], f"{r['train_seconds']:.1f}", pct(r["top1"]),
-             pct(r["top5"])] + ([pct(r["reversal_accuracy"])] if has_rev else []) + [r["measured_by"]] for r in rows]
+    header = (["run", "adapter", "params", "epochs", "train s", "top-1", "top-5"]
+              + (["reversal pairs"] if has_rev else []) + ["from"])
+    body = [[r["run"], r["adapter"], f"{r['trainable_params']:,}", r["epochs"], f"{r['train_seconds']:.1f}",
+             pct(r["top1"]), pct(r["top5"])] + ([pct(r["reversal_accuracy"])] if has_rev else []) + [r["measured_by"]]
+            for r in rows]
     click.echo(table(body, header))
     if has_rev:
-        click.echo("reversal pairs: how often the true class outscores its time-reversed partner (50% = blind to frame order)")
+        click.echo("reversal pairs: how often the true class outscores its time-reversed partner "
+                   "(50% = blind to frame order)")
 
 
 # ------------------------------------------------------------------------------------------- adapters
@@ -768,6 +800,7 @@ def adapters_cmd(as_json):
     """List the adapters `cachefeat train --adapter` accepts, what each reads from a cache, and its options
     (set with --adapter-opt KEY=VALUE)."""
     import dataclasses
+
     from . import adapters as reg
     out = []
     for name in reg.list_adapters():
@@ -820,6 +853,7 @@ def verify(cache, as_json):
     Example: cachefeat verify k400_train.zarr
     """
     from tqdm import tqdm
+
     from .store import open_cache
     from .store import verify as run_verify
     c = open_cache(cache)

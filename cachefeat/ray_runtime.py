@@ -17,10 +17,10 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import ray
 

@@ -15,9 +15,10 @@ Variables: a top-level `vars: {name: default}` mapping; `${name}` anywhere in a 
 stage options, stage names) is replaced by the variable's value. A value that is exactly `${name}` takes
 the variable's type (a number stays a number). A variable may use the ones defined above it. Override them
 with `cachefeat run RECIPE --set name=value` (repeatable): one recipe file per data set, with the backbone
-and the frame count as variables, instead of a file per combination. A finished stage is recorded in WORKDIR/recipe-state.json with a hash of its settings and
-is skipped next time, so re-running a recipe after a crash continues where it stopped (and the stage that
-was interrupted resumes on its own: extract continues its shards, train its checkpoint).
+and the frame count as variables, instead of a file per combination. A finished stage is recorded in
+WORKDIR/recipe-state.json with a hash of its settings and is skipped next time, so re-running a recipe after
+a crash continues where it stopped (and the stage that was interrupted resumes on its own: extract continues
+its shards, train its checkpoint).
 """
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ def parse_layers(spec: str, depth: int) -> list[int]:
     try:
         raw = [int(p) for p in spec.split(",") if p.strip() != ""]
     except ValueError:
-        raise SpecError(f"--layers {spec!r}: expected all, last:K or a comma list of block indices like 3,7,11") from None
+        raise SpecError(f"--layers {spec!r}: expected all, last:K or a comma list of block indices "
+                        f"like 3,7,11") from None
     if not raw:
         raise SpecError("--layers is empty: expected all, last:K or a comma list of block indices")
     out = set()
@@ -70,7 +71,7 @@ class TokenSpec:
         return {"kind": self.kind, "grid": list(self.grid) if self.grid else None}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TokenSpec":
+    def from_dict(cls, d: dict) -> TokenSpec:
         return cls(d["kind"], tuple(d["grid"]) if d.get("grid") else None)
 
 
@@ -210,7 +211,7 @@ class AugmentSpec:
                 "color_jitter": list(self.color_jitter) if self.color_jitter else None, "seed": self.seed}
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "AugmentSpec | None":
+    def from_dict(cls, d: dict | None) -> AugmentSpec | None:
         if not d:
             return None
         cj = d.get("color_jitter")

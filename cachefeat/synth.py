@@ -114,7 +114,8 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 12, crf: int = 18
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = w - w % 2, h - h % 2
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": "threads=1"}  # threads=1: same bytes every run
+        # threads=1: same bytes every run
+        stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": "threads=1"}
         for f in frames:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f[: stream.height, : stream.width]), format="rgb24")
             for packet in stream.encode(frame):

@@ -24,7 +24,8 @@ def spec_for(model: str, classes: int) -> FeatureSpec:
 
 
 if __name__ == "__main__":
-    print("| adapter | options | ViT-B/16, 400 classes | ViT-L/14, 400 classes | ViT-B/16, 174 classes | ViT-L/14, 174 classes |")
+    print("| adapter | options | ViT-B/16, 400 classes | ViT-L/14, 400 classes | ViT-B/16, 174 classes "
+          "| ViT-L/14, 174 classes |")
     print("|---|---|---|---|---|---|")
     for name, opts in SETTINGS:
         cells = []

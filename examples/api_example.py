@@ -19,6 +19,7 @@ import torch
 import cachefeat
 from cachefeat.cli import cli
 from cachefeat.synth import generate
+from cachefeat.train import TrainConfig, open_run, train
 
 work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="cachefeat-api-"))
 work.mkdir(parents=True, exist_ok=True)
@@ -78,11 +79,10 @@ print("a batch of CLS:", tuple(next(iter(loader))["cls"].shape))
 # ## 4. Train an adapter on the cache (stage two)
 
 # %%
-from cachefeat.train import TrainConfig, open_run, train
-
 cfg = TrainConfig(adapter="temporal", adapter_opts={"dim": 32}, epochs=6, batch_size=8, lr=3e-3, warmup_epochs=1)
 run = open_run(cfg, work / "train.zarr", work / "val.zarr")
-result = train(run, work / "runs" / "temporal", log=print)   # writes checkpoint.pt, metrics.jsonl, summary.json, curves.png
+# writes checkpoint.pt, metrics.jsonl, summary.json, curves.png
+result = train(run, work / "runs" / "temporal", log=print)
 print("files:", result.summary["files"])
 
 # %% [markdown]

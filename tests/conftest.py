@@ -58,6 +58,7 @@ def ray_session():
     """One real local Ray runtime (2 CPU slots) for every test that needs Ray: starting Ray takes ~10 s on 2
     cores, so it starts once. cachefeat's distributed code uses a runtime it finds initialised as it is."""
     import logging
+
     import ray
     # address="local": never join a cluster that a `ray start` on this machine (or RAY_ADDRESS) points to
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)

@@ -68,8 +68,8 @@ def encode_in_fresh_process(path, frames: np.ndarray, codec: str, pix_fmt: str =
     import sys
     npy = Path(str(path) + ".npy")
     np.save(npy, frames)
-    code = ("import sys, numpy as np; sys.path.insert(0, %r); from media import encode; "
-            "encode(%r, np.load(%r), %r, %r)" % (str(Path(__file__).parent), str(path), str(npy), codec, pix_fmt))
+    code = (f"import sys, numpy as np; sys.path.insert(0, {str(Path(__file__).parent)!r}); from media import encode; "
+            f"encode({str(path)!r}, np.load({str(npy)!r}), {codec!r}, {pix_fmt!r})")
     subprocess.run([sys.executable, "-c", code], check=True)
     npy.unlink()
     return Path(path)

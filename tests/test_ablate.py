@@ -69,7 +69,8 @@ def test_bad_specs_are_refused_in_one_line_naming_the_key(stage2_caches, tmp_pat
     spec = tmp_path / "bad.yaml"
     good = SPEC.format(**stage2_caches)
     cases = {
-        good.replace("adapter: [probe, temporal]", "adapter: [probe, tempral]"): "grid.adapter: unknown adapter 'tempral'",
+        good.replace("adapter: [probe, temporal]", "adapter: [probe, tempral]"):
+            "grid.adapter: unknown adapter 'tempral'",
         good.replace("seed: [0, 1]", "learning-rate: [0.1]"): "grid: unknown setting 'learning-rate'",
         good.replace("adapter-opt.depth: 2", "adapter-opt.deep: 2"): "adapter temporal has no option 'deep'",
         good + "sampler: tpe\n": "unknown key 'sampler'",
@@ -128,7 +129,8 @@ def test_random_search_with_asha_runs_every_sample(stage2_caches, tmp_path, ray_
     assert all(1e-4 <= float(r["lr"]) <= 1e-1 and float(r["weight_decay"]) in (0.0, 0.05) for r in rows)
     for r in rows:
         ran = int(r["epochs"])
-        assert 1 <= ran <= 4 and r["status"] == ("done" if ran == 4 else f"stopped early (ASHA) after {ran} of 4 epochs")
+        assert 1 <= ran <= 4 and r["status"] == ("done" if ran == 4
+                                                 else f"stopped early (ASHA) after {ran} of 4 epochs")
         # (a stopped trial may finish the epoch it was in before Tune stops it)
         assert len((out / "trials" / r["trial"] / "metrics.jsonl").read_text().splitlines()) >= ran
     assert (out / "best" / "checkpoint.pt").is_file()
@@ -141,7 +143,8 @@ def test_a_failing_trial_is_a_row_with_its_error_and_the_command_exits_1(stage2_
     out = tmp_path / "abl"
     res = run_cli("ablate", spec, "--out", out, ok=False)
     assert res.exit_code == 1 and "1 of 2 trials failed" in res.output
-    assert "Traceback" not in res.output and any("failed: " in l and "fp16 needs a GPU" in l for l in res.output.splitlines())
+    assert "Traceback" not in res.output and any("failed: " in l and "fp16 needs a GPU" in l
+                                                 for l in res.output.splitlines())
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["status"] for r in rows][0] == "done"
     assert rows[1]["status"].startswith("error: DeviceError: --precision fp16 needs a GPU"), rows[1]["status"]

@@ -53,7 +53,8 @@ def test_registry_lists_every_adapter():
         adapters.get("evll")
 
 
-@pytest.mark.parametrize("name,opts", CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for n, o in CASES])
+@pytest.mark.parametrize("name,opts", CASES,
+                         ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for n, o in CASES])
 def test_adapter_maps_the_batch_contract_to_logits(name, opts):
     spec = tiny_spec()
     cls, config, needs = adapters.resolve(name, opts, spec)
@@ -89,7 +90,7 @@ def test_temporal_adapters_see_frame_order_and_the_probe_does_not():
         if needs.text:
             model.set_text(torch.randn(6, 32))
         with torch.no_grad():   # give the zero-initialised TCA tables and position embeddings some values
-            for n, p in model.named_parameters():
+            for p in model.parameters():
                 if p.abs().sum() == 0:
                     p.normal_(0, 0.02)
         b = batch_for(spec, needs)

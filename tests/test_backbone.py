@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from cachefeat.devices import DeviceError
-from cachefeat.extract.backbone import (BackboneError, _pick_quickgelu, load_backbone, model_geometry, resolve_model_name,
-                                weights_digest)
+from cachefeat.extract.backbone import (
+    BackboneError,
+    _pick_quickgelu,
+    load_backbone,
+    model_geometry,
+    resolve_model_name,
+    weights_digest,
+)
 from cachefeat.specs import TokenSpec
 
 from conftest import TINY
@@ -18,7 +24,8 @@ def test_model_names():
     assert resolve_model_name("ViT-L/14") == "ViT-L-14"
     assert resolve_model_name("ViT-L/14@336px") == "ViT-L-14-336"
     assert resolve_model_name("vit-b-16") == "ViT-B-16"
-    assert resolve_model_name("hf-hub:timm/vit_base_patch16_clip_224.openai") == "hf-hub:timm/vit_base_patch16_clip_224.openai"
+    assert (resolve_model_name("hf-hub:timm/vit_base_patch16_clip_224.openai")
+            == "hf-hub:timm/vit_base_patch16_clip_224.openai")
     with pytest.raises(BackboneError, match="unknown model 'ViT-L/15'; did you mean ViT-L-16"):
         resolve_model_name("ViT-L/15")
 

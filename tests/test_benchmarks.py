@@ -8,12 +8,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_training import VARIANTS, Variant  # noqa: E402
-from st_adapter import insert_st_adapters  # noqa: E402
-
 from cachefeat.extract.backbone import load_backbone  # noqa: E402
 
+from bench_training import VARIANTS, Variant  # noqa: E402
 from conftest import TINY  # noqa: E402
+from st_adapter import insert_st_adapters  # noqa: E402
 
 
 def test_inserted_st_adapters_start_as_the_frozen_backbone_and_alone_get_gradients():

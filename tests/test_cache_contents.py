@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cachefeat.extract.backbone import register_model_configs
-from cachefeat.store import open_cache
 from cachefeat.extract.sampling import pixel_indices
+from cachefeat.store import open_cache
 
 from conftest import TINY, run_cli, tiny_extract_args
 from helpers import assert_caches_equal
@@ -77,7 +77,8 @@ def test_text_embeddings_equal_encode_text(tmp_path, synth_small):
 
 
 def test_augmented_views_differ_and_reproduce(tmp_path, synth_small):
-    args = ["--frames", "4", "--aug-views", "3", "--color-jitter", "0.4,0.4,0.2,0.1", "--pixels", "16", "--aug-seed", "7"]
+    args = ["--frames", "4", "--aug-views", "3", "--color-jitter", "0.4,0.4,0.2,0.1", "--pixels", "16",
+            "--aug-seed", "7"]
     a, b, other = tmp_path / "a.zarr", tmp_path / "b.zarr", tmp_path / "o.zarr"
     run_cli(*tiny_extract_args(synth_small / "train.txt", a, *args))
     run_cli(*tiny_extract_args(synth_small / "train.txt", b, *args, "--shard-size", "3"))

@@ -5,12 +5,11 @@ import shutil
 import numpy as np
 import pytest
 
-from cachefeat.store import CacheError, open_cache
 from cachefeat.adapters import CacheMismatch, Needs
-from cachefeat.train.reader import CachedSource, CacheDataset, open_dataset, plan_epoch, select_rows
+from cachefeat.store import CacheError, open_cache
+from cachefeat.train.reader import CacheDataset, CachedSource, open_dataset, plan_epoch, select_rows
 
 from helpers import live_children
-
 
 SEL = Needs(embed=True, cls_layers=(1, 3), token_layers=(2, 3), pixels=True)
 

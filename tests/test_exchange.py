@@ -90,12 +90,12 @@ def test_imported_cache_resumes_as_complete(cache, tmp_path):
     back = tmp_path / "back.zarr"
     run_cli("import", h5, "--out", back, "--quiet")
     meta = open_cache(cache).meta
-    args = ["--tokens", meta["tokens"]["kind"] + (":%dx%d" % tuple(meta["tokens"]["grid"])
+    args = ["--tokens", meta["tokens"]["kind"] + (":{}x{}".format(*meta["tokens"]["grid"])
                                                    if meta["tokens"]["kind"] == "pooled" else ""),
             "--layers", ",".join(map(str, meta["layers"])), "--dtype", meta["dtype"], "--frames", "3",
             "--views", "2x1", "--shard-size", "4"]
     if meta.get("pixels"):
-        args += ["--pixels", "%dx%d" % (meta["pixels"]["size"], meta["pixels"]["factor"])]
+        args += ["--pixels", f"{meta['pixels']['size']}x{meta['pixels']['factor']}"]
     res = run_cli(*tiny_extract_args(cache.parent / "list.txt", back, *args))
     assert "already complete" in res.output
     assert_caches_equal(cache, back, exact=True)
@@ -166,7 +166,8 @@ def test_npy_export_matches_cache(cache, tmp_path):
             f = out / f"{entry['stem']}_{suffix}.npy"
             expected_files.add(f.name)
             got, want = np.load(f), c.read(name, slice(v * n, (v + 1) * n))
-            assert got.dtype == want.dtype and got.shape == (n, *want.shape[1:]) == tuple(index["arrays"][suffix]["shape"])
+            assert (got.dtype == want.dtype
+                    and got.shape == (n, *want.shape[1:]) == tuple(index["arrays"][suffix]["shape"]))
             assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), f.name
     assert {p.name for p in out.iterdir()} == expected_files   # nothing for the failed video
     assert [f["id"] for f in index["failures"]] == [ids[4]] and index["failures"][0]["stage"] == "missing"
@@ -198,30 +199,36 @@ def _error(res) -> str:
 def test_bad_input_is_one_line_exit_2(cache, tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
-    assert "is not a cachefeat cache" in _error(run_cli("export", plain, tmp_path / "x.h5", "--format", "hdf5", ok=False))
+    assert "is not a cachefeat cache" in _error(run_cli("export", plain, tmp_path / "x.h5", "--format", "hdf5",
+                                                        ok=False))
     assert "'csv' is not one of" in _error(run_cli("export", cache, tmp_path / "x", "--format", "csv", ok=False))
     assert "Missing option '--format'" in _error(run_cli("export", cache, tmp_path / "x.h5", ok=False))
     assert "--compression 'zip'" in _error(run_cli("export", cache, tmp_path / "x.h5", "--format", "hdf5",
                                                    "--compression", "zip", ok=False))
-    assert "hdf5 only" in _error(run_cli("export", cache, tmp_path / "x", "--format", "npy", "--compression", "lzf", ok=False))
+    assert "hdf5 only" in _error(run_cli("export", cache, tmp_path / "x", "--format", "npy", "--compression", "lzf",
+                                         ok=False))
 
     # outputs that exist: refused without --overwrite; with it, replaced only when they are our own kind
     (tmp_path / "notes.h5").write_text("mine")
-    assert "exists; pass --overwrite" in _error(run_cli("export", cache, tmp_path / "notes.h5", "--format", "hdf5", ok=False))
-    assert "is not a cachefeat HDF5 export" in _error(run_cli("export", cache, tmp_path / "notes.h5", "--format", "hdf5",
-                                                              "--overwrite", ok=False))
+    assert "exists; pass --overwrite" in _error(run_cli("export", cache, tmp_path / "notes.h5", "--format", "hdf5",
+                                                        ok=False))
+    assert "is not a cachefeat HDF5 export" in _error(run_cli("export", cache, tmp_path / "notes.h5",
+                                                              "--format", "hdf5", "--overwrite", ok=False))
     assert (tmp_path / "notes.h5").read_text() == "mine"
     (plain / "thesis.tex").write_text("x")
-    assert "is not a cachefeat npy export" in _error(run_cli("export", cache, plain, "--format", "npy", "--overwrite", ok=False))
+    assert "is not a cachefeat npy export" in _error(run_cli("export", cache, plain, "--format", "npy", "--overwrite",
+                                                             ok=False))
     assert (plain / "thesis.tex").exists()
 
     h5 = tmp_path / "c.h5"
     run_cli("export", cache, h5, "--format", "hdf5", "-q")
     run_cli("export", cache, h5, "--format", "hdf5", "--overwrite", "-q")
-    assert "is not an HDF5 file" in _error(run_cli("import", tmp_path / "notes.h5", "--out", tmp_path / "a.zarr", ok=False))
+    assert "is not an HDF5 file" in _error(run_cli("import", tmp_path / "notes.h5", "--out", tmp_path / "a.zarr",
+                                                   ok=False))
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f["x"] = np.arange(3)
-    assert "not a cachefeat export" in _error(run_cli("import", tmp_path / "other.h5", "--out", tmp_path / "a.zarr", ok=False))
+    assert "not a cachefeat export" in _error(run_cli("import", tmp_path / "other.h5", "--out", tmp_path / "a.zarr",
+                                                      ok=False))
     assert "exists; pass --overwrite" in _error(run_cli("import", h5, "--out", cache, ok=False))
     assert "is not a cachefeat cache" in _error(run_cli("import", h5, "--out", plain, "--overwrite", ok=False))
     assert not list(tmp_path.glob(".*partial*"))   # nothing half-written left behind
@@ -231,7 +238,8 @@ def test_bad_input_is_one_line_exit_2(cache, tmp_path):
     with h5py.File(edited, "r+") as f:
         meta = json.loads(f.attrs["cachefeat"])
         f.attrs["cachefeat"] = json.dumps(dict(meta, frames=99))
-    assert "attribute 'cachefeat' of / differs" in _error(run_cli("import", edited, "--out", tmp_path / "e.zarr", ok=False))
+    assert "attribute 'cachefeat' of / differs" in _error(run_cli("import", edited, "--out", tmp_path / "e.zarr",
+                                                                  ok=False))
 
 
 def test_corrupt_export_fails_on_import(cache, tmp_path):

@@ -53,7 +53,8 @@ def test_cached_values_equal_open_clip(tmp_path, synth_small, dtype, tol):
     assert layers == [0, 1, 2, 3]
     for row in (0, 3, cache.num_clips - 1):
         video = cache.read("clips/video", row)
-        cls, patches, embed = _reference_features(model, preprocess, paths[video], cache.read("clips/frame_idx", row), layers)
+        cls, patches, embed = _reference_features(model, preprocess, paths[video], cache.read("clips/frame_idx", row),
+                                                  layers)
         scale = max(1.0, float(np.abs(patches).max()))
         np.testing.assert_allclose(cache.read("cls", row).astype(np.float32), cls, atol=tol * scale, rtol=tol)
         np.testing.assert_allclose(cache.read("embed", row).astype(np.float32), embed, atol=tol * scale, rtol=tol)

@@ -13,7 +13,7 @@ from cachefeat.extract import ExtractSettings
 from cachefeat.extract.manifest import load_manifest
 from cachefeat.specs import parse_pixels, parse_views
 
-from conftest import TINY, REPO, cli_subprocess, run_cli, tiny_extract_args
+from conftest import REPO, TINY, cli_subprocess, run_cli, tiny_extract_args
 from helpers import assert_caches_equal
 
 # 54 videos x 2 views, 2 videos per shard: 27 shards, enough for both workers to hold some at any time
@@ -135,9 +135,9 @@ def test_bad_cluster_options_are_usage_errors(synth_small):
 
 def test_one_worker_never_imports_ray(tmp_path, synth_small):
     """--workers 1 (the default) stays a plain process: Ray is not even imported."""
+    argv = [str(a) for a in tiny_extract_args(synth_small / "val.txt", tmp_path / "c.zarr", "--frames", "2")]
     code = ("import sys; from cachefeat.cli import cli; "
-            f"cli({[str(a) for a in tiny_extract_args(synth_small / 'val.txt', tmp_path / 'c.zarr', '--frames', '2')]}, "
-            "standalone_mode=False); assert 'ray' not in sys.modules, 'ray was imported'")
+            f"cli({argv}, standalone_mode=False); assert 'ray' not in sys.modules, 'ray was imported'")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert res.returncode == 0, res.stdout + res.stderr

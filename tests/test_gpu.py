@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cachefeat import open_cache
+
 from conftest import run_cli, tiny_extract_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -70,7 +70,8 @@ def test_kinetics_csv(tmp_path):
 
 
 def test_something_something_json_and_labels_json(tmp_path):
-    items = [{"id": "78687", "label": "holding potato next to vicks", "template": "Holding [something] next to [something]"},
+    items = [{"id": "78687", "label": "holding potato next to vicks",
+              "template": "Holding [something] next to [something]"},
              {"id": "42326", "template": "Putting [something] on a surface"}]
     (tmp_path / "train.json").write_text(json.dumps(items))
     (tmp_path / "labels.json").write_text(json.dumps({"Putting something on a surface": "1",

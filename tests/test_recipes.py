@@ -1,8 +1,8 @@
 import json
 import os
-from pathlib import Path
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -112,12 +112,13 @@ def test_shipped_recipes_parse(recipe_path, tmp_path, monkeypatch):
     if is_ablation_spec(recipe_path):
         load_spec(recipe_path)
         return
+    import yaml
+
     from cachefeat import adapters
+    from cachefeat.cli import _parse_adapter_opts, cli
     from cachefeat.extract.backbone import model_geometry
-    from cachefeat.cli import cli, _parse_adapter_opts
     from cachefeat.recipes import load_recipe, stage_command, to_argv
     from cachefeat.specs import parse_layers
-    import yaml
     defaults = yaml.safe_load(recipe_path.read_text()).get("vars") or {}
     placeholder = {k: str(tmp_path) if "root" in k else str(tmp_path / "file.txt")
                    for k, v in defaults.items() if isinstance(v, str) and v.startswith("/data/")}
@@ -154,11 +155,13 @@ def test_recipe_variables(tmp_path):
                  "stages:\n  - extract: {input: x.txt, model: '${model}', frames: '${frames}', out: '${out}'}\n")
     rec = load_recipe(r)
     assert rec["workdir"] == "w-ViT-B-16"
-    assert rec["stages"][0]["extract"] == {"input": "x.txt", "model": "ViT-B-16", "frames": 8, "out": "c-ViT-B-16-8f.zarr"}
+    assert rec["stages"][0]["extract"] == {"input": "x.txt", "model": "ViT-B-16", "frames": 8,
+                                           "out": "c-ViT-B-16-8f.zarr"}
     rec = load_recipe(r, parse_set(["model=ViT-L/14", "frames=16"]))
     assert rec["stages"][0]["extract"]["frames"] == 16 and rec["stages"][0]["extract"]["out"] == "c-ViT-L/14-16f.zarr"
     assert rec["vars"] == {"model": "ViT-L/14", "frames": 16, "out": "c-ViT-L/14-16f.zarr"}
-    with pytest.raises(RecipeError, match="--set colour: recipe .* has no such variable .variables: model, frames, out"):
+    with pytest.raises(RecipeError,
+                       match="--set colour: recipe .* has no such variable .variables: model, frames, out"):
         load_recipe(r, {"colour": 1})
     with pytest.raises(RecipeError, match="expected NAME=VALUE"):
         parse_set(["frames"])
@@ -171,11 +174,13 @@ def test_a_changed_variable_reruns_only_the_stages_it_changes(tmp_path):
     r = tmp_path / "v.yaml"
     r.write_text("vars: {size: 32}\nstages:\n"
                  "  - name: a\n    synth: {out: a, classes: 2, videos-per-class: 2, frames: 4, size: 32, quiet: true}\n"
-                 "  - name: b\n    synth: {out: b, classes: 2, videos-per-class: 2, frames: 4, size: '${size}', quiet: true}\n")
+                 "  - name: b\n    synth: {out: b, classes: 2, videos-per-class: 2, frames: 4, size: '${size}', "
+                 "quiet: true}\n")
     work = tmp_path / "w"
     res = run_cli("run", r, "--workdir", work)
     assert "variables: size=32" in res.output and "2 stages run" in res.output
     res = run_cli("run", r, "--workdir", work, "--set", "size=48")
-    assert "== a: done earlier, skipped" in res.output and "--size 48" in res.output and "1 stages run, 1 skipped" in res.output
+    assert ("== a: done earlier, skipped" in res.output and "--size 48" in res.output
+            and "1 stages run, 1 skipped" in res.output)
     res = run_cli("run", r, "--workdir", work, "--set", "frames=8", ok=False)
     assert res.exit_code == 2 and "has no such variable" in res.output

@@ -53,7 +53,8 @@ def corpus(tmp_path_factory):
     good = good_video(d / "good.mp4", frames=16, size=64)
     (d / "zero-bytes.mp4").write_bytes(b"")
     truncated(good, d / "cut.mp4", 0.5)
-    truncated(faststart_copy(good_video(d / "long.mp4", frames=48, size=64), d / "fs.mp4"), d / "cut-streaming.mp4", 0.5)
+    truncated(faststart_copy(good_video(d / "long.mp4", frames=48, size=64), d / "fs.mp4"), d / "cut-streaming.mp4",
+              0.5)
     random_bytes(d / "random-bytes.mp4")
     (d / "readme.txt").write_text("not a video\n" * 100)
     write_mp4(d / "three-frames.mp4", render_video(0, 3, 64, rng))
@@ -79,7 +80,8 @@ def corpus(tmp_path_factory):
     (d / "list.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (d / "classes.txt").write_text("a\nb\n")
     out = d / "corpus.zarr"
-    res = run_cli(*tiny_extract_args(d / "list.txt", out, "--frames", "8", "--decode-timeout", "3", "--shard-size", "5"))
+    res = run_cli(*tiny_extract_args(d / "list.txt", out, "--frames", "8", "--decode-timeout", "3",
+                                     "--shard-size", "5"))
     return d, out, res.output
 
 

@@ -49,7 +49,7 @@ def test_other_dtypes(tmp_path, dtype):
 
 
 def test_index_at_start_and_big_endian(tmp_path):
-    for name, kw in {"start": {"shards": None}, "big": {}}.items():
+    for name in ("start", "big"):
         path = tmp_path / name
         if name == "start":
             from zarr.codecs import ShardingCodec, ZstdCodec

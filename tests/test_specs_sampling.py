@@ -2,8 +2,17 @@ import numpy as np
 import pytest
 
 from cachefeat.extract.sampling import clip_indices
-from cachefeat.specs import (SamplingSpec, SpecError, TokenSpec, ViewSpec, parse_dtype, parse_layers, parse_sampling,
-                             parse_tokens, parse_views)
+from cachefeat.specs import (
+    SamplingSpec,
+    SpecError,
+    TokenSpec,
+    ViewSpec,
+    parse_dtype,
+    parse_layers,
+    parse_sampling,
+    parse_tokens,
+    parse_views,
+)
 
 
 def test_layers_forms():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cachefeat.train.online import OnlineSource
 from cachefeat.train import TrainConfig, cpu_threads, load_checkpoint, lr_at, mix, open_run, train
+from cachefeat.train.online import OnlineSource
 
 from conftest import run_cli, tiny_extract_args
 from helpers import live_children
@@ -105,7 +105,8 @@ def test_mismatched_caches_are_refused_in_one_line(small_caches, stage2_caches, 
     res = run_cli("train", "--cache", small_caches / "cls.zarr", "--adapter", "evl", "--adapter-opt", "layers=2",
                   "--out", tmp_path / "r1", ok=False)
     assert "evl needs patch tokens, but the cache has CLS tokens only" in _one_error_line(res)
-    res = run_cli("train", "--cache", small_caches / "cls.zarr", "--adapter", "dist", "--out", tmp_path / "r2", ok=False)
+    res = run_cli("train", "--cache", small_caches / "cls.zarr", "--adapter", "dist", "--out", tmp_path / "r2",
+                  ok=False)
     line = _one_error_line(res)
     assert "needs patch tokens" in line and "needs the cached pixels" in line
     # train and val caches from different backbones, or with different class lists

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import torch
 
-from cachefeat.train.reader import part_of_batch
 from cachefeat.train import load_checkpoint
+from cachefeat.train.reader import part_of_batch
 
 from conftest import run_cli
 

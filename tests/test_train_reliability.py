@@ -97,7 +97,10 @@ def test_a_sigkilled_training_resumes_to_the_same_result(stage2_caches, tmp_path
     assert a["epoch"] == b["epoch"] == int(epochs)
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    strip = lambda h: {k: v for k, v in h.items() if k not in ("seconds", "clips_per_s")}
+
+    def strip(h):
+        return {k: v for k, v in h.items() if k not in ("seconds", "clips_per_s")}
+
     ha = [strip(json.loads(l)) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     hb = [strip(json.loads(l)) for l in metrics.read_text().splitlines()]
     assert ha == hb and len(ha) == int(epochs)
@@ -139,7 +142,8 @@ def test_output_folders_that_exist_are_refused_unless_asked(stage2_caches, tmp_p
     run = tmp_path / "run"
     run_cli(*_train_args(cache, "--epochs", "1", "--out", run, "--quiet"))
     res = run_cli(*_train_args(cache, "--epochs", "1", "--out", run), ok=False)
-    assert "already holds a run (epoch 1 of 1); --resume to continue it, --overwrite to start over" in _one_error_line(res)
+    assert ("already holds a run (epoch 1 of 1); --resume to continue it, --overwrite to start over"
+            in _one_error_line(res))
     res = run_cli(*_train_args(cache, "--epochs", "2", "--out", run, "--overwrite"))
     assert "epoch   1/2" in res.output and load_checkpoint(run)["epoch"] == 2
     # eval: an explicit --out that holds something else is refused; an earlier eval's folder is replaced
@@ -153,13 +157,15 @@ def test_bad_training_values_are_one_line_with_status_2(stage2_caches, tmp_path)
     cache, val = stage2_caches["train"], stage2_caches["val"]
     out = tmp_path / "r"
     res = run_cli("train", "--cache", cache, "--adapter", "temporl", "--out", out, ok=False)
-    assert "unknown adapter 'temporl' (known: probe, temporal, evl, dist, madapter); did you mean temporal?" in _one_error_line(res)
+    assert ("unknown adapter 'temporl' (known: probe, temporal, evl, dist, madapter); did you mean temporal?"
+            in _one_error_line(res))
     res = run_cli("train", "--cache", cache, "--adapter", "evl", "--adapter-opt", "layer=2", "--out", out, ok=False)
     line = _one_error_line(res)
     assert "adapter evl has no option 'layer' (options: layers," in line and "did you mean layers?" in line
     res = run_cli("train", "--cache", cache, "--adapter-opt", "dim", "--out", out, ok=False)
     assert "expected KEY=VALUE" in _one_error_line(res)
-    res = run_cli("train", "--cache", cache, "--adapter", "madapter", "--adapter-opt", "levels=0", "--out", out, ok=False)
+    res = run_cli("train", "--cache", cache, "--adapter", "madapter", "--adapter-opt", "levels=0", "--out", out,
+                  ok=False)
     _one_error_line(res)
     # a folder that is not a cachefeat cache, as training cache, val cache and eval cache
     res = run_cli("train", "--cache", stage2_caches["data"], "--out", out, ok=False)

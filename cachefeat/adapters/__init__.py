@@ -9,93 +9,11 @@
 `build(name, options, spec)` parses the options against the adapter's Config dataclass (unknown keys and
 bad values are refused in one line) and constructs it for a feature space.
 """
-from __future__ import annotations
-
-import dataclasses
-import difflib
-
 from .base import Adapter, AdapterError, CacheMismatch, FeatureSpec, Needs
+from .registry import build, get, list_adapters, make_config, register, resolve
 
-_REGISTRY: dict[str, type[Adapter]] = {}
+# each module registers itself; this order is the listing order (so isort must not sort it)
+from . import probe, temporal, evl, dist, madapter  # noqa: E402, F401, I001  # isort: skip
 
-
-def register(cls: type[Adapter]) -> type[Adapter]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load_all() -> None:
-    if not _REGISTRY:
-        # each module registers itself; this order is the listing order
-        from . import probe, temporal, evl, dist, madapter  # noqa: F401
-
-
-def list_adapters() -> list[str]:
-    _load_all()
-    return list(_REGISTRY)
-
-
-def get(name: str) -> type[Adapter]:
-    _load_all()
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise AdapterError(f"unknown adapter {name!r} (known: {', '.join(_REGISTRY)}){hint}")
-    return _REGISTRY[name]
-
-
-def _convert(adapter: str, key: str, value, default):
-    """A value (string from --adapter-opt, or typed from a config file) -> the type of the default."""
-    kind = type(default)
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            s = str(value).strip().lower()
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
-        if kind is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise AdapterError(f"adapter {adapter}: option {key}={value!r} is not a valid {kind.__name__}") from None
-
-
-def make_config(name: str, options: dict | None = None):
-    """The adapter's Config with `options` applied (keys may use dashes or underscores)."""
-    cls = get(name)
-    defaults = cls.Config()
-    known = {f.name: f for f in dataclasses.fields(defaults)}
-    values = {}
-    for key, value in (options or {}).items():
-        k = str(key).replace("-", "_")
-        if k not in known:
-            close = difflib.get_close_matches(k, list(known), n=2)
-            hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise AdapterError(f"adapter {name} has no option {key!r} (options: {', '.join(known) or 'none'}){hint}")
-        values[k] = _convert(name, k, value, getattr(defaults, k))
-    return dataclasses.replace(defaults, **values)
-
-
-def resolve(name: str, options: dict | None, spec: FeatureSpec):
-    """(adapter class, config, needs) for a feature space; raises AdapterError/CacheMismatch."""
-    cls = get(name)
-    config = make_config(name, options)
-    needs = cls.needs(config, spec)
-    return cls, config, needs
-
-
-def build(name: str, options: dict | None, spec: FeatureSpec) -> Adapter:
-    cls, config, _ = resolve(name, options, spec)
-    return cls(config, spec)
-
-
-__all__ = ["Adapter", "AdapterError", "CacheMismatch", "FeatureSpec", "Needs", "build", "get",
-           "list_adapters", "make_config", "register", "resolve"]
+__all__ = ["Adapter", "AdapterError", "CacheMismatch", "FeatureSpec", "Needs", "build", "get", "list_adapters",
+           "make_config", "register", "resolve"]

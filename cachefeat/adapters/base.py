@@ -48,7 +48,7 @@ class FeatureSpec:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "FeatureSpec":
+    def from_meta(cls, meta: dict) -> FeatureSpec:
         model, lay, prep = meta["model"], meta["layout"], meta["preprocessing"]
         return cls(num_classes=len(meta.get("classes") or []), frames=int(lay["frames"]), width=int(lay["width"]),
                    embed_dim=int(lay["embed_dim"]), depth=int(model["depth"]), heads=int(model["heads"]),
@@ -108,11 +108,13 @@ class Needs:
                             f"(needs a model with a text tower and a class list)")
         if trained is not None:
             if int(meta["frames"]) != trained.frames:
-                problems.append(f"the adapter was trained on {trained.frames} frames per clip, this cache has {meta['frames']}")
+                problems.append(f"the adapter was trained on {trained.frames} frames per clip, "
+                                f"this cache has {meta['frames']}")
             if self.token_layers and tokens.kind != "cls" and tuple(tokens.grid) != tuple(trained.tokens.grid):
                 problems.append(f"the adapter was trained on tokens {trained.tokens}, this cache has tokens {tokens}")
             if self.pixels and meta.get("pixels") and _pix(meta["pixels"]) != _pix(trained.pixels):
-                problems.append(f"the adapter was trained on pixels {_pix(trained.pixels)}, this cache has {_pix(meta['pixels'])}")
+                problems.append(f"the adapter was trained on pixels {_pix(trained.pixels)}, "
+                                f"this cache has {_pix(meta['pixels'])}")
         return problems
 
     def bytes_per_clip(self, meta: dict) -> int:

@@ -38,9 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register
 from .base import Adapter, AdapterError, CacheMismatch, FeatureSpec, Needs, select_layers
 from .blocks import CrossAttentionBlock, LinearHead, Mlp, QuickGELU, TextHead, default_heads, init_weights
+from .registry import register
 
 
 class TemporalNet(nn.Module):
@@ -144,7 +144,8 @@ class DiST(Adapter):
         self.stem = nn.Conv3d(3, d, (config.stem_kernel_t, S // gh, S // gw), stride=(1, S // gh, S // gw),
                               padding=(config.stem_kernel_t // 2, 0, 0))
         n = len(layers)
-        self.temporal_nets = nn.ModuleList(TemporalNet(d, config.temporal_kernel, config.temporal_ratio) for _ in range(n))
+        self.temporal_nets = nn.ModuleList(TemporalNet(d, config.temporal_kernel, config.temporal_ratio)
+                                           for _ in range(n))
         self.inputs = nn.ModuleList(nn.Linear(D, Di) for _ in range(n))
         # spatial -> temporal after the last layer would feed nothing (the official code computes and drops it)
         self.to_temporal = nn.ModuleList(nn.Linear(Di, d) for _ in range(n - 1))

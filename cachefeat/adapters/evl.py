@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register
 from .base import Adapter, AdapterError, CacheMismatch, FeatureSpec, Needs
 from .blocks import CrossAttentionBlock, LinearHead, TemporalConv
+from .registry import register
 
 
 def _offset_index(grid: tuple[int, int]) -> torch.Tensor:

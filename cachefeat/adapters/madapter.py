@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import register
 from .base import Adapter, AdapterError, FeatureSpec, Needs, select_layers
 from .blocks import LinearHead, TemporalBlock, default_heads, init_weights
+from .registry import register
 
 
 class Fusion(nn.Module):

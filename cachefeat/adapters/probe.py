@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import register
 from .base import Adapter, FeatureSpec, Needs
+from .registry import register
 
 
 @register

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import register
 from .base import Adapter, CacheMismatch, FeatureSpec, Needs
 from .blocks import LinearHead, TemporalBlock, default_heads, init_weights
+from .registry import register
 
 
 @register

@@ -21,7 +21,6 @@ from multiprocessing.connection import wait
 
 from .video import DecodeRequest, DecodeResult, decode_video
 
-
 _READY = "ready"
 _START_TIMEOUT = 300.0   # seconds a new worker may take to import and report ready
 
@@ -201,7 +200,7 @@ class DecodePool:
                 w.kill()
         self._workers = []
 
-    def __enter__(self) -> "DecodePool":
+    def __enter__(self) -> DecodePool:
         return self
 
     def __exit__(self, *exc) -> None:

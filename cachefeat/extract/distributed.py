@@ -25,15 +25,22 @@ import socket
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import ray
 
-from ..ray_runtime import (WorkerError, death_reason, node_cpu_share, on_driver_node, ray_runtime, use_gpus,
-                           worker_resources)
+from ..ray_runtime import (
+    WorkerError,
+    death_reason,
+    node_cpu_share,
+    on_driver_node,
+    ray_runtime,
+    use_gpus,
+    worker_resources,
+)
 from ..store import FAILED, Cache, CacheError, open_for_writing
 from .decode_pool import DecodePool
 from .manifest import Manifest
@@ -137,6 +144,7 @@ class ExtractWorker:
               videos, workers: int, batch_size: int, decode_workers: int | None, decode_timeout: float,
               reader: str) -> dict:
         import torch
+
         from .backbone import load_backbone
         from .decode_pool import DecodePool
         from .pipeline import ShardExtractor
@@ -255,6 +263,7 @@ def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSe
     (default: `workers`). `monitor`, if given, is called with a RunState on every poll (about 5 per second).
     """
     import torch
+
     from ..devices import resolve_precision
     from .backbone import load_backbone
     with ray_runtime(address) as runtime:

@@ -146,7 +146,7 @@ def _folder(path: Path, root: Path, split):
 def _text_list(path: Path, root: Path, split):
     raw = path.read_bytes()
     rows = []
-    for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+    for line in raw.decode("utf-8").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue

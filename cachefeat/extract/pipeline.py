@@ -19,11 +19,11 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Queue
-from typing import Callable, Iterable
 
 import numpy as np
 import torch

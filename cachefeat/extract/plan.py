@@ -122,7 +122,7 @@ def dry_run_report(settings: ExtractSettings, manifest: Manifest) -> str:
     C, T, layers = layout.num_clips, layout.frames, layout.layers
     groups: dict[str, int] = {}
     for name, b in per_clip.items():
-        key = "tokens/<layer> x%d" % len(layers) if name.startswith("tokens/") else name
+        key = f"tokens/<layer> x{len(layers)}" if name.startswith("tokens/") else name
         groups[key] = groups.get(key, 0) + b
     rows = [[k, human_bytes(b / T), human_bytes(b * C)] for k, b in groups.items()]
     total = sum(per_clip.values())
@@ -134,7 +134,8 @@ def dry_run_report(settings: ExtractSettings, manifest: Manifest) -> str:
             f"{geo['patch_grid'][0]}x{geo['patch_grid'][1]}), layers "
             f"{list(layers) if len(layers) < 8 else settings.layers}, tokens {layout.tokens}, {settings.dtype}\n"
             f"{layout.num_videos} videos x {layout.views.count} {'augmented ' if settings.augment else ''}views = "
-            f"{C} clips x {T} frames = {C * T} frames; shards of {layout.shard_rows} clips ({layout.num_shards} shards)")
+            f"{C} clips x {T} frames = {C * T} frames; shards of {layout.shard_rows} clips "
+            f"({layout.num_shards} shards)")
     note = ("uncompressed sizes; lossless compression of float16 features saves little (about 1.1x measured), "
             "so expect close to this on disk")
     return "\n".join([head, table(rows, ["array", "per frame", "whole cache"]), note])

@@ -35,13 +35,13 @@ class Preprocessing:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         return cls(size=tuple(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
                    interpolation=d.get("interpolation", "bicubic"), resize_mode=d.get("resize_mode", "shortest"),
                    fill_color=d.get("fill_color", 0))
 
     @classmethod
-    def from_open_clip(cls, cfg: dict) -> "Preprocessing":
+    def from_open_clip(cls, cfg: dict) -> Preprocessing:
         size = cfg["size"]
         size = (size, size) if isinstance(size, int) else tuple(size)
         return cls(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
@@ -101,7 +101,7 @@ def crops(frame: np.ndarray, prep: Preprocessing, spatial: int = 1) -> list[np.n
 
 def _longest(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     # Rare for ViTs; delegate to open_clip's own classes so the result is exactly theirs.
-    from open_clip.transform import CenterCropOrPad, ResizeKeepRatio, InterpolationMode
+    from open_clip.transform import CenterCropOrPad, InterpolationMode, ResizeKeepRatio
     mode = InterpolationMode(prep.interpolation)
     out = ResizeKeepRatio(prep.size, interpolation=mode, longest=1)(img)
     out = CenterCropOrPad(prep.size, fill=prep.fill_color)(out)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..specs import AugmentSpec, PixelSpec, SamplingSpec, ViewSpec
 from .preprocess import Preprocessing, augmented_crop, crops, draw_augmentation, small
 from .sampling import clip_indices, pixel_indices
-from ..specs import AugmentSpec, PixelSpec, SamplingSpec, ViewSpec
 
 
 class DecodeError(Exception):
@@ -241,9 +241,11 @@ def _decode_with(reader, req: DecodeRequest) -> DecodeResult:
             if req.augment:
                 params = draw_augmentation(rng, width, height, req.augment)
                 aug_params.append(params)
-                view_crop = lambda i, p=params: augmented_crop(frames[i], req.prep, p)
+                def view_crop(i, p=params):
+                    return augmented_crop(frames[i], req.prep, p)
             else:
-                view_crop = lambda i, s=v % req.views.spatial: test_crop(i, s)
+                def view_crop(i, s=v % req.views.spatial):
+                    return test_crop(i, s)
             done = {int(i): view_crop(int(i)) for i in np.unique(idx)}
             pixels.append(np.stack([done[int(i)] for i in idx]))
             if pix is not None:

@@ -10,8 +10,19 @@ export). Both stages call it; it imports nothing from stage one (cachefeat.extra
     verify.py      every chunk read and checked; the shards --repair writes again
     exchange.py    HDF5 and .npy export, HDF5 import
 """
-from .layout import (CODEC_HELP, DEFAULT_CODEC, FAILED, OK, PENDING, CacheError, Layout, content_fingerprint,
-                     diff_meta, feature_fingerprint, parse_codec)
+from .layout import (
+    CODEC_HELP,
+    DEFAULT_CODEC,
+    FAILED,
+    OK,
+    PENDING,
+    CacheError,
+    Layout,
+    content_fingerprint,
+    diff_meta,
+    feature_fingerprint,
+    parse_codec,
+)
 from .lock import StoreLock
 from .reader import Cache, open_cache
 from .verify import VerifyReport, verify

@@ -157,7 +157,8 @@ def _remove(p: Path) -> None:
 
 
 def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished build onto OUT; an existing OUT (checked replaceable) goes only once the new one is complete."""
+    """Move the finished build onto OUT; an existing OUT (checked replaceable) goes only once the new one is
+    complete."""
     if out.is_symlink():
         out.unlink()
     if out.is_dir():
@@ -316,7 +317,8 @@ def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -
         try:
             mark = json.loads(f.attrs[HDF5_MARK])
         except (KeyError, TypeError, ValueError):
-            raise ExchangeError(f"{src} is an HDF5 file but not a cachefeat export (no '{HDF5_MARK}' attribute)") from None
+            raise ExchangeError(f"{src} is an HDF5 file but not a cachefeat export "
+                                f"(no '{HDF5_MARK}' attribute)") from None
         if mark.get("format") != HDF5_FORMAT or int(mark.get("version", 0)) > EXPORT_VERSION:
             raise ExchangeError(f"{src} is a {mark.get('format')} export version {mark.get('version')}; this cachefeat "
                                 f"reads {HDF5_FORMAT} up to version {EXPORT_VERSION}")
@@ -352,7 +354,8 @@ def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -
                 for name in datasets:
                     ds, a = f[name], nodes[name]
                     string = h5py.check_string_dtype(ds.dtype) is not None
-                    if not isinstance(a, zarr.Array) or ds.shape != a.shape or (string != _is_str(a.dtype)) or (not string and ds.dtype != a.dtype):
+                    if (not isinstance(a, zarr.Array) or ds.shape != a.shape or (string != _is_str(a.dtype))
+                            or (not string and ds.dtype != a.dtype)):
                         says = f"{a.dtype} {a.shape}" if isinstance(a, zarr.Array) else "a group"
                         raise ExchangeError(f"{src}: dataset /{name} is {ds.dtype} {ds.shape} but its Zarr metadata "
                                             f"says {says} (edited after export?)")
@@ -379,7 +382,8 @@ def _read_node_doc(src: Path, h5obj, name: str) -> str:
         text = h5obj.attrs[ZARR_JSON]
         doc = json.loads(text)
     except (KeyError, TypeError, ValueError):
-        raise ExchangeError(f"{src}: {where} has no '{ZARR_JSON}' attribute (not written by cachefeat export)") from None
+        raise ExchangeError(f"{src}: {where} has no '{ZARR_JSON}' attribute "
+                            f"(not written by cachefeat export)") from None
     attributes = doc.get("attributes") or {}
     for key in h5obj.attrs:
         if key in _RESERVED:
@@ -431,7 +435,8 @@ def export_npy(cache_path, out_dir, overwrite: bool = False, allow_incomplete: b
     tmp = _prepare_output(out, overwrite, _is_npy_export, "cachefeat npy export")
     lay, n = cache.layout, cache.views.count
     _, stored = store_nodes(cache.root)
-    features = [*lay.feature_arrays(), *(a for a in _NPY_PER_VIDEO_EXTRA if a in stored and a not in lay.feature_arrays())]
+    features = [*lay.feature_arrays(),
+                *(a for a in _NPY_PER_VIDEO_EXTRA if a in stored and a not in lay.feature_arrays())]
     per_video = {name: name.replace("/", "_") for name in features}
     per_video.update({k: v for k, v in _NPY_INDICES.items() if k in stored})
     shard_done = cache.shard_done()

@@ -131,7 +131,7 @@ class Layout:
                 "pixels": self.pixels.to_dict() if self.pixels else None, "augmented": self.augmented}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Layout":
+    def from_dict(cls, d: dict) -> Layout:
         px = d.get("pixels")
         return cls(num_videos=d["num_videos"], views=ViewSpec(*d["views"]), frames=d["frames"],
                    layers=tuple(d["layers"]), tokens=TokenSpec.from_dict(d["tokens"]), width=d["width"],

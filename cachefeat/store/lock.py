@@ -50,7 +50,7 @@ class StoreLock:
                     continue
                 raise CacheError(f"{self.path.parent} is being written by another cachefeat process "
                                  f"(pid {h.get('pid')} on {h.get('host')}, since {h.get('since')}); "
-                                 f"wait for it, or stop it first")
+                                 f"wait for it, or stop it first") from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True

@@ -2,12 +2,12 @@
 
 A cache's feature arrays hold one chunk per clip inside one shard file per shard (docs/cache-format.md).
 zarr-python spends ~0.5 ms per chunk it reads (the reading benchmark: 338-378 clips/s of 5 chunks each
-through zarr, 3,600-3,900 through this reader), while decompressing a 16 KiB zstd chunk takes ~20 us, so a streamed reader of small chunks ran at a fraction of the
-disk's and the codec's speed. `ShardFile` decodes exactly what zarr would: the sharding codec's index
-(little-endian (offset, nbytes) uint64 pairs, CRC32C-checked), then each wanted inner chunk through the
-array's own codec chain (bytes -> zstd | gzip | blosc | nothing -> crc32c), with positional reads of only
-the byte ranges needed, coalesced. A chunk missing from the index (never written, or all fill value) reads
-as the fill value, as in zarr.
+through zarr, 3,600-3,900 through this reader), while decompressing a 16 KiB zstd chunk takes ~20 us, so a
+streamed reader of small chunks ran at a fraction of the disk's and the codec's speed. `ShardFile` decodes
+exactly what zarr would: the sharding codec's index (little-endian (offset, nbytes) uint64 pairs,
+CRC32C-checked), then each wanted inner chunk through the array's own codec chain (bytes -> zstd | gzip |
+blosc | nothing -> crc32c), with positional reads of only the byte ranges needed, coalesced. A chunk missing
+from the index (never written, or all fill value) reads as the fill value, as in zarr.
 
 Only the layouts cachefeat writes are handled (regular grid, chunks and shards split along the first axis
 only, default chunk keys); `ShardFile.open` returns None for anything else and the caller uses zarr. Data
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -86,7 +86,7 @@ class ShardFile:
     index_at_end: bool
 
     @classmethod
-    def open(cls, folder: str | os.PathLike) -> "ShardFile | None":
+    def open(cls, folder: str | os.PathLike) -> ShardFile | None:
         """The reader for the array stored in `folder`, or None when its layout is not one this reads."""
         folder = Path(folder)
         try:
@@ -99,7 +99,7 @@ class ShardFile:
             return None
 
     @classmethod
-    def _from_meta(cls, folder: Path, meta: dict) -> "ShardFile | None":
+    def _from_meta(cls, folder: Path, meta: dict) -> ShardFile | None:
         shape = tuple(meta["shape"])
         codecs = meta["codecs"]
         keys = meta.get("chunk_key_encoding", {})

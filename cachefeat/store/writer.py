@@ -11,17 +11,28 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync as zarr_sync
 
-from .layout import (_DIMS, ATTR, CREATING, DEFAULT_CODEC, LOCK_NAME, SCHEMA_VERSION, CacheError, Layout,
-                     content_fingerprint, diff_meta, parse_codec)
+from .layout import (
+    _DIMS,
+    ATTR,
+    CREATING,
+    DEFAULT_CODEC,
+    LOCK_NAME,
+    SCHEMA_VERSION,
+    CacheError,
+    Layout,
+    content_fingerprint,
+    diff_meta,
+    parse_codec,
+)
 from .lock import StoreLock
 from .reader import Cache
 from .verify import verify
@@ -50,7 +61,7 @@ class StoreWriter:
     def close(self) -> None:
         self.lock.release()
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -191,7 +191,8 @@ def parse_spec(data, path: str = "<spec>") -> AblationSpec:
                     except (TypeError, ValueError):
                         raise AblationError(f"{where}: {kind} bounds must be numbers") from None
                     if not args[0] < args[1] or (kind == "loguniform" and args[0] <= 0):
-                        raise AblationError(f"{where}: {kind} needs low < high" + (" and low > 0" if kind == "loguniform" else ""))
+                        raise AblationError(f"{where}: {kind} needs low < high"
+                                            + (" and low > 0" if kind == "loguniform" else ""))
                 if k in spec.grid:
                     raise AblationError(f"{where}: {raw} is in the grid too; give it one place")
                 if k == "adapter" and kind != "choice":
@@ -206,7 +207,8 @@ def parse_spec(data, path: str = "<spec>") -> AblationSpec:
         try:
             registry.get(name)
         except AdapterError as e:
-            where = "grid.adapter" if "adapter" in spec.grid else "random.adapter" if "adapter" in spec.random else "train.adapter"
+            where = ("grid.adapter" if "adapter" in spec.grid
+                     else "random.adapter" if "adapter" in spec.random else "train.adapter")
             raise AblationError(f"{path}: {where}: {e}") from None
         fixed = {**spec.train.get("adapter_opts", {}), **spec.adapters.get(name, {}).get("adapter_opts", {})}
         searched = {k[len(OPT):]: v for k, v in spec.grid.items() if k.startswith(OPT)}
@@ -266,7 +268,8 @@ def check_caches(spec: AblationSpec) -> None:
         opts = {**spec.train.get("adapter_opts", {}), **spec.adapters.get(name, {}).get("adapter_opts", {})}
         # every combination of the searched adapter options (they can change what is read: layers, ...)
         searched = {k[len(OPT):]: vs for k, vs in spec.grid.items() if k.startswith(OPT)}
-        searched.update({k[len(OPT):]: a for k, (kind, a) in spec.random.items() if k.startswith(OPT) and kind == "choice"})
+        searched.update({k[len(OPT):]: a for k, (kind, a) in spec.random.items()
+                         if k.startswith(OPT) and kind == "choice"})
         for combo in itertools.product(*searched.values()):
             _resolve_or_fail(spec, name, {**opts, **dict(zip(searched, combo))}, train.meta, resolve_adapter)
 
@@ -339,6 +342,7 @@ def peak_memory() -> tuple[int, str]:
 def _run_trial(params: dict, spec: AblationSpec, out: str, cpus: float, gpus: float) -> None:
     """One Tune trial: the normal training into OUT/trials/<name>, val top-1 reported after every epoch."""
     from ray import tune
+
     from .loop import cpu_threads, open_run, train
     t0 = time.perf_counter()
     ctx = tune.get_context()
@@ -496,7 +500,8 @@ def run_ablation(spec: AblationSpec, out: str, gpus_per_trial: float | None = No
             raise ClusterError(f"--cpus-per-trial {cpus_per_trial:g}: the Ray cluster has {rt.cpus:g} CPUs")
         slots = int(rt.cpus // cpus_per_trial) if gpus_per_trial == 0 else int(min(rt.cpus // cpus_per_trial,
                                                                                      rt.gpus // gpus_per_trial))
-        log(f"ablation {spec.path}: {total} trials ({spec.grid_size()} grid point{'s' * (spec.grid_size() != 1)} x {n} sample{'s' * (n != 1)}) on "
+        log(f"ablation {spec.path}: {total} trials ({spec.grid_size()} grid point{'s' * (spec.grid_size() != 1)} "
+            f"x {n} sample{'s' * (n != 1)}) on "
             f"{spec.train_cache}, {cpus_per_trial:g} CPU" + (f" + {gpus_per_trial:g} GPU" if gpus_per_trial else "")
             + f" per trial, up to {min(slots, max_concurrent or slots, total)} at a time"
             + (", ASHA early stopping" if asha else "") + f"; runs in {out}/trials")
@@ -540,7 +545,8 @@ def varied_keys(rows: list[Row]) -> list[str]:
     settings such as the lr), then `adapter_opts` when the options differ."""
     keys = list(dict.fromkeys(k for r in rows for k in r.params if k not in ("adapter", "epochs")))
     for k in (rows[0].config if rows else {}):
-        if k not in keys and k not in ("adapter", "epochs") and len({json.dumps(r.config.get(k), sort_keys=True) for r in rows}) > 1:
+        if (k not in keys and k not in ("adapter", "epochs")
+                and len({json.dumps(r.config.get(k), sort_keys=True) for r in rows}) > 1):
             keys.append(k)
     return keys
 
@@ -563,7 +569,8 @@ def write_results(out: Path, rows: list[Row], spec: AblationSpec, wall: float) -
                     "val_reversal_accuracy", "epochs", "seconds", "peak_memory_bytes", "memory", "status", "config"])
         for i, r in enumerate(rows, 1):
             w.writerow([i, r.name, r.config["adapter"], *[_get(r, k) for k in keys], r.trainable_params or "",
-                        "" if r.val_top1 is None else f"{r.val_top1:.4f}", "" if r.val_top5 is None else f"{r.val_top5:.4f}",
+                        "" if r.val_top1 is None else f"{r.val_top1:.4f}",
+                        "" if r.val_top5 is None else f"{r.val_top5:.4f}",
                         "" if r.reversal is None else f"{r.reversal:.4f}", r.epochs_done, r.seconds or "",
                         r.peak_memory or "", f"peak {r.memory_kind}", r.status, json.dumps(r.config, sort_keys=True)])
     mem_head = "peak GPU memory" if any(r.memory_kind == "GPU" for r in rows) else "peak RSS"
@@ -577,7 +584,8 @@ def write_results(out: Path, rows: list[Row], spec: AblationSpec, wall: float) -
     for i, r in enumerate(rows, 1):
         cells = [str(i), r.name, r.config["adapter"], *[_cell(_get(r, k)) for k in keys],
                  "-" if r.trainable_params is None else f"{r.trainable_params:,}", _pct(r.val_top1), _pct(r.val_top5),
-                 *([_pct(r.reversal)] if rev else []), f"{r.epochs_done}/{r.epochs}", "-" if r.seconds is None else f"{r.seconds:.1f} s",
+                 *([_pct(r.reversal)] if rev else []), f"{r.epochs_done}/{r.epochs}",
+                 "-" if r.seconds is None else f"{r.seconds:.1f} s",
                  _mem(r.peak_memory), r.status.replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     shared = {k: v for k, v in (rows[0].config if rows else {}).items()
@@ -591,7 +599,8 @@ def write_results(out: Path, rows: list[Row], spec: AblationSpec, wall: float) -
     lines.append("")
     (out / "results.md").write_text("\n".join(lines))
     plot_results(out / "results.png", rows)
-    best = next((r for r in rows if r.val_top1 is not None and (out / "trials" / r.name / "checkpoint.pt").is_file()), None)
+    best = next((r for r in rows
+                 if r.val_top1 is not None and (out / "trials" / r.name / "checkpoint.pt").is_file()), None)
     if (out / "best").exists():
         shutil.rmtree(out / "best")
     if best is not None:

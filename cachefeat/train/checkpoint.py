@@ -7,7 +7,6 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,9 +14,6 @@ from .. import adapters
 from ..adapters import CacheMismatch, FeatureSpec, Needs
 from ..store import diff_meta, feature_fingerprint
 from .config import TrainError
-
-if TYPE_CHECKING:
-    from .loop import Run
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "cachefeat-checkpoint"
@@ -92,7 +88,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ck = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise TrainError(f"{p} is not a readable checkpoint: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise TrainError(f"{p} is not a readable checkpoint: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"{p} is not a cachefeat checkpoint")
     return ck
@@ -109,7 +106,9 @@ def adapter_from_checkpoint(ck: dict) -> tuple[torch.nn.Module, FeatureSpec, Nee
 
 
 
-def checkpoint_state(run: Run, model, opt, scaler, epoch: int, history: list[dict], seconds: float) -> dict:
+def checkpoint_state(run, model, opt, scaler, epoch: int, history: list[dict], seconds: float) -> dict:
+    """Everything a checkpoint holds after `epoch` epochs of `run` (a loop.Run): enough to resume it, to
+    rebuild the adapter, to check an eval cache against it, and to run predict."""
     meta = run.train_cache.meta
     return {
         "format": CHECKPOINT_FORMAT, "version": 1,

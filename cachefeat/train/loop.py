@@ -30,6 +30,7 @@ from .config import TrainConfig, TrainDiverged, TrainError
 from .evaluate import evaluate, to_device
 from .reader import CachedSource, FeatureSource
 
+
 # ------------------------------------------------------------------------------------------- setup
 def resolve_adapter(name: str, options: dict, meta: dict):
     """(adapter class, config, needs, spec) for a training cache's metadata; refuses, in one line, a cache
@@ -78,8 +79,10 @@ def open_run(cfg: TrainConfig, cache: str, val_cache: str | None = None) -> Run:
     if val is not None:
         check_fits(val.meta, cfg.adapter, needs, f"the val cache {val_cache}", trained_meta=train.meta, trained=spec)
     model = build_adapter(cls, config, spec, needs, train, cfg.seed)
-    src = CachedSource(train, needs, cfg.batch_size, cfg.seed, cfg.in_memory, cfg.read_workers, train_views=cfg.train_views)
-    vsrc = CachedSource(val, needs, cfg.batch_size, cfg.seed, cfg.in_memory, cfg.read_workers) if val is not None else None
+    src = CachedSource(train, needs, cfg.batch_size, cfg.seed, cfg.in_memory, cfg.read_workers,
+                       train_views=cfg.train_views)
+    vsrc = (CachedSource(val, needs, cfg.batch_size, cfg.seed, cfg.in_memory, cfg.read_workers)
+            if val is not None else None)
     return Run(cfg, train, val, spec, needs, model, src, vsrc)
 
 
@@ -320,7 +323,8 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
             seconds += epoch_seconds
             seen = sums["seen"]
             record = {"epoch": epoch + 1, "train_loss": sums["loss"] / max(seen, 1),
-                      "train_top1": sums["correct"] / max(seen, 1), "lr": sums["lr"], "seconds": round(epoch_seconds, 3),
+                      "train_top1": sums["correct"] / max(seen, 1), "lr": sums["lr"],
+                      "seconds": round(epoch_seconds, 3),
                       "clips_per_s": round(seen / max(epoch_seconds, 1e-9), 1)}
             if run.val_source is not None and main:
                 val = evaluate(model, run.val_source, device, precision, run.spec, classes)

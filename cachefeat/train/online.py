@@ -10,7 +10,7 @@ metadata records, then run the frozen backbone (rebuilt from the metadata, its w
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ def backbone_from_meta(meta: dict, device: str = "auto", precision: str = "auto"
                        seed=0 if seed is None else int(seed), quick_gelu=m.get("quick_gelu"))
     if bb.weights_sha256 != m.get("weights_sha256"):
         raise BackboneError(f"rebuilding {m['name']} (pretrained {m.get('pretrained')}) gives weights "
-                            f"{bb.weights_sha256[:12]}..., but the cache was made with {str(m.get('weights_sha256'))[:12]}...; "
+                            f"{bb.weights_sha256[:12]}..., but the cache was made with "
+                            f"{str(m.get('weights_sha256'))[:12]}...; "
                             f"the same weights are needed (same tag or checkpoint file)")
     return bb
 
@@ -80,7 +81,10 @@ class OnlineFeatures:
             out = self.backbone.features(torch.from_numpy(np.ascontiguousarray(clips.reshape(n * T, *clips.shape[2:]))),
                                          self.layers or [self.backbone.depth - 1],
                                          self.tokens if sel.token_layers else TokenSpec("cls"))
-            host = lambda t: t.float().cpu().numpy().astype(self.dtype)   # the cache's rounding
+
+            def host(t):   # the cache's rounding
+                return t.float().cpu().numpy().astype(self.dtype)
+
             if sel.embed:
                 res["embed"] = host(out["embed"]).reshape(n, T, -1)
             if sel.cls_layers:

@@ -20,8 +20,8 @@ tokens (B, T, L', N, D), pixels (B, T*K, S, S, 3) uint8, and label, video, view,
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class ClipTables:
     view: np.ndarray
 
     @classmethod
-    def of(cls, cache: Cache) -> "ClipTables":
+    def of(cls, cache: Cache) -> ClipTables:
         return cls(cache.labels().astype(np.int64), cache.clip_video().astype(np.int64),
                    cache.clip_view().astype(np.int64))
 
@@ -338,6 +338,7 @@ class _BufferReader:
 
     def __iter__(self):
         import itertools
+
         import torch.utils.data as tud
         info = tud.get_worker_info()
         wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -364,7 +365,7 @@ def _pack(batch: dict[str, np.ndarray]) -> tuple:
         end = start + v.nbytes
     buf = torch.empty(end, dtype=torch.uint8)
     flat = buf.numpy()
-    for (k, dtype, shape, start), v in zip(layout, batch.values()):
+    for (_, dtype, shape, start), v in zip(layout, batch.values()):
         flat[start:start + v.nbytes].view(dtype).reshape(shape)[...] = v
     return buf, layout
 
@@ -380,7 +381,7 @@ class _Stream:
     epoch's plan as soon as this one's is read (as far as the prefetch allows), so the next epoch starts
     on batches already read, with no reader start-up; an evaluation stream serves one pass."""
 
-    def __init__(self, src: "CachedSource", epoch: int, train: bool):
+    def __init__(self, src: CachedSource, epoch: int, train: bool):
         import torch
         import torch.utils.data as tud
 

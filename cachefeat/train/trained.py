@@ -81,7 +81,7 @@ class TrainedAdapter:
                 "trainable_params": ck["trainable_params"], "epochs": ck["epoch"], "checkpoint": self.path,
                 "cache": str(cache.path), "views": cache.views.count}
 
-    def to(self, device) -> "TrainedAdapter":
+    def to(self, device) -> TrainedAdapter:
         self.model.to(device)
         return self
 
