@@ -245,16 +245,16 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
                             log=click.echo, repair=repair)
     from .store import open_cache
     cache = open_cache(out)
-    valid = int(cache.valid().sum())
-    disk = cache.disk_bytes()
-    frames_stored = valid * cache.frames
+    counts = cache.counts()
     rate = stats.clips / stats.seconds if stats.seconds else 0.0
     click.echo(f"wrote {stats.clips} clips ({stats.frames} frames) in {stats.seconds:.1f} s ({rate:.2f} clips/s); "
                f"{stats.failed_videos} videos failed")
     if stats.clips and stats.bottleneck():
         click.echo(f"bottleneck: {stats.bottleneck()}")
-    click.echo(f"{out}: {valid} valid clips of {cache.num_clips}, {human_bytes(disk)} on disk"
-               + (f", {human_bytes(disk / frames_stored)} per frame" if frames_stored else ""))
+    click.echo(f"{out}: {counts['valid_clips']} valid clips of {cache.num_clips}, "
+               f"{human_bytes(counts['disk_bytes'])} on disk"
+               + (f", {human_bytes(counts['bytes_per_frame_on_disk'])} per frame"
+                  if counts["bytes_per_frame_on_disk"] else ""))
     if getattr(stats, "workers", None):
         click.echo(worker_report(stats))
     for video, err in stats.failures[:10]:
@@ -316,17 +316,9 @@ def info(cache, show_failures, as_json, plot_path):
     from .store import open_cache
     c = open_cache(cache)
     m, lay = c.meta, c.layout
-    done = c.shard_done()
-    valid = c.valid()
     failures = c.failures()
-    disk = c.disk_bytes()
-    raw = c.feature_bytes_raw()
-    frames_stored = int(valid.sum()) * c.frames
-    counts = {"videos": c.num_videos, "clips": c.num_clips, "valid_clips": int(valid.sum()),
-              "failed_videos": len(failures), "shards_done": int(done.sum()), "shards": int(len(done)),
-              "disk_bytes": disk, "feature_bytes_uncompressed": raw,
-              "compression_ratio": round(raw / disk, 4) if disk else None,
-              "bytes_per_frame_on_disk": round(disk / frames_stored, 1) if frames_stored else None}
+    counts = c.counts()
+    disk, raw = counts["disk_bytes"], counts["feature_bytes_uncompressed"]
     if plot_path:
         from .plots import cache_overview
         cache_overview(c, plot_path)
@@ -360,14 +352,15 @@ def info(cache, show_failures, as_json, plot_path):
     click.echo(f"holds      {'; '.join(held)}")
     click.echo(f"classes    {len(c.classes)}" + (f" ({', '.join(c.classes[:6])}{', ...' if len(c.classes) > 6 else ''})"
                                                  if c.classes else ""))
-    state = ("complete" if done.all()
-             else f"INCOMPLETE: {int(done.sum())} of {len(done)} shards done (resume with extract)")
+    state = ("complete" if counts["shards_done"] == counts["shards"]
+             else f"INCOMPLETE: {counts['shards_done']} of {counts['shards']} shards done (resume with extract)")
     click.echo(f"progress   {state}")
     click.echo(f"clips      {counts['valid_clips']} valid of {c.num_clips} ({c.num_videos} videos x {lay.views.count} "
                f"views); {len(failures)} videos failed")
     click.echo(f"size       {human_bytes(disk)} on disk, {human_bytes(raw)} uncompressed features"
                + (f", ratio {raw / disk:.3f}" if disk else "")
-               + (f", {human_bytes(disk / frames_stored)} per frame" if frames_stored else ""))
+               + (f", {human_bytes(counts['bytes_per_frame_on_disk'])} per frame"
+                  if counts["bytes_per_frame_on_disk"] else ""))
     per = lay.bytes_per_clip()
     if c.text:
         per["text"] = 0  # per cache, not per frame: shown below

@@ -244,6 +244,18 @@ class Cache:
         except ValueError:
             raise CacheError(f"layer {layer} is not in the cache (it holds layers {self.layers})") from None
 
+    def counts(self) -> dict:
+        """Videos, clips, valid clips, failed videos, shards (done and all), and the size: on disk,
+        uncompressed, their ratio, bytes per stored frame on disk (what `cachefeat info` reports)."""
+        done, valid = self.shard_done(), self.valid()
+        disk, raw = self.disk_bytes(), self.feature_bytes_raw()
+        frames = int(valid.sum()) * self.frames
+        return {"videos": self.num_videos, "clips": self.num_clips, "valid_clips": int(valid.sum()),
+                "failed_videos": len(self.failures()), "shards_done": int(done.sum()), "shards": int(len(done)),
+                "disk_bytes": disk, "feature_bytes_uncompressed": raw,
+                "compression_ratio": round(raw / disk, 4) if disk else None,
+                "bytes_per_frame_on_disk": round(disk / frames, 1) if frames else None}
+
     def disk_bytes(self) -> int:
         total = 0
         for dirpath, _, files in os.walk(self.path):
