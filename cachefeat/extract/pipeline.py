@@ -188,7 +188,8 @@ class ShardExtractor:
                  pool: DecodePool, batch_size: int = 64, reader: str = "auto", on_progress=None,
                  on_shard_done=None, max_inflight: int | None = None):
         layout, meta = store.layout, store.meta
-        self.root, self.layout, self.backbone, self.videos, self.pool = store.root, layout, backbone, videos, pool
+        self.store = store
+        self.layout, self.backbone, self.videos, self.pool = layout, backbone, videos, pool
         self.batch_size = batch_size
         self.layers = list(layout.layers)
         self.tokens = layout.tokens
@@ -247,7 +248,7 @@ class ShardExtractor:
                 if writer_error:
                     continue
                 try:
-                    write_shard(self.root, self.layout, item)
+                    write_shard(self.store, item)
                     self.on_shard_done(item.shard)
                 except BaseException as e:  # reported by the main thread
                     writer_error.append(e)

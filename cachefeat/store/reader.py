@@ -189,15 +189,19 @@ class Cache:
             rows = np.asarray(rows)
             if rows.ndim != 1 or rows.dtype.kind not in "iu" or (rows.size and rows.min() < 0):
                 return None                  # zarr's indexing rules (negative rows count from the end)
-        if name not in self._shard_files:
-            self._shard_files[name] = ShardFile.open(self.path / name)
-        reader = self._shard_files[name]
+        reader = self.shard_file(name)
         if reader is None:
             return None
         try:
             return reader.read(rows)
         except (ShardFileError, OSError):
             return None
+
+    def shard_file(self, name: str) -> ShardFile | None:
+        """The shard files of array `name`, read and written straight (None: a layout left to zarr)."""
+        if name not in self._shard_files:
+            self._shard_files[name] = ShardFile.open(self.path / name)
+        return self._shard_files[name]
 
     def unreadable_rows(self, name: str, rows=slice(None)) -> list[int]:
         """The rows of `name` within `rows` that fail to read, one by one."""

@@ -228,19 +228,28 @@ class ShardData:
     videos: dict[str, np.ndarray]     # videos/status, videos/num_frames, videos/error -> (shard videos,)
 
 
-def write_shard(root, layout: Layout, data: ShardData) -> None:
-    """Write a whole shard, then flag it done. Killed anywhere before the flag, the shard reads as
-    not done and is redone by the next run."""
+def write_shard(store: Cache, data: ShardData) -> int:
+    """Write a whole shard, then flag it done; returns the bytes of the big arrays written. Those go
+    straight into their shard files (shard_file.py: zarr's bytes without zarr's per-chunk cost); the small
+    per-clip and per-video tables go through zarr. Killed anywhere before the flag, the shard reads as not
+    done and is redone by the next run."""
+    root, layout = store.root, store.layout
     rows = layout.shard_rows_range(data.shard)
     vids = layout.shard_videos_range(data.shard)
     r, v = slice(rows.start, rows.stop), slice(vids.start, vids.stop)
+    written = 0
     for name, arr in data.rows.items():
-        _drop_chunk(root[name], data.shard)
-        root[name][r] = arr
+        direct = store.shard_file(name)
+        if direct is not None:
+            written += direct.write(data.shard, arr)
+        else:
+            _drop_chunk(root[name], data.shard)
+            root[name][r] = arr
     for name, arr in data.videos.items():
         _drop_chunk(root[name], data.shard)
         root[name][v] = arr
     root["progress"][data.shard] = 1
+    return written
 
 
 def _drop_chunk(arr, index: int) -> None:
