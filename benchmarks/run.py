@@ -4,8 +4,9 @@
     python benchmarks/run.py --full     GPU mode: ViT-B/16 and ViT-L/14 at their real sizes
     python benchmarks/run.py --sections extraction,storage
 
-Sections: extraction, storage, reading (cache read efficiency), training (cost per step: cached, online,
-full fine-tuning, ST-Adapter), ablation (K configs x E epochs), int8 (size and top-1 against float16).
+Sections: io (stage one's I/O path against its ceilings: writer vs raw disk write, decoders, the pipeline
+with a free backbone), extraction, storage, reading (cache read efficiency), training (cost per step: cached,
+online, full fine-tuning, ST-Adapter), ablation (K configs x E epochs), int8 (size and top-1 against float16).
 
 Writes benchmarks/results/<host>-<date>[-full].json and prints Markdown tables; every figure is a ratio of
 two measurements taken in this one run, side by side (peak memory per training variant in a process of its
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, WORK, Mode, fmt_ratio, machine  # noqa: E402
 
-SECTIONS = ["extraction", "storage", "reading", "training", "ablation", "int8"]
+SECTIONS = ["io", "extraction", "storage", "reading", "training", "ablation", "int8"]
 
 
 def main(argv=None) -> int:
@@ -65,6 +66,23 @@ def report(results: dict) -> str:
     """The Markdown tables the README quotes."""
     s = results["sections"]
     lines = []
+    if "io" in s:
+        r = s["io"]
+        lines += [f"### Stage one's I/O path (goals: writer and io ceiling efficiency >= {0.8})", "",
+                  "| what | rate | efficiency | vs goal |", "|---|---|---|---|"]
+        for what, rate, eff in (
+                (f"writer alone, codec {r['codec']} (vs raw write {r['raw_write_mib_s']:.0f} MiB/s)",
+                 f"{r['writer_mib_s']:.0f} MiB/s", r["writer_efficiency"]),
+                (f"free-backbone pipeline (vs {r['limiting_side']}: decoders {r['decoders_frames_per_s']:.0f}, "
+                 f"writer {r['writer_frames_per_s']:.0f} frames/s)", f"{r['free_backbone_frames_per_s']:.0f} frames/s",
+                 r["io_ceiling_efficiency"])):
+            gap = eff - 0.8
+            lines.append(f"| {what} | {rate} | {fmt_ratio(eff)} | {'met' if gap >= 0 else f'missed by {-gap:.2f}'} |")
+        if "writer_efficiency_zstd3" in r:
+            lines.append(f"| writer alone, codec zstd:3 (vs raw write {r['raw_write_mib_s_zstd3']:.0f} MiB/s) | "
+                         f"{r['writer_mib_s_zstd3']:.0f} MiB/s | {fmt_ratio(r['writer_efficiency_zstd3'])} | "
+                         f"for comparison |")
+        lines.append("")
     if "extraction" in s:
         lines += ["### Extraction efficiency (goal: >= 0.90 on GPU)", "",
                   "| model | device | extract frames/s | bare forward frames/s | efficiency | vs goal "

@@ -2,6 +2,7 @@
 augmented views included."""
 import re
 
+import numpy as np
 import pytest
 
 from cachefeat.store import open_cache
@@ -45,3 +46,36 @@ def test_shard_size_counts_augmented_views_as_clips(synth_small, tmp_path):
     assert _announced(run_cli(*args, "--dry-run").output) == (12, 4, 3)
     run_cli(*args)
     assert (open_cache(out).layout.shard_rows, open_cache(out).layout.num_shards) == (4, 3)
+
+
+def test_extract_defaults_are_the_library_defaults():
+    from cachefeat.cli import cli
+    from cachefeat.extract.plan import ExtractSettings
+    from cachefeat.store import DEFAULT_CODEC
+    options = {p.name: p.default for p in cli.commands["extract"].params}
+    assert options["codec"] == ExtractSettings().codec == DEFAULT_CODEC
+
+
+def test_reused_shard_buffers_leave_no_trace_of_earlier_shards(synth_small, tmp_path):
+    """Shards are assembled in buffers reused once written: a failed video's rows must read as zeros (as in a
+    cache written in one shard), not as the clips an earlier shard held there."""
+    lines = (synth_small / "train.txt").read_text().splitlines()
+    lines[7] = "train/nowhere/missing.mp4 0"                 # fails in shard 7, after buffers came back
+    lines[10] = "train/nowhere/missing2.mp4 1"
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    (tmp_path / "classes.txt").write_text((synth_small / "classes.txt").read_text())
+    caches = {}
+    for shard_size in ("1", "64"):
+        out = tmp_path / f"s{shard_size}.zarr"
+        run_cli(*tiny_extract_args(manifest, out, "--frames", "2", "--video-root", synth_small, "--tokens", "all",
+                                   "--aug-views", "1", "--pixels", "8", "--shard-size", shard_size))
+        caches[shard_size] = open_cache(out)
+    small, whole = caches["1"], caches["64"]
+    assert small.layout.num_shards == len(lines) and whole.layout.num_shards == 1
+    assert list(np.flatnonzero(~small.valid())) == [7, 10]
+    for name in small.layout.row_arrays():
+        a, b = small.read(name), whole.read(name)
+        assert np.array_equal(a, b), name
+        failed = a[[7, 10]]
+        assert (not failed.any()) if failed.dtype.kind in "biuf" else all(str(x) == "" for x in failed), name

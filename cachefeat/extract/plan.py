@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from .. import __version__
 from ..fmt import human_bytes, table
 from ..specs import AugmentSpec, PixelSpec, SamplingSpec, ViewSpec, parse_layers, parse_tokens
-from ..store import Layout
+from ..store import DEFAULT_CODEC, Layout
 from .backbone import Backbone, model_geometry
 from .manifest import Manifest
 
@@ -32,7 +32,7 @@ class ExtractSettings:
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
     views: ViewSpec = field(default_factory=ViewSpec)
     dtype: str = "float16"
-    codec: str = "zstd:3"
+    codec: str = DEFAULT_CODEC
     shard_size: int | None = None      # clips per shard; None = automatic
     seed: int = 0                      # random-init seed for pretrained=none
     quick_gelu: bool | None = None

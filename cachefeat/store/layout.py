@@ -35,7 +35,7 @@ class CacheError(Exception):
 
 # ------------------------------------------------------------------------------------------- codecs
 CODEC_HELP = "none, zstd[:LEVEL], blosc-lz4, blosc-zstd[:LEVEL] or gzip[:LEVEL]"
-DEFAULT_CODEC = "zstd:3"
+DEFAULT_CODEC = "none"      # checksums only: see docs/performance.md, "Codecs"
 
 
 def parse_codec(spec: str) -> list:

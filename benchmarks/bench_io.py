@@ -1,0 +1,208 @@
+"""Stage one's I/O path against its ceilings, measured side by side at steady state (no GPU needed).
+
+    raw write        the same bytes as the writer's, written to the same folder with plain os.writev: the
+                     disk's limit as this process sees it (page cache included, no fsync, as the writer)
+    writer alone     cachefeat's shard writer (store.write_shard) on shards of a token cache, default codec
+    decoders alone   the decode worker processes on the synthetic videos, nothing else running
+    free backbone    the whole pipeline (decode -> forward -> write) with a backbone stand-in that costs nothing
+                     and emits float32 features of the real model's shapes: the I/O path's own ceiling
+
+    writer_efficiency     = writer MiB/s / raw write MiB/s                               (goal >= 0.8)
+    io_ceiling_efficiency = free-backbone frames/s / min(decoders alone, writer alone)   (goal >= 0.8)
+
+Each ceiling runs for `seconds` after a warm-up, looping its inputs; writer and raw write alternate, so
+drift hits both alike. The model geometry is ViT-B/16's (12 blocks, 196 patch tokens, width 768) with
+`--layers last:4 --tokens all`, what EVL-style caches hold; the weights are never used.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from cachefeat.extract.backbone import Backbone, load_backbone
+from cachefeat.extract.decode_pool import DecodePool, default_workers
+from cachefeat.extract.manifest import Manifest, VideoEntry, load_manifest
+from cachefeat.extract.pipeline import ShardExtractor
+from cachefeat.extract.plan import ExtractSettings, plan
+from cachefeat.extract.video import DecodeRequest
+from cachefeat.specs import SamplingSpec, ViewSpec
+from cachefeat.store import DEFAULT_CODEC, ShardData, open_for_writing, write_shard
+
+from common import WORK, Mode, synth_data
+
+MODEL, LAYERS, TOKENS = "ViT-B/16", "last:4", "all"
+GOAL = 0.8
+
+
+class FreeBackbone(Backbone):
+    """The real backbone's description and preprocessing, with a forward that costs nothing: it hands back
+    preallocated float32 features of the real shapes (what a CPU forward returns), so the pipeline around
+    it is all that is measured."""
+
+    def features(self, pixels, layers, tokens):
+        n = len(pixels)
+        if not hasattr(self, "_out") or self._out["cls"].shape[0] < n:
+            g = torch.Generator().manual_seed(0)
+            size = max(n, 64)
+            self._out = {"cls": torch.randn(size, len(layers), self.width, generator=g),
+                         "embed": torch.randn(size, self.embed_dim, generator=g)}
+            if tokens.kind != "cls":
+                self._out["tokens"] = torch.randn(size, len(layers), tokens.num_patch_tokens, self.width,
+                                                  generator=g)
+        return {k: v[:n] for k, v in self._out.items()}
+
+
+def run(mode: Mode, log=print, seconds: float | None = None) -> dict:
+    seconds = seconds or (30.0 if mode.full else 15.0)
+    data = synth_data("extract-data-96", classes=6, videos_per_class=4, size=96)
+    videos = load_manifest(data / "train.txt", classes=str(data / "classes.txt")).videos
+    real = load_backbone(MODEL, "none", "cpu")
+    bb = FreeBackbone(**{f: getattr(real, f) for f in real.__dataclass_fields__})
+    settings = ExtractSettings(model=MODEL, layers=LAYERS, tokens=TOKENS, frames=mode.frames, text=False,
+                               codec=DEFAULT_CODEC)
+    workers = default_workers() if not mode.full else mode.decode_workers
+    out = {"model": MODEL, "layers": LAYERS, "tokens": TOKENS, "codec": DEFAULT_CODEC, "seconds": seconds,
+           "decode_workers": workers, "frames_per_clip": mode.frames}
+
+    # the writer and the disk, on shards of this layout
+    folder = WORK / "io"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    p = plan(settings, _manifest(videos, 256), bb)
+    frame_bytes = sum(p.layout.bytes_per_clip().values()) / p.layout.frames
+    out["bytes_per_frame"] = frame_bytes
+    out["shard_clips"] = p.layout.shard_rows
+    log(f"[io] {MODEL} layers {LAYERS} tokens {TOKENS}: {frame_bytes / 2 ** 20:.2f} MiB per frame, shards of "
+        f"{p.layout.shard_rows} clips, codec {DEFAULT_CODEC}, {seconds:.0f} s per ceiling")
+    for codec in dict.fromkeys([DEFAULT_CODEC, "zstd:3"]):
+        writer, raw = _writer_and_raw(folder, replace(settings, codec=codec), p, seconds / 2)
+        key = "" if codec == DEFAULT_CODEC else "_zstd3"
+        out[f"writer_mib_s{key}"], out[f"raw_write_mib_s{key}"] = writer, raw
+        out[f"writer_efficiency{key}"] = writer / raw
+        log(f"  codec {codec}: writer alone {writer:.0f} MiB/s, raw write of the same bytes {raw:.0f} MiB/s: "
+            f"writer efficiency {writer / raw:.2f}")
+    writer_fps = out["writer_mib_s"] * 2 ** 20 / frame_bytes
+
+    # the decoders alone, then the whole pipeline with the free backbone
+    decode_fps = _decoders(videos, bb, mode.frames, workers, seconds)
+    log(f"  decoders alone ({workers} workers): {decode_fps:.0f} frames/s; writer alone {writer_fps:.0f} frames/s")
+    free = _free_pipeline(folder, videos, bb, settings, workers, decode_fps, seconds, log)
+    ceiling = min(decode_fps, writer_fps)
+    out.update({"decoders_frames_per_s": decode_fps, "writer_frames_per_s": writer_fps,
+                "free_backbone_frames_per_s": free["frames_per_s"], "free_backbone_bottleneck": free["bottleneck"],
+                "limiting_side": "decoding" if decode_fps <= writer_fps else "writing",
+                "io_ceiling_efficiency": free["frames_per_s"] / ceiling})
+    log(f"  free-backbone pipeline: {free['frames_per_s']:.0f} frames/s ({free['frames']} frames); "
+        f"io ceiling efficiency {out['io_ceiling_efficiency']:.2f} against {out['limiting_side']} "
+        f"(pipeline time: {free['bottleneck']})")
+    shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
+def _manifest(videos: list[VideoEntry], n: int) -> Manifest:
+    """`n` videos cycling through the synthetic files (distinct rows of the same files)."""
+    rows = [replace(videos[i % len(videos)], video_id=f"v{i}") for i in range(n)]
+    return Manifest(rows, [str(c) for c in range(6)], "list", "bench", "0" * 64)
+
+
+def _shard_data(layout, shard: int, rng) -> ShardData:
+    """A full shard of feature-like values (every clip valid)."""
+    rows = {}
+    n = len(layout.shard_rows_range(shard))
+    for name, (shape, dtype) in layout.row_arrays().items():
+        if dtype == "str":
+            rows[name] = np.full(n, "", dtype=str)
+        elif np.dtype(dtype).kind == "f":
+            rows[name] = rng.standard_normal((n, *shape), dtype=np.float32).astype(dtype)
+        else:
+            rows[name] = np.ones((n, *shape), dtype=dtype)
+    k = len(layout.shard_videos_range(shard))
+    return ShardData(shard, rows, {"videos/status": np.ones(k, np.uint8), "videos/num_frames": np.ones(k, np.int32),
+                                   "videos/error": np.array([""] * k, dtype=str)})
+
+
+def _writer_and_raw(folder, settings, p, seconds) -> tuple[float, float]:
+    """MiB/s of the big arrays' uncompressed bytes: write_shard vs a plain writev of the same bytes, in
+    alternating rounds of one shard each, until each has run `seconds`; medians of the rounds."""
+    store_path = folder / f"writer-{settings.codec}.zarr"
+    shutil.rmtree(store_path, ignore_errors=True)
+    with open_for_writing(store_path, p.meta, p.layout, p.manifest.videos, settings.codec,
+                          log=lambda *a: None) as writer:
+        return _alternate(folder, writer.cache, seconds)
+
+
+def _alternate(folder, store, seconds) -> tuple[float, float]:
+    layout = store.layout
+    rng = np.random.default_rng(0)
+    shards = [_shard_data(layout, s, rng) for s in range(2)]
+    big = [n for n, (shape, _) in layout.row_arrays().items() if shape]
+    nbytes = sum(shards[0].rows[n].nbytes for n in big)
+    rates = {"writer": [], "raw": []}
+    spent = {"writer": 0.0, "raw": 0.0}
+    raw_dir = folder / "raw"
+    raw_dir.mkdir(exist_ok=True)
+    i = 0
+    write_shard(store, shards[0])                      # warm-up: creates the shard folders
+    while min(spent.values()) < seconds or i < 6:
+        data = shards[i % 2]
+        t0 = time.perf_counter()
+        write_shard(store, replace(data, shard=i % layout.num_shards))
+        dt = time.perf_counter() - t0
+        rates["writer"].append(nbytes / dt / 2 ** 20)
+        spent["writer"] += dt
+        t0 = time.perf_counter()
+        for n in big:
+            fd = os.open(raw_dir / n.replace("/", "_"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, data.rows[n])
+            finally:
+                os.close(fd)
+        dt = time.perf_counter() - t0
+        rates["raw"].append(nbytes / dt / 2 ** 20)
+        spent["raw"] += dt
+        i += 1
+    return statistics.median(rates["writer"]), statistics.median(rates["raw"])
+
+
+def _decoders(videos, bb, frames, workers, seconds) -> float:
+    """Frames/s of the decode workers alone, the video list looped for `seconds` after a warm-up."""
+    with DecodePool(workers) as pool:
+        for v in videos[:workers]:                                     # warm-up: every worker started
+            pool.submit(DecodeRequest(0, v.path, frames, SamplingSpec(), ViewSpec(), bb.preprocessing))
+        for _ in videos[:workers]:
+            pool.get()
+        done, i, t0 = 0, 0, time.perf_counter()
+        while True:
+            while pool.in_flight < 2 * workers:
+                v = videos[i % len(videos)]
+                pool.submit(DecodeRequest(i, v.path, frames, SamplingSpec(), ViewSpec(), bb.preprocessing))
+                i += 1
+            res = pool.get()
+            done += bool(res is not None and res.ok)
+            if time.perf_counter() - t0 >= seconds:
+                elapsed = time.perf_counter() - t0
+                while pool.in_flight:
+                    pool.get()
+                return done * frames / elapsed
+
+
+def _free_pipeline(folder, videos, bb, settings, workers, decode_fps, seconds, log) -> dict:
+    """The real pipeline (ShardExtractor over a real store) with the free backbone, on enough videos to run
+    about `seconds` at the decoders' rate, after a warm-up shard."""
+    frames = settings.frames
+    n = max(64, int(decode_fps * seconds / frames))
+    manifest = _manifest(videos, n)
+    p = plan(settings, manifest, bb)
+    store_path = folder / "pipeline.zarr"
+    with DecodePool(workers) as pool, open_for_writing(store_path, p.meta, p.layout, manifest.videos,
+                                                       settings.codec, log=lambda *a: None) as store:
+        ex = ShardExtractor(store.cache, bb, manifest.videos, pool, batch_size=64)
+        ex.run(store.todo[:1])                                          # warm-up: one shard
+        stats = ex.run(store.todo[1:])
+    return {"frames": stats.frames, "frames_per_s": stats.frames / stats.seconds, "bottleneck": stats.bottleneck()}
