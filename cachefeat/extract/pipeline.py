@@ -30,6 +30,7 @@ import torch
 
 from ..specs import AugmentSpec, SamplingSpec
 from ..store import FAILED, OK, Cache, CacheError, Layout, ShardData, open_for_writing, write_shard
+from . import resample
 from .backbone import Backbone, load_backbone
 from .decode_pool import DecodePool
 from .manifest import Manifest, VideoEntry
@@ -84,6 +85,9 @@ def calibrate_int8(p: Plan, backbone: Backbone, pool: DecodePool, batch_size: in
             for k, m in absmax.items()}
 
 
+PREPROCESS_CHOICES = ("auto", "workers", "device")
+
+
 # ------------------------------------------------------------------------------------------- shards
 class _RowBuffers:
     """Shard-sized row arrays (Layout.row_arrays), reused from shard to shard once the writer is done with
@@ -123,7 +127,7 @@ class _ShardState:
         self.results: dict[int, DecodeResult] = {}
         self.to_submit = deque(self.vids)
         self.next_video = self.vids.start      # next video whose frames go into a batch
-        self.frames: list[np.ndarray] = []     # pending pixels, each (n, h, w, 3)
+        self.frames: list[torch.Tensor] = []   # pending crops, each (n, h, w, 3) uint8, host or device
         self.slots: list[np.ndarray] = []      # their flat (row*T + t) positions in this shard
         self.pending = 0
 
@@ -135,8 +139,9 @@ class _ShardState:
     def valid(self) -> np.ndarray:
         return self.rows["clips/valid"]
 
-    def take_ready(self, views: int, T: int) -> int:
-        """Move the frames of consecutive decoded videos into the pending batch; returns videos taken."""
+    def take_ready(self, views: int, T: int, to_views) -> int:
+        """Move the frames of consecutive decoded videos into the pending batch; returns videos taken.
+        `to_views(result)` -> (crops (V, T, h, w, 3) tensor, small pixel frames or None)."""
         taken = 0
         while self.next_video < self.vids.stop and self.next_video in self.results:
             res = self.results.pop(self.next_video)
@@ -147,12 +152,13 @@ class _ShardState:
                 r = slice(j * views, (j + 1) * views)
                 self.rows["clips/valid"][r] = True
                 self.rows["clips/frame_idx"][r] = res.frame_idx
-                if res.small is not None:
-                    self.rows["pixels"][r] = res.small
+                crops, small_frames = to_views(res)
+                if small_frames is not None:
+                    self.rows["pixels"][r] = small_frames
                     self.rows["clips/pixel_frame_idx"][r] = res.small_idx
                 if res.augment is not None:
                     self.rows["clips/aug"][r] = [json.dumps(a, sort_keys=True) for a in res.augment]
-                self.frames.append(res.pixels.reshape(-1, *res.pixels.shape[2:]))
+                self.frames.append(crops.reshape(-1, *crops.shape[2:]))
                 self.slots.append(np.arange(r.start * T, r.stop * T))
                 self.pending += views * T
             else:
@@ -164,8 +170,8 @@ class _ShardState:
             taken += 1
         return taken
 
-    def pop_batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
-        pixels = np.concatenate(self.frames)
+    def pop_batch(self, size: int) -> tuple[torch.Tensor, np.ndarray]:
+        pixels = torch.cat(self.frames) if len(self.frames) > 1 else self.frames[0]
         slots = np.concatenate(self.slots)
         self.frames, self.slots = [pixels[size:]], [slots[size:]]
         self.pending = len(slots) - min(size, len(slots))
@@ -210,7 +216,7 @@ class ShardExtractor:
 
     def __init__(self, store: Cache, backbone: Backbone, videos: list[VideoEntry],
                  pool: DecodePool, batch_size: int = 64, reader: str = "auto", on_progress=None,
-                 on_shard_done=None, max_inflight: int | None = None):
+                 on_shard_done=None, max_inflight: int | None = None, preprocess: str = "auto"):
         layout, meta = store.layout, store.meta
         self.store = store
         self.layout, self.backbone, self.videos, self.pool = layout, backbone, videos, pool
@@ -222,6 +228,12 @@ class ShardExtractor:
         self.on_progress = on_progress or (lambda clips: None)
         self.on_shard_done = on_shard_done or (lambda shard: None)
         self.augment = AugmentSpec.from_dict(meta.get("augment"))
+        prep = backbone.preprocessing
+        # test views cropped on the compute device (the same bytes as PIL's), the workers then only decode
+        if preprocess not in PREPROCESS_CHOICES:
+            raise ValueError(f"preprocess must be one of {PREPROCESS_CHOICES}")
+        self.device_crops = (preprocess == "device" or (preprocess == "auto" and backbone.device.type == "cuda")) \
+            and self.augment is None and resample.supported(prep.size, prep.interpolation, prep.resize_mode)
         per_video = layout.views.count * layout.frames
         self.max_inflight = max_inflight or max(4 * max(len(pool.pids), 1), 2 * math.ceil(batch_size / per_video))
         self.stop_requested = False
@@ -231,11 +243,20 @@ class ShardExtractor:
                       if layout.dtype == "int8" else None)
 
     # -- forward
-    def _forward(self, st: _ShardState, pixels: np.ndarray, slots: np.ndarray) -> None:
+    def _views(self, res: DecodeResult) -> tuple[torch.Tensor, np.ndarray | None]:
+        """A decoded video's crops and small pixel frames: made here from its raw frames, or by its worker."""
+        if res.decoded is None:
+            return torch.from_numpy(res.pixels), res.small
+        prep = self.backbone.preprocessing
+        return resample.views_from_frames(res.decoded, res.decoded_idx, res.frame_idx, res.small_idx, prep,
+                                          self.layout.views.spatial,
+                                          self.layout.pixels.size if self.layout.pixels else None,
+                                          self.backbone.device)
+
+    def _forward(self, st: _ShardState, x: torch.Tensor, slots: np.ndarray) -> None:
         """One backbone batch, its features put straight into their rows of the shard (`slots`: flat
         row * T + t positions, in order; consecutive but for the gaps of failed videos)."""
-        x = torch.from_numpy(pixels)
-        if self.backbone.device.type == "cuda":
+        if self.backbone.device.type == "cuda" and x.device.type == "cpu":
             x = x.pin_memory()
         out = self.backbone.features(x, self.layers, self.tokens)
         cuts = np.flatnonzero(np.diff(slots) != 1) + 1
@@ -253,7 +274,8 @@ class ShardExtractor:
     def _request(self, video: int) -> DecodeRequest:
         e = self.videos[video]
         return DecodeRequest(video, e.path, self.layout.frames, self.sampling, self.layout.views,
-                             self.backbone.preprocessing, self.reader, self.layout.pixels, self.augment)
+                             self.backbone.preprocessing, self.reader, self.layout.pixels, self.augment,
+                             raw=self.device_crops)
 
     def run(self, shards: Iterable[int]) -> ExtractStats:
         stats = ExtractStats()
@@ -314,7 +336,7 @@ class ShardExtractor:
                     break
                 # 2. the head shard: batch the decoded frames in video order, forward full batches
                 head = open_shards[0]
-                taken = head.take_ready(views, T)
+                taken = head.take_ready(views, T, self._views)
                 while head.pending >= self.batch_size or (head.resolved and head.pending):
                     pixels, slots = head.pop_batch(self.batch_size)
                     tf = time.perf_counter()
@@ -388,9 +410,11 @@ def stop_on_sigint(request_stop: Callable[[], None], say: Callable[[str], None],
 
 def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batch_size: int = 64,
             decode_workers: int = 2, decode_timeout: float = 60.0, reader: str = "auto", overwrite: bool = False,
-            progress: bool = True, log=print, repair: bool = False) -> ExtractStats:
+            progress: bool = True, log=print, repair: bool = False, preprocess: str = "auto") -> ExtractStats:
     """Extract (or resume extracting) `manifest` into the cache at `out` in this process. With `repair`,
-    shards that `cachefeat verify` finds damaged are extracted again."""
+    shards that `cachefeat verify` finds damaged are extracted again. `preprocess`: where test views are
+    resized and cropped (workers: PIL in the decode processes; device: on the backbone's device, the same
+    bytes; auto: device on a GPU)."""
     from tqdm import tqdm
     backbone = load_backbone(settings.model, settings.pretrained, settings.device, settings.precision,
                              seed=settings.seed, quick_gelu=settings.quick_gelu)
@@ -404,7 +428,8 @@ def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batc
         layout = store.layout
         total_clips = sum(len(layout.shard_rows_range(s)) for s in store.todo)
         bar = tqdm(total=total_clips, unit="clip", desc="extract", disable=not progress, dynamic_ncols=True)
-        ex = ShardExtractor(store.cache, backbone, manifest.videos, pool, batch_size, reader, on_progress=bar.update)
+        ex = ShardExtractor(store.cache, backbone, manifest.videos, pool, batch_size, reader, on_progress=bar.update,
+                            preprocess=preprocess)
 
         def request_stop():
             ex.stop_requested = True

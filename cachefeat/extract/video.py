@@ -145,6 +145,8 @@ class DecodeRequest:
     reader: str = "auto"
     pixels: PixelSpec | None = None      # also return small frames for pixel-level encoders
     augment: AugmentSpec | None = None   # random training views instead of test views
+    raw: bool = False                    # test views: return the decoded frames; the caller crops them
+                                         # (resample.views_from_frames, on the GPU), the workers only decode
 
     @property
     def num_views(self) -> int:
@@ -158,6 +160,8 @@ class DecodeResult:
     frame_idx: np.ndarray | None = None   # (views, frames) int32 source frame indices
     small: np.ndarray | None = None       # (views, frames*K, s, s, 3) uint8 when pixels were asked for
     small_idx: np.ndarray | None = None   # (views, frames*K) int32
+    decoded: np.ndarray | None = None     # raw requests: (U, H, W, 3) uint8, each frame any view uses, once
+    decoded_idx: np.ndarray | None = None  # (U,) their indices, ascending
     augment: list | None = None           # per view: the augmentation parameters drawn
     num_frames: int = 0
     reader: str = ""
@@ -226,15 +230,20 @@ def _decode_with(reader, req: DecodeRequest) -> DecodeResult:
         raise DecodeError("decode", f"{reader.name}: the stream ended early twice")
     if decoded.ndim != 4 or decoded.shape[-1] != 3 or decoded.shape[0] != len(unique):
         raise DecodeError("decode", f"{reader.name} returned frames of shape {decoded.shape}")
+    frame_idx = np.stack([p[0] for p in plans]).astype(np.int32)
+    small_idx = np.stack([p[1] for p in plans]).astype(np.int32) if req.pixels else None
+    if req.raw and not req.augment:
+        return DecodeResult(req.key, frame_idx=frame_idx, small_idx=small_idx, decoded=decoded, decoded_idx=unique,
+                            num_frames=n, reader=reader.name)
     frames = {int(u): decoded[j] for j, u in enumerate(unique)}
     height, width = decoded.shape[1:3]
     try:
-        test_crops: dict[int, list[np.ndarray]] = {}   # frame -> its S test crops, computed once
+        view_crops: dict[int, list[np.ndarray]] = {}   # frame -> its S test crops, computed once
 
         def test_crop(i: int, s: int) -> np.ndarray:
-            if i not in test_crops:
-                test_crops[i] = crops(frames[i], req.prep, req.views.spatial)
-            return test_crops[i][s]
+            if i not in view_crops:
+                view_crops[i] = crops(frames[i], req.prep, req.views.spatial)
+            return view_crops[i][s]
 
         pixels, small_frames, aug_params = [], [], []
         for v, (idx, pix, rng) in enumerate(plans):
@@ -253,9 +262,8 @@ def _decode_with(reader, req: DecodeRequest) -> DecodeResult:
                                                     req.pixels.size) for i in pix]))
     except Exception as e:
         raise DecodeError("preprocess", f"{type(e).__name__}: {_first_line(e)}") from None
-    res = DecodeResult(req.key, pixels=np.stack(pixels), frame_idx=np.stack([p[0] for p in plans]).astype(np.int32),
-                       num_frames=n, reader=reader.name, augment=aug_params or None)
+    res = DecodeResult(req.key, pixels=np.stack(pixels), frame_idx=frame_idx, num_frames=n, reader=reader.name,
+                       augment=aug_params or None, small_idx=small_idx)
     if req.pixels:
         res.small = np.stack(small_frames)
-        res.small_idx = np.stack([p[1] for p in plans]).astype(np.int32)
     return res
