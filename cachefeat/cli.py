@@ -178,8 +178,8 @@ def _shard_size(ctx, param, value):
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="Backbone compute precision (auto: fp16 autocast on GPU, fp32 on CPU).")
 @click.option("--decode-workers", type=click.IntRange(0), default=None,
-              help="Decode processes (default: CPU cores - 1, at most 8; 0 = decode inline, no timeout). With "
-                   "--workers: per worker (default: the worker's share of its node's cores - 1, at most 8).")
+              help="Decode processes (default: the cores this process may use - 1; 0 = decode inline, no "
+                   "timeout). With --workers: per worker (default: the worker's share of its node's cores - 1).")
 @click.option("--workers", "-w", default=1, show_default=True, type=click.IntRange(1),
               help="Extraction workers. Above 1, Ray runs one worker per GPU (per CPU slot without GPUs), each "
                    "with its own backbone and decode processes, each writing whole shards; one that dies has "

@@ -162,7 +162,7 @@ class ExtractWorker:
                                    f"{cache.meta['compute_precision']}")
         gpu = bb.device.type == "cuda"
         if decode_workers is None:
-            decode_workers = max(1, min(8, node_cpu_share(gpu, workers) - 1))
+            decode_workers = max(1, node_cpu_share(gpu, workers) - 1)
         self.pool = DecodePool(decode_workers, decode_timeout)
         self.reported, self.last_flush = 0, time.monotonic()
         self.flush_lock = threading.Lock()   # the decode loop and the writer thread both flush
