@@ -43,3 +43,19 @@ def test_gpu_training_with_mixed_precision_gives_a_checkpoint_the_cpu_can_use(st
         return json.loads(out[out.index("{"):])["top1"]
 
     assert abs(top1("cuda") - top1("cpu")) <= 0.05   # reduced-precision logits may flip a near-tie
+
+
+def test_gpu_crops_and_asynchronous_copies_change_nothing(synth_small, tmp_path):
+    """On a GPU, test views cropped on the device (--preprocess device) and features copied to page-locked
+    rows on a side stream give the same cache as PIL crops in the workers, int8 and pixels included."""
+    common = ["--layers", "all", "--tokens", "all", "--frames", "4", "--views", "2x3", "--pixels", "16x2",
+              "--device", "cuda", "--shard-size", "6"]
+    for dtype in ("float16", "int8"):
+        caches = {}
+        for how in ("workers", "device"):
+            caches[how] = tmp_path / f"{dtype}-{how}.zarr"
+            run_cli(*tiny_extract_args(synth_small / "train.txt", caches[how], *common, "--dtype", dtype,
+                                       "--preprocess", how))
+        a, b = open_cache(caches["workers"]), open_cache(caches["device"])
+        for name in a.layout.row_arrays():
+            assert np.array_equal(a.read(name), b.read(name)), (dtype, name)
