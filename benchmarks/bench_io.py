@@ -128,13 +128,19 @@ def _shard_data(layout, shard: int, rng) -> ShardData:
 
 
 def _writer_and_raw(folder, settings, p, seconds) -> tuple[float, float]:
-    """MiB/s of the big arrays' uncompressed bytes: write_shard vs a plain writev of the same bytes, in
-    alternating rounds of one shard each, until each has run `seconds`; medians of the rounds."""
+    """MiB/s of the big arrays' uncompressed bytes: write_shard vs a plain os.write of the same bytes, in
+    alternating rounds of one shard each, until each has run `seconds`; medians of the rounds. Both sides
+    write new files every round, as a real extraction does (rewriting one file over and over would reuse
+    the pages just freed and measure memory, not the disk), and delete those of WINDOW rounds back."""
     store_path = folder / f"writer-{settings.codec}.zarr"
     shutil.rmtree(store_path, ignore_errors=True)
-    with open_for_writing(store_path, p.meta, p.layout, p.manifest.videos, settings.codec,
-                          log=lambda *a: None) as writer:
+    layout = replace(p.layout, num_videos=p.layout.shard_videos * 1000)      # room for 1000 distinct shards
+    videos = (p.manifest.videos * (-(-layout.num_videos // len(p.manifest.videos))))[:layout.num_videos]
+    with open_for_writing(store_path, p.meta, layout, videos, settings.codec, log=lambda *a: None) as writer:
         return _alternate(folder, writer.cache, seconds)
+
+
+WINDOW = 3
 
 
 def _alternate(folder, store, seconds) -> tuple[float, float]:
@@ -143,30 +149,40 @@ def _alternate(folder, store, seconds) -> tuple[float, float]:
     shards = [_shard_data(layout, s, rng) for s in range(2)]
     big = [n for n, (shape, _) in layout.row_arrays().items() if shape]
     nbytes = sum(shards[0].rows[n].nbytes for n in big)
-    rates = {"writer": [], "raw": []}
-    spent = {"writer": 0.0, "raw": 0.0}
     raw_dir = folder / "raw"
-    raw_dir.mkdir(exist_ok=True)
-    i = 0
-    write_shard(store, shards[0])                      # warm-up: creates the shard folders
-    while min(spent.values()) < seconds or i < 6:
-        data = shards[i % 2]
-        t0 = time.perf_counter()
-        write_shard(store, replace(data, shard=i % layout.num_shards))
-        dt = time.perf_counter() - t0
-        rates["writer"].append(nbytes / dt / 2 ** 20)
-        spent["writer"] += dt
-        t0 = time.perf_counter()
+    shutil.rmtree(raw_dir, ignore_errors=True)
+
+    def writer(i, data):
+        if i >= WINDOW:                              # keep the disk use bounded, alike on both sides
+            for n in big:
+                store.shard_file(n).path(i - WINDOW).unlink(missing_ok=True)
+        write_shard(store, data)
+
+    def raw(i, data):
+        if i >= WINDOW:
+            shutil.rmtree(raw_dir / str(i - WINDOW))
+        (raw_dir / str(i)).mkdir(parents=True)
         for n in big:
-            fd = os.open(raw_dir / n.replace("/", "_"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(raw_dir / str(i) / n.replace("/", "_"), os.O_WRONLY | os.O_CREAT, 0o644)
             try:
                 os.write(fd, data.rows[n])
             finally:
                 os.close(fd)
-        dt = time.perf_counter() - t0
-        rates["raw"].append(nbytes / dt / 2 ** 20)
-        spent["raw"] += dt
+
+    sides = {"writer": writer, "raw": raw}
+    rates = {k: [] for k in sides}
+    spent = {k: 0.0 for k in sides}
+    i = 0
+    while (min(spent.values()) < seconds or i < 6) and i < layout.num_shards:
+        data = replace(shards[i % 2], shard=i)
+        for k in (("writer", "raw") if i % 2 else ("raw", "writer")):     # who goes first alternates too
+            t0 = time.perf_counter()
+            sides[k](i, data)
+            dt = time.perf_counter() - t0
+            rates[k].append(nbytes / dt / 2 ** 20)
+            spent[k] += dt
         i += 1
+    shutil.rmtree(raw_dir)
     return statistics.median(rates["writer"]), statistics.median(rates["raw"])
 
 
@@ -196,13 +212,15 @@ def _free_pipeline(folder, videos, bb, settings, workers, decode_fps, seconds, l
     """The real pipeline (ShardExtractor over a real store) with the free backbone, on enough videos to run
     about `seconds` at the decoders' rate, after a warm-up shard."""
     frames = settings.frames
-    n = max(64, int(decode_fps * seconds / frames))
+    p = plan(settings, _manifest(videos, 64), bb)
+    warmup = 4 * p.layout.shard_videos          # until the shard buffers are reused: the steady state
+    n = warmup + max(64, int(decode_fps * seconds / frames))
     manifest = _manifest(videos, n)
     p = plan(settings, manifest, bb)
     store_path = folder / "pipeline.zarr"
     with DecodePool(workers) as pool, open_for_writing(store_path, p.meta, p.layout, manifest.videos,
                                                        settings.codec, log=lambda *a: None) as store:
         ex = ShardExtractor(store.cache, bb, manifest.videos, pool, batch_size=64)
-        ex.run(store.todo[:1])                                          # warm-up: one shard
-        stats = ex.run(store.todo[1:])
+        ex.run(store.todo[:4])                                          # warm-up: four shards
+        stats = ex.run(store.todo[4:])
     return {"frames": stats.frames, "frames_per_s": stats.frames / stats.seconds, "bottleneck": stats.bottleneck()}

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Queue
@@ -28,6 +28,7 @@ from queue import Queue
 import numpy as np
 import torch
 
+from ..devices import cpu_threads
 from ..specs import AugmentSpec, SamplingSpec
 from ..store import FAILED, OK, Cache, CacheError, Layout, ShardData, open_for_writing, write_shard
 from . import resample
@@ -181,7 +182,12 @@ class _ShardState:
         return taken
 
     def pop_batch(self, size: int) -> tuple[torch.Tensor, np.ndarray]:
-        pixels = torch.cat(self.frames) if len(self.frames) > 1 else self.frames[0]
+        if len(self.frames) == 1:
+            pixels = self.frames[0]
+        elif self.frames[0].device.type == "cpu":       # a memcpy on this thread (torch.cat would use threads
+            pixels = torch.from_numpy(np.concatenate([f.numpy() for f in self.frames]))   # that wait on decoders)
+        else:
+            pixels = torch.cat(self.frames)
         slots = np.concatenate(self.slots)
         self.frames, self.slots = [pixels[size:]], [slots[size:]]
         self.pending = len(slots) - min(size, len(slots))
@@ -252,6 +258,7 @@ class ShardExtractor:
         self.steps = ({k: torch.from_numpy(store.quant_step(k)).to(dev) for k in layout.feature_arrays()}
                       if layout.dtype == "int8" else None)
         self.copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        self.buffers = _RowBuffers(layout, pinned=self.copy_stream is not None)   # kept across run() calls
 
     # -- forward
     def _views(self, res: DecodeResult) -> tuple[torch.Tensor, np.ndarray | None]:
@@ -282,7 +289,8 @@ class ShardExtractor:
             targets = [(n, torch.round(f.float() / self.steps[n]).clamp_(-127, 127)) for n, f in targets]
         if gpu:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.backbone.device))
-        with torch.cuda.stream(self.copy_stream) if gpu else nullcontext():
+        # on the CPU the copies are memory-bound: one thread, not threads waiting on busy decoder processes
+        with torch.cuda.stream(self.copy_stream) if gpu else cpu_threads(1):
             for name, feats in targets:
                 if gpu:
                     feats.record_stream(self.copy_stream)    # not reused by the next forward until copied
@@ -303,7 +311,7 @@ class ShardExtractor:
         t0 = time.perf_counter()
         writes: Queue = Queue(maxsize=1)
         writer_error: list[BaseException] = []
-        buffers = _RowBuffers(self.layout, pinned=self.copy_stream is not None)
+        buffers = self.buffers
 
         def writer():
             while True:

@@ -329,5 +329,9 @@ class ShardFile:
         """(rows,) bool: the row's chunk equals the fill value everywhere, so zarr leaves it out. A zero fill
         is compared by bits, as zarr does (so -0.0 is data)."""
         if self.fill_value == 0:
-            return ~np.any(rows.view(f"u{self.dtype.itemsize}"), axis=1)
+            bits = rows.view(f"u{self.dtype.itemsize}")
+            fill = ~np.any(bits[:, :64], axis=1)      # features are rarely 0 this early: scan the rest only then
+            for r in np.flatnonzero(fill):
+                fill[r] = not bits[r].any()
+            return fill
         return np.all(rows == self.fill_value, axis=1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import adapters
 from ..adapters import CacheMismatch, FeatureSpec, Needs
-from ..devices import autocast, resolve_device, resolve_precision
+from ..devices import autocast, cpu_threads, resolve_device, resolve_precision  # noqa: F401 (cpu_threads: API)
 from ..store import Cache, open_cache
 from .checkpoint import CHECKPOINT, check_fits, checkpoint_state, save_atomic, write_json_atomic, write_metrics
 from .config import TrainConfig, TrainDiverged, TrainError
@@ -129,19 +128,6 @@ def mix(x: dict[str, torch.Tensor], target: torch.Tensor, cfg: TrainConfig, rng:
             out[k] = v
         x, lam = out, 1 - cut / frames
     return x, lam * target + (1 - lam) * target[flip]
-
-
-@contextmanager
-def cpu_threads(n: int):
-    """Run with `n` torch CPU threads (0: leave as is), then restore. Small adapters on a busy machine run
-    far faster on one thread than on threads that wait for each other."""
-    old = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _diverged(what: str, epoch: int, cfg: TrainConfig, out: Path | None, kept: int, where: str = "") -> TrainDiverged:
