@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..store import FAILED, Cache, StoreLock
+from ..store import FAILED, Cache
 from .config import TrainError
 
 
@@ -24,7 +24,7 @@ def coverage(cache: Cache) -> dict:
     usable[cache.clip_video()[cache.valid()]] = True
     return {"videos": cache.num_videos, "usable": int(usable.sum()), "failed": int(((status == FAILED) & done).sum()),
             "unwritten": int((~done).sum()), "complete": bool(done.all()),
-            "being_written": StoreLock(cache.path).active_holder() is not None}
+            "being_written": cache.being_written_by() is not None}
 
 
 def check_cache_use(cache: Cache, allow_incomplete: bool = False) -> dict:
@@ -33,7 +33,7 @@ def check_cache_use(cache: Cache, allow_incomplete: bool = False) -> dict:
     cov = coverage(cache)
     if allow_incomplete:
         return cov
-    holder = StoreLock(cache.path).active_holder()
+    holder = cache.being_written_by()
     if holder is not None:
         who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
         raise TrainError(f"{cache.path} is being written by another cachefeat process ({who}); wait for it to "

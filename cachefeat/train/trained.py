@@ -86,7 +86,8 @@ class TrainedAdapter:
         finally:
             src.close()
         if keep_logits:
-            result["logits"]["video_id"] = cache.root["videos/id"][:][result["logits"]["video"]].astype(str)
+            ids = cache.root["videos/id"][:][result["logits"]["video"]]
+            result["logits"]["video_id"] = np.array(ids.tolist(), dtype=str)   # a plain numpy string array
         ck = self.checkpoint
         return {"top1": result["top1"], "top5": result["top5"], **result, "adapter": ck["adapter"],
                 "trainable_params": ck["trainable_params"], "epochs": ck["epoch"], "checkpoint": self.path,
