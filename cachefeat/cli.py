@@ -567,7 +567,8 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
     if folder.finished:
         click.echo(f"{out}: already trained for {folder.resume_from['epoch']} epochs; nothing to do")
         return
-    folder.start()     # every check passed: an earlier run being replaced goes now
+    if not distributed:
+        folder.start()     # every check passed: an earlier run being replaced goes now
     log = (lambda s: None) if quiet else click.echo
     src = run.train_source
     n_train = len(src.rows(0, train=True))
@@ -582,8 +583,9 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
         log(f"{role} cache: {describe(cov, what='used')}")
     try:
         if distributed:
+            # the Ray cluster is checked too before the earlier run goes
             final = _train_on_ray(cfg, cache, val_cache, out, folder.resume_from is not None, ray_workers, address,
-                                  log, allow_incomplete)["final"]
+                                  log, allow_incomplete, folder.start)["final"]
         else:
             with cpu_threads(cfg.threads):
                 result = run_training(run, folder.path, resume=folder.resume_from, log=log)
@@ -597,11 +599,12 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
     click.echo(msg)
 
 
-def _train_on_ray(cfg, cache, val_cache, out, resume, workers, address, log, allow_incomplete) -> dict:
+def _train_on_ray(cfg, cache, val_cache, out, resume, workers, address, log, allow_incomplete, before_start) -> dict:
     from .ray_runtime import ClusterError, WorkerError
     from .train.distributed import train_distributed
     try:
-        return train_distributed(cfg, cache, val_cache, out, resume, workers, address, log, allow_incomplete)
+        return train_distributed(cfg, cache, val_cache, out, resume, workers, address, log, allow_incomplete,
+                                 before_start)
     except ClusterError as e:
         raise click.UsageError(str(e)) from None
     except WorkerError as e:

@@ -47,7 +47,8 @@ def cache_overview(cache: Cache, path: str | Path) -> Path:
             axes[0].annotate(f"{names[c][:28]} ({ok_counts[c]})", (i, ok_counts[c]), xytext=(8, 8 + 10 * i),
                              textcoords="offset points", fontsize=7,
                              arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6"})
-        axes[0].set_xlabel(f"{n} classes, sorted by valid videos (the {LABELLED_FEWEST} fewest named)")
+        axes[0].set_xlabel(f"{n} classes, sorted by valid videos (the {LABELLED_FEWEST} fewest named; "
+                           f"{int((ok_counts == 0).sum())} have none)")
         axes[0].set_title(f"{title} per class")
     axes[0].set_ylabel("videos")
     axes[0].legend()

@@ -27,9 +27,12 @@ from .loop import Part, cpu_threads, open_run, train
 
 
 def train_distributed(cfg: TrainConfig, cache: str, val_cache: str | None, out: str, resume: bool, workers: int,
-                      address: str | None = None, log=print, allow_incomplete: bool = False) -> dict:
+                      address: str | None = None, log=print, allow_incomplete: bool = False,
+                      before_start=None) -> dict:
     """Train with `workers` Ray Train workers; returns rank 0's summary (also written to out/summary.json).
-    `allow_incomplete`: train on the finished shards of an unfinished cache (see coverage.check_cache_use)."""
+    `allow_incomplete`: train on the finished shards of an unfinished cache (see coverage.check_cache_use).
+    `before_start()`: called once the cluster is joined and found able to run the workers, before they
+    start (the CLI clears a run folder being replaced there, so a refused cluster deletes nothing)."""
     from ray.util.queue import Queue
 
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -43,6 +46,8 @@ def train_distributed(cfg: TrainConfig, cache: str, val_cache: str | None, out: 
         if not gpu and rt.cpus < workers:
             raise ClusterError(f"--workers {workers}: the Ray cluster has {rt.cpus:g} CPU slots (one per worker "
                                f"is needed without GPUs)")
+        if before_start is not None:
+            before_start()
         _quiet_ray_train()
         queue = Queue(actor_options={"num_cpus": 0, **on_driver_node()})
         config = {"cfg": replace(cfg, device="cuda" if gpu else "cpu").to_dict(), "cache": str(Path(cache).resolve()),
