@@ -20,11 +20,13 @@ def _usage_errors():
     from .devices import DeviceError
     from .extract.backbone import BackboneError
     from .extract.manifest import ManifestError
+    from .extract.plan import SpaceError
     from .specs import SpecError
     from .store import CacheError
     from .train.ablate import AblationError
     from .train.config import TrainError
-    return (SpecError, BackboneError, DeviceError, ManifestError, CacheError, AdapterError, TrainError, AblationError)
+    return (SpecError, BackboneError, DeviceError, ManifestError, CacheError, AdapterError, TrainError, AblationError,
+            SpaceError)
 
 
 class _Group(click.Group):
@@ -203,11 +205,18 @@ def _shard_size(ctx, param, value):
                    "shards with damaged data.")
 @click.option("--dry-run", is_flag=True, help="Print the cache's size on disk for these settings and exit.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any video failed (the cache is still written).")
+@click.option("--max-failed-fraction", default=1.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Exit with status 1 when more than this share of the videos failed (the cache is still "
+                   "written); 1 = off. A cache with no valid clip always exits with status 1.")
+@click.option("--ignore-free-space", is_flag=True,
+              help="Write even when the estimated cache size exceeds the free space of --out's file system "
+                   "(e.g. when the codec compresses well).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(input, out, fmt, video_root, classes_file, split, model, pretrained, quick_gelu, seed, layers, tokens,
             frames, sampling, views, dtype, pixels, aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed,
             text_template, no_text, codec, batch_size, shard_size, device, precision, decode_workers, workers, address,
-            decode_timeout, reader, preprocess, overwrite, repair, dry_run, strict, quiet):
+            decode_timeout, reader, preprocess, overwrite, repair, dry_run, strict, max_failed_fraction,
+            ignore_free_space, quiet):
     """Run the frozen backbone over the videos of INPUT and write their features to a cache.
 
     Resumable: run the same command again after a crash and it continues with the shards not yet done.
@@ -219,8 +228,9 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
     """
     from .extract.decode_pool import default_workers
     from .extract.manifest import load_manifest
+    from .extract.outcome import failure_verdict
     from .extract.pipeline import extract as run_extract
-    from .extract.plan import ExtractSettings, dry_run_report
+    from .extract.plan import ExtractSettings, check_free_space, dry_run_report, estimate_size
     from .store import parse_codec
 
     parse_codec(codec)  # validate before any work
@@ -239,6 +249,7 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
     if dry_run:
         click.echo(dry_run_report(settings, manifest))
         return
+    click.echo(check_free_space(estimate_size(settings, manifest), out, ignore_free_space).describe())
     if workers > 1 or address:
         stats = _extract_on_ray(manifest, out, settings, workers, address, batch_size, decode_workers,
                                 decode_timeout, reader, preprocess, overwrite, repair, quiet)
@@ -269,6 +280,9 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
         click.echo(f"stopped early: run the same command again to resume "
                    f"({int((~cache.shard_done()).sum())} shards left)")
         sys.exit(130)
+    verdict = failure_verdict(cache, max_failed_fraction, video_root)
+    if verdict:
+        raise click.ClickException(verdict)
     if strict and (stats.failed_videos or len(cache.failures())):
         raise click.ClickException(f"{len(cache.failures())} videos failed (--strict)")
 
@@ -507,11 +521,15 @@ def _parse_adapter_opts(items) -> dict:
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
               help="Run folder (e.g. runs/NAME): checkpoint.pt, metrics.jsonl, summary.json, curves.png.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same settings).")
-@click.option("--overwrite", is_flag=True, help="Replace the run in --out instead of refusing.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run in --out instead of refusing (only once every other check has passed).")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Train (and validate) on caches whose extraction has not finished, or is still running: their "
+                   "finished shards only. The summary counts the videos left out.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the final line.")
 @click.pass_context
-def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers, address, out, resume, overwrite, quiet,
-          **settings):
+def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers, address, out, resume, overwrite,
+          allow_incomplete, quiet, **settings):
     """Train an adapter on a cache: AdamW, warm-up + cosine schedule, label smoothing, optional feature-space
     mixup/cutmix, mixed precision on GPU. The backbone is never run (except to copy frozen block weights
     for evl's temporal cross-attention).
@@ -532,6 +550,7 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
 
     from .train import TrainDiverged, cpu_threads, open_run, open_run_folder, read_config_file
     from .train import train as run_training
+    from .train.coverage import describe
 
     values = {"adapter": adapter, **settings}
     opts = {}
@@ -546,12 +565,15 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
     folder = open_run_folder(out, cfg, resume=resume, overwrite=overwrite)   # checks only: deletes nothing yet
     distributed = ray_workers > 1 or address
     # the checks of a single run, here in the driver; with --workers, nothing is loaded into RAM here
-    run = open_run(replace(cfg, in_memory="no") if distributed else cfg, cache, val_cache)
+    # (the device is checked here too, unless Ray's workers pick their own)
+    run = open_run(replace(cfg, in_memory="no") if distributed else cfg, cache, val_cache, allow_incomplete,
+                   check_device=not distributed)
     folder.check_cache(run.train_cache)
     if folder.finished:
         click.echo(f"{out}: already trained for {folder.resume_from['epoch']} epochs; nothing to do")
         return
-    folder.start()     # every check passed: an earlier run being replaced goes now
+    if not distributed:
+        folder.start()     # every check passed: an earlier run being replaced goes now
     log = (lambda s: None) if quiet else click.echo
     src = run.train_source
     n_train = len(src.rows(0, train=True))
@@ -562,27 +584,32 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
         where = "held in RAM" if src.dataset.in_memory else f"streamed by {cfg.read_workers} reader processes"
     log(f"reads {run.needs.describe()}; from {cache}: {n_train} training clips per epoch, "
         f"{human_bytes(src.dataset.nbytes())} {where}" + (f"; validates on {val_cache}" if val_cache else ""))
+    for role, cov in run.coverage.items():
+        log(f"{role} cache: {describe(cov, what='used')}")
     try:
         if distributed:
+            # the Ray cluster is checked too before the earlier run goes
             final = _train_on_ray(cfg, cache, val_cache, out, folder.resume_from is not None, ray_workers, address,
-                                  log)["final"]
+                                  log, allow_incomplete, folder.start)["final"]
         else:
             with cpu_threads(cfg.threads):
                 result = run_training(run, folder.path, resume=folder.resume_from, log=log)
             final = result.history[-1] if result.history else {}
     except TrainDiverged as e:
         raise click.ClickException(str(e)) from None
-    msg = f"wrote {out}: checkpoint.pt, metrics.jsonl, summary.json, curves.png"
+    best = " checkpoint_best.pt," if (Path(out) / "checkpoint_best.pt").is_file() else ""
+    msg = f"wrote {out}: checkpoint.pt,{best} metrics.jsonl, summary.json, curves.png"
     if final.get("val_top1") is not None:
         msg += f"; val top-1 {100 * final['val_top1']:.1f}%, top-5 {100 * final['val_top5']:.1f}%"
     click.echo(msg)
 
 
-def _train_on_ray(cfg, cache, val_cache, out, resume, workers, address, log) -> dict:
+def _train_on_ray(cfg, cache, val_cache, out, resume, workers, address, log, allow_incomplete, before_start) -> dict:
     from .ray_runtime import ClusterError, WorkerError
     from .train.distributed import train_distributed
     try:
-        return train_distributed(cfg, cache, val_cache, out, resume, workers, address, log)
+        return train_distributed(cfg, cache, val_cache, out, resume, workers, address, log, allow_incomplete,
+                                 before_start)
     except ClusterError as e:
         raise click.UsageError(str(e)) from None
     except WorkerError as e:
@@ -618,9 +645,12 @@ def _train_on_ray(cfg, cache, val_cache, out, resume, workers, address, log) -> 
                    "HEAD:6379` on the others; auto = the cluster of this node) instead of starting Ray here. The "
                    "caches and --out must then be on storage every node sees at the same path.")
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier ablation in --out.")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Train and validate on caches whose extraction has not finished (or is still running): their "
+                   "finished shards only.")
 @click.option("--check", is_flag=True, help="Only check the spec and its caches, list the trials' grid, and exit.")
 def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, max_concurrent, asha, num_samples,
-           address, overwrite, check):
+           address, overwrite, allow_incomplete, check):
     """Train many adapter configurations side by side on the same caches (Ray Tune), and rank them.
 
     SPEC is a YAML file: the caches, the training settings every trial shares, per-adapter settings, and the
@@ -645,7 +675,7 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
         s = dataclasses.replace(s, train_cache=train_cache)
     if val_cache:
         s = dataclasses.replace(s, val_cache=val_cache)
-    check_caches(s)
+    check_caches(s, allow_incomplete)
     n = num_samples or s.num_samples
     if check:
         click.echo(f"{spec}: ok; {s.grid_size() * n} trials of adapters {', '.join(s.adapter_names())} "
@@ -655,7 +685,7 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
     from .ray_runtime import ClusterError, WorkerError
     try:
         rows = run_ablation(s, str(out_dir), gpus_per_trial, cpus_per_trial, max_concurrent, asha, num_samples,
-                            address, log=click.echo)
+                            address, log=click.echo, allow_incomplete=allow_incomplete)
     except ClusterError as e:
         raise click.UsageError(str(e)) from None
     except WorkerError as e:
@@ -673,11 +703,12 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
 # ------------------------------------------------------------------------------------------- eval
 @cli.command("eval")
 @click.option("--checkpoint", "-c", required=True, type=click.Path(exists=True),
-              help="A run folder written by cachefeat train, or its checkpoint.pt.")
+              help="A run folder written by cachefeat train (its last checkpoint), or a checkpoint file such as "
+                   "RUN/checkpoint_best.pt.")
 @click.option("--cache", required=True, type=click.Path(exists=True, file_okay=False),
               help="The cache to evaluate on (same backbone, preprocessing and class list as the training cache).")
 @click.option("--out", type=click.Path(file_okay=False),
-              help="Folder for metrics.json, per_class.csv, confusion.csv and confusion.png "
+              help="Folder for metrics.json, confusion.npz, logits.npz, per_class.csv and the figures "
                    "(default: RUN/eval-<cache name>).")
 @click.option("--batch-size", "-b", default=64, show_default=True, type=click.IntRange(1), help="Clips per forward.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -689,34 +720,67 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
               help="Reader processes when streaming (0 = read in this process).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="CPU threads (0 = torch's default).")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Evaluate on a cache whose extraction has not finished (or is still running): its finished "
+                   "shards only. The report counts the videos left out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (top1, top5 as fractions, and more).")
-def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, workers, threads, as_json):
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, workers, threads, allow_incomplete,
+             as_json, quiet):
     """Evaluate a trained adapter on a cache with the multi-view protocol: the logits of all views of a
-    video are averaged, then top-1 and top-5 are counted per video. Also per-class accuracy and the
-    confusion matrix (CSV and PNG).
+    video are averaged, then top-1 and top-5 are counted per video. Also per-class accuracy, the most
+    confused class pairs, the whole confusion matrix (confusion.npz) and every video's logits (logits.npz).
+
+    A cache whose extraction is unfinished, or still running, is refused unless --allow-incomplete.
 
     Example: cachefeat eval --checkpoint runs/evl --cache k400_val.zarr --json
     """
+    from .store import open_cache
     from .train import cpu_threads, load_adapter
-    from .train.evaluate import report_dir, write_report
+    from .train.coverage import describe
+    from .train.evaluate import CELL_REPORT_MAX_CLASSES, metrics_json, report_dir, write_report
 
     adapter = load_adapter(checkpoint)
     out_dir = report_dir(checkpoint, cache, out)
-    with cpu_threads(threads):
-        result = adapter.evaluate(cache, batch_size, device, precision, in_memory, workers)
+    c = open_cache(cache)
+    with cpu_threads(threads), _progress_bar("eval", "clip", quiet or as_json, int(c.valid().sum())) as bar:
+        result = adapter.evaluate(c, batch_size, device, precision, in_memory, workers, allow_incomplete,
+                                  keep_logits=True, progress=bar.update)
     ck, classes = adapter.checkpoint, adapter.classes
-    write_report(out_dir, result, classes)
+    files = write_report(out_dir, result, classes)
     if as_json:
-        click.echo(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=2))
+        click.echo(json.dumps({**metrics_json(result), "files": files}, indent=2, allow_nan=False))
         return
-    click.echo(f"{ck['adapter']} ({ck['epoch']} epochs) on {cache}: top-1 {100 * result['top1']:.1f}%  "
-               f"top-5 {100 * result['top5']:.1f}%  ({result['videos']} videos, {result['clips']} clips"
+    cov = result["coverage"]
+    click.echo(f"{ck['adapter']} ({ck['epoch']} epochs) on {cache}: top-1 {_pct(result['top1'])}  "
+               f"top-5 {_pct(result['top5'])}  ({describe({**cov, 'usable': cov['evaluated']})}; "
+               f"{result['clips']} clips"
                + (f", logits of {result['views']} views averaged per video)" if result["views"] > 1 else ")")
                + (f"; time-reversal pairs told apart {100 * result['reversal_accuracy']:.1f}%"
                   if "reversal_accuracy" in result else ""))
-    rows = [[name, "-" if acc is None else f"{100 * acc:.1f}%"] for name, acc in result["per_class"].items()]
-    click.echo(table(rows, ["class", "accuracy"]))
-    click.echo(f"wrote {out_dir}: metrics.json, per_class.csv, confusion.csv, confusion.png")
+    per_class = result.get("per_class", {})
+    if len(per_class) <= CELL_REPORT_MAX_CLASSES:
+        rows = [[name, _pct(acc)] for name, acc in per_class.items()]
+        click.echo(table(rows, ["class", "accuracy"]))
+    else:
+        scored = sorted((acc, name) for name, acc in per_class.items() if acc is not None)
+        click.echo(f"per-class accuracy over {len(scored)} classes with videos (of {len(per_class)}); lowest: "
+                   + ", ".join(f"{name} {_pct(acc)}" for acc, name in scored[:8]))
+        if result.get("most_confused"):
+            pairs = result["most_confused"][:8]
+            click.echo("most confused (true -> predicted, videos): "
+                       + "; ".join(f"{c['true']} -> {c['predicted']} {c['videos']}" for c in pairs))
+    click.echo(f"wrote {out_dir}: {', '.join(files.values())}")
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _progress_bar(desc: str, unit: str, off: bool, total: int | None = None):
+    """A tqdm bar on stderr: off when asked, and when stderr is not a terminal."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, disable=True if off else None, leave=False, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------------------- predict
@@ -731,7 +795,8 @@ def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, w
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="CPU threads (0 = torch's default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
-def predict(videos, checkpoint, top, device, precision, threads, as_json):
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def predict(videos, checkpoint, top, device, precision, threads, as_json, quiet):
     """Classify new videos end to end: the backbone, frame sampling, views and preprocessing recorded with
     the training cache (the backbone is rebuilt and its weights hash checked), then the trained adapter;
     the logits of the views are averaged. Prints the top classes with their probabilities.
@@ -742,8 +807,8 @@ def predict(videos, checkpoint, top, device, precision, threads, as_json):
     from .train.predict import predict as run_predict
 
     ck = load_checkpoint(checkpoint)
-    with cpu_threads(threads):
-        results = run_predict(ck, list(videos), device=device, precision=precision, top=top)
+    with cpu_threads(threads), _progress_bar("predict", "video", quiet or as_json, len(videos)) as bar:
+        results = run_predict(ck, list(videos), device=device, precision=precision, top=top, progress=bar.update)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
@@ -817,8 +882,10 @@ def adapters_cmd(as_json):
 @cli.command()
 @click.option("--cache", "cache_path", required=True, type=click.Path(exists=True),
               help="An eval cache with class-name text embeddings (made by extract with a CLIP that has a text tower).")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Use a cache whose extraction has not finished (or is still running): its finished shards only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (top1, top5 as fractions).")
-def zeroshot(cache_path, as_json):
+def zeroshot(cache_path, allow_incomplete, as_json):
     """Zero-shot classification from the cached final image embeddings and class-name text embeddings.
 
     Each frame's embedding is L2-normalised, averaged over the clip's frames and over the video's views,
@@ -828,13 +895,16 @@ def zeroshot(cache_path, as_json):
     Example: cachefeat zeroshot --cache k400_val.zarr
     """
     from .store import open_cache
+    from .train.coverage import describe
     from .train.zeroshot import zero_shot
-    r = zero_shot(open_cache(cache_path))
+    r = zero_shot(open_cache(cache_path), allow_incomplete)
     if as_json:
-        click.echo(json.dumps(r))
+        click.echo(json.dumps(r, allow_nan=False))
     else:
+        cov = r["coverage"]
         click.echo(f"zero-shot on {r['videos']} videos, {r['classes']} classes: top-1 {100 * r['top1']:.2f}%  "
-                   f"top-5 {100 * r['top5']:.2f}%  (chance {100 / max(r['classes'], 1):.2f}%)")
+                   f"top-5 {100 * r['top5']:.2f}%  (chance {100 / max(r['classes'], 1):.2f}%; "
+                   f"{describe({**cov, 'usable': cov['evaluated']})})")
 
 
 # ------------------------------------------------------------------------------------------- verify

@@ -103,4 +103,5 @@ def test_one_place_creates_locks_and_opens_a_store_for_writing():
                     users.setdefault(called, set()).add(name)
     assert users["create_store"] == {"cachefeat.store.writer"}
     assert users["open_for_writing"] == {"cachefeat.extract.pipeline", "cachefeat.extract.distributed"}
-    assert users["StoreLock"] <= {"cachefeat.store.writer", "cachefeat.store.exchange"}
+    # the reader only asks who holds the lock (Cache.being_written_by), never takes it
+    assert users["StoreLock"] <= {"cachefeat.store.writer", "cachefeat.store.exchange", "cachefeat.store.reader"}

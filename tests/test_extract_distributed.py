@@ -109,7 +109,8 @@ def test_cli_starts_ray_quietly_and_stops_it(tmp_path, synth_medium, reference):
     others = [s for s in text if s not in bars]
     assert bars and all(s.startswith("extract:") for s in bars)          # one bar, redrawn
     others = [l for l in others if not l.startswith("int8: calibrated")]  # the driver's calibration note
-    assert len(others) == 3, others                                      # the summary, nothing from Ray
+    assert others[0].startswith("estimated cache size")                  # the size check before writing
+    assert len(others) == 4, others                                      # it, the summary, nothing from Ray
     assert len(ray_pids) >= 3                                            # Ray's own processes were children
     time.sleep(1)
     alive = [p for p in ray_pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]

@@ -36,6 +36,20 @@ def test_text_list_names_indices_spaces_and_unicode(tmp_path):
     assert not m.videos[0].problem and not m.videos[2].problem  # no label: unlabelled, not a problem
 
 
+def test_text_list_tab_separates_class_names_with_spaces(tmp_path):
+    """`path<TAB>label`: both sides may hold spaces; lines without a TAB keep the last-field rule."""
+    lines = ["dir a/clip 1.mp4\tmoving right", "clip 2.mp4\t  moving left  ", "clip 3.mp4\t", "e.mp4 1"]
+    (tmp_path / "l.txt").write_text("\n".join(lines) + "\n")
+    m = load_manifest(tmp_path / "l.txt")
+    assert m.classes == ["1", "moving left", "moving right"]
+    assert [(Path(v.path).name, v.label) for v in m.videos] == [("clip 1.mp4", 2), ("clip 2.mp4", 1),
+                                                                ("clip 3.mp4", -1), ("e.mp4", 0)]
+    assert not any(v.problem for v in m.videos)
+    # without a TAB, "moving right" would be the path "a.mp4 moving" and the class "right"
+    (tmp_path / "s.txt").write_text("a.mp4 moving right\n")
+    assert load_manifest(tmp_path / "s.txt").classes == ["right"]
+
+
 def test_text_list_integer_labels_without_class_list(tmp_path):
     (tmp_path / "l.txt").write_text("a.mp4 2\nb.mp4 0\nc.mp4 10\n")
     m = load_manifest(tmp_path / "l.txt")

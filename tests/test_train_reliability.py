@@ -192,7 +192,8 @@ def test_runs_and_caches_leave_pictures_linked_from_their_json(stage2_caches, tm
     run_cli(*_train_args(stage2_caches["train"], "--val-cache", stage2_caches["val"], "--epochs", "2", "--out", run,
                          "--quiet"))
     s = json.loads((run / "summary.json").read_text())
-    assert s["files"] == {"checkpoint": "checkpoint.pt", "metrics": "metrics.jsonl", "curves_png": "curves.png"}
+    assert s["files"] == {"checkpoint": "checkpoint.pt", "metrics": "metrics.jsonl", "curves_png": "curves.png",
+                          "best_checkpoint": "checkpoint_best.pt"}
     for f in s["files"].values():
         assert (run / f).is_file()
     _valid_png(run / s["files"]["curves_png"])
@@ -202,6 +203,8 @@ def test_runs_and_caches_leave_pictures_linked_from_their_json(stage2_caches, tm
     m = json.loads((ev / "metrics.json").read_text())
     assert m["files"]["confusion_png"] == "confusion.png" and (ev / m["files"]["confusion_csv"]).is_file()
     _valid_png(ev / m["files"]["confusion_png"])
+    assert all((ev / f).is_file() for f in m["files"].values())
+    assert {"confusion.npz", "logits.npz", "per_class.csv", "metrics.json"} <= set(m["files"].values())
 
     res = run_cli("info", stage2_caches["val"], "--plot", tmp_path / "val.png", "--json")
     assert json.loads(res.output)["plot"] == str(tmp_path / "val.png")

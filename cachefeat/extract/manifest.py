@@ -2,8 +2,10 @@
 
 Accepted (format detected from the path, or forced with --format):
 - folder : DIR/<class>/<video>.mp4 (class = sub-folder name); videos directly in DIR are unlabelled
-- list   : a text file, one `path label` per line (label = class name or index; a path may contain
-           spaces: the label is the last field); `path` alone means unlabelled; `#` starts a comment
+- list   : a text file, one video per line: `path<TAB>label` (a TAB between them: both may contain spaces,
+           so class names such as "moving right" work), or `path label` without a TAB (the label is the last
+           space-separated field, so only the path may contain spaces); label = class name or index; `path`
+           alone means unlabelled; a line starting with `#` is a comment
 - kinetics: CSV with header label,youtube_id,time_start,time_end,split; files are
            {youtube_id}_{time_start:06d}_{time_end:06d}.<ext> under the video root, flat or in class folders
 - ssv2   : Something-Something JSON list of {id, template|label}; files are <id>.webm (or .mp4) under the
@@ -150,11 +152,15 @@ def _text_list(path: Path, root: Path, split):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        parts = line.rsplit(None, 1)
-        if len(parts) == 2 and not _looks_like_video(parts[1]):
-            p, label = parts
+        if "\t" in line:                       # path<TAB>label: either may hold spaces
+            p, _, label = (x.strip() for x in line.rpartition("\t"))
+            label = label or None
         else:
-            p, label = line, None
+            parts = line.rsplit(None, 1)
+            if len(parts) == 2 and not _looks_like_video(parts[1]):
+                p, label = parts
+            else:
+                p, label = line, None
         full = Path(p) if os.path.isabs(p) else root / p
         rows.append((str(full), label, str(Path(p).with_suffix(""))))
     return rows, _sha(raw)

@@ -2,8 +2,11 @@
 arrays and shards (`plan_layout`, shared by `extract` and `--dry-run`), and the metadata it records."""
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from .. import __version__
 from ..fmt import human_bytes, table
@@ -113,12 +116,75 @@ def plan(settings: ExtractSettings, manifest: Manifest, backbone: Backbone) -> P
     return Plan(layout, meta, manifest)
 
 
-def dry_run_report(settings: ExtractSettings, manifest: Manifest) -> str:
-    """What the cache will hold and take on disk, from the model's config alone (nothing is loaded)."""
+class SpaceError(ValueError):
+    """The cache would not fit where it is to be written (a usage error: one line, exit status 2)."""
+
+
+@dataclass
+class SizeEstimate:
+    """A cache's size before it is written, from the model's config alone (nothing is loaded): the planned
+    layout, the model's geometry, the uncompressed bytes of each array per clip, and the text embeddings."""
+    layout: Layout
+    geometry: dict
+    per_clip: dict[str, int]
+    text_bytes: int
+
+    @property
+    def total(self) -> int:
+        """Uncompressed bytes of the whole cache's features (what lossless codecs barely shrink)."""
+        return sum(self.per_clip.values()) * self.layout.num_clips + self.text_bytes
+
+
+def estimate_size(settings: ExtractSettings, manifest: Manifest) -> SizeEstimate:
+    """The size of the cache these settings make of this manifest: `plan_layout` (the planner extract uses)
+    on the model's geometry read from its config."""
     geo = model_geometry(settings.model)
     layout = plan_layout(settings, len(manifest.videos), geo["depth"], geo["patch_grid"], geo["width"],
                          geo["embed_dim"])
-    per_clip = layout.bytes_per_clip()
+    text = len(manifest.classes) * geo["embed_dim"] * 4 if settings.text and manifest.classes else 0
+    return SizeEstimate(layout, geo, layout.bytes_per_clip(), text)
+
+
+@dataclass
+class SpaceCheck:
+    needed: int          # the whole cache, uncompressed estimate
+    free: int            # free bytes of the file system that holds the target folder
+    existing: int        # bytes of the store already at the target (resumed, or replaced with --overwrite)
+    where: Path          # the existing folder whose file system was measured
+
+    @property
+    def fits(self) -> bool:
+        return self.needed <= self.free + self.existing
+
+    def describe(self) -> str:
+        return (f"estimated cache size {human_bytes(self.needed)} (uncompressed features; --dry-run itemises), "
+                f"{human_bytes(self.free)} free in {self.where}"
+                + (f" (+{human_bytes(self.existing)} already in the store)" if self.existing else ""))
+
+
+def check_free_space(estimate: SizeEstimate, out: str | os.PathLike, ignore: bool = False) -> SpaceCheck:
+    """Does the cache fit on the file system of `out`? Its estimated size against the free space there plus
+    what a store already at `out` takes (resumed: already written; --overwrite: freed first). Raises
+    SpaceError (one line) when it does not, unless `ignore`."""
+    target = Path(out).absolute()
+    where = target
+    while not where.exists():
+        where = where.parent
+    existing = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) if target.is_dir() else 0
+    check = SpaceCheck(estimate.total, shutil.disk_usage(where).free, existing, where)
+    if not check.fits and not ignore:
+        raise SpaceError(f"--out {out}: the cache needs about {human_bytes(check.needed)} and {where} has "
+                         f"{human_bytes(check.free)} free" + (f" (+{human_bytes(existing)} in the store)" if existing
+                                                              else "")
+                         + "; keep fewer layers or tokens (--dry-run shows the sizes), write elsewhere, "
+                           "or pass --ignore-free-space")
+    return check
+
+
+def dry_run_report(settings: ExtractSettings, manifest: Manifest) -> str:
+    """What the cache will hold and take on disk, from the model's config alone (nothing is loaded)."""
+    est = estimate_size(settings, manifest)
+    geo, layout, per_clip = est.geometry, est.layout, est.per_clip
     C, T, layers = layout.num_clips, layout.frames, layout.layers
     groups: dict[str, int] = {}
     for name, b in per_clip.items():
@@ -126,10 +192,9 @@ def dry_run_report(settings: ExtractSettings, manifest: Manifest) -> str:
         groups[key] = groups.get(key, 0) + b
     rows = [[k, human_bytes(b / T), human_bytes(b * C)] for k, b in groups.items()]
     total = sum(per_clip.values())
-    text = len(manifest.classes) * geo["embed_dim"] * 4 if settings.text and manifest.classes else 0
-    if text:
-        rows.append([f"text/embed ({len(manifest.classes)} classes)", "-", human_bytes(text)])
-    rows.append(["total", human_bytes(total / T), human_bytes(total * C + text)])
+    if est.text_bytes:
+        rows.append([f"text/embed ({len(manifest.classes)} classes)", "-", human_bytes(est.text_bytes)])
+    rows.append(["total", human_bytes(total / T), human_bytes(est.total)])
     head = (f"dry run: {geo['name']} ({geo['depth']} blocks, width {geo['width']}, patch grid "
             f"{geo['patch_grid'][0]}x{geo['patch_grid'][1]}), layers "
             f"{list(layers) if len(layers) < 8 else settings.layers}, tokens {layout.tokens}, {settings.dtype}\n"

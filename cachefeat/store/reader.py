@@ -12,6 +12,7 @@ import zarr
 from ..fmt import ranges
 from ..specs import PixelSpec, TokenSpec, ViewSpec
 from .layout import ATTR, CLIP_TABLES, FAILED, SCHEMA_VERSION, VIDEO_TABLES, CacheError, Layout, feature_fingerprint
+from .lock import StoreLock
 from .shard_file import ShardFile, ShardFileError
 
 
@@ -117,6 +118,11 @@ class Cache:
     @property
     def complete(self) -> bool:
         return bool(self.shard_done().all())
+
+    def being_written_by(self) -> dict | None:
+        """The live process that holds this store's writer lock ({host, pid, since}; {} while it is still
+        filling the lock file in), or None when no extraction is writing it."""
+        return StoreLock(self.path).active_holder()
 
     def done_rows(self) -> np.ndarray:
         done = self.shard_done()

@@ -5,6 +5,7 @@
     loop.py         open_run (caches checked, adapter resolved) and train (the loop, top to bottom)
     checkpoint.py   the checkpoint format; check_fits, the one "does this cache fit this adapter" check
     runs.py         run folders: resume, replace or refuse; compare
+    coverage.py     check_cache_use: unfinished / being-written caches refused unless allowed; what was used
     evaluate.py     the multi-view protocol, per-class accuracy, confusion matrix
     predict.py      new videos end to end (backbone rebuilt from the checkpoint)
     online.py       the same batches computed from the videos (the equivalence that justifies the cache)

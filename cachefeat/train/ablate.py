@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import TrainConfig
+from .config import TrainConfig, TrainError
 
 TOP_KEYS = ("train-cache", "val-cache", "train", "adapters", "grid", "random", "num-samples")
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
@@ -244,11 +244,13 @@ def is_ablation_spec(path: str | os.PathLike) -> bool:
     return isinstance(data, dict) and "stages" not in data and any(k in data for k in ("grid", "random", "train-cache"))
 
 
-def check_caches(spec: AblationSpec) -> None:
-    """The caches exist, match each other, and can feed every adapter a trial can pick (one line if not)."""
+def check_caches(spec: AblationSpec, allow_incomplete: bool = False) -> None:
+    """The caches exist, are finished and not being written (unless `allow_incomplete`), match each other,
+    and can feed every adapter a trial can pick (one line if not)."""
     from ..adapters import CacheMismatch, Needs
     from ..store import CacheError, open_cache
     from .checkpoint import check_fits
+    from .coverage import check_cache_use
     from .loop import resolve_adapter
     caches = {}
     for key, p in (("train-cache", spec.train_cache), ("val-cache", spec.val_cache)):
@@ -260,6 +262,11 @@ def check_caches(spec: AblationSpec) -> None:
         except CacheError as e:
             raise AblationError(f"{spec.path}: {key}: {e}") from None
     train, val = caches["train-cache"], caches["val-cache"]
+    for key, c in caches.items():
+        try:
+            check_cache_use(c, allow_incomplete)
+        except TrainError as e:
+            raise AblationError(f"{spec.path}: {key}: {e}") from None
     try:
         check_fits(val.meta, "", Needs(), f"the val cache {spec.val_cache}", trained_meta=train.meta)
     except CacheMismatch as e:
@@ -339,7 +346,8 @@ def peak_memory() -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "RSS"
 
 
-def _run_trial(params: dict, spec: AblationSpec, out: str, cpus: float, gpus: float) -> None:
+def _run_trial(params: dict, spec: AblationSpec, out: str, cpus: float, gpus: float,
+               allow_incomplete: bool = False) -> None:
     """One Tune trial: the normal training into OUT/trials/<name>, val top-1 reported after every epoch."""
     from ray import tune
 
@@ -361,7 +369,7 @@ def _run_trial(params: dict, spec: AblationSpec, out: str, cpus: float, gpus: fl
             logf.write(line + "\n")
             logf.flush()
         try:
-            run = open_run(cfg, spec.train_cache, spec.val_cache)
+            run = open_run(cfg, spec.train_cache, spec.val_cache, allow_incomplete)
             params_n = run.model.num_trainable()
             log(f"adapter {cfg.adapter}: {params_n:,} trainable parameters; {run.model.summary}")
 
@@ -476,8 +484,9 @@ def prepare_out_dir(out: str | Path, spec_path: str | Path, overwrite: bool = Fa
 
 def run_ablation(spec: AblationSpec, out: str, gpus_per_trial: float | None = None, cpus_per_trial: float = 1,
                  max_concurrent: int = 0, asha: bool = False, num_samples: int | None = None,
-                 address: str | None = None, log=print) -> list[Row]:
-    """Run every trial of `spec` with Ray Tune and write the results into `out` (see the module docstring)."""
+                 address: str | None = None, log=print, allow_incomplete: bool = False) -> list[Row]:
+    """Run every trial of `spec` with Ray Tune and write the results into `out` (see the module docstring).
+    `allow_incomplete`: the trials train on the finished shards of unfinished caches."""
     from ..ray_runtime import ClusterError, ray_runtime
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # no CSV/JSON/TensorBoard files per trial
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"   # the classic reporter: verbose=0 prints nothing
@@ -506,7 +515,8 @@ def run_ablation(spec: AblationSpec, out: str, gpus_per_trial: float | None = No
             + f" per trial, up to {min(slots, max_concurrent or slots, total)} at a time"
             + (", ASHA early stopping" if asha else "") + f"; runs in {out}/trials")
         trainable = tune.with_resources(
-            tune.with_parameters(_run_trial, spec=spec, out=str(outp), cpus=cpus_per_trial, gpus=gpus_per_trial),
+            tune.with_parameters(_run_trial, spec=spec, out=str(outp), cpus=cpus_per_trial, gpus=gpus_per_trial,
+                                 allow_incomplete=allow_incomplete),
             {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
         scheduler = None
         if asha:

@@ -16,6 +16,7 @@ from ..store import diff_meta, feature_fingerprint
 from .config import TrainError
 
 CHECKPOINT = "checkpoint.pt"
+BEST_CHECKPOINT = "checkpoint_best.pt"    # the epoch of the best val top-1 so far, beside the last
 CHECKPOINT_FORMAT = "cachefeat-checkpoint"
 # cache metadata a checkpoint keeps: enough to rebuild the adapter, check an eval cache, and run predict
 RECORDED_META = ("model", "layers", "tokens", "dtype", "frames", "sampling", "views", "preprocessing",

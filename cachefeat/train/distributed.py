@@ -27,8 +27,12 @@ from .loop import Part, cpu_threads, open_run, train
 
 
 def train_distributed(cfg: TrainConfig, cache: str, val_cache: str | None, out: str, resume: bool, workers: int,
-                      address: str | None = None, log=print) -> dict:
-    """Train with `workers` Ray Train workers; returns rank 0's summary (also written to out/summary.json)."""
+                      address: str | None = None, log=print, allow_incomplete: bool = False,
+                      before_start=None) -> dict:
+    """Train with `workers` Ray Train workers; returns rank 0's summary (also written to out/summary.json).
+    `allow_incomplete`: train on the finished shards of an unfinished cache (see coverage.check_cache_use).
+    `before_start()`: called once the cluster is joined and found able to run the workers, before they
+    start (the CLI clears a run folder being replaced there, so a refused cluster deletes nothing)."""
     from ray.util.queue import Queue
 
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -42,11 +46,14 @@ def train_distributed(cfg: TrainConfig, cache: str, val_cache: str | None, out: 
         if not gpu and rt.cpus < workers:
             raise ClusterError(f"--workers {workers}: the Ray cluster has {rt.cpus:g} CPU slots (one per worker "
                                f"is needed without GPUs)")
+        if before_start is not None:
+            before_start()
         _quiet_ray_train()
         queue = Queue(actor_options={"num_cpus": 0, **on_driver_node()})
         config = {"cfg": replace(cfg, device="cuda" if gpu else "cpu").to_dict(), "cache": str(Path(cache).resolve()),
                   "val_cache": str(Path(val_cache).resolve()) if val_cache else None, "out": str(Path(out).resolve()),
-                  "resume": resume, "queue": queue, "threads": cfg.threads}
+                  "resume": resume, "queue": queue, "threads": cfg.threads,
+                  "allow_incomplete": allow_incomplete}
         storage = tempfile.mkdtemp(prefix="cachefeat-train-")
         box: dict = {}
 
@@ -99,7 +106,7 @@ def _worker(config: dict) -> None:
     queue = config["queue"]
     main = part.rank == 0
     # only rank 0 validates, so only it opens the val cache
-    run = open_run(cfg, config["cache"], config["val_cache"] if main else None)
+    run = open_run(cfg, config["cache"], config["val_cache"] if main else None, config["allow_incomplete"])
     if main:
         Path(config["out"]).mkdir(parents=True, exist_ok=True)
     resume = load_checkpoint(config["out"]) if config["resume"] else None

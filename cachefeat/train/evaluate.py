@@ -1,6 +1,6 @@
 """Evaluation: the multi-view test protocol on a cache (logits of every view of a video averaged, then
-top-1/top-5 per video), per-class accuracy, the confusion matrix (CSV and PNG), and the `eval` command's
-run over a trained checkpoint.
+top-1/top-5 per video), per-class accuracy, the confusion matrix (sparse, so its size follows the videos,
+not the square of the classes), per-video logits, and the report files of the `eval` command.
 
 When the class list is the synthetic data set's (cachefeat.synth), `reversal_accuracy` is also reported:
 how often the true class scores above its time-reversed partner (0.5 = blind to the order of frames).
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +37,9 @@ def to_device(batch: dict, device: torch.device, spec) -> dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def clip_logits(model, source, device: torch.device, precision: str, spec) -> tuple[np.ndarray, dict]:
-    """Logits of every valid clip of the source (eval order) and their label/video/view/row."""
+def clip_logits(model, source, device: torch.device, precision: str, spec, progress=None) -> tuple[np.ndarray, dict]:
+    """Logits of every valid clip of the source (eval order) and their label/video/view/row. `progress(n)`
+    is called with the clips of each batch done."""
     model.eval()
     logits, tables = [], {"label": [], "video": [], "view": [], "row": []}
     for batch in source.batches(0, train=False):
@@ -45,6 +48,8 @@ def clip_logits(model, source, device: torch.device, precision: str, spec) -> tu
         logits.append(out.float().cpu().numpy())
         for k in tables:
             tables[k].append(np.asarray(batch[k]))
+        if progress is not None:
+            progress(len(logits[-1]))
     if not logits:
         return np.zeros((0, spec.num_classes), np.float32), {k: np.zeros(0, np.int64) for k in tables}
     return np.concatenate(logits), {k: np.concatenate(v) for k, v in tables.items()}
@@ -61,24 +66,71 @@ def video_logits(logits: np.ndarray, videos: np.ndarray, labels: np.ndarray):
     return ids, (sums / counts).astype(np.float32), lab
 
 
+@dataclass
+class Confusion:
+    """The confusion matrix of per-video predictions, stored sparsely: only its non-zero cells (true class,
+    predicted class, videos), so its size grows with the videos, never with classes squared."""
+    true: np.ndarray
+    pred: np.ndarray
+    count: np.ndarray
+    num_classes: int
+
+    @classmethod
+    def of(cls, labels: np.ndarray, preds: np.ndarray, num_classes: int) -> Confusion:
+        cells, count = np.unique(labels.astype(np.int64) * num_classes + preds, return_counts=True)
+        return cls(cells // num_classes, cells % num_classes, count.astype(np.int64), num_classes)
+
+    def totals(self) -> np.ndarray:
+        """(C,) videos of each true class."""
+        return np.bincount(self.true, weights=self.count, minlength=self.num_classes).astype(np.int64)
+
+    def correct(self) -> np.ndarray:
+        """(C,) videos of each class predicted right."""
+        d = self.true == self.pred
+        return np.bincount(self.true[d], weights=self.count[d], minlength=self.num_classes).astype(np.int64)
+
+    def dense(self) -> np.ndarray:
+        """(C, C) int64 rows = true class, columns = predicted (C^2 x 8 bytes: for small class counts)."""
+        m = np.zeros((self.num_classes, self.num_classes), np.int64)
+        m[self.true, self.pred] = self.count
+        return m
+
+    def most_confused(self, k: int = 20) -> list[tuple[int, int, int]]:
+        """The k off-diagonal cells with the most videos: (true, predicted, videos), most first."""
+        off = np.flatnonzero(self.true != self.pred)
+        order = off[np.lexsort((self.pred[off], self.true[off], -self.count[off]))][:k]
+        return [(int(self.true[i]), int(self.pred[i]), int(self.count[i])) for i in order]
+
+
+def top_k_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(N,) bool: the label is among the k highest logits (no full sort: memory N x k)."""
+    k = min(k, logits.shape[1])
+    if k >= logits.shape[1]:
+        return np.ones(len(labels), bool)
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return (top == labels[:, None]).any(axis=1)
+
+
 def metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
-    """Top-1/top-5 (fractions), loss, per-class accuracy and the confusion matrix of per-video logits."""
+    """Top-1/top-5 (fractions), loss, per-class accuracy (None for a class without videos), the most
+    confused class pairs and the confusion matrix (a Confusion, sparse) of per-video logits."""
     keep = labels >= 0
     logits, labels = logits[keep], labels[keep]
     C = len(classes)
     n = len(labels)
     if n == 0:
         return {"videos": 0, "top1": None, "top5": None}
-    order = np.argsort(-logits, axis=1)
-    top1 = float((order[:, 0] == labels).mean())
-    k = min(5, C)
-    top5 = float((order[:, :k] == labels[:, None]).any(axis=1).mean())
+    pred = logits.argmax(axis=1)
+    top1 = float((pred == labels).mean())
+    top5 = float(top_k_hits(logits, labels, 5).mean())
     loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item())
-    conf = np.zeros((C, C), np.int64)
-    np.add.at(conf, (labels, order[:, 0]), 1)
-    per_class = {classes[c]: (float(conf[c, c] / conf[c].sum()) if conf[c].sum() else None) for c in range(C)}
+    conf = Confusion.of(labels, pred, C)
+    totals, correct = conf.totals(), conf.correct()
+    per_class = {classes[c]: (float(correct[c] / totals[c]) if totals[c] else None) for c in range(C)}
+    confused = [{"true": classes[t], "predicted": classes[p], "videos": v,
+                 "share_of_true": round(v / int(totals[t]), 4)} for t, p, v in conf.most_confused(MOST_CONFUSED)]
     out = {"videos": n, "top1": top1, "top5": top5, "loss": loss, "per_class": per_class,
-           "confusion": conf.tolist()}
+           "most_confused": confused, "confusion": conf}
     rev = reversal_accuracy(logits, labels, classes)
     if rev is not None:
         out["reversal_accuracy"] = rev
@@ -98,41 +150,66 @@ def reversal_accuracy(logits: np.ndarray, labels: np.ndarray, classes: list[str]
     return float((logits[rows, labels] > logits[rows, partner]).mean())
 
 
-def evaluate(model, source, device: torch.device, precision: str, spec, classes: list[str]) -> dict:
-    """The multi-view protocol over every valid clip of a source."""
-    logits, t = clip_logits(model, source, device, precision, spec)
-    clip_top1 = float((logits.argmax(1) == t["label"])[t["label"] >= 0].mean()) if len(logits) else None
-    _, vlogits, vlabels = video_logits(logits, t["video"], t["label"])
+def evaluate(model, source, device: torch.device, precision: str, spec, classes: list[str], progress=None,
+             keep_logits: bool = False) -> dict:
+    """The multi-view protocol over every valid clip of a source. With `keep_logits`, the result's `logits`
+    holds the arrays of logits.npz (per clip and per video; see write_logits)."""
+    logits, t = clip_logits(model, source, device, precision, spec, progress)
+    labelled = t["label"] >= 0
+    clip_top1 = float((logits.argmax(1) == t["label"])[labelled].mean()) if labelled.any() else None
+    vids, vlogits, vlabels = video_logits(logits, t["video"], t["label"])
     out = metrics(vlogits, vlabels, classes)
     out["clips"] = int(len(logits))
     out["clip_top1"] = clip_top1
+    if keep_logits:
+        out["logits"] = {"video": vids, "label": vlabels, "video_logits": vlogits, "clip_video": t["video"],
+                         "clip_view": t["view"], "clip_logits": logits.astype(np.float16)}
     return out
 
 
 # ------------------------------------------------------------------------------------------- reports
-def write_confusion(out_dir: Path, conf: list[list[int]], classes: list[str]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+CELL_REPORT_MAX_CLASSES = 50    # up to this many classes: confusion.csv and the confusion.png heat map
+MOST_CONFUSED = 20              # pairs listed in metrics.json and drawn in per_class.png
+
+
+def json_safe(obj):
+    """`obj` with NaN and infinities as None and NumPy scalars as Python numbers: what json.dumps(...,
+    allow_nan=False) accepts (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def metrics_json(result: dict) -> dict:
+    """The JSON part of an evaluation result: everything but the arrays (confusion, logits)."""
+    return json_safe({k: v for k, v in result.items() if k not in ("confusion", "logits")})
+
+
+def write_confusion_cells(out_dir: Path, conf: Confusion, classes: list[str]) -> None:
+    """confusion.csv and confusion.png, one cell per (true, predicted) pair: for a few classes only."""
+    m = conf.dense()
     with open(out_dir / "confusion.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["true \\ predicted", *classes])
-        for name, row in zip(classes, conf):
+        for name, row in zip(classes, m.tolist()):
             w.writerow([name, *row])
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     C = len(classes)
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * C + 2), max(3.5, 0.5 * C + 1.5)))
-    m = np.asarray(conf, dtype=float)
     norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     if C <= 30:
         ax.set_xticks(range(C), classes, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(C), classes, fontsize=7)
-        for i in range(C):
-            for j in range(C):
-                if m[i, j]:
-                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6,
-                            color="white" if norm[i, j] > 0.5 else "black")
+        for i, j in zip(conf.true, conf.pred):
+            ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6,
+                    color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion (rows normalised)")
@@ -141,12 +218,83 @@ def write_confusion(out_dir: Path, conf: list[list[int]], classes: list[str]) ->
     plt.close(fig)
 
 
-def write_per_class(out_dir: Path, per_class: dict, conf: list[list[int]]) -> None:
+def plot_class_summary(path: Path, conf: Confusion, classes: list[str], label_worst: int = 25) -> None:
+    """A figure of fixed size for any number of classes: per-class accuracy sorted (the worst classes
+    named), and the most-confused (true -> predicted) pairs."""
+    plt = _pyplot()
+    totals, correct = conf.totals(), conf.correct()
+    seen = np.flatnonzero(totals)
+    acc = correct[seen] / totals[seen]
+    order = seen[np.argsort(acc, kind="stable")]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 7), gridspec_kw={"width_ratios": [1, 1]})
+    sorted_acc = 100 * correct[order] / totals[order]
+    a.plot(np.arange(len(order)), sorted_acc, color="#4C72B0", lw=1.5)
+    a.fill_between(np.arange(len(order)), sorted_acc, color="#4C72B0", alpha=0.2)
+    for i, c in enumerate(order[:label_worst]):
+        a.annotate(classes[c][:28], (i, sorted_acc[i]), xytext=(6, 3 + 11 * i), textcoords="offset points",
+                   fontsize=7, arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6"})
+    a.set_xlabel(f"classes with videos, sorted by accuracy ({len(order)} of {len(classes)})")
+    a.set_ylabel("per-class top-1 (%)")
+    a.set_ylim(0, 105)
+    a.set_title(f"per-class accuracy; the {min(label_worst, len(order))} lowest named")
+    pairs = conf.most_confused(MOST_CONFUSED)[::-1]
+    if pairs:
+        y = np.arange(len(pairs))
+        share = [100 * v / totals[t] for t, _, v in pairs]
+        b.barh(y, share, color="#DD8452")
+        b.set_yticks(y, [f"{classes[t][:24]} -> {classes[p][:24]} ({v})" for t, p, v in pairs], fontsize=7)
+        b.set_xlabel("% of the true class's videos predicted as the other")
+        b.set_title(f"the {len(pairs)} most-confused pairs (true -> predicted (videos))")
+    else:
+        b.text(0.5, 0.5, "no confusions", ha="center", va="center")
+        b.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def write_per_class(out_dir: Path, per_class: dict, conf: Confusion) -> None:
+    totals = conf.totals()
     with open(out_dir / "per_class.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "videos", "accuracy"])
-        for (name, acc), row in zip(per_class.items(), conf):
-            w.writerow([name, sum(row), "" if acc is None else f"{acc:.4f}"])
+        for (name, acc), n in zip(per_class.items(), totals.tolist()):
+            w.writerow([name, n, "" if acc is None else f"{acc:.4f}"])
+
+
+def write_confusion_npz(path: Path, conf: Confusion, classes: list[str]) -> None:
+    """The whole confusion matrix, sparse: rows true[i], columns pred[i] hold count[i] videos (every other
+    cell is 0); `classes` names the indices. Dense: m = np.zeros((C, C)); m[true, pred] = count."""
+    _savez(path, true=conf.true, pred=conf.pred, count=conf.count, classes=np.asarray(classes, dtype=str))
+
+
+def write_logits(path: Path, logits: dict, video_ids: np.ndarray | None = None) -> None:
+    """logits.npz: per video (`video`: its index in the cache, `video_id`, `label`, `video_logits` (V, C)
+    float32, the views averaged) and per clip (`clip_video`, `clip_view`, `clip_logits` (clips, C)
+    float16): what ensembling and later analysis need."""
+    arrays = dict(logits)
+    if video_ids is not None:
+        arrays["video_id"] = np.asarray(video_ids, dtype=str)
+    _savez(path, **arrays)
+
+
+def _savez(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
 
 
 def report_dir(checkpoint: str | Path, cache: str | Path, out: str | Path | None = None) -> Path:
@@ -160,15 +308,36 @@ def report_dir(checkpoint: str | Path, cache: str | Path, out: str | Path | None
     return out_dir
 
 
-def write_report(out_dir: Path, result: dict, classes: list[str]) -> None:
-    """metrics.json (with `files`: the report's other files, relative to out_dir), and with a confusion
-    matrix: per_class.csv, confusion.csv and confusion.png."""
+REPORT_FILES = ("metrics.json", "confusion.npz", "logits.npz", "per_class.csv", "per_class.png", "confusion.csv",
+                "confusion.png")
+
+
+def write_report(out_dir: Path, result: dict, classes: list[str], video_ids: np.ndarray | None = None) -> dict:
+    """metrics.json first (so the figures are never lost to a failure after them), then confusion.npz (the
+    whole matrix, sparse), logits.npz (when the result kept them), per_class.csv, and the figures: up to
+    CELL_REPORT_MAX_CLASSES classes confusion.csv and confusion.png (one cell per pair), above it
+    per_class.png (sorted per-class accuracy and the most-confused pairs, its size independent of the
+    class count); then metrics.json again with `files`, the report's files relative to out_dir. Files of
+    an earlier report that this one does not write are removed. Returns `files`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if result.get("confusion") is not None:
-        write_confusion(out_dir, result["confusion"], classes)
-        write_per_class(out_dir, result["per_class"], result["confusion"])
-        result = {**result, "files": {"per_class": "per_class.csv", "confusion_csv": "confusion.csv",
-                                      "confusion_png": "confusion.png"}}
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out_dir / "metrics.json")
+    doc = metrics_json(result)
+    _write_json(out_dir / "metrics.json", doc)
+    files = {"metrics": "metrics.json"}
+    conf = result.get("confusion")
+    if result.get("logits") is not None:
+        write_logits(out_dir / "logits.npz", result["logits"], video_ids)
+        files["logits"] = "logits.npz"
+    if conf is not None:
+        write_confusion_npz(out_dir / "confusion.npz", conf, classes)
+        write_per_class(out_dir, result["per_class"], conf)
+        files.update(confusion="confusion.npz", per_class="per_class.csv")
+        if len(classes) <= CELL_REPORT_MAX_CLASSES:
+            write_confusion_cells(out_dir, conf, classes)
+            files.update(confusion_csv="confusion.csv", confusion_png="confusion.png")
+        else:
+            plot_class_summary(out_dir / "per_class.png", conf, classes)
+            files["per_class_png"] = "per_class.png"
+    for name in set(REPORT_FILES) - set(files.values()):
+        (out_dir / name).unlink(missing_ok=True)
+    _write_json(out_dir / "metrics.json", {**doc, "files": files})
+    return files

@@ -24,8 +24,17 @@ from .. import adapters
 from ..adapters import CacheMismatch, FeatureSpec, Needs
 from ..devices import autocast, cpu_threads, resolve_device, resolve_precision  # noqa: F401 (cpu_threads: API)
 from ..store import Cache, open_cache
-from .checkpoint import CHECKPOINT, check_fits, checkpoint_state, save_atomic, write_json_atomic, write_metrics
+from .checkpoint import (
+    BEST_CHECKPOINT,
+    CHECKPOINT,
+    check_fits,
+    checkpoint_state,
+    save_atomic,
+    write_json_atomic,
+    write_metrics,
+)
 from .config import TrainConfig, TrainDiverged, TrainError
+from .coverage import check_cache_use
 from .evaluate import evaluate, to_device
 from .reader import CachedSource, FeatureSource
 
@@ -67,11 +76,21 @@ class Run:
     model: torch.nn.Module
     train_source: FeatureSource
     val_source: FeatureSource | None
+    coverage: dict | None = None     # {"train": ..., "val": ...}: what of each cache is used (coverage.coverage)
 
 
-def open_run(cfg: TrainConfig, cache: str, val_cache: str | None = None) -> Run:
+def open_run(cfg: TrainConfig, cache: str, val_cache: str | None = None, allow_incomplete: bool = False,
+             check_device: bool = True) -> Run:
+    """Open and check everything a run needs before anything is written: the caches (an unfinished one, or
+    one being written, refused unless `allow_incomplete`), the adapter against them, and (`check_device`)
+    the device and precision this process would train on."""
     train = open_cache(cache)
     val = open_cache(val_cache) if val_cache else None
+    cov = {"train": check_cache_use(train, allow_incomplete)}
+    if val is not None:
+        cov["val"] = check_cache_use(val, allow_incomplete)
+    if check_device:
+        resolve_precision(cfg.precision, resolve_device(cfg.device), gpu_auto="bf16")
     if not train.valid().any():
         raise TrainError(f"{cache} has no valid clips (is its extraction finished? see cachefeat info)")
     cls, config, needs, spec = resolve_adapter(cfg.adapter, cfg.adapter_opts, train.meta)
@@ -82,7 +101,7 @@ def open_run(cfg: TrainConfig, cache: str, val_cache: str | None = None) -> Run:
                        train_views=cfg.train_views)
     vsrc = (CachedSource(val, needs, cfg.batch_size, cfg.seed, cfg.in_memory, cfg.read_workers)
             if val is not None else None)
-    return Run(cfg, train, val, spec, needs, model, src, vsrc)
+    return Run(cfg, train, val, spec, needs, model, src, vsrc, cov)
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -323,7 +342,10 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
                 raise _diverged(f"weights became non-finite ({', '.join(bad[:3])})", epoch, cfg, out, epoch)
             history.append(record)
             if out is not None:
-                save_atomic(checkpoint_state(run, model, opt, scaler, epoch + 1, history, seconds), out / CHECKPOINT)
+                state = checkpoint_state(run, model, opt, scaler, epoch + 1, history, seconds)
+                save_atomic(state, out / CHECKPOINT)
+                if _best_so_far(history):       # the best val top-1 yet: kept beside the last checkpoint
+                    save_atomic(state, out / BEST_CHECKPOINT)
                 write_metrics(out, history)
             if main:
                 log(_epoch_line(record, cfg.epochs))   # after the checkpoint: a reported epoch survives a crash
@@ -340,10 +362,18 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
     if out is not None:
         # the run folder's files, relative to it: what a reader of summary.json opens next
         summary["files"] = {"checkpoint": CHECKPOINT, "metrics": "metrics.jsonl", "curves_png": "curves.png"}
+        if (out / BEST_CHECKPOINT).is_file():
+            summary["files"]["best_checkpoint"] = BEST_CHECKPOINT
         if history:
             plot_curves(out / "curves.png", history)
         write_json_atomic(out / "summary.json", summary)   # last: a run with a summary is complete
     return TrainResult(history, step_losses, summary)
+
+
+def _best_so_far(history: list[dict]) -> bool:
+    """Is the last epoch's val top-1 higher than every earlier epoch's (the first validated epoch is)?"""
+    last = history[-1].get("val_top1")
+    return last is not None and all(h.get("val_top1") is None or h["val_top1"] < last for h in history[:-1])
 
 
 def _epoch_line(r: dict, epochs: int) -> str:
@@ -363,6 +393,6 @@ def make_summary(run: Run, history: list[dict], seconds: float, precision: str, 
         "train_clips_per_epoch": len(run.train_source.rows(0, train=True)), "classes": len(run.train_cache.classes),
         "epochs": len(history), "train_seconds": round(seconds, 2), "device": str(device), "precision": precision,
         "in_memory": getattr(getattr(run.train_source, "dataset", None), "in_memory", None),
-        "final": last, "best_epoch": best["epoch"] if best else None,
+        "coverage": run.coverage, "final": last, "best_epoch": best["epoch"] if best else None,
         "best_val_top1": best["val_top1"] if best else None, "config": run.cfg.to_dict(),
     }

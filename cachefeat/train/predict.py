@@ -12,8 +12,10 @@ from .evaluate import to_device
 from .online import OnlineFeatures, backbone_from_meta
 
 
-def predict(ck: dict, videos: list[str], device: str = "auto", precision: str = "auto", top: int = 5) -> list[dict]:
-    """One result per video: {"video", "top": [{"class", "index", "probability"}], "views"} or {"video", "error"}."""
+def predict(ck: dict, videos: list[str], device: str = "auto", precision: str = "auto", top: int = 5,
+            progress=None) -> list[dict]:
+    """One result per video: {"video", "top": [{"class", "index", "probability"}], "views"} or {"video", "error"}.
+    `progress(1)` is called after each video."""
     model, spec, needs = adapter_from_checkpoint(ck)
     meta = ck["cache_meta"]
     backbone = backbone_from_meta(meta, device=device)
@@ -25,6 +27,8 @@ def predict(ck: dict, videos: list[str], device: str = "auto", precision: str = 
     classes = list(ck["classes"])
     results = []
     for i, path in enumerate(videos):
+        if i and progress is not None:
+            progress(1)
         res = online.decode_result(path, i)
         if not res.ok:
             results.append({"video": str(path), "error": f"{res.stage}: {res.error}"})
@@ -36,4 +40,6 @@ def predict(ck: dict, videos: list[str], device: str = "auto", precision: str = 
         order = np.argsort(-prob)[: min(top, len(classes))]
         results.append({"video": str(path), "views": int(res.pixels.shape[0]),
                         "top": [{"class": classes[j], "index": int(j), "probability": float(prob[j])} for j in order]})
+    if videos and progress is not None:
+        progress(1)
     return results

@@ -18,6 +18,7 @@ from ..devices import resolve_device, resolve_precision
 from ..store import Cache, open_cache
 from .checkpoint import adapter_from_checkpoint, check_fits, load_checkpoint
 from .config import TrainError
+from .coverage import check_cache_use
 from .evaluate import evaluate, to_device
 from .reader import CacheDataset, CachedSource
 
@@ -65,21 +66,34 @@ class TrainedAdapter:
         return [[(self.classes[j], float(p[i, j])) for j in row] for i, row in enumerate(order)]
 
     def evaluate(self, cache, batch_size: int = 64, device: str = "auto", precision: str = "auto",
-                 in_memory: str = "auto", read_workers: int = 2) -> dict:
-        """The multi-view test protocol on `cache` (a path or an open Cache, checked to fit first): top-1 and
-        top-5 per video, per-class accuracy, the confusion matrix, and what was evaluated."""
+                 in_memory: str = "auto", read_workers: int = 2, allow_incomplete: bool = False,
+                 keep_logits: bool = False, progress=None) -> dict:
+        """The multi-view test protocol on `cache` (a path or an open Cache, checked to fit first; an
+        unfinished cache, or one being written, is refused unless `allow_incomplete`): top-1 and top-5 per
+        video, per-class accuracy, the confusion matrix, and what was evaluated (`coverage`: the cache's
+        videos, those evaluated, failed at extraction, unwritten). `keep_logits`: also the per-clip and
+        per-video logits (`logits`, with the cache's video ids). `progress(n)`: called with each batch's clips."""
         cache = cache if isinstance(cache, Cache) else open_cache(cache)
         self.check(cache)
+        cov = check_cache_use(cache, allow_incomplete)
         if not cache.valid().any():
             raise TrainError(f"{cache.path} has no valid clips")
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev, gpu_auto="bf16")
         src = CachedSource(cache, self.needs, batch_size, in_memory=in_memory, workers=read_workers)
-        result = evaluate(self.model.to(dev), src, dev, prec, self.spec, cache.classes)
+        try:
+            result = evaluate(self.model.to(dev), src, dev, prec, self.spec, cache.classes, progress, keep_logits)
+        finally:
+            src.close()
+        if keep_logits:
+            ids = cache.root["videos/id"][:][result["logits"]["video"]]
+            result["logits"]["video_id"] = np.array(ids.tolist(), dtype=str)   # a plain numpy string array
         ck = self.checkpoint
         return {"top1": result["top1"], "top5": result["top5"], **result, "adapter": ck["adapter"],
                 "trainable_params": ck["trainable_params"], "epochs": ck["epoch"], "checkpoint": self.path,
-                "cache": str(cache.path), "views": cache.views.count}
+                "cache": str(cache.path), "views": cache.views.count,
+                "coverage": {"videos": cov["videos"], "evaluated": result["videos"], "failed": cov["failed"],
+                             "unwritten": cov["unwritten"], "complete": cov["complete"]}}
 
     def to(self, device) -> TrainedAdapter:
         self.model.to(device)

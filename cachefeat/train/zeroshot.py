@@ -5,28 +5,30 @@ from __future__ import annotations
 import numpy as np
 
 from ..store import Cache, CacheError
+from .coverage import check_cache_use
+from .evaluate import top_k_hits, video_logits
 
 
-def zero_shot(cache: Cache) -> dict:
+def zero_shot(cache: Cache, allow_incomplete: bool = False) -> dict:
+    """Top-1/top-5 per video (the views' similarities averaged) over the valid, labelled videos; an
+    unfinished cache, or one being written, is refused unless `allow_incomplete`. `coverage` says what
+    was evaluated: the cache's videos, those evaluated, failed at extraction, unwritten."""
+    cov = check_cache_use(cache, allow_incomplete)
     text = cache.text_embeddings().astype(np.float32)
-    text /= np.linalg.norm(text, axis=1, keepdims=True)
-    valid = cache.valid()
-    labels = cache.labels()
-    if not valid.any():
+    text /= np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
+    rows = np.flatnonzero(cache.valid())       # failed and unwritten rows hold no embedding: never read
+    if len(rows) == 0:
         raise CacheError(f"{cache.path} has no valid clips")
-    emb = cache.read("embed").astype(np.float32)                       # (C, T, E)
-    emb /= np.linalg.norm(emb, axis=2, keepdims=True)
-    sims = emb.mean(axis=1) @ text.T                                   # (C, classes)
-    video = cache.clip_video()
-    per_video: dict[int, list] = {}
-    for row in np.flatnonzero(valid):
-        per_video.setdefault(int(video[row]), []).append(sims[row])
-    vids = [v for v in per_video if labels[v * cache.views.count] >= 0]
-    if not vids:
+    emb = cache.read("embed", rows).astype(np.float32)                  # (clips, T, E)
+    emb /= np.maximum(np.linalg.norm(emb, axis=2, keepdims=True), 1e-12)
+    sims = emb.mean(axis=1) @ text.T                                    # (clips, classes)
+    _, scores, truth = video_logits(sims, cache.clip_video()[rows], cache.labels()[rows])
+    labelled = truth >= 0
+    if not labelled.any():
         raise CacheError(f"{cache.path} has no labelled valid videos to evaluate")
-    scores = np.stack([np.mean(per_video[v], axis=0) for v in vids])
-    truth = np.array([labels[v * cache.views.count] for v in vids])
-    order = np.argsort(-scores, axis=1)
-    top1 = float(np.mean(order[:, 0] == truth))
-    top5 = float(np.mean([t in o[:5] for t, o in zip(truth, order)]))
-    return {"top1": top1, "top5": top5, "videos": len(vids), "classes": len(cache.classes)}
+    scores, truth = scores[labelled], truth[labelled]
+    n = int(labelled.sum())
+    return {"top1": float(np.mean(scores.argmax(axis=1) == truth)), "top5": float(top_k_hits(scores, truth, 5).mean()),
+            "videos": n, "classes": len(cache.classes),
+            "coverage": {"videos": cov["videos"], "evaluated": n, "failed": cov["failed"],
+                         "unwritten": cov["unwritten"], "complete": cov["complete"]}}
