@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,32 +15,124 @@ from .fmt import human_bytes, ranges, table
 from .train.config import TrainConfig
 
 
-# Errors that mean "the command line asks for something impossible": usage errors, exit status 2.
+# The exit-status contract (docs/cli.md, Exit status): 0 ok; 1 the work failed or data is damaged; 2 bad usage
+# or input; 130 interrupted. Every error is one line; a traceback only with `cachefeat --debug`.
 def _usage_errors():
+    """Errors that mean "the command line or its input asks for something impossible": exit status 2
+    (unless the error is also an errors.Failed, such as CacheDamaged: status 1)."""
     from .adapters.base import AdapterError
     from .devices import DeviceError
     from .extract.backbone import BackboneError
     from .extract.manifest import ManifestError
+    from .ray_runtime import ClusterError
+    from .recipes import RecipeError
     from .specs import SpecError
     from .store import CacheError
     from .train.ablate import AblationError
     from .train.config import TrainError
-    return (SpecError, BackboneError, DeviceError, ManifestError, CacheError, AdapterError, TrainError, AblationError)
+    return (SpecError, BackboneError, DeviceError, ManifestError, CacheError, AdapterError, TrainError, AblationError,
+            RecipeError, ClusterError)
+
+
+def _failures():
+    """Errors that mean "the work failed" (exit status 1): a damaged cache or checkpoint, a diverged run, a
+    dead worker, a shard file that fails its checks."""
+    from .errors import Failed
+    from .ray_runtime import WorkerError
+    from .store.shard_file import ShardFileError
+    from .train.config import TrainDiverged
+    return (Failed, TrainDiverged, WorkerError, ShardFileError)
+
+
+# what an interrupted command says about continuing
+_RESUME = {"extract": "run the same command again to resume", "train": "run the same command with --resume to "
+           "continue from the last finished epoch", "run": "run the recipe again to continue",
+           "ablate": "run it again with --overwrite (finished trials are in --out/trials)",
+           "export": "run it again with --overwrite", "import": "run it again with --overwrite"}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+_PARSE_ERRORS = (click.BadParameter, click.MissingParameter, click.NoSuchOption, click.BadOptionUsage,
+                 click.BadArgumentUsage)
+
+
+class _Unexpected(click.ClickException):
+    """An error no part of cachefeat foresaw: one line naming its type, exit status 1."""
+
+    def show(self, file=None):
+        click.echo(self.message, err=True)
+
+
+def _os_error(e: OSError) -> click.ClickException:
+    """A file system error as one line: a place that cannot be written is bad input (2), a full disk or an
+    I/O error a failed run (1)."""
+    import errno
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    what = f"{e.strerror or _one_line(e)}{where}"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return click.UsageError(f"{what}: choose a place this user can write to, or make it writable")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return click.ClickException(f"{what}: free some space, then run the same command again (work that finished "
+                                    f"is kept)")
+    return click.ClickException(f"{what}")
+
+
+def _as_click_error(e: Exception, command: str) -> click.ClickException:
+    if isinstance(e, _failures()):
+        return click.ClickException(_one_line(e))
+    if isinstance(e, _usage_errors()):
+        return click.UsageError(_one_line(e), ctx=None)
+    if isinstance(e, OSError):
+        return _os_error(e)
+    return _Unexpected(f"cachefeat {command}: unexpected {type(e).__name__}: {_one_line(e)[:500]} "
+                       f"(run again with --debug for the traceback)")
 
 
 class _Group(click.Group):
     def invoke(self, ctx):
+        debug = bool(ctx.params.get("debug"))
         try:
             return super().invoke(ctx)
-        except _usage_errors() as e:
-            raise click.UsageError(str(e), ctx=None) from None
+        except click.exceptions.Exit:
+            raise
+        except click.UsageError as e:
+            if e.ctx is None or debug:
+                e.message = _one_line(e.message)
+                raise
+            # one line, without click's usage block; for a bad option, where its help is
+            hint = f" (`{e.ctx.command_path} -h` for help)" if isinstance(e, _PARSE_ERRORS) else ""
+            raise click.UsageError(_one_line(e.format_message()) + hint, ctx=None) from None
+        except click.ClickException as e:
+            e.message = _one_line(e.message)
+            raise
+        except (KeyboardInterrupt, click.Abort) as e:
+            if debug or (isinstance(e, click.Abort) and not isinstance(e.__context__, KeyboardInterrupt)):
+                raise
+            command = ctx.invoked_subcommand or ""
+            click.echo(f"cachefeat {command}: interrupted; {_RESUME.get(command, 'run it again')}", err=True)
+            ctx.exit(130)
+        except BrokenPipeError:   # the reader of our output went away (`cachefeat info ... | head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(1)
+        except Exception as e:
+            if debug:
+                raise
+            raise _as_click_error(e, ctx.invoked_subcommand or "") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="cachefeat")
-def cli():
+@click.option("--debug", is_flag=True,
+              help="Show the full traceback of an error instead of its one-line message (for bug reports).")
+def cli(debug):
     """Extract frozen CLIP ViT features from videos once (stage one), then train and ablate video
-    adapters on the cached tensors (stage two)."""
+    adapters on the cached tensors (stage two).
+
+    Exit status: 0 ok; 1 the work failed or data is damaged; 2 bad usage or input; 130 interrupted.
+    """
 
 
 def main():
@@ -417,11 +510,8 @@ def run(recipe, workdir, force, only, set_vars):
       cachefeat run pipelines/demo.yaml --workdir demo
       cachefeat run pipelines/k400.yaml --set model=ViT-L-14 --set frames=16
     """
-    from .recipes import RecipeError, parse_set, run_recipe
-    try:
-        report = run_recipe(cli, recipe, workdir, force, only, overrides=parse_set(set_vars))
-    except RecipeError as e:
-        raise click.UsageError(str(e)) from None
+    from .recipes import parse_set, run_recipe
+    report = run_recipe(cli, recipe, workdir, force, only, overrides=parse_set(set_vars))  # RecipeError: exit 2
     ran = [r for r in report if not r["skipped"]]
     click.echo(f"recipe {recipe}: {len(ran)} stages run, {len(report) - len(ran)} skipped")
 
@@ -905,17 +995,14 @@ def export(cache, out, fmt, compression, allow_incomplete, overwrite, quiet):
         raise click.UsageError("--compression applies to --format hdf5 only (.npy files are not compressed)")
     compression = compression or DEFAULT_COMPRESSION
     parse_compression(compression)  # a bad value fails before any work
-    try:
-        if fmt == "hdf5":
-            s = export_hdf5(cache, out, compression, overwrite, allow_incomplete, progress=not quiet)
-            click.echo(f"exported {s.arrays} arrays ({human_bytes(s.raw_bytes)}) to {out}: {human_bytes(s.out_bytes)} "
-                       f"({compression}) in {s.seconds:.1f} s")
-        else:
-            s = export_npy(cache, out, overwrite, allow_incomplete, progress=not quiet)
-            click.echo(f"exported {s.videos} videos ({s.files} files, {human_bytes(s.out_bytes)}) to {out} in "
-                       f"{s.seconds:.1f} s; {s.failed_videos} failed videos listed in {out}/index.json")
-    except OSError as e:
-        raise click.ClickException(f"export failed: {e}") from None
+    if fmt == "hdf5":
+        s = export_hdf5(cache, out, compression, overwrite, allow_incomplete, progress=not quiet)
+        click.echo(f"exported {s.arrays} arrays ({human_bytes(s.raw_bytes)}) to {out}: {human_bytes(s.out_bytes)} "
+                   f"({compression}) in {s.seconds:.1f} s")
+    else:
+        s = export_npy(cache, out, overwrite, allow_incomplete, progress=not quiet)
+        click.echo(f"exported {s.videos} videos ({s.files} files, {human_bytes(s.out_bytes)}) to {out} in "
+                   f"{s.seconds:.1f} s; {s.failed_videos} failed videos listed in {out}/index.json")
 
 
 @cli.command("import")
@@ -932,9 +1019,6 @@ def import_(input, out, overwrite, quiet):
     Example: cachefeat import k400_val.h5 --out k400_val.zarr
     """
     from .store.exchange import import_hdf5
-    try:
-        s = import_hdf5(input, out, overwrite, progress=not quiet)
-    except OSError as e:
-        raise click.ClickException(f"import failed: {e}") from None
+    s = import_hdf5(input, out, overwrite, progress=not quiet)   # a file system error: one line (the group's)
     click.echo(f"imported {s.arrays} arrays ({human_bytes(s.raw_bytes)}) into {out}: {human_bytes(s.out_bytes)} "
                f"on disk in {s.seconds:.1f} s (cachefeat info {out})")

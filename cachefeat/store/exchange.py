@@ -30,6 +30,7 @@ import numpy as np
 import zarr
 
 from .. import __version__
+from ..errors import Damaged
 from .layout import ATTR, SCHEMA_VERSION, CacheError
 from .lock import StoreLock
 from .reader import Cache, open_cache
@@ -60,6 +61,15 @@ _BLOCK_BYTES = 64 << 20              # rows copied per step: whole shards, about
 
 class ExchangeError(CacheError):
     """An export or import that cannot be done as asked; the message says why, in one line."""
+
+
+class ExportDamaged(ExchangeError, Damaged):
+    """An HDF5 export whose data cannot be read back (exit status 1)."""
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 @dataclass
@@ -360,12 +370,21 @@ def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -
                         raise ExchangeError(f"{src}: dataset /{name} is {ds.dtype} {ds.shape} but its Zarr metadata "
                                             f"says {says} (edited after export?)")
                     for sl in _row_blocks(a.shape, _outer_rows(a), _row_bytes(a.shape, a.dtype)):
-                        block = ds.asstr()[sl] if string else ds[sl]
+                        try:
+                            block = ds.asstr()[sl] if string else ds[sl]
+                        except (OSError, ValueError) as e:   # h5py: a chunk fails its checksum or is cut off
+                            raise ExportDamaged(f"import failed: {src}: dataset /{name} cannot be read "
+                                                f"({_one_line(e)}); the file is damaged: export the cache again"
+                                                ) from None
                         a[sl] = block
                         n = np.size(block) * _item_bytes(a.dtype)
                         stats.raw_bytes += n
                         bar.update(n)
-            Cache(tmp)   # opens as a cache: schema, metadata and layout are readable
+            try:
+                Cache(tmp)   # opens as a cache: schema, metadata, layout and every array are there
+            except CacheError as e:
+                raise ExchangeError(f"{src} does not hold a whole cache: "
+                                    f"{str(e).replace(str(tmp), 'the imported store')}") from None
             _replace(tmp, out)
         except BaseException:
             _remove(tmp)

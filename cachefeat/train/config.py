@@ -53,11 +53,11 @@ class TrainConfig:
 def read_config_file(path: str | Path) -> dict:
     """The settings of a YAML or JSON file (keys named like TrainConfig's fields, dashes allowed, plus
     `adapter_opts: {key: value}`), each converted to its field's type; one-line TrainError otherwise."""
-    import yaml
+    from ..yamlfile import YamlError, load_yaml
     try:
-        data = yaml.safe_load(Path(path).read_text())   # YAML is a superset of JSON
-    except yaml.YAMLError as e:
-        raise TrainError(f"--config {path} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+        data = load_yaml(path, f"--config {path}")   # YAML is a superset of JSON
+    except YamlError as e:
+        raise TrainError(str(e)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
