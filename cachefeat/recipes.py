@@ -115,6 +115,11 @@ def load_recipe(path: str | os.PathLike, overrides: dict | None = None) -> dict:
         commands = [k for k in st if k != "name"]
         if len(commands) != 1:
             raise RecipeError(f"recipe {path}: stage {i + 1} must name exactly one command, has {commands}")
+        if not isinstance(st[commands[0]], (dict, type(None))):
+            raise RecipeError(f"recipe {path}: stage {i + 1}: the options of `{commands[0]}` must be a mapping "
+                              f"{{option: value}}")
+        if not isinstance(st.get("name", ""), (str, int)):
+            raise RecipeError(f"recipe {path}: stage {i + 1}: its name must be a text")
         st.setdefault("name", f"{i + 1}-{commands[0]}")
         if st["name"] in names:
             raise RecipeError(f"recipe {path}: two stages are named {st['name']!r}")

@@ -31,7 +31,8 @@ import zarr
 
 from .. import __version__
 from ..errors import Damaged
-from .layout import ATTR, SCHEMA_VERSION, CacheError
+from ..fmt import ranges
+from .layout import ATTR, SCHEMA_VERSION, CacheDamaged, CacheError
 from .lock import StoreLock
 from .reader import Cache, open_cache
 
@@ -292,7 +293,14 @@ def write_hdf5(cache: Cache, path, filters: dict, mark: dict | None = None, on_b
             _node_attrs(ds, cache.path, name, a)
             # raw stored values (not Cache.read, which decodes): the export must keep the store's bits
             for sl in _row_blocks(a.shape, _outer_rows(a), _row_bytes(a.shape, a.dtype)):
-                block = a[sl]
+                try:
+                    block = a[sl]
+                except Exception as e:   # zarr: a chunk fails its checksum, or does not decode
+                    bad = cache.unreadable_rows(name, sl)
+                    where = f"clips {ranges(bad)}" if bad else f"rows {sl}"
+                    raise CacheDamaged(f"{cache.path}: array {name}, {where}: cannot be read ({_one_line(e)}); the "
+                                       f"data on disk is damaged: run `cachefeat verify {cache.path}`, then "
+                                       f"`cachefeat extract ... --repair`") from None
                 ds[sl] = block.astype(object) if string else block
                 n = block.size * _item_bytes(a.dtype)
                 stats.raw_bytes += n
@@ -323,7 +331,12 @@ def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -
         raise ExchangeError(f"{src}: no such file")
     if not h5py.is_hdf5(src):
         raise ExchangeError(f"{src} is not an HDF5 file")
-    with h5py.File(src, "r") as f:
+    try:
+        f = h5py.File(src, "r")
+    except OSError as e:
+        raise ExportDamaged(f"{src} cannot be opened as HDF5 ({_one_line(e)}): the file is damaged or cut short; "
+                            f"export the cache again") from None
+    with f:
         try:
             mark = json.loads(f.attrs[HDF5_MARK])
         except (KeyError, TypeError, ValueError):
