@@ -816,8 +816,13 @@ def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, w
               help="Adapter compute precision (the backbone uses its own: fp16 on GPU, fp32 on CPU).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="CPU threads (0 = torch's default).")
+@click.option("--decode-workers", type=click.IntRange(0), default=1, show_default=True,
+              help="Decode processes, as in extract (0 = decode in this process, with no timeout).")
+@click.option("--decode-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds one video may take to decode before its decoder is killed and the video reported as "
+                   "failed (a hung decoder, a FIFO).")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
-def predict(videos, checkpoint, top, device, precision, threads, as_json):
+def predict(videos, checkpoint, top, device, precision, threads, decode_workers, decode_timeout, as_json):
     """Classify new videos end to end: the backbone, frame sampling, views and preprocessing recorded with
     the training cache (the backbone is rebuilt and its weights hash checked), then the trained adapter;
     the logits of the views are averaged. Prints the top classes with their probabilities.
@@ -829,7 +834,8 @@ def predict(videos, checkpoint, top, device, precision, threads, as_json):
 
     ck = load_checkpoint(checkpoint)
     with cpu_threads(threads):
-        results = run_predict(ck, list(videos), device=device, precision=precision, top=top)
+        results = run_predict(ck, list(videos), device=device, precision=precision, top=top,
+                              decode_workers=decode_workers, decode_timeout=decode_timeout)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:

@@ -187,7 +187,8 @@ def test_damaged_feature_data_is_exit_1_for_streamed_training_and_export(world, 
         assert not out.exists(), f"run folder left behind: {list(out.iterdir())}"
     line = _on_contract(_run("export", cache, tmp_path / "d.h5", "--format", "hdf5", "-q"), {1}, "export")
     assert "damaged" in line and "--repair" in line and not (tmp_path / "d.h5").exists(), line
-    line = _on_contract(_run("verify", cache), {1}, "verify")
+    res = _run("verify", cache, "--json")       # its report, on stdout; status 1
+    assert res.exit_code == 1 and json.loads(res.stdout)["ok"] is False and "Traceback" not in res.output
 
 
 # ------------------------------------------------------------------------------------------- HDF5 import
