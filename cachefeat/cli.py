@@ -14,34 +14,23 @@ from . import __version__
 from .fmt import human_bytes, ranges, table
 from .train.config import TrainConfig
 
-
 # The exit-status contract (docs/cli.md, Exit status): 0 ok; 1 the work failed or data is damaged; 2 bad usage
 # or input; 130 interrupted. Every error is one line; a traceback only with `cachefeat --debug`.
-def _usage_errors():
-    """Errors that mean "the command line or its input asks for something impossible": exit status 2
-    (unless the error is also an errors.Failed, such as CacheDamaged: status 1)."""
-    from .adapters.base import AdapterError
-    from .devices import DeviceError
-    from .extract.backbone import BackboneError
-    from .extract.manifest import ManifestError
-    from .ray_runtime import ClusterError
-    from .recipes import RecipeError
-    from .specs import SpecError
-    from .store import CacheError
-    from .train.ablate import AblationError
-    from .train.config import TrainError
-    return (SpecError, BackboneError, DeviceError, ManifestError, CacheError, AdapterError, TrainError, AblationError,
-            RecipeError, ClusterError)
+# Error classes by name (module.class), so that printing an error imports nothing (torch takes seconds).
+# Bad usage or input: exit status 2, unless the error is also one of _FAILURES (e.g. CacheDamaged: 1).
+USAGE_ERRORS = frozenset({
+    "cachefeat.specs.SpecError", "cachefeat.extract.backbone.BackboneError", "cachefeat.devices.DeviceError",
+    "cachefeat.extract.manifest.ManifestError", "cachefeat.store.layout.CacheError",
+    "cachefeat.adapters.base.AdapterError", "cachefeat.train.config.TrainError", "cachefeat.train.ablate.AblationError",
+    "cachefeat.recipes.RecipeError", "cachefeat.ray_runtime.ClusterError", "cachefeat.yamlfile.YamlError"})
+# The work failed (a damaged cache or checkpoint, a diverged run, a dead worker): exit status 1.
+FAILURES = frozenset({
+    "cachefeat.errors.Failed", "cachefeat.train.config.TrainDiverged", "cachefeat.ray_runtime.WorkerError",
+    "cachefeat.store.shard_file.ShardFileError"})
 
 
-def _failures():
-    """Errors that mean "the work failed" (exit status 1): a damaged cache or checkpoint, a diverged run, a
-    dead worker, a shard file that fails its checks."""
-    from .errors import Failed
-    from .ray_runtime import WorkerError
-    from .store.shard_file import ShardFileError
-    from .train.config import TrainDiverged
-    return (Failed, TrainDiverged, WorkerError, ShardFileError)
+def _is(e: BaseException, names: frozenset) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" in names for c in type(e).__mro__)
 
 
 # what an interrupted command says about continuing
@@ -81,9 +70,9 @@ def _os_error(e: OSError) -> click.ClickException:
 
 
 def _as_click_error(e: Exception, command: str) -> click.ClickException:
-    if isinstance(e, _failures()):
+    if _is(e, FAILURES):
         return click.ClickException(_one_line(e))
-    if isinstance(e, _usage_errors()):
+    if _is(e, USAGE_ERRORS):
         return click.UsageError(_one_line(e), ctx=None)
     if isinstance(e, OSError):
         return _os_error(e)

@@ -371,3 +371,14 @@ def test_ctrl_c_is_130_with_how_to_continue(world, tmp_path):
     assert output.strip().splitlines()[-1] == ("cachefeat train: interrupted; run the same command with --resume to "
                                                "continue from the last finished epoch")
     assert TINY  # (the tiny model is registered for these runs)
+
+
+def test_the_error_classes_the_cli_maps_by_name_exist():
+    """The CLI maps errors to exit statuses by class name (so printing one imports nothing): each name must
+    be a real exception class, or its errors would silently become "unexpected"."""
+    import importlib
+
+    from cachefeat.cli import FAILURES, USAGE_ERRORS
+    for name in USAGE_ERRORS | FAILURES:
+        module, cls = name.rsplit(".", 1)
+        assert issubclass(getattr(importlib.import_module(module), cls), Exception), name

@@ -394,10 +394,14 @@ def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -
                         stats.raw_bytes += n
                         bar.update(n)
             try:
-                Cache(tmp)   # opens as a cache: schema, metadata, layout and every array are there
+                imported = Cache(tmp)   # opens as a cache: schema, metadata, layout and tables are there
             except CacheError as e:
                 raise ExchangeError(f"{src} does not hold a whole cache: "
                                     f"{str(e).replace(str(tmp), 'the imported store')}") from None
+            missing = [n for n in imported.array_names() if n not in datasets]
+            if missing:
+                raise ExchangeError(f"{src} does not hold a whole cache: array{'s' * (len(missing) > 1)} "
+                                    f"{', '.join(missing[:4])} missing; export the cache again")
             _replace(tmp, out)
         except BaseException:
             _remove(tmp)

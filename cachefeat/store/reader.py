@@ -58,7 +58,9 @@ class Cache:
                                f"{_RESTORE}") from None
         self._shard_files: dict[str, ShardFile | None] = {}
         if not self.root.attrs.get(CREATING):   # (a store being created has not all its arrays yet)
-            missing = [n for n in self.array_names() if not (self.path / n / "zarr.json").is_file()]
+            # the tables every reader needs; a feature array an adapter does not read may be left out of a copy
+            missing = [n for n in (*VIDEO_TABLES, *CLIP_TABLES, "clips/valid", "progress")
+                       if not (self.path / n / "zarr.json").is_file()]
             if missing:
                 raise CacheDamaged(f"{path}: array{'s' * (len(missing) > 1)} {', '.join(missing[:4])} "
                                    f"{'are' if len(missing) > 1 else 'is'} missing; {_RESTORE}")

@@ -92,7 +92,7 @@ def _checked_payload(p: Path, data: bytes) -> bytes:
     if data.startswith(b"PK\x03\x04"):
         return data   # a zip file as torch.save writes it: a checkpoint from before digests
     if not (data.startswith(_MAGIC[:8]) or b" sha256:" in data[:40]):
-        raise TrainError(f"{p} is not a cachefeat checkpoint")
+        raise TrainError(f"{p} is not a readable checkpoint (not a file cachefeat train wrote)")
     damaged = (f"{p} is damaged: {{}}; it cannot be used: restore it from a copy, or train the run again "
                f"(`cachefeat train ... --overwrite`)")
     m = DIGEST_HEADER.match(data)
@@ -135,7 +135,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise TrainError(f"{p} is not a readable checkpoint: "
                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(f"{p} is not a cachefeat checkpoint")
+        raise TrainError(f"{p} is not a readable checkpoint (not a file cachefeat train wrote)")
     return ck
 
 
