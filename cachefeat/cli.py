@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,35 +14,115 @@ from . import __version__
 from .fmt import human_bytes, ranges, table
 from .train.config import TrainConfig
 
+# The exit-status contract (docs/cli.md, Exit status): 0 ok; 1 the work failed or data is damaged; 2 bad usage
+# or input; 130 interrupted. Every error is one line; a traceback only with `cachefeat --debug`.
+# Error classes by name (module.class), so that printing an error imports nothing (torch takes seconds).
+# Bad usage or input: exit status 2, unless the error is also one of _FAILURES (e.g. CacheDamaged: 1).
+USAGE_ERRORS = frozenset({
+    "cachefeat.specs.SpecError", "cachefeat.extract.backbone.BackboneError", "cachefeat.devices.DeviceError",
+    "cachefeat.extract.manifest.ManifestError", "cachefeat.store.layout.CacheError",
+    "cachefeat.adapters.base.AdapterError", "cachefeat.train.config.TrainError", "cachefeat.train.ablate.AblationError",
+    "cachefeat.recipes.RecipeError", "cachefeat.ray_runtime.ClusterError", "cachefeat.yamlfile.YamlError",
+    "cachefeat.extract.plan.SpaceError"})
+# The work failed (a damaged cache or checkpoint, a diverged run, a dead worker): exit status 1.
+FAILURES = frozenset({
+    "cachefeat.errors.Failed", "cachefeat.train.config.TrainDiverged", "cachefeat.ray_runtime.WorkerError",
+    "cachefeat.store.shard_file.ShardFileError"})
 
-# Errors that mean "the command line asks for something impossible": usage errors, exit status 2.
-def _usage_errors():
-    from .adapters.base import AdapterError
-    from .devices import DeviceError
-    from .extract.backbone import BackboneError
-    from .extract.manifest import ManifestError
-    from .extract.plan import SpaceError
-    from .specs import SpecError
-    from .store import CacheError
-    from .train.ablate import AblationError
-    from .train.config import TrainError
-    return (SpecError, BackboneError, DeviceError, ManifestError, CacheError, AdapterError, TrainError, AblationError,
-            SpaceError)
+
+def _is(e: BaseException, names: frozenset) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" in names for c in type(e).__mro__)
+
+
+# what an interrupted command says about continuing
+_RESUME = {"extract": "run the same command again to resume", "train": "run the same command with --resume to "
+           "continue from the last finished epoch", "run": "run the recipe again to continue",
+           "ablate": "run it again with --overwrite (finished trials are in --out/trials)",
+           "export": "run it again with --overwrite", "import": "run it again with --overwrite"}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+_PARSE_ERRORS = (click.BadParameter, click.MissingParameter, click.NoSuchOption, click.BadOptionUsage,
+                 click.BadArgumentUsage)
+
+
+class _Unexpected(click.ClickException):
+    """An error no part of cachefeat foresaw: one line naming its type, exit status 1."""
+
+    def show(self, file=None):
+        click.echo(self.message, err=True)
+
+
+def _os_error(e: OSError) -> click.ClickException:
+    """A file system error as one line: a place that cannot be written is bad input (2), a full disk or an
+    I/O error a failed run (1)."""
+    import errno
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    what = f"{e.strerror or _one_line(e)}{where}"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return click.UsageError(f"{what}: choose a place this user can write to, or make it writable")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return click.ClickException(f"{what}: free some space, then run the same command again (work that finished "
+                                    f"is kept)")
+    return click.ClickException(f"{what}")
+
+
+def _as_click_error(e: Exception, command: str) -> click.ClickException:
+    if _is(e, FAILURES):
+        return click.ClickException(_one_line(e))
+    if _is(e, USAGE_ERRORS):
+        return click.UsageError(_one_line(e), ctx=None)
+    if isinstance(e, OSError):
+        return _os_error(e)
+    return _Unexpected(f"cachefeat {command}: unexpected {type(e).__name__}: {_one_line(e)[:500]} "
+                       f"(run again with --debug for the traceback)")
 
 
 class _Group(click.Group):
     def invoke(self, ctx):
+        debug = bool(ctx.params.get("debug"))
         try:
             return super().invoke(ctx)
-        except _usage_errors() as e:
-            raise click.UsageError(str(e), ctx=None) from None
+        except click.exceptions.Exit:
+            raise
+        except click.UsageError as e:
+            if e.ctx is None or debug:
+                e.message = _one_line(e.message)
+                raise
+            # one line, without click's usage block; for a bad option, where its help is
+            hint = f" (`{e.ctx.command_path} -h` for help)" if isinstance(e, _PARSE_ERRORS) else ""
+            raise click.UsageError(_one_line(e.format_message()) + hint, ctx=None) from None
+        except click.ClickException as e:
+            e.message = _one_line(e.message)
+            raise
+        except (KeyboardInterrupt, click.Abort) as e:
+            if debug or (isinstance(e, click.Abort) and not isinstance(e.__context__, KeyboardInterrupt)):
+                raise
+            command = ctx.invoked_subcommand or ""
+            click.echo(f"cachefeat {command}: interrupted; {_RESUME.get(command, 'run it again')}", err=True)
+            ctx.exit(130)
+        except BrokenPipeError:   # the reader of our output went away (`cachefeat info ... | head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(1)
+        except Exception as e:
+            if debug:
+                raise
+            raise _as_click_error(e, ctx.invoked_subcommand or "") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="cachefeat")
-def cli():
+@click.option("--debug", is_flag=True,
+              help="Show the full traceback of an error instead of its one-line message (for bug reports).")
+def cli(debug):
     """Extract frozen CLIP ViT features from videos once (stage one), then train and ablate video
-    adapters on the cached tensors (stage two)."""
+    adapters on the cached tensors (stage two).
+
+    Exit status: 0 ok; 1 the work failed or data is damaged; 2 bad usage or input; 130 interrupted.
+    """
 
 
 def main():
@@ -435,11 +516,8 @@ def run(recipe, workdir, force, only, set_vars):
       cachefeat run pipelines/demo.yaml --workdir demo
       cachefeat run pipelines/k400.yaml --set model=ViT-L-14 --set frames=16
     """
-    from .recipes import RecipeError, parse_set, run_recipe
-    try:
-        report = run_recipe(cli, recipe, workdir, force, only, overrides=parse_set(set_vars))
-    except RecipeError as e:
-        raise click.UsageError(str(e)) from None
+    from .recipes import parse_set, run_recipe
+    report = run_recipe(cli, recipe, workdir, force, only, overrides=parse_set(set_vars))  # RecipeError: exit 2
     ran = [r for r in report if not r["skipped"]]
     click.echo(f"recipe {recipe}: {len(ran)} stages run, {len(report) - len(ran)} skipped")
 
@@ -794,9 +872,14 @@ def _progress_bar(desc: str, unit: str, off: bool, total: int | None = None):
               help="Adapter compute precision (the backbone uses its own: fp16 on GPU, fp32 on CPU).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="CPU threads (0 = torch's default).")
+@click.option("--decode-workers", type=click.IntRange(0), default=1, show_default=True,
+              help="Decode processes, as in extract (0 = decode in this process, with no timeout).")
+@click.option("--decode-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds one video may take to decode before its decoder is killed and the video reported as "
+                   "failed (a hung decoder, a FIFO).")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def predict(videos, checkpoint, top, device, precision, threads, as_json, quiet):
+def predict(videos, checkpoint, top, device, precision, threads, decode_workers, decode_timeout, as_json, quiet):
     """Classify new videos end to end: the backbone, frame sampling, views and preprocessing recorded with
     the training cache (the backbone is rebuilt and its weights hash checked), then the trained adapter;
     the logits of the views are averaged. Prints the top classes with their probabilities.
@@ -808,7 +891,8 @@ def predict(videos, checkpoint, top, device, precision, threads, as_json, quiet)
 
     ck = load_checkpoint(checkpoint)
     with cpu_threads(threads), _progress_bar("predict", "video", quiet or as_json, len(videos)) as bar:
-        results = run_predict(ck, list(videos), device=device, precision=precision, top=top, progress=bar.update)
+        results = run_predict(ck, list(videos), device=device, precision=precision, top=top,
+                              decode_workers=decode_workers, decode_timeout=decode_timeout, progress=bar.update)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
@@ -979,17 +1063,14 @@ def export(cache, out, fmt, compression, allow_incomplete, overwrite, quiet):
         raise click.UsageError("--compression applies to --format hdf5 only (.npy files are not compressed)")
     compression = compression or DEFAULT_COMPRESSION
     parse_compression(compression)  # a bad value fails before any work
-    try:
-        if fmt == "hdf5":
-            s = export_hdf5(cache, out, compression, overwrite, allow_incomplete, progress=not quiet)
-            click.echo(f"exported {s.arrays} arrays ({human_bytes(s.raw_bytes)}) to {out}: {human_bytes(s.out_bytes)} "
-                       f"({compression}) in {s.seconds:.1f} s")
-        else:
-            s = export_npy(cache, out, overwrite, allow_incomplete, progress=not quiet)
-            click.echo(f"exported {s.videos} videos ({s.files} files, {human_bytes(s.out_bytes)}) to {out} in "
-                       f"{s.seconds:.1f} s; {s.failed_videos} failed videos listed in {out}/index.json")
-    except OSError as e:
-        raise click.ClickException(f"export failed: {e}") from None
+    if fmt == "hdf5":
+        s = export_hdf5(cache, out, compression, overwrite, allow_incomplete, progress=not quiet)
+        click.echo(f"exported {s.arrays} arrays ({human_bytes(s.raw_bytes)}) to {out}: {human_bytes(s.out_bytes)} "
+                   f"({compression}) in {s.seconds:.1f} s")
+    else:
+        s = export_npy(cache, out, overwrite, allow_incomplete, progress=not quiet)
+        click.echo(f"exported {s.videos} videos ({s.files} files, {human_bytes(s.out_bytes)}) to {out} in "
+                   f"{s.seconds:.1f} s; {s.failed_videos} failed videos listed in {out}/index.json")
 
 
 @cli.command("import")
@@ -1006,9 +1087,6 @@ def import_(input, out, overwrite, quiet):
     Example: cachefeat import k400_val.h5 --out k400_val.zarr
     """
     from .store.exchange import import_hdf5
-    try:
-        s = import_hdf5(input, out, overwrite, progress=not quiet)
-    except OSError as e:
-        raise click.ClickException(f"import failed: {e}") from None
+    s = import_hdf5(input, out, overwrite, progress=not quiet)   # a file system error: one line (the group's)
     click.echo(f"imported {s.arrays} arrays ({human_bytes(s.raw_bytes)}) into {out}: {human_bytes(s.out_bytes)} "
                f"on disk in {s.seconds:.1f} s (cachefeat info {out})")

@@ -33,6 +33,8 @@ from pathlib import Path
 import click
 import yaml
 
+from .yamlfile import YamlError, expanded_size, load_yaml
+
 
 class RecipeError(ValueError):
     pass
@@ -66,6 +68,10 @@ def _parse_value(text: str):
         v = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    try:
+        expanded_size(v, "--set")
+    except YamlError:
+        return text
     return v if isinstance(v, (str, int, float, bool)) else text
 
 
@@ -95,9 +101,9 @@ def load_recipe(path: str | os.PathLike, overrides: dict | None = None) -> dict:
     if not p.is_file():
         raise RecipeError(f"recipe {path} does not exist")
     try:
-        recipe = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+        recipe = load_yaml(p, f"recipe {path}")
+    except YamlError as e:
+        raise RecipeError(str(e)) from None
     if isinstance(recipe, dict):
         recipe = resolve_vars(recipe, overrides, path)
     if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), list) or not recipe["stages"]:
@@ -109,6 +115,11 @@ def load_recipe(path: str | os.PathLike, overrides: dict | None = None) -> dict:
         commands = [k for k in st if k != "name"]
         if len(commands) != 1:
             raise RecipeError(f"recipe {path}: stage {i + 1} must name exactly one command, has {commands}")
+        if not isinstance(st[commands[0]], (dict, type(None))):
+            raise RecipeError(f"recipe {path}: stage {i + 1}: the options of `{commands[0]}` must be a mapping "
+                              f"{{option: value}}")
+        if not isinstance(st.get("name", ""), (str, int)):
+            raise RecipeError(f"recipe {path}: stage {i + 1}: its name must be a text")
         st.setdefault("name", f"{i + 1}-{commands[0]}")
         if st["name"] in names:
             raise RecipeError(f"recipe {path}: two stages are named {st['name']!r}")
@@ -175,8 +186,29 @@ def parse_set(items) -> dict:
     return out
 
 
+MAX_NESTING = 8          # a recipe may run a recipe (a `run:` stage) that runs a recipe ..., this deep at most
+_RUNNING: list[Path] = []   # the recipes running in this process, outermost first
+
+
 def run_recipe(group: click.Group, recipe_path: str, workdir: str | None = None, force: bool = False,
                only: tuple[str, ...] = (), echo=click.echo, overrides: dict | None = None) -> list[dict]:
+    """Run a recipe's stages in order. A stage may run another recipe (`run: {recipe: ...}`), to a depth of
+    MAX_NESTING; a recipe that runs itself, directly or through others, is refused (RecipeError)."""
+    me = Path(recipe_path).resolve()
+    if me in _RUNNING:
+        chain = " -> ".join(p.name for p in [*_RUNNING[_RUNNING.index(me):], me])
+        raise RecipeError(f"recipe {recipe_path} runs itself ({chain}); remove the `run` stage that calls it")
+    if len(_RUNNING) >= MAX_NESTING:
+        raise RecipeError(f"recipe {recipe_path}: recipes run recipes {MAX_NESTING} deep "
+                          f"({' -> '.join(p.name for p in _RUNNING)} -> ...); at most {MAX_NESTING} levels")
+    _RUNNING.append(me)
+    try:
+        return _run_recipe(group, recipe_path, workdir, force, only, echo, overrides)
+    finally:
+        _RUNNING.pop()
+
+
+def _run_recipe(group, recipe_path, workdir, force, only, echo, overrides) -> list[dict]:
     recipe = load_recipe(recipe_path, overrides)
     work = Path(workdir or recipe.get("workdir") or Path(recipe_path).stem).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -117,12 +118,14 @@ def test_incomplete_and_busy_caches_are_refused(cache, tmp_path):
     assert [v["video"] for v in index["videos"]] == [0, 1, 2, 3] and [v["video"] for v in index["not_extracted"]] == [4]
     assert index["complete"] is False and index["failures"] == []
 
-    # a live process holding the store's lock: a writer is running
+    # a live process holding the store's lock (the lock a writer takes): a writer is running
     busy = _copy(cache, tmp_path / "busy.zarr")
-    sleeper = subprocess.Popen(["sleep", "60"])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import sys, time; from cachefeat.store import StoreLock; "
+                                "lock = StoreLock(sys.argv[1]); lock.acquire(); print('held', flush=True); "
+                                "time.sleep(60)", str(busy)], stdout=subprocess.PIPE, text=True)
     try:
-        (busy / "cachefeat.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid,
-                                                         "since": "2026-01-01T00:00:00"}))
+        assert sleeper.stdout.readline().strip() == "held"
+        assert json.loads((busy / "cachefeat.lock").read_text())["host"] == socket.gethostname()
         for fmt in ("hdf5", "npy"):
             res = run_cli("export", busy, tmp_path / f"busy.{fmt}", "--format", fmt, ok=False)
             assert res.exit_code == 2 and "is being written by another cachefeat process" in res.output

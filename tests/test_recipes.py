@@ -184,3 +184,60 @@ def test_a_changed_variable_reruns_only_the_stages_it_changes(tmp_path):
             and "1 stages run, 1 skipped" in res.output)
     res = run_cli("run", r, "--workdir", work, "--set", "frames=8", ok=False)
     assert res.exit_code == 2 and "has no such variable" in res.output
+
+
+# ------------------------------------------------------------------------------------------- hostile recipes
+def _bomb() -> str:
+    """The "billion laughs": 9 levels of 9 aliases each, 9^9 = 387 million values once expanded."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + "\nstages: [{info: {cache: *i}}]\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_fast_in_one_line(tmp_path):
+    """Issue 17: a 572-byte alias bomb kept `cachefeat run` growing in memory until killed. Expansion is now
+    counted without expanding (shared values once), and refused past 100,000 values; a value that contains
+    itself is refused too. Also in ablation specs and training config files, which share the loader."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_bomb())
+    assert len(bomb.read_bytes()) <= 600
+    t0 = time.monotonic()
+    proc = cli_subprocess("run", bomb, "--workdir", tmp_path / "w")
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and time.monotonic() - t0 < 30, output
+    assert output.strip().splitlines() == [f"Error: recipe {bomb} expands to more than 100,000 values (YAML aliases "
+                                           f"repeated inside each other?); refused before reading it further"]
+    (tmp_path / "self.yaml").write_text("a: &a [*a]\nstages: *a\n")
+    res = run_cli("run", tmp_path / "self.yaml", ok=False)
+    assert res.exit_code == 2 and "holds a value that contains itself" in res.output
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(_bomb().replace("stages: [{info: {cache: *i}}]", "train-cache: x\ngrid: {adapter: *i}"))
+    res = run_cli("ablate", spec, "--check", ok=False)
+    assert res.exit_code == 2 and "expands to more than 100,000 values" in res.output
+
+
+def test_a_recipe_that_runs_itself_is_refused_in_one_line(tmp_path):
+    """Issue 17: a recipe that runs itself recursed 194 times to a 2,993-line RecursionError. A recipe may run
+    another (a `run:` stage), but not itself, directly or through others, and not deeper than 8 levels."""
+    me = tmp_path / "me.yaml"
+    me.write_text(f"stages:\n  - run: {{recipe: {me}}}\n")
+    res = run_cli("run", me, "--workdir", tmp_path / "w", ok=False)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1] == (f"Error: recipe {me} runs itself (me.yaml -> me.yaml); remove "
+                                                   f"the `run` stage that calls it")
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"stages:\n  - run: {{recipe: {b}, workdir: {tmp_path / 'wb'}}}\n")
+    b.write_text(f"stages:\n  - adapters: {{}}\n  - run: {{recipe: {a}, workdir: {tmp_path / 'wa'}}}\n")
+    res = run_cli("run", a, "--workdir", tmp_path / "wa", ok=False)
+    assert res.exit_code == 2 and f"recipe {a} runs itself (a.yaml -> b.yaml -> a.yaml)" in res.output
+    # a chain of distinct recipes: fine up to 8 levels, refused past them
+    chain = [tmp_path / f"level{i}.yaml" for i in range(10)]
+    for i, p in enumerate(chain):
+        nxt = i + 1
+        inner = f"  - run: {{recipe: {chain[nxt]}, workdir: {tmp_path / f'w{nxt}'}}}\n" if nxt < len(chain) else ""
+        p.write_text("stages:\n  - adapters: {}\n" + inner)
+    res = run_cli("run", chain[0], "--workdir", tmp_path / "w0", ok=False)   # 10 levels: refused at the 9th
+    assert res.exit_code == 2 and "recipes run recipes 8 deep" in res.output.strip().splitlines()[-1]
+    res = run_cli("run", chain[2], "--workdir", tmp_path / "w2")    # 8 levels: runs
+    assert res.output.count("== 1-adapters") == 8 and res.output.count("== 2-run") == 7

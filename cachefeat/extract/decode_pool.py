@@ -3,7 +3,8 @@
 Each worker is a separate (spawned) process that runs video.decode_video on one request at a time. The
 parent watches every worker: a request that runs past `timeout` seconds gets its worker killed and is
 recorded as a `timeout` failure; a worker that dies (a segfault in a decoder) is recorded as a `crash`.
-Either way a fresh worker takes its place and the pool goes on. Results come back in completion order.
+Either way a fresh worker takes its place and the pool goes on. A worker dies with its parent, however the
+parent dies. Results come back in completion order.
 A worker's clock starts when it reports ready (interpreter start-up and imports can take seconds on a
 busy machine and are not the decoder's time); the pool's constructor waits for its first workers, so the
 pipeline's own time starts with decoders that can decode.
@@ -20,9 +21,12 @@ workers=0 decodes inline in the calling process: no isolation and no timeout, fo
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import signal
+import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -68,7 +72,29 @@ def _from_slot(res: DecodeResult, buf) -> DecodeResult:
     return res
 
 
-def _worker_main(conn, slot_name: str | None) -> None:
+def _die_with_parent(parent: int) -> None:
+    """A decode worker must not outlive the process it decodes for (a SIGKILLed extract would otherwise
+    leave a worker stuck in a decoder behind). On Linux the kernel kills it when its parent dies
+    (PR_SET_PDEATHSIG); everywhere, a thread also checks for a new parent every second (for a decoder that
+    does not hold the GIL while it hangs, and for platforms without prctl)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)   # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:   # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, name="cachefeat-parent-watch", daemon=True).start()
+
+
+def _worker_main(conn, parent: int | None = None, slot_name: str | None = None) -> None:
+    if parent is not None:
+        _die_with_parent(parent)
     # Workers never handle Ctrl-C themselves: the parent decides when the run stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     slot = None
@@ -114,8 +140,8 @@ class _Worker:
     def __init__(self, ctx, slot: shared_memory.SharedMemory | None):
         self.conn, child = ctx.Pipe()
         self.slot = slot
-        self.proc = ctx.Process(target=_worker_main, args=(child, slot.name if slot else None), daemon=True,
-                                name="cachefeat-decode")
+        self.proc = ctx.Process(target=_worker_main, args=(child, os.getpid(), slot.name if slot else None),
+                                daemon=True, name="cachefeat-decode")
         self.proc.start()
         child.close()
         self.request: DecodeRequest | None = None

@@ -59,11 +59,21 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise ManifestError(f"--classes {path}: no such file")
-    text = p.read_text(encoding="utf-8")
+    text = _decode(p, p.read_bytes(), f"--classes {path}")
     if p.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"--classes {path}: not valid JSON ({e})") from None
         if isinstance(data, dict):  # {name: index}
-            return [k for k, _ in sorted(data.items(), key=lambda kv: int(kv[1]))]
+            try:
+                return [k for k, _ in sorted(data.items(), key=lambda kv: int(kv[1]))]
+            except (TypeError, ValueError):
+                raise ManifestError(f"--classes {path}: a JSON object must map each class name to its index "
+                                    f"(a whole number)") from None
+        if not isinstance(data, list) or not all(isinstance(x, (str, int)) for x in data):
+            raise ManifestError(f"--classes {path}: expected a JSON list of class names or an object "
+                                f"{{name: index}}")
         return [str(x) for x in data]
     names = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if len(set(names)) != len(names):
@@ -148,7 +158,7 @@ def _folder(path: Path, root: Path, split):
 def _text_list(path: Path, root: Path, split):
     raw = path.read_bytes()
     rows = []
-    for line in raw.decode("utf-8").splitlines():
+    for line in _decode(path, raw).splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -166,13 +176,26 @@ def _text_list(path: Path, root: Path, split):
     return rows, _sha(raw)
 
 
+def _decode(path: Path, raw: bytes, what: str | None = None) -> str:
+    """A manifest's text: UTF-8 (with or without a byte-order mark), else one line saying where it is not."""
+    if b"\x00" in raw:
+        line = raw[:raw.index(b"\x00")].count(b"\n") + 1
+        raise ManifestError(f"{what or path}: line {line} holds a NUL byte: not a text file")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ManifestError(f"{what or path}: line {line} is not UTF-8 text (byte {raw[e.start]:#04x}); save the "
+                            f"file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def _looks_like_video(token: str) -> bool:
     return Path(token).suffix.lower() in VIDEO_EXTENSIONS
 
 
 def _kinetics(path: Path, root: Path, split):
     raw = path.read_bytes()
-    reader = csv.DictReader(raw.decode("utf-8").splitlines())
+    reader = csv.DictReader(_decode(path, raw).splitlines())
     need = {"youtube_id", "time_start", "time_end"}
     if not reader.fieldnames or not need <= set(reader.fieldnames):
         raise ManifestError(f"{path}: a Kinetics CSV needs the columns label,youtube_id,time_start,time_end,split "
@@ -181,7 +204,11 @@ def _kinetics(path: Path, root: Path, split):
     for r in reader:
         if split and r.get("split") and r["split"] != split:
             continue
-        stem = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}"
+        try:
+            stem = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}"
+        except (TypeError, ValueError, OverflowError):
+            raise ManifestError(f"{path}, line {reader.line_num}: time_start and time_end must be numbers of seconds "
+                                f"(found {r['time_start']!r}, {r['time_end']!r})") from None
         label = r.get("label") or None
         rows.append((str(_find_video(root, stem, label)), label, stem))
     return rows, _sha(raw + (split or "").encode())
@@ -191,12 +218,16 @@ def _ssv2(path: Path, root: Path, split):
     raw = path.read_bytes()
     try:
         items = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except ValueError as e:   # not JSON, or not UTF-8/16/32
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(items, list) or (items and "id" not in items[0]):
+    if not isinstance(items, list):
         raise ManifestError(f"{path}: a Something-Something JSON is a list of objects with an 'id'")
     rows = []
-    for it in items:
+    for i, it in enumerate(items):
+        if not isinstance(it, dict) or not isinstance(it.get("id"), (str, int)) or not all(
+                isinstance(it.get(k), (str, type(None))) for k in ("template", "label")):
+            raise ManifestError(f"{path}: item {i + 1} is not an object with an 'id' (and a text 'template' or "
+                                f"'label'); a Something-Something JSON is a list of such objects")
         label = it.get("template") or it.get("label")
         label = label.replace("[", "").replace("]", "") if label else None
         vid = str(it["id"])

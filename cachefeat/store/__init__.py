@@ -16,6 +16,7 @@ from .layout import (
     FAILED,
     OK,
     PENDING,
+    CacheDamaged,
     CacheError,
     Layout,
     content_fingerprint,
@@ -28,6 +29,6 @@ from .reader import Cache, open_cache
 from .verify import VerifyReport, verify
 from .writer import ShardData, StoreWriter, open_for_writing, write_shard
 
-__all__ = ["CODEC_HELP", "DEFAULT_CODEC", "FAILED", "OK", "PENDING", "Cache", "CacheError", "Layout", "ShardData",
-           "StoreLock", "StoreWriter", "VerifyReport", "content_fingerprint", "diff_meta", "feature_fingerprint",
-           "open_cache", "open_for_writing", "parse_codec", "verify", "write_shard"]
+__all__ = ["CODEC_HELP", "DEFAULT_CODEC", "FAILED", "OK", "PENDING", "Cache", "CacheDamaged", "CacheError", "Layout",
+           "ShardData", "StoreLock", "StoreWriter", "VerifyReport", "content_fingerprint", "diff_meta",
+           "feature_fingerprint", "open_cache", "open_for_writing", "parse_codec", "verify", "write_shard"]

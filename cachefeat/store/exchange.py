@@ -30,7 +30,9 @@ import numpy as np
 import zarr
 
 from .. import __version__
-from .layout import ATTR, SCHEMA_VERSION, CacheError
+from ..errors import Damaged
+from ..fmt import ranges
+from .layout import ATTR, SCHEMA_VERSION, CacheDamaged, CacheError
 from .lock import StoreLock
 from .reader import Cache, open_cache
 
@@ -60,6 +62,15 @@ _BLOCK_BYTES = 64 << 20              # rows copied per step: whole shards, about
 
 class ExchangeError(CacheError):
     """An export or import that cannot be done as asked; the message says why, in one line."""
+
+
+class ExportDamaged(ExchangeError, Damaged):
+    """An HDF5 export whose data cannot be read back (exit status 1)."""
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 @dataclass
@@ -282,7 +293,14 @@ def write_hdf5(cache: Cache, path, filters: dict, mark: dict | None = None, on_b
             _node_attrs(ds, cache.path, name, a)
             # raw stored values (not Cache.read, which decodes): the export must keep the store's bits
             for sl in _row_blocks(a.shape, _outer_rows(a), _row_bytes(a.shape, a.dtype)):
-                block = a[sl]
+                try:
+                    block = a[sl]
+                except Exception as e:   # zarr: a chunk fails its checksum, or does not decode
+                    bad = cache.unreadable_rows(name, sl)
+                    where = f"clips {ranges(bad)}" if bad else f"rows {sl}"
+                    raise CacheDamaged(f"{cache.path}: array {name}, {where}: cannot be read ({_one_line(e)}); the "
+                                       f"data on disk is damaged: run `cachefeat verify {cache.path}`, then "
+                                       f"`cachefeat extract ... --repair`") from None
                 ds[sl] = block.astype(object) if string else block
                 n = block.size * _item_bytes(a.dtype)
                 stats.raw_bytes += n
@@ -313,7 +331,12 @@ def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -
         raise ExchangeError(f"{src}: no such file")
     if not h5py.is_hdf5(src):
         raise ExchangeError(f"{src} is not an HDF5 file")
-    with h5py.File(src, "r") as f:
+    try:
+        f = h5py.File(src, "r")
+    except OSError as e:
+        raise ExportDamaged(f"{src} cannot be opened as HDF5 ({_one_line(e)}): the file is damaged or cut short; "
+                            f"export the cache again") from None
+    with f:
         try:
             mark = json.loads(f.attrs[HDF5_MARK])
         except (KeyError, TypeError, ValueError):
@@ -360,12 +383,25 @@ def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -
                         raise ExchangeError(f"{src}: dataset /{name} is {ds.dtype} {ds.shape} but its Zarr metadata "
                                             f"says {says} (edited after export?)")
                     for sl in _row_blocks(a.shape, _outer_rows(a), _row_bytes(a.shape, a.dtype)):
-                        block = ds.asstr()[sl] if string else ds[sl]
+                        try:
+                            block = ds.asstr()[sl] if string else ds[sl]
+                        except (OSError, ValueError) as e:   # h5py: a chunk fails its checksum or is cut off
+                            raise ExportDamaged(f"import failed: {src}: dataset /{name} cannot be read "
+                                                f"({_one_line(e)}); the file is damaged: export the cache again"
+                                                ) from None
                         a[sl] = block
                         n = np.size(block) * _item_bytes(a.dtype)
                         stats.raw_bytes += n
                         bar.update(n)
-            Cache(tmp)   # opens as a cache: schema, metadata and layout are readable
+            try:
+                imported = Cache(tmp)   # opens as a cache: schema, metadata, layout and tables are there
+            except CacheError as e:
+                raise ExchangeError(f"{src} does not hold a whole cache: "
+                                    f"{str(e).replace(str(tmp), 'the imported store')}") from None
+            missing = [n for n in imported.array_names() if n not in datasets]
+            if missing:
+                raise ExchangeError(f"{src} does not hold a whole cache: array{'s' * (len(missing) > 1)} "
+                                    f"{', '.join(missing[:4])} missing; export the cache again")
             _replace(tmp, out)
         except BaseException:
             _remove(tmp)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
+from ..errors import Damaged
 from ..specs import PixelSpec, TokenSpec, ViewSpec
 
 SCHEMA_VERSION = 1
@@ -31,6 +32,11 @@ PENDING, OK, FAILED = 0, 1, 2
 
 class CacheError(Exception):
     """A store that cannot be used as asked; the message says why, in one line."""
+
+
+class CacheDamaged(CacheError, Damaged):
+    """A store whose data or metadata is damaged (exit status 1); the message names what is damaged and
+    the command that repairs it."""
 
 
 # ------------------------------------------------------------------------------------------- codecs

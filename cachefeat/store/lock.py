@@ -1,96 +1,140 @@
-"""One writer per store: an exclusive lock file inside the store naming its holder (host, pid)."""
+"""One writer per store: an exclusive `flock` on a lock file inside the store, held open for the whole run.
+
+The kernel decides who holds the lock. `flock(LOCK_EX | LOCK_NB)` succeeds for one open file at a time and
+is let go when its holder closes the file or dies, however it dies (SIGKILL included). A lock file left by a
+dead process is therefore simply one nobody holds: the next writer takes it with the same call that refuses
+a second live writer, so two processes taking over a dead writer's lock at the same moment cannot both get
+it (no process ids are probed, no stale file is removed before the lock is taken). The holder's host, pid
+and start time are written inside the file only for the message a refused writer gets.
+
+A writer that finishes removes the file while it still holds the lock, then closes it. Whoever opened the
+old file just before it went may then get the lock on that removed file, so acquire() checks that the file
+it locked is still the one at the path, and starts again if not.
+"""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
 import time
+import weakref
 from pathlib import Path
 
 from .layout import LOCK_NAME, CacheError
 
+_HELD: weakref.WeakSet[StoreLock] = weakref.WeakSet()
+_RETRY_SECONDS = 0.05   # a reader's momentary shared lock (active_holder) must not refuse a writer
+
 
 class StoreLock:
-    """One writer per store: an exclusive lock file inside the store naming its holder (host, pid).
-    A lock left by a dead process on this host is taken over; a live holder makes acquire() fail."""
+    """One writer per store: an exclusive flock on `<store>/cachefeat.lock`, held until release() (or the
+    holder's death); a second acquire() while it is held, from any process, raises CacheError naming the
+    holder. Also a context manager."""
 
     def __init__(self, store: str | os.PathLike):
         self.path = Path(store) / LOCK_NAME
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
 
     def holder(self) -> dict | None:
+        """What the lock file says of its (current or last) holder: host, pid, since; None if unreadable."""
         try:
-            return json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            h = json.loads(self.path.read_text())
+        except (OSError, ValueError):
             return None
+        return h if isinstance(h, dict) else None
 
     def active_holder(self) -> dict | None:
-        """The holder if a live process (or one on another host) holds the lock, else None. A lock file
-        that cannot be parsed yet is being written by its holder, so it counts as held."""
-        if not self.path.exists():
+        """The holder's note ({} if not written yet) when another process, or another StoreLock of this one,
+        holds the lock now; None when nobody does (no file, or a file nobody holds: a dead writer's)."""
+        if self._fd is not None:
             return None
-        h = self.holder()
-        if h is None:
-            return {} if self.path.exists() else None
-        return None if self._stale(h) else h
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:   # no lock file (or one this user may not read: it cannot be a writer of ours)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = True
+        else:
+            held = False
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+        return (self._note() or {}) if held else None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        for _ in range(20):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                h = self.holder()
-                if h is None and self._age() < 5.0:  # its writer may not have filled it in yet
-                    time.sleep(0.5)
-                    continue
-                if h is None or self._stale(h):
-                    self._remove_stale()
-                    continue
-                raise CacheError(f"{self.path.parent} is being written by another cachefeat process "
-                                 f"(pid {h.get('pid')} on {h.get('host')}, since {h.get('since')}); "
-                                 f"wait for it, or stop it first") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
+        if self._fd is not None:
             return
-        raise CacheError(f"could not take the lock {self.path}")
-
-    def _age(self) -> float:
+        store = self.path.parent
         try:
-            return time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
-            return 0.0
-
-    @staticmethod
-    def _stale(h: dict) -> bool:
-        if h.get("host") != socket.gethostname():
-            return False  # cannot see another machine's processes: assume alive
-        pid = int(h.get("pid", -1))
-        if pid == os.getpid():
-            return True
+            store.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CacheError(f"cannot create {store}: {e.strerror or e}; choose another --out") from None
+        deadline = time.monotonic() + _RETRY_SECONDS
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise CacheError(f"cannot write in {store} ({e.strerror or e}); choose another --out, or make it "
+                                 f"writable") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    continue
+                h = self._note() or {}
+                raise CacheError(f"{store} is being written by another cachefeat process "
+                                 f"(pid {h.get('pid', '?')} on {h.get('host', '?')}, since {h.get('since', '?')}); "
+                                 f"wait for it, or stop it first") from None
+            except OSError as e:
+                os.close(fd)
+                raise CacheError(f"cannot lock {self.path} ({e.strerror or e}): the file system of {store} does "
+                                 f"not support file locks; write the cache on a local disk") from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)   # we locked a file its last holder had just removed: take the one now at the path
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return _is_zombie(pid)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise CacheError(f"cannot write in {store} ({e.strerror or e}); choose another --out") from None
+        self._fd = fd
+        _HELD.add(self)
 
-    def _remove_stale(self) -> None:
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+    def _note(self) -> dict | None:
+        """The holder's note; a holder that has just taken the lock may not have written it yet."""
+        for _ in range(10):
+            h = self.holder()
+            if h:
+                return h
+            time.sleep(0.01)
+        return None
 
     def release(self) -> None:
-        if self.held:
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
-            self.held = False
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()   # while still holding the lock (see acquire)
+        except OSError:
+            pass
+        self._close()
+
+    def _close(self) -> None:
+        fd, self._fd = self._fd, None
+        _HELD.discard(self)
+        if fd is not None:
+            os.close(fd)
 
     def __enter__(self):
         self.acquire()
@@ -99,10 +143,26 @@ class StoreLock:
     def __exit__(self, *exc):
         self.release()
 
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:
+            pass
 
-def _is_zombie(pid: int) -> bool:
+
+def _same_file(fd: int, path: Path) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
         return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _forget_in_child() -> None:
+    """A forked child shares its parent's open lock file: it closes its copy (the parent keeps the lock),
+    so the lock lives exactly as long as the process that took it."""
+    for lock in list(_HELD):
+        lock._close()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

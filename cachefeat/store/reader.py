@@ -11,7 +11,18 @@ import zarr
 
 from ..fmt import ranges
 from ..specs import PixelSpec, TokenSpec, ViewSpec
-from .layout import ATTR, CLIP_TABLES, FAILED, SCHEMA_VERSION, VIDEO_TABLES, CacheError, Layout, feature_fingerprint
+from .layout import (
+    ATTR,
+    CLIP_TABLES,
+    CREATING,
+    FAILED,
+    SCHEMA_VERSION,
+    VIDEO_TABLES,
+    CacheDamaged,
+    CacheError,
+    Layout,
+    feature_fingerprint,
+)
 from .lock import StoreLock
 from .shard_file import ShardFile, ShardFileError
 
@@ -27,17 +38,33 @@ class Cache:
             raise CacheError(f"{path} is not a cachefeat cache (no Zarr v3 store there)")
         try:
             self.root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        except PermissionError as e:
+            raise CacheError(f"{path} cannot be opened: {e.strerror or e}") from None
         except Exception as e:
-            raise CacheError(f"{path} is not a readable Zarr v3 store: {e}") from None
+            raise CacheDamaged(f"{path}: its zarr.json is damaged ({_first_line(e)}); {_RESTORE}") from None
         meta = self.root.attrs.get(ATTR)
-        if not isinstance(meta, dict) or "layout" not in meta:
+        if not isinstance(meta, dict):
             raise CacheError(f"{path} is a Zarr store but not a cachefeat cache (no '{ATTR}' metadata)")
-        if meta.get("schema_version", 0) > SCHEMA_VERSION:
+        problem = _meta_problem(meta)
+        if problem:
+            raise CacheDamaged(f"{path}: its metadata is damaged ({problem}); {_RESTORE}")
+        if meta["schema_version"] > SCHEMA_VERSION:
             raise CacheError(f"{path} has cache schema {meta['schema_version']}, newer than this cachefeat "
                              f"understands ({SCHEMA_VERSION}); upgrade cachefeat")
         self.meta = meta
-        self.layout = Layout.from_dict(meta["layout"])
+        try:
+            self.layout = Layout.from_dict(meta["layout"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheDamaged(f"{path}: its metadata is damaged (layout: {_first_line(e)}); "
+                               f"{_RESTORE}") from None
         self._shard_files: dict[str, ShardFile | None] = {}
+        if not self.root.attrs.get(CREATING):   # (a store being created has not all its arrays yet)
+            # the tables every reader needs; a feature array an adapter does not read may be left out of a copy
+            missing = [n for n in (*VIDEO_TABLES, *CLIP_TABLES, "clips/valid", "progress")
+                       if not (self.path / n / "zarr.json").is_file()]
+            if missing:
+                raise CacheDamaged(f"{path}: array{'s' * (len(missing) > 1)} {', '.join(missing[:4])} "
+                                   f"{'are' if len(missing) > 1 else 'is'} missing; {_RESTORE}")
 
     # -- what it holds
     @property
@@ -177,9 +204,9 @@ class Cache:
         except Exception as e:
             bad = self.unreadable_rows(name, rows)
             where = f"clips {ranges(bad)}" if bad else f"rows {rows}"
-            raise CacheError(f"{self.path}: array {name}, {where}: cannot be read ({_first_line(e)}); the data on disk "
-                             f"is damaged: run `cachefeat verify {self.path}`, then `cachefeat extract ... --repair`"
-                             ) from None
+            raise CacheDamaged(f"{self.path}: array {name}, {where}: cannot be read ({_first_line(e)}); the data on "
+                               f"disk is damaged: run `cachefeat verify {self.path}`, then `cachefeat extract ... "
+                               f"--repair`") from None
 
     def _read_direct(self, name: str, rows) -> np.ndarray | None:
         """Rows of a sharded feature array decoded straight from its shard files (shard_file.py: the same
@@ -277,6 +304,29 @@ class Cache:
         """Uncompressed bytes of the feature arrays' finished rows."""
         per_clip = sum(self.layout.bytes_per_clip().values())
         return int(self.done_rows().sum()) * per_clip
+
+
+_RESTORE = ("restore it from a copy (or `cachefeat import` an HDF5 export of it), or delete it and run the same "
+            "`cachefeat extract` again")
+# the metadata every reader relies on: key -> the type it must have
+_REQUIRED_META = {"schema_version": int, "model": dict, "layout": dict, "sampling": dict, "preprocessing": dict,
+                  "tokens": dict, "views": dict, "frames": int}
+_REQUIRED_MODEL = ("name", "pretrained")
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with a cache's metadata, in a few words, or None."""
+    for key, kind in _REQUIRED_META.items():
+        if key not in meta:
+            return f"no {key!r} key"
+        if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
+            return f"{key!r} is a {type(meta[key]).__name__}, not a {kind.__name__}"
+    missing = [k for k in _REQUIRED_MODEL if k not in meta["model"]]
+    if missing:
+        return f"'model' has no {missing[0]!r}"
+    if not isinstance(meta.get("classes") or [], list):
+        return "'classes' is not a list"
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from ..yamlfile import YamlError, load_yaml
 from .config import TrainConfig, TrainError
 
 TOP_KEYS = ("train-cache", "val-cache", "train", "adapters", "grid", "random", "num-samples")
@@ -227,11 +228,9 @@ def parse_spec(data, path: str = "<spec>") -> AblationSpec:
 def load_spec(path: str | os.PathLike) -> AblationSpec:
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise AblationError(f"{path}: cannot read it ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise AblationError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        data = load_yaml(p, str(path))
+    except YamlError as e:
+        raise AblationError(str(e)) from None
     return parse_spec(data, str(path))
 
 

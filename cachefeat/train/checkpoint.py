@@ -3,8 +3,11 @@ rebuilding the adapter from it, and the one check of whether a cache's features 
 on another cache (train vs val cache, checkpoint vs eval cache)."""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,12 +15,16 @@ import torch
 
 from .. import adapters
 from ..adapters import CacheMismatch, FeatureSpec, Needs
+from ..errors import Damaged
 from ..store import diff_meta, feature_fingerprint
 from .config import TrainError
 
 CHECKPOINT = "checkpoint.pt"
 BEST_CHECKPOINT = "checkpoint_best.pt"    # the epoch of the best val top-1 so far, beside the last
 CHECKPOINT_FORMAT = "cachefeat-checkpoint"
+# a checkpoint file is this one-line header, then the torch.save bytes it describes: their length and SHA-256
+DIGEST_HEADER = re.compile(rb"cachefeat-checkpoint sha256:([0-9a-f]{64}) bytes:([0-9]{1,15})\n")
+_MAGIC = b"cachefeat-checkpoint "
 # cache metadata a checkpoint keeps: enough to rebuild the adapter, check an eval cache, and run predict
 RECORDED_META = ("model", "layers", "tokens", "dtype", "frames", "sampling", "views", "preprocessing",
                  "compute_precision", "classes", "layout", "pixels", "text", "augment", "fingerprint")
@@ -66,8 +73,39 @@ def _replace_durably(write, path: Path) -> None:
         os.close(fd)
 
 
+class CheckpointDamaged(TrainError, Damaged):
+    """A checkpoint whose bytes do not match their digest (exit status 1)."""
+
+
 def save_atomic(obj, path: Path) -> None:
-    _replace_durably(lambda f: torch.save(obj, f), path)
+    """Write a checkpoint atomically: a header line with the SHA-256 and length of the torch.save bytes that
+    follow it, so that load_checkpoint refuses a file of which any byte changed."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getbuffer()
+    header = f"cachefeat-checkpoint sha256:{hashlib.sha256(payload).hexdigest()} bytes:{len(payload)}\n".encode()
+    _replace_durably(lambda f: (f.write(header), f.write(payload)), path)
+
+
+def _checked_payload(p: Path, data: bytes) -> bytes:
+    """The torch.save bytes of a checkpoint file, after checking them against the header's digest. A file
+    without the header (written before checkpoints carried a digest) is returned whole, unchecked."""
+    if data.startswith(b"PK\x03\x04"):
+        return data   # a zip file as torch.save writes it: a checkpoint from before digests
+    if not (data.startswith(_MAGIC[:8]) or b" sha256:" in data[:40]):
+        raise TrainError(f"{p} is not a readable checkpoint (not a file cachefeat train wrote)")
+    damaged = (f"{p} is damaged: {{}}; it cannot be used: restore it from a copy, or train the run again "
+               f"(`cachefeat train ... --overwrite`)")
+    m = DIGEST_HEADER.match(data)
+    if not m:
+        raise CheckpointDamaged(damaged.format("its header is unreadable"))
+    payload = data[m.end():]
+    if len(payload) != int(m.group(2)):
+        raise CheckpointDamaged(damaged.format(f"it holds {len(payload):,} bytes where its header says "
+                                               f"{int(m.group(2)):,} (cut short or extended)"))
+    if hashlib.sha256(payload).hexdigest() != m.group(1).decode():
+        raise CheckpointDamaged(damaged.format("its contents do not match their SHA-256 digest"))
+    return payload
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -80,19 +118,25 @@ def write_metrics(out: Path, history: list[dict]) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """A run folder or a checkpoint file -> the checkpoint dict (refusing anything else in one line)."""
+    """A run folder or a checkpoint file -> the checkpoint dict (refusing anything else in one line, and a
+    checkpoint whose contents do not match their digest with CheckpointDamaged)."""
     p = Path(path)
     if p.is_dir():
         p = p / CHECKPOINT
     if not p.is_file():
         raise TrainError(f"{path}: no checkpoint there (expected a run folder with {CHECKPOINT}, or the file)")
     try:
-        ck = torch.load(p, map_location="cpu", weights_only=False)
+        data = p.read_bytes()
+    except OSError as e:
+        raise TrainError(f"{p} cannot be read: {e.strerror or e}") from None
+    payload = _checked_payload(p, data)
+    try:
+        ck = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
     except Exception as e:
         raise TrainError(f"{p} is not a readable checkpoint: "
                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(f"{p} is not a cachefeat checkpoint")
+        raise TrainError(f"{p} is not a readable checkpoint (not a file cachefeat train wrote)")
     return ck
 
 

@@ -50,14 +50,24 @@ class TrainConfig:
         return {f.name: f.default for f in fields(cls) if f.name != "adapter_opts"}
 
 
+# the values a config file may give (the CLI's options check the same)
+_ALLOWED = {
+    "epochs": (lambda v: v >= 1, "at least 1"), "batch_size": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: v > 0, "above 0"), "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    **{k: (lambda v: v >= 0, "at least 0") for k in ("weight_decay", "warmup_epochs", "min_lr", "mixup", "cutmix",
+                                                      "grad_clip", "read_workers", "threads")},
+    "train_views": ["one", "all"], "in_memory": ["auto", "yes", "no"], "precision": ["auto", "fp32", "bf16", "fp16"],
+}
+
+
 def read_config_file(path: str | Path) -> dict:
     """The settings of a YAML or JSON file (keys named like TrainConfig's fields, dashes allowed, plus
     `adapter_opts: {key: value}`), each converted to its field's type; one-line TrainError otherwise."""
-    import yaml
+    from ..yamlfile import YamlError, load_yaml
     try:
-        data = yaml.safe_load(Path(path).read_text())   # YAML is a superset of JSON
-    except yaml.YAMLError as e:
-        raise TrainError(f"--config {path} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+        data = load_yaml(path, f"--config {path}")   # YAML is a superset of JSON
+    except YamlError as e:
+        raise TrainError(str(e)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -76,7 +86,11 @@ def read_config_file(path: str | Path) -> dict:
             kind = type(defaults[k])
             try:
                 value = kind(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise TrainError(f"--config {path}: {key}={value!r} is not a valid {kind.__name__}") from None
+            allowed = _ALLOWED.get(k)
+            if allowed is not None and not (value in allowed if isinstance(allowed, list) else allowed[0](value)):
+                raise TrainError(f"--config {path}: {key}={value!r}: "
+                                 f"{'one of ' + ', '.join(allowed) if isinstance(allowed, list) else allowed[1]}")
         out[k] = value
     return out

@@ -351,6 +351,10 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
                 log(_epoch_line(record, cfg.epochs))   # after the checkpoint: a reported epoch survives a crash
             if on_epoch is not None:
                 on_epoch(record)
+    except BaseException:
+        if out is not None and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()   # a run that failed before its first checkpoint leaves no empty run folder behind
+        raise
     finally:   # streamed sources read ahead into the next epoch: stop their reader processes
         for source in (run.train_source, run.val_source):
             if source is not None:

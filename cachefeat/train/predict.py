@@ -13,9 +13,12 @@ from .online import OnlineFeatures, backbone_from_meta
 
 
 def predict(ck: dict, videos: list[str], device: str = "auto", precision: str = "auto", top: int = 5,
-            progress=None) -> list[dict]:
+            decode_workers: int = 1, decode_timeout: float = 60.0, progress=None) -> list[dict]:
     """One result per video: {"video", "top": [{"class", "index", "probability"}], "views"} or {"video", "error"}.
+    Videos are decoded as extract decodes them: in `decode_workers` processes (0 = in this process, no
+    timeout), a video that takes longer than `decode_timeout` seconds (a hung decoder, a FIFO) failing.
     `progress(1)` is called after each video."""
+    from ..extract.decode_pool import DecodePool
     model, spec, needs = adapter_from_checkpoint(ck)
     meta = ck["cache_meta"]
     backbone = backbone_from_meta(meta, device=device)
@@ -26,20 +29,34 @@ def predict(ck: dict, videos: list[str], device: str = "auto", precision: str = 
     online = OnlineFeatures(meta, needs, backbone, test_views=True)
     classes = list(ck["classes"])
     results = []
-    for i, path in enumerate(videos):
-        if i and progress is not None:
-            progress(1)
-        res = online.decode_result(path, i)
-        if not res.ok:
-            results.append({"video": str(path), "error": f"{res.stage}: {res.error}"})
-            continue
-        x = to_device(online.extract(res.pixels, res.small), dev, spec)    # the views are the batch
-        with torch.no_grad(), autocast(dev, prec):
-            logits = model(x).float().mean(dim=0)
-        prob = torch.softmax(logits, dim=-1).cpu().numpy()
-        order = np.argsort(-prob)[: min(top, len(classes))]
-        results.append({"video": str(path), "views": int(res.pixels.shape[0]),
-                        "top": [{"class": classes[j], "index": int(j), "probability": float(prob[j])} for j in order]})
-    if videos and progress is not None:
-        progress(1)
+    with DecodePool(decode_workers, decode_timeout) as pool:
+        for i, res in enumerate(_decoded_in_order(pool, online, videos, ahead=max(2, 2 * decode_workers))):
+            results.append(_predict_one(model, spec, online, res, videos[i], classes, dev, prec, top))
+            if progress is not None:
+                progress(1)
     return results
+
+
+def _decoded_in_order(pool, online: OnlineFeatures, videos: list[str], ahead: int):
+    """The decoded videos in order, the pool decoding up to `ahead` of them at a time."""
+    pending, submitted = {}, 0
+    for i in range(len(videos)):
+        while submitted < len(videos) and submitted < i + ahead:
+            pool.submit(online.request(submitted, videos[submitted]))
+            submitted += 1
+        while i not in pending:
+            res = pool.get()
+            pending[res.key] = res
+        yield pending.pop(i)
+
+
+def _predict_one(model, spec, online, res, path, classes, dev, prec, top) -> dict:
+    if not res.ok:
+        return {"video": str(path), "error": f"{res.stage}: {res.error}"}
+    x = to_device(online.extract(res.pixels, res.small), dev, spec)    # the views are the batch
+    with torch.no_grad(), autocast(dev, prec):
+        logits = model(x).float().mean(dim=0)
+    prob = torch.softmax(logits, dim=-1).cpu().numpy()
+    order = np.argsort(-prob)[: min(top, len(classes))]
+    return {"video": str(path), "views": int(res.pixels.shape[0]),
+            "top": [{"class": classes[j], "index": int(j), "probability": float(prob[j])} for j in order]}

@@ -419,6 +419,8 @@ class _Stream:
                     e, b, j, buf, layout = next(self.it)
                 except StopIteration:
                     raise CacheError(f"streaming {self.path} lost batches of epoch {epoch}") from None
+                except Exception as e:
+                    raise _from_worker(e) from None
                 self.pending[(int(e), int(b), int(j))] = _unpack(buf, layout)
             yield self.pending.pop(key)
         self.broken, self.next_epoch = False, epoch + 1
@@ -428,6 +430,20 @@ class _Stream:
         shutdown = getattr(it, "_shutdown_workers", None)   # what the iterator's __del__ does, without waiting for GC
         if shutdown is not None:
             shutdown()
+
+
+def _from_worker(e: Exception) -> Exception:
+    """A reader process's error as if raised here: the DataLoader re-raises it with the worker's traceback in
+    its message ("Caught CacheDamaged in DataLoader worker process 0. Original Traceback ..."); the error
+    the user sees is its last line, the original message, with its type."""
+    text = str(e)
+    if "in DataLoader worker process" not in text:
+        return e
+    last = text.rstrip().splitlines()[-1]
+    try:
+        return type(e)(last.split(": ", 1)[1] if ": " in last else last)
+    except Exception:
+        return e
 
 
 def _passthrough(item):
