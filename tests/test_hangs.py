@@ -69,5 +69,7 @@ def test_sigkill_of_extract_leaves_no_decode_worker_behind(synth_small, tmp_path
     while _alive(workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(workers), f"decode workers outlived their parent: {_alive(workers)}"
-    # and the next run takes over the dead writer's lock and finishes (the FIFOs fail on the timeout)
-    run_cli(*tiny_extract_args(d / "list.txt", out, "--frames", "2", "--decode-timeout", "1"))
+    # and the next run takes over the dead writer's lock and finishes: the FIFOs fail on the timeout, and an
+    # extraction whose every video failed exits 1
+    res = run_cli(*tiny_extract_args(d / "list.txt", out, "--frames", "2", "--decode-timeout", "1"), ok=False)
+    assert res.exit_code == 1 and "no valid clips: 2 of 2 videos failed" in res.output, res.output

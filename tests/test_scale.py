@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -126,8 +125,8 @@ def test_eval_json_and_text_at_many_classes(wide, tmp_path):
     # the best epoch's checkpoint is kept beside the last, and evaluates like any checkpoint
     summary = json.loads((d / "run" / "summary.json").read_text())
     assert summary["files"]["best_checkpoint"] == "checkpoint_best.pt"
-    import torch
-    best = torch.load(d / "run" / "checkpoint_best.pt", weights_only=False)
+    from cachefeat.train import load_checkpoint
+    best = load_checkpoint(d / "run" / "checkpoint_best.pt")
     assert best["epoch"] == summary["best_epoch"]
     assert best["history"][-1]["val_top1"] == summary["best_val_top1"]
     run_cli("eval", "--checkpoint", d / "run" / "checkpoint_best.pt", "--cache", d / "cache.zarr", "--json",
@@ -212,10 +211,12 @@ def test_a_cache_being_written_is_refused_unless_allowed(wide, tmp_path):
     shutil.copytree(wide[4] / "cache.zarr", busy)
     spec = tmp_path / "spec.yaml"
     spec.write_text(f"train-cache: {busy}\nval-cache: {busy}\ntrain: {{epochs: 1}}\ngrid:\n  adapter: [probe]\n")
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # a live process holding the store's lock, as a writer does
+    sleeper = subprocess.Popen([sys.executable, "-c", "import sys, time; from cachefeat.store import StoreLock; "
+                                "lock = StoreLock(sys.argv[1]); lock.acquire(); print('held', flush=True); "
+                                "time.sleep(60)", str(busy)], stdout=subprocess.PIPE, text=True)
     try:
-        (busy / "cachefeat.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid,
-                                                         "since": "2026-01-01T00:00:00"}))
+        assert sleeper.stdout.readline().strip() == "held"
         for args in (["eval", "--checkpoint", wide[4] / "run", "--cache", busy, "--out", tmp_path / "e"],
                      ["train", "--cache", busy, "--epochs", "1", "--out", tmp_path / "t"],
                      ["ablate", spec, "--check"]):
