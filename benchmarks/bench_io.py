@@ -1,8 +1,10 @@
 """Stage one's I/O path against its ceilings, measured side by side at steady state (no GPU needed).
 
-    raw write        the same bytes as the writer's, written to the same folder with plain os.writev: the
-                     disk's limit as this process sees it (page cache included, no fsync, as the writer)
-    writer alone     cachefeat's shard writer (store.write_shard) on shards of a token cache, default codec
+    raw write        the same bytes as the writer's, written to the same folder with plain os.write and
+                     fsync (as the writer does before a shard counts): the disk's limit
+    writer alone     cachefeat's shard writer (store.write_shard) on shards of a token cache, default codec,
+                     fsync on (the default); also without fsync against a raw write without it (what the
+                     page cache takes), and with zstd:3, for comparison
     decoders alone   the decode worker processes on the synthetic videos, nothing else running
     free backbone    the whole pipeline (decode -> forward -> write) with a backbone stand-in that costs nothing
                      and emits float32 features of the real model's shapes: the I/O path's own ceiling
@@ -33,6 +35,7 @@ from cachefeat.extract.plan import ExtractSettings, plan
 from cachefeat.extract.video import DecodeRequest
 from cachefeat.specs import SamplingSpec, ViewSpec
 from cachefeat.store import DEFAULT_CODEC, ShardData, open_for_writing, write_shard
+from cachefeat.store.shard_file import fsync_dir
 
 from common import WORK, Mode, synth_data
 
@@ -80,13 +83,17 @@ def run(mode: Mode, log=print, seconds: float | None = None) -> dict:
     out["shard_clips"] = p.layout.shard_rows
     log(f"[io] {MODEL} layers {LAYERS} tokens {TOKENS}: {frame_bytes / 2 ** 20:.2f} MiB per frame, shards of "
         f"{p.layout.shard_rows} clips, codec {DEFAULT_CODEC}, {seconds:.0f} s per ceiling")
-    for codec in dict.fromkeys([DEFAULT_CODEC, "zstd:3"]):
-        writer, raw = _writer_and_raw(folder, replace(settings, codec=codec), p, seconds / 2)
-        key = "" if codec == DEFAULT_CODEC else "_zstd3"
+    variants = ((DEFAULT_CODEC, True, ""), (DEFAULT_CODEC, False, "_no_fsync"), ("zstd:3", True, "_zstd3"))
+    for codec, fsync, key in variants:
+        writer, raw = _writer_and_raw(folder, replace(settings, codec=codec), p, seconds / 2, fsync)
         out[f"writer_mib_s{key}"], out[f"raw_write_mib_s{key}"] = writer, raw
         out[f"writer_efficiency{key}"] = writer / raw
-        log(f"  codec {codec}: writer alone {writer:.0f} MiB/s, raw write of the same bytes {raw:.0f} MiB/s: "
-            f"writer efficiency {writer / raw:.2f}")
+        log(f"  codec {codec}, fsync {'on' if fsync else 'off'}: writer alone {writer:.0f} MiB/s, raw write of the "
+            f"same bytes {raw:.0f} MiB/s: writer efficiency {writer / raw:.2f}")
+    shard_mib = p.layout.shard_rows * p.layout.frames * frame_bytes / 2 ** 20
+    out["fsync_seconds_per_shard"] = shard_mib / out["writer_mib_s"] - shard_mib / out["writer_mib_s_no_fsync"]
+    log(f"  fsync costs {out['fsync_seconds_per_shard']:.2f} s per shard of {shard_mib:.0f} MiB "
+        f"(writer {out['writer_mib_s']:.0f} vs {out['writer_mib_s_no_fsync']:.0f} MiB/s without)")
     writer_fps = out["writer_mib_s"] * 2 ** 20 / frame_bytes
 
     # the decoders alone, then the whole pipeline with the free backbone
@@ -127,7 +134,7 @@ def _shard_data(layout, shard: int, rng) -> ShardData:
                                    "videos/error": np.array([""] * k, dtype=str)})
 
 
-def _writer_and_raw(folder, settings, p, seconds) -> tuple[float, float]:
+def _writer_and_raw(folder, settings, p, seconds, fsync: bool) -> tuple[float, float]:
     """MiB/s of the big arrays' uncompressed bytes: write_shard vs a plain os.write of the same bytes, in
     alternating rounds of one shard each, until each has run `seconds`; medians of the rounds. Both sides
     write new files every round, as a real extraction does (rewriting one file over and over would reuse
@@ -137,13 +144,13 @@ def _writer_and_raw(folder, settings, p, seconds) -> tuple[float, float]:
     layout = replace(p.layout, num_videos=p.layout.shard_videos * 1000)      # room for 1000 distinct shards
     videos = (p.manifest.videos * (-(-layout.num_videos // len(p.manifest.videos))))[:layout.num_videos]
     with open_for_writing(store_path, p.meta, layout, videos, settings.codec, log=lambda *a: None) as writer:
-        return _alternate(folder, writer.cache, seconds)
+        return _alternate(folder, writer.cache, seconds, fsync)
 
 
 WINDOW = 3
 
 
-def _alternate(folder, store, seconds) -> tuple[float, float]:
+def _alternate(folder, store, seconds, fsync: bool) -> tuple[float, float]:
     layout = store.layout
     rng = np.random.default_rng(0)
     shards = [_shard_data(layout, s, rng) for s in range(2)]
@@ -156,7 +163,7 @@ def _alternate(folder, store, seconds) -> tuple[float, float]:
         if i >= WINDOW:                              # keep the disk use bounded, alike on both sides
             for n in big:
                 store.shard_file(n).path(i - WINDOW).unlink(missing_ok=True)
-        write_shard(store, data)
+        write_shard(store, data, fsync=fsync)
 
     def raw(i, data):
         if i >= WINDOW:
@@ -166,8 +173,12 @@ def _alternate(folder, store, seconds) -> tuple[float, float]:
             fd = os.open(raw_dir / str(i) / n.replace("/", "_"), os.O_WRONLY | os.O_CREAT, 0o644)
             try:
                 os.write(fd, data.rows[n])
+                if fsync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
+        if fsync:
+            fsync_dir(raw_dir / str(i))
 
     sides = {"writer": writer, "raw": raw}
     rates = {k: [] for k in sides}

@@ -280,6 +280,10 @@ def _shard_size(ctx, param, value):
               help="Where test views are resized and cropped: in the decode workers (PIL) or on the backbone's "
                    "device from the decoded frames (the same bytes, exactly; the workers then only decode). "
                    "auto: device on a GPU, workers on CPU. Augmented views are always made in the workers.")
+@click.option("--no-fsync", is_flag=True,
+              help="Do not force each shard onto the disk before flagging it done: faster where fsync is slow, but "
+                   "after a power cut (not a crash or a kill) a shard may count as done without its data. For "
+                   "scratch caches.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out instead of resuming it.")
 @click.option("--repair", is_flag=True,
               help="Check every chunk of the existing cache (as `cachefeat verify` does) and extract again only the "
@@ -296,7 +300,7 @@ def _shard_size(ctx, param, value):
 def extract(input, out, fmt, video_root, classes_file, split, model, pretrained, quick_gelu, seed, layers, tokens,
             frames, sampling, views, dtype, pixels, aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed,
             text_template, no_text, codec, batch_size, shard_size, device, precision, decode_workers, workers, address,
-            decode_timeout, reader, preprocess, overwrite, repair, dry_run, strict, max_failed_fraction,
+            decode_timeout, reader, preprocess, no_fsync, overwrite, repair, dry_run, strict, max_failed_fraction,
             ignore_free_space, quiet):
     """Run the frozen backbone over the videos of INPUT and write their features to a cache.
 
@@ -333,12 +337,12 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
     click.echo(check_free_space(estimate_size(settings, manifest), out, ignore_free_space).describe())
     if workers > 1 or address:
         stats = _extract_on_ray(manifest, out, settings, workers, address, batch_size, decode_workers,
-                                decode_timeout, reader, preprocess, overwrite, repair, quiet)
+                                decode_timeout, reader, preprocess, not no_fsync, overwrite, repair, quiet)
     else:  # one process, no Ray: nothing to start, nothing imported
         stats = run_extract(manifest, out, settings, batch_size=batch_size,
                             decode_workers=default_workers() if decode_workers is None else decode_workers,
                             decode_timeout=decode_timeout, reader=reader, overwrite=overwrite, progress=not quiet,
-                            log=click.echo, repair=repair, preprocess=preprocess)
+                            log=click.echo, repair=repair, preprocess=preprocess, fsync=not no_fsync)
     from .store import open_cache
     cache = open_cache(out)
     counts = cache.counts()
@@ -369,7 +373,7 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
 
 
 def _extract_on_ray(manifest, out, settings, workers, address, batch_size, decode_workers, decode_timeout, reader,
-                    preprocess, overwrite, repair, quiet):
+                    preprocess, fsync, overwrite, repair, quiet):
     if settings.device not in ("auto", "cpu", "cuda"):
         raise click.BadParameter("with --workers each worker gets its own GPU from Ray: use auto, cuda or cpu",
                                  param_hint="--device")
@@ -379,7 +383,7 @@ def _extract_on_ray(manifest, out, settings, workers, address, batch_size, decod
         return extract_distributed(manifest, out, settings, workers=workers, batch_size=batch_size,
                                    decode_workers=decode_workers, decode_timeout=decode_timeout, reader=reader,
                                    overwrite=overwrite, progress=not quiet, log=click.echo, address=address,
-                                   repair=repair, preprocess=preprocess)
+                                   repair=repair, preprocess=preprocess, fsync=fsync)
     except ClusterError as e:
         raise click.UsageError(str(e)) from None
     except WorkerError as e:

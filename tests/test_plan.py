@@ -79,3 +79,12 @@ def test_reused_shard_buffers_leave_no_trace_of_earlier_shards(synth_small, tmp_
         assert np.array_equal(a, b), name
         failed = a[[7, 10]]
         assert (not failed.any()) if failed.dtype.kind in "biuf" else all(str(x) == "" for x in failed), name
+
+
+def test_no_fsync_writes_the_same_cache(synth_small, tmp_path):
+    """--no-fsync changes when bytes reach the disk, never which bytes."""
+    for name, extra in (("a", []), ("b", ["--no-fsync"])):
+        run_cli(*tiny_extract_args(synth_small / "train.txt", tmp_path / f"{name}.zarr", "--frames", "2",
+                                   "--tokens", "all", "--shard-size", "4", *extra))
+    from helpers import assert_caches_equal
+    assert_caches_equal(tmp_path / "a.zarr", tmp_path / "b.zarr")

@@ -142,7 +142,7 @@ class ExtractWorker:
 
     def setup(self, out: str, settings: ExtractSettings, device: str, fingerprint: str, weights_sha256: str,
               videos, workers: int, batch_size: int, decode_workers: int | None, decode_timeout: float,
-              reader: str, preprocess: str = "auto") -> dict:
+              reader: str, preprocess: str = "auto", fsync: bool = True) -> dict:
         import torch
 
         from .backbone import load_backbone
@@ -167,6 +167,7 @@ class ExtractWorker:
         self.reported, self.last_flush = 0, time.monotonic()
         self.flush_lock = threading.Lock()   # the decode loop and the writer thread both flush
         self.extractor = ShardExtractor(cache, bb, videos, self.pool, batch_size, reader, preprocess=preprocess,
+                                        fsync=fsync,
                                         on_progress=self._on_progress, on_shard_done=self._on_shard_done)
         name = torch.cuda.get_device_name(bb.device) if gpu else "cpu"
         return {"host": host, "pid": pid, "device": f"{bb.device} ({name})" if gpu else "cpu",
@@ -255,14 +256,14 @@ def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSe
                         reader: str = "auto", overwrite: bool = False, progress: bool = True, log=print,
                         address: str | None = None, max_replacements: int | None = None,
                         monitor: Callable[[RunState], None] | None = None, repair: bool = False,
-                        preprocess: str = "auto") -> DistributedStats:
+                        preprocess: str = "auto", fsync: bool = True) -> DistributedStats:
     """Extract (or resume extracting) `manifest` into the cache at `out` with `workers` Ray actors.
 
     Uses the Ray runtime already initialised in this process, else connects to `address`, else starts a
     local one for the run. `decode_workers` is per worker (None: its share of its node's cores - 1, at most
     8). A worker that dies is replaced while shards remain, at most `max_replacements` times in all
     (default: `workers`). `monitor`, if given, is called with a RunState on every poll (about 5 per second).
-    `preprocess`: where test views are cropped, as for `pipeline.extract`.
+    `preprocess` and `fsync` as for `pipeline.extract`.
     """
     import torch
 
@@ -301,7 +302,8 @@ def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSe
                 log(f"{n} workers asked for, but the cluster has {cap:g} {'GPUs' if gpu else 'CPUs'}: "
                     f"the others start when resources free up")
             setup_args = (str(out), settings, device, store.meta["fingerprint"], weights_sha256,
-                          ray.put(videos), n, batch_size, decode_workers, decode_timeout, reader, preprocess)
+                          ray.put(videos), n, batch_size, decode_workers, decode_timeout, reader, preprocess,
+                          fsync)
             return driver.run(n, worker_resources(gpu), setup_args,
                               n if max_replacements is None else max_replacements)
 

@@ -232,9 +232,10 @@ class ShardExtractor:
 
     def __init__(self, store: Cache, backbone: Backbone, videos: list[VideoEntry],
                  pool: DecodePool, batch_size: int = 64, reader: str = "auto", on_progress=None,
-                 on_shard_done=None, max_inflight: int | None = None, preprocess: str = "auto"):
+                 on_shard_done=None, max_inflight: int | None = None, preprocess: str = "auto",
+                 fsync: bool = True):
         layout, meta = store.layout, store.meta
-        self.store = store
+        self.store, self.fsync = store, fsync
         self.layout, self.backbone, self.videos, self.pool = layout, backbone, videos, pool
         self.batch_size = batch_size
         self.layers = list(layout.layers)
@@ -324,7 +325,7 @@ class ShardExtractor:
                 try:
                     if state.copied is not None:     # the GPU's copies into this shard's rows have landed
                         state.copied.synchronize()
-                    write_shard(self.store, data)
+                    write_shard(self.store, data, fsync=self.fsync)
                     buffers.give(state.rows)
                     self.on_shard_done(data.shard)
                 except BaseException as e:  # reported by the main thread
@@ -441,11 +442,12 @@ def stop_on_sigint(request_stop: Callable[[], None], say: Callable[[str], None],
 
 def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batch_size: int = 64,
             decode_workers: int = 2, decode_timeout: float = 60.0, reader: str = "auto", overwrite: bool = False,
-            progress: bool = True, log=print, repair: bool = False, preprocess: str = "auto") -> ExtractStats:
+            progress: bool = True, log=print, repair: bool = False, preprocess: str = "auto",
+            fsync: bool = True) -> ExtractStats:
     """Extract (or resume extracting) `manifest` into the cache at `out` in this process. With `repair`,
     shards that `cachefeat verify` finds damaged are extracted again. `preprocess`: where test views are
     resized and cropped (workers: PIL in the decode processes; device: on the backbone's device, the same
-    bytes; auto: device on a GPU)."""
+    bytes; auto: device on a GPU). `fsync`: each shard is on the disk before it counts as done."""
     from tqdm import tqdm
     backbone = load_backbone(settings.model, settings.pretrained, settings.device, settings.precision,
                              seed=settings.seed, quick_gelu=settings.quick_gelu)
@@ -460,7 +462,7 @@ def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batc
         total_clips = sum(len(layout.shard_rows_range(s)) for s in store.todo)
         bar = tqdm(total=total_clips, unit="clip", desc="extract", disable=not progress, dynamic_ncols=True)
         ex = ShardExtractor(store.cache, backbone, manifest.videos, pool, batch_size, reader, on_progress=bar.update,
-                            preprocess=preprocess)
+                            preprocess=preprocess, fsync=fsync)
 
         def request_stop():
             ex.stop_requested = True

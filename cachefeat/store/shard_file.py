@@ -265,11 +265,12 @@ class ShardFile:
         return np.frombuffer(raw, self.dtype).reshape(self.shape[1:])
 
     # -- writing
-    def write(self, shard: int, data: np.ndarray) -> int:
+    def write(self, shard: int, data: np.ndarray, fsync: bool = True) -> int:
         """Write rows shard * shard_rows ... of the array (`data`, one row per chunk; the last shard may be
         short) as its shard file, the bytes zarr writes for the same rows; returns the bytes written. The
         file is replaced whole (a temporary file renamed over it), and removed when every chunk equals the
-        fill value, as zarr does."""
+        fill value, as zarr does. With `fsync` the bytes and the new directory entry are on the disk when
+        this returns (what lets a progress flag set afterwards survive a power cut)."""
         if data.shape[1:] != self.shape[1:] or len(data) > self.shard_rows:
             raise ValueError(f"{self.folder}: rows of shape {data.shape} do not fit a shard of {self.shape}")
         path = self.path(shard)
@@ -320,9 +321,13 @@ class ShardFile:
                     while rest:
                         rest = rest[os.write(fd, rest):]
                 total += want
+            if fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        if fsync:
+            fsync_dir(path.parent)
         return total
 
     def _is_fill(self, rows: np.ndarray) -> np.ndarray:
@@ -335,3 +340,15 @@ class ShardFile:
                 fill[r] = not bits[r].any()
             return fill
         return np.all(rows == self.fill_value, axis=1)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Put a folder's entries (a file created or renamed in it) on the disk."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:          # platforms where a folder cannot be opened: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -35,6 +35,7 @@ from .layout import (
 )
 from .lock import StoreLock
 from .reader import Cache
+from .shard_file import fsync_dir
 from .verify import verify
 
 
@@ -228,11 +229,13 @@ class ShardData:
     videos: dict[str, np.ndarray]     # videos/status, videos/num_frames, videos/error -> (shard videos,)
 
 
-def write_shard(store: Cache, data: ShardData) -> int:
+def write_shard(store: Cache, data: ShardData, fsync: bool = True) -> int:
     """Write a whole shard, then flag it done; returns the bytes of the big arrays written. Those go
     straight into their shard files (shard_file.py: zarr's bytes without zarr's per-chunk cost); the small
     per-clip and per-video tables go through zarr. Killed anywhere before the flag, the shard reads as not
-    done and is redone by the next run."""
+    done and is redone by the next run. With `fsync` (the default) the shard's files are on the disk before
+    the flag is written, and the flag before this returns, so a power cut cannot leave a shard flagged done
+    whose data never reached the disk (its cost per shard: the io benchmark)."""
     root, layout = store.root, store.layout
     rows = layout.shard_rows_range(data.shard)
     vids = layout.shard_videos_range(data.shard)
@@ -241,15 +244,37 @@ def write_shard(store: Cache, data: ShardData) -> int:
     for name, arr in data.rows.items():
         direct = store.shard_file(name)
         if direct is not None:
-            written += direct.write(data.shard, arr)
+            written += direct.write(data.shard, arr, fsync=fsync)
         else:
             _drop_chunk(root[name], data.shard)
             root[name][r] = arr
+            if fsync:
+                _fsync_chunk(root[name], data.shard)
     for name, arr in data.videos.items():
         _drop_chunk(root[name], data.shard)
         root[name][v] = arr
+        if fsync:
+            _fsync_chunk(root[name], data.shard)
     root["progress"][data.shard] = 1
+    if fsync:
+        _fsync_chunk(root["progress"], data.shard)
     return written
+
+
+def _fsync_chunk(arr, index: int) -> None:
+    """Put the stored object holding the `index`-th block of rows of a zarr array, and its directory entry,
+    on the disk (a chunk of only the fill value is not stored: nothing to do)."""
+    coords = (index,) + (0,) * (arr.ndim - 1)
+    path = Path(arr.store_path.store.root) / arr.path / arr.metadata.encode_chunk_key(coords)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _drop_chunk(arr, index: int) -> None:
