@@ -103,11 +103,16 @@ def run(mode: Mode, log=print, seconds: float | None = None) -> dict:
     ceiling = min(decode_fps, writer_fps)
     out.update({"decoders_frames_per_s": decode_fps, "writer_frames_per_s": writer_fps,
                 "free_backbone_frames_per_s": free["frames_per_s"], "free_backbone_bottleneck": free["bottleneck"],
+                "free_backbone_cpu_ms_per_frame": free["cpu_ms_per_frame"],
+                "free_backbone_cores_busy": free["cores_busy"],
+                "cores": len(os.sched_getaffinity(0)),
                 "limiting_side": "decoding" if decode_fps <= writer_fps else "writing",
                 "io_ceiling_efficiency": free["frames_per_s"] / ceiling})
     log(f"  free-backbone pipeline: {free['frames_per_s']:.0f} frames/s ({free['frames']} frames); "
         f"io ceiling efficiency {out['io_ceiling_efficiency']:.2f} against {out['limiting_side']} "
-        f"(pipeline time: {free['bottleneck']})")
+        f"(pipeline time: {free['bottleneck']}); it used {free['cpu_ms_per_frame']:.2f} ms of CPU per frame "
+        f"({free['cores_busy']:.2f} of {out['cores']} cores busy): at most "
+        f"{1000 * out['cores'] / free['cpu_ms_per_frame']:.0f} frames/s on this machine's cores")
     shutil.rmtree(folder, ignore_errors=True)
     return out
 
@@ -221,7 +226,8 @@ def _decoders(videos, bb, frames, workers, seconds) -> float:
 
 def _free_pipeline(folder, videos, bb, settings, workers, decode_fps, seconds, log) -> dict:
     """The real pipeline (ShardExtractor over a real store) with the free backbone, on enough videos to run
-    about `seconds` at the decoders' rate, after a warm-up shard."""
+    about `seconds` at the decoders' rate, after four warm-up shards; shard files are deleted WINDOW shards
+    behind, as in the writer's measurement, so both meet the same disk."""
     frames = settings.frames
     p = plan(settings, _manifest(videos, 64), bb)
     warmup = 4 * p.layout.shard_videos          # until the shard buffers are reused: the steady state
@@ -231,7 +237,27 @@ def _free_pipeline(folder, videos, bb, settings, workers, decode_fps, seconds, l
     store_path = folder / "pipeline.zarr"
     with DecodePool(workers) as pool, open_for_writing(store_path, p.meta, p.layout, manifest.videos,
                                                        settings.codec, log=lambda *a: None) as store:
-        ex = ShardExtractor(store.cache, bb, manifest.videos, pool, batch_size=64)
+        big = [n for n, (shape, _) in store.layout.row_arrays().items() if shape]
+
+        def forget(shard):   # the same disk use as the writer's measurement: a window of WINDOW shards
+            for n in big:
+                if shard >= WINDOW:
+                    store.cache.shard_file(n).path(shard - WINDOW).unlink(missing_ok=True)
+
+        ex = ShardExtractor(store.cache, bb, manifest.videos, pool, batch_size=64, on_shard_done=forget)
         ex.run(store.todo[:4])                                          # warm-up: four shards
+        cpu0 = _cpu_seconds(pool)
         stats = ex.run(store.todo[4:])
-    return {"frames": stats.frames, "frames_per_s": stats.frames / stats.seconds, "bottleneck": stats.bottleneck()}
+        cpu = _cpu_seconds(pool) - cpu0
+    return {"frames": stats.frames, "frames_per_s": stats.frames / stats.seconds, "bottleneck": stats.bottleneck(),
+            "cpu_ms_per_frame": 1000 * cpu / stats.frames, "cores_busy": cpu / stats.seconds}
+
+
+def _cpu_seconds(pool) -> float:
+    """CPU seconds used so far by this process (every thread) and the pool's decode workers."""
+    import psutil
+    total = 0.0
+    for proc in [psutil.Process(), *(psutil.Process(pid) for pid in pool.pids)]:
+        t = proc.cpu_times()
+        total += t.user + t.system
+    return total

@@ -83,6 +83,11 @@ def report(results: dict) -> str:
                 lines.append(f"| writer alone, {what} (vs raw write {r[f'raw_write_mib_s{key}']:.0f} MiB/s) | "
                              f"{r[f'writer_mib_s{key}']:.0f} MiB/s | {fmt_ratio(r[f'writer_efficiency{key}'])} | "
                              f"for comparison |")
+        if "free_backbone_cpu_ms_per_frame" in r:
+            lines.append(f"| CPU the free-backbone pipeline used (decoders, main thread, writer) | "
+                         f"{r['free_backbone_cpu_ms_per_frame']:.2f} ms per frame: at most "
+                         f"{1000 * r['cores'] / r['free_backbone_cpu_ms_per_frame']:.0f} frames/s on {r['cores']} "
+                         f"cores | | |")
         if "fsync_seconds_per_shard" in r:
             lines.append(f"| fsync per shard of {r['shard_clips']} clips | {r['fsync_seconds_per_shard']:.2f} s | | |")
         lines.append("")

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Queue
+from queue import Full, Queue
 
 import numpy as np
 import torch
@@ -307,6 +307,15 @@ class ShardExtractor:
                              self.backbone.preprocessing, self.reader, self.layout.pixels, self.augment,
                              raw=self.device_crops)
 
+    def _take_decoded(self, by_shard: dict, timeout: float) -> None:
+        """Hand the decoded videos that are ready to their shards (waiting up to `timeout` s for one); the
+        pool gives its idle workers their next requests meanwhile."""
+        while (res := self.pool.get(timeout=timeout)) is not None:
+            st = by_shard.get(res.key // self.layout.shard_videos)
+            if st is not None:
+                st.results[res.key] = res
+            timeout = 0
+
     def run(self, shards: Iterable[int]) -> ExtractStats:
         stats = ExtractStats()
         t0 = time.perf_counter()
@@ -380,7 +389,13 @@ class ShardExtractor:
                     open_shards.popleft()
                     del by_shard[head.shard]
                     tw = time.perf_counter()
-                    writes.put((head, head.data()))
+                    item = (head, head.data())
+                    while True:       # while the writer is busy, keep the decoders fed and their results taken
+                        try:
+                            writes.put(item, timeout=0.01)
+                            break
+                        except Full:
+                            self._take_decoded(by_shard, timeout=0)
                     stats.wait_write_s += time.perf_counter() - tw
                     stats.shards += 1
                     stats.clips += int(head.valid.sum())
@@ -395,12 +410,8 @@ class ShardExtractor:
                     continue
                 # 3. wait for the next decoded video
                 td = time.perf_counter()
-                res = self.pool.get(timeout=1.0)
+                self._take_decoded(by_shard, timeout=1.0)
                 stats.wait_decode_s += time.perf_counter() - td
-                if res is not None:
-                    st = by_shard.get(res.key // self.layout.shard_videos)
-                    if st is not None:
-                        st.results[res.key] = res
         finally:
             tw = time.perf_counter()
             writes.put(None)
