@@ -149,7 +149,7 @@ def test_pool_records_a_decoder_that_dies(tmp_path):
 
 
 def test_a_worker_killed_while_holding_its_slot_leaves_nothing_behind(tmp_path):
-    """Frames travel through each worker's shared-memory slot. A worker SIGKILLed in the middle of a
+    """Frames travel through each worker's shared-memory slots. A worker SIGKILLed in the middle of a
     request (decoding, or writing its result into the slot) yields a crash for that video; its
     replacement reuses the slot, the next results equal a decode in this process, and closing the pool
     removes every slot from /dev/shm."""
@@ -157,7 +157,7 @@ def test_a_worker_killed_while_holding_its_slot_leaves_nothing_behind(tmp_path):
     good = good_video(tmp_path / "good.mp4")
     before = set(os.listdir("/dev/shm"))
     with DecodePool(workers=1, timeout=60) as pool:
-        slots = [s.name for s in pool._slots]
+        slots = [s.name for pair in pool._slots for s in pair]
         assert slots and all(n in os.listdir("/dev/shm") for n in slots)
         for k in range(3):                                 # keep the worker busy, then kill it mid-way
             pool.submit(req(big, key=k, frames=64))
@@ -167,7 +167,7 @@ def test_a_worker_killed_while_holding_its_slot_leaves_nothing_behind(tmp_path):
         assert any(r.stage == "crash" for r in results) and pool.restarts == 1
         for r in results:
             assert r.ok or r.stage == "crash"
-        assert [s.name for s in pool._slots] == slots       # reclaimed, not replaced
+        assert [s.name for pair in pool._slots for s in pair] == slots      # reclaimed, not replaced
         pool.submit(req(good, key=9, frames=4))
         r = pool.get(timeout=30)
         assert r.ok and np.array_equal(r.pixels, decode_video(req(good, key=9, frames=4)).pixels)

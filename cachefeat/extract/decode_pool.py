@@ -9,9 +9,11 @@ A worker's clock starts when it reports ready (interpreter start-up and imports 
 busy machine and are not the decoder's time); the pool's constructor waits for its first workers, so the
 pipeline's own time starts with decoders that can decode.
 
-Frames travel through shared memory: each worker has a slot (a shared-memory segment the pool owns) into
-which it writes a result's arrays, and the pipe carries only their places in it; the pool copies them out
-before the worker gets its next request. Sending them pickled through the pipe cost the pipeline's main
+Frames travel through shared memory: each worker has two slots (shared-memory segments the pool owns) and
+writes a result's arrays into the one its request names; the pipe carries only their places. A worker
+holds two requests (the one it decodes and the next), so it never waits for the pool to notice a result
+before it starts the next video; the two slots alternate, and the pool copies a result out before it
+names that slot again. Sending them pickled through the pipe cost the pipeline's main
 thread ~0.5 ms per 1.2 MB video (the io benchmark's profile). A slot outlives its worker: when a worker
 is killed (timeout) or dies (crash) mid-write, nothing is read from the slot and its replacement reuses
 it; the pool unlinks the slots when it closes. A result larger than the slot, or a machine whose
@@ -92,16 +94,16 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="cachefeat-parent-watch", daemon=True).start()
 
 
-def _worker_main(conn, parent: int | None = None, slot_name: str | None = None) -> None:
+def _worker_main(conn, parent: int | None = None, slot_names: tuple[str, ...] = ()) -> None:
     if parent is not None:
         _die_with_parent(parent)
     # Workers never handle Ctrl-C themselves: the parent decides when the run stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    slot = None
-    if slot_name:   # mapped by hand: SharedMemory would register it with the resource tracker a second time
+    slots = []
+    for name in slot_names:   # mapped by hand: SharedMemory would register them with the resource tracker again
         import mmap
-        fd = os.open(f"/dev/shm/{slot_name.lstrip('/')}", os.O_RDWR)
-        slot = mmap.mmap(fd, 0)
+        fd = os.open(f"/dev/shm/{name.lstrip('/')}", os.O_RDWR)
+        slots.append(mmap.mmap(fd, 0))
         os.close(fd)
     try:
         conn.send(_READY)
@@ -114,11 +116,12 @@ def _worker_main(conn, parent: int | None = None, slot_name: str | None = None) 
             return
         if req is None:
             return
+        req, slot = req                              # the request and the slot its result goes to
         t0 = time.perf_counter()
         res = decode_video(req)
         res.seconds = time.perf_counter() - t0
-        if slot is not None:
-            _to_slot(res, slot)
+        if slots:
+            _to_slot(res, slots[slot])
         try:
             conn.send(res)
         except (BrokenPipeError, OSError):
@@ -137,16 +140,27 @@ def _slot_bytes(workers: int) -> int:
 
 
 class _Worker:
-    def __init__(self, ctx, slot: shared_memory.SharedMemory | None):
+    def __init__(self, ctx, slots: list[shared_memory.SharedMemory]):
         self.conn, child = ctx.Pipe()
-        self.slot = slot
-        self.proc = ctx.Process(target=_worker_main, args=(child, os.getpid(), slot.name if slot else None),
+        self.slots = slots
+        self.proc = ctx.Process(target=_worker_main, args=(child, os.getpid(), tuple(s.name for s in slots)),
                                 daemon=True, name="cachefeat-decode")
         self.proc.start()
         child.close()
-        self.request: DecodeRequest | None = None
+        self.request: DecodeRequest | None = None    # the one it decodes (its clock: `started`)
+        self.next: DecodeRequest | None = None       # sent, waiting in its pipe: starts when `request` ends
+        self.turn = 0                                # the slot the next request sent gets
         self.started = 0.0
         self.ready = False
+
+    def send(self, req: DecodeRequest) -> None:
+        self.conn.send((req, self.turn))
+        self.turn ^= 1
+
+    def done(self) -> None:
+        """Its current request's result was taken: the next one (if sent) is now the one it decodes."""
+        self.request, self.next = self.next, None
+        self.started = time.monotonic()
 
     def take_ready(self) -> None:
         """Consume the worker's ready message; a request sent meanwhile starts its clock now."""
@@ -167,9 +181,10 @@ class DecodePool:
         self._queue: deque[DecodeRequest] = deque()
         self._ready: deque[DecodeResult] = deque()
         self._ctx = mp.get_context(start_method)
-        size = _slot_bytes(workers)
-        self._slots = [shared_memory.SharedMemory(create=True, size=size) for _ in range(workers)] if size else []
-        self._workers = [_Worker(self._ctx, self._slots[i] if self._slots else None) for i in range(max(0, workers))]
+        size = _slot_bytes(2 * workers)
+        self._slots = [[shared_memory.SharedMemory(create=True, size=size) for _ in range(2)]
+                       for _ in range(workers)] if size else [[] for _ in range(workers)]
+        self._workers = [_Worker(self._ctx, self._slots[i]) for i in range(max(0, workers))]
         self.restarts = 0
         self._wait_ready(self._workers)
 
@@ -200,20 +215,28 @@ class DecodePool:
     @property
     def in_flight(self) -> int:
         """Requests submitted whose result has not been returned by get()."""
-        busy = sum(w.request is not None for w in self._workers)
+        busy = sum((w.request is not None) + (w.next is not None) for w in self._workers)
         return len(self._queue) + busy + len(self._ready)
 
     def _dispatch(self) -> None:
-        for w in self._workers:
-            if w.request is None and self._queue:
+        for _ in range(2):                                  # first one request per worker, then the next ones
+            for w in self._workers:
+                if not self._queue or (w.request is not None and (w.next is not None or not w.ready)):
+                    continue
                 req = self._queue.popleft()
                 try:
-                    w.conn.send(req)
-                except (BrokenPipeError, OSError):  # died while idle: replace it and retry the request
+                    w.send(req)
+                except (BrokenPipeError, OSError):  # it died: retry this request elsewhere
                     self._queue.appendleft(req)
-                    self._replace(w)
+                    if w.request is not None:       # ... and record the one it was decoding
+                        self._fail(w, "crash", "the decoder process died")
+                    else:
+                        self._replace(w)
                     continue
-                w.request, w.started = req, time.monotonic()   # restarted by take_ready if not ready yet
+                if w.request is None:
+                    w.request, w.started = req, time.monotonic()   # restarted by take_ready if not ready yet
+                else:
+                    w.next = req
 
     # -- collecting
     def get(self, timeout: float | None = None) -> DecodeResult | None:
@@ -245,8 +268,10 @@ class DecodePool:
                 if w.conn in ready:
                     try:
                         res = w.conn.recv()
-                        w.request = None
-                        self._ready.append(_from_slot(res, w.slot.buf) if w.slot else res)   # before its next
+                        # out of its slot before that slot is named again (two requests on)
+                        self._ready.append(_from_slot(res, w.slots[1 - w.turn if w.next is None else w.turn].buf)
+                                           if w.slots else res)
+                        w.done()
                         continue
                     except (EOFError, OSError):
                         pass  # died mid-send: treated as a crash below
@@ -268,12 +293,14 @@ class DecodePool:
         req = w.request
         self._ready.append(DecodeResult(req.key, stage=stage, error=message,
                                         seconds=time.monotonic() - w.started))
+        if w.next is not None:              # never started: another worker (or the replacement) decodes it
+            self._queue.appendleft(w.next)
         self._replace(w)
 
     def _replace(self, w: _Worker) -> None:
         w.kill()
         i = self._workers.index(w)
-        self._workers[i] = _Worker(self._ctx, w.slot)    # the slot is the pool's: the replacement reuses it
+        self._workers[i] = _Worker(self._ctx, w.slots)   # the slots are the pool's: the replacement reuses them
         self.restarts += 1
 
     # -- lifetime
@@ -291,9 +318,10 @@ class DecodePool:
                 w.proc.join(timeout=2)
                 w.kill()
         self._workers = []
-        for slot in self._slots:
-            slot.close()
-            slot.unlink()
+        for pair in self._slots:
+            for slot in pair:
+                slot.close()
+                slot.unlink()
         self._slots = []
 
     def __enter__(self) -> DecodePool:

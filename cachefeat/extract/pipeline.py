@@ -379,6 +379,7 @@ class ShardExtractor:
                 head = open_shards[0]
                 taken = head.take_ready(views, T, self._views)
                 while head.pending >= self.batch_size or (head.resolved and head.pending):
+                    self._take_decoded(by_shard, timeout=0)     # idle decoders get work before each batch
                     pixels, slots = head.pop_batch(self.batch_size)
                     tf = time.perf_counter()
                     self._forward(head, pixels, slots)
