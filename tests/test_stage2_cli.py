@@ -104,3 +104,12 @@ def test_compare_tabulates_the_runs(trained):
     assert [r["adapter"] for r in rows] == list(ADAPTERS)
     assert all(r["measured_by"] == "eval on val.zarr" for r in rows)
     assert rows[0]["top1"] == trained["probe"]["eval"]["top1"]
+
+
+def test_compare_names_a_damaged_run_file_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("{not json")
+    res = run_cli("compare", run, ok=False)
+    assert res.exit_code == 1 and "summary.json is not readable JSON" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1

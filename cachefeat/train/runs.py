@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import Damaged
 from ..store import Cache
 from .checkpoint import CHECKPOINT, load_checkpoint
 from .config import TrainConfig, TrainError
@@ -72,10 +73,10 @@ def compare_runs(runs: list[str | Path]) -> list[dict]:
         d = Path(run)
         if not (d / "summary.json").is_file():
             raise TrainError(f"{run} has no summary.json (not a finished cachefeat train run)")
-        s = json.loads((d / "summary.json").read_text())
+        s = _read_json(d / "summary.json")
         evals = sorted(d.glob("eval-*/metrics.json"), key=lambda p: p.stat().st_mtime)
         if evals:
-            m = json.loads(evals[-1].read_text())
+            m = _read_json(evals[-1])
             source = f"eval on {Path(m['cache']).name}"
         else:
             f = s.get("final") or {}
@@ -86,3 +87,20 @@ def compare_runs(runs: list[str | Path]) -> list[dict]:
                      "epochs": s["epochs"], "train_seconds": s["train_seconds"], "top1": m.get("top1"),
                      "top5": m.get("top5"), "reversal_accuracy": m.get("reversal_accuracy"), "measured_by": source})
     return rows
+
+
+def _read_json(path: Path) -> dict:
+    """A run's JSON file, or one line saying it is damaged."""
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunDamaged(f"{path} is not readable JSON ({type(e).__name__}); the run folder is damaged: "
+                         f"evaluate or train it again") from None
+    if not isinstance(data, dict):
+        raise RunDamaged(f"{path} does not hold a JSON object; the run folder is damaged: evaluate or train it "
+                         f"again")
+    return data
+
+
+class RunDamaged(Damaged, TrainError):
+    """A run folder's file that cannot be read (exit status 1)."""
