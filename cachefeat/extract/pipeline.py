@@ -139,6 +139,7 @@ class _ShardState:
         self.next_video = self.vids.start      # next video whose frames go into a batch
         self.frames: list[torch.Tensor] = []   # pending crops, each (n, h, w, 3) uint8, host or device
         self.copied = None                     # GPU: event after the last copy of features into `rows`
+        self.finite_checks: list[tuple[np.ndarray, torch.Tensor]] = []   # (slots, frames with NaN/Inf)
         self.slots: list[np.ndarray] = []      # their flat (row*T + t) positions in this shard
         self.pending = 0
 
@@ -173,13 +174,30 @@ class _ShardState:
                 self.slots.append(np.arange(r.start * T, r.stop * T))
                 self.pending += views * T
             else:
-                self.status[j] = FAILED
-                self.errors[j] = f"{res.stage}: {res.error}"
-                for rows in self.rows.values():
-                    rows[j * views:(j + 1) * views] = "" if rows.dtype == object else 0
+                self.fail(j, views, f"{res.stage}: {res.error}")
             self.next_video += 1
             taken += 1
         return taken
+
+    def fail(self, j: int, views: int, error: str) -> None:
+        """Record the shard's `j`-th video as failed; its rows hold zeros, as in a cache written in one go."""
+        self.status[j] = FAILED
+        self.errors[j] = error
+        for rows in self.rows.values():
+            rows[j * views:(j + 1) * views] = "" if rows.dtype == object else 0
+
+    def drop_nonfinite(self, views: int, T: int) -> None:
+        """Videos whose features hold NaN or Inf fail (stage `backbone`) instead of being written: nothing
+        downstream should train on them. One look at the device per shard."""
+        bad = {j for slots, frames in self.finite_checks
+               for j in np.unique(slots[frames.cpu().numpy()] // T // views).tolist()}
+        self.finite_checks = []
+        if bad and self.copied is not None:
+            self.copied.synchronize()          # the GPU's copies into these rows land before they are zeroed
+        for j in sorted(bad):
+            if self.status[j] != FAILED:
+                self.fail(j, views, "backbone: the features hold NaN or Inf (check the weights, or compute in "
+                                    "fp32 with --precision fp32)")
 
     def pop_batch(self, size: int) -> tuple[torch.Tensor, np.ndarray]:
         if len(self.frames) == 1:
@@ -286,6 +304,10 @@ class ShardExtractor:
         targets = [("embed", out["embed"]), ("cls", out["cls"])]
         if "tokens" in out:
             targets += [(f"tokens/{layer}", out["tokens"][:, li]) for li, layer in enumerate(self.layers)]
+        bad = torch.zeros(len(slots), dtype=torch.bool, device=out["embed"].device)
+        for _, feats in targets:      # frames with NaN or Inf: their videos fail at the end of the shard
+            bad |= ~torch.isfinite(feats.reshape(len(feats), -1)).all(dim=1)
+        st.finite_checks.append((slots, bad))
         if self.steps is not None:   # int8: value = int8 * step
             targets = [(n, torch.round(f.float() / self.steps[n]).clamp_(-127, 127)) for n, f in targets]
         if gpu:
@@ -389,6 +411,7 @@ class ShardExtractor:
                 if head.resolved:
                     open_shards.popleft()
                     del by_shard[head.shard]
+                    head.drop_nonfinite(views, T)
                     tw = time.perf_counter()
                     item = (head, head.data())
                     while True:       # while the writer is busy, keep the decoders fed and their results taken

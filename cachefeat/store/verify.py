@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..fmt import ranges
 from .layout import CLIP_TABLES, VIDEO_TABLES, Layout
 from .reader import Cache
 
@@ -83,11 +84,17 @@ def _check_block(cache: Cache, name: str, sel: slice, rep: VerifyReport, shard: 
     arr = cache.root[name]
     rep.chunks_checked += -(-(sel.stop - sel.start) // arr.chunks[0])
     try:
-        cache.read_stored(name, sel)     # the shard files, checksums included; else zarr
+        data = cache.read_stored(name, sel)     # the shard files, checksums included; else zarr
     except Exception:
         bad = cache.unreadable_rows(name, sel) or list(range(sel.start, sel.stop))
         rep.damaged.setdefault(name, []).extend(bad)
         rep.shards.add(shard)
+        return
+    if data.dtype.kind == "f":               # intact bytes can still be NaN or Inf: never train on them
+        bad = [sel.start + i for i in range(len(data)) if not np.isfinite(data[i]).all()]
+        if bad:
+            rep.suspicious.append(f"{name}: clips {ranges(bad)} hold NaN or Inf values")
+            rep.shards.add(shard)
 
 
 def _check_metadata(cache: Cache, rep: VerifyReport) -> None:

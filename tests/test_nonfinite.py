@@ -1,0 +1,51 @@
+"""NaN and Inf never pass as features: extraction records a video whose features hold them as failed (and
+writes zeros), and verify reports such values in a cache (intact checksums and all), which --repair mends."""
+import json
+
+import numpy as np
+import open_clip
+import torch
+
+from cachefeat.store import open_cache
+from cachefeat.store.shard_file import ShardFile
+
+from conftest import TINY, run_cli, tiny_extract_args
+from helpers import assert_caches_equal
+
+
+def test_a_video_whose_features_are_nan_is_a_failure_not_data(synth_small, tmp_path):
+    from cachefeat.extract.backbone import register_model_configs
+    register_model_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY, pretrained=None)
+    with torch.no_grad():
+        model.visual.proj.fill_(float("nan"))            # the final embedding of every frame is NaN
+    ckpt = tmp_path / "nan.pt"
+    torch.save({"state_dict": model.state_dict()}, ckpt)
+    args = tiny_extract_args(synth_small / "train.txt", tmp_path / "c.zarr", "--frames", "2", "--shard-size", "4")
+    args[args.index("--pretrained") + 1] = str(ckpt)
+    res = run_cli(*args, ok=False)
+    assert res.exit_code == 1 and "no valid clips" in res.output
+    c = open_cache(tmp_path / "c.zarr")
+    assert not c.valid().any() and c.complete
+    assert {f["stage"] for f in c.failures()} == {"backbone"} and "NaN or Inf" in c.failures()[0]["error"]
+    assert not c.read("embed").any() and not c.read("cls").any()      # zeros, never the NaN
+
+
+def test_verify_reports_nan_values_and_repair_mends_them(synth_small, tmp_path):
+    args = tiny_extract_args(synth_small / "train.txt", tmp_path / "c.zarr", "--frames", "2", "--shard-size", "4")
+    run_cli(*args)
+    run_cli(*tiny_extract_args(synth_small / "train.txt", tmp_path / "ref.zarr", "--frames", "2", "--shard-size", "4"))
+    c = open_cache(tmp_path / "c.zarr")
+    cls = ShardFile.open(tmp_path / "c.zarr" / "cls")
+    rows = cls.read(slice(4, 8))
+    rows[1, 0, 0, 0] = np.inf                            # written with valid checksums: only the values are wrong
+    cls.write(1, rows)
+    res = run_cli("verify", tmp_path / "c.zarr", "--json", ok=False)
+    report = json.loads(res.output)
+    assert res.exit_code == 1 and report["shards_to_reextract"] == [1]
+    assert any("cls: clips 5 hold NaN or Inf" in s for s in report["suspicious"])
+    run_cli(*args, "--repair")
+    assert run_cli("verify", tmp_path / "c.zarr").exit_code == 0
+    assert_caches_equal(tmp_path / "c.zarr", tmp_path / "ref.zarr")
+    assert c.valid().all()
