@@ -24,6 +24,7 @@ class VerifyReport:
     fatal: list[str] = field(default_factory=list)                 # damage re-extraction cannot mend
     suspicious: list[str] = field(default_factory=list)            # readable but wrong-looking
     chunks_checked: int = 0
+    zero_rows: dict[str, set[int]] = field(default_factory=dict, repr=False)   # feature rows of only zeros
 
     @property
     def ok(self) -> bool:
@@ -90,11 +91,17 @@ def _check_block(cache: Cache, name: str, sel: slice, rep: VerifyReport, shard: 
         rep.damaged.setdefault(name, []).extend(bad)
         rep.shards.add(shard)
         return
-    if data.dtype.kind == "f":               # intact bytes can still be NaN or Inf: never train on them
-        bad = [sel.start + i for i in range(len(data)) if not np.isfinite(data[i]).all()]
-        if bad:
-            rep.suspicious.append(f"{name}: clips {ranges(bad)} hold NaN or Inf values")
-            rep.shards.add(shard)
+    if name not in cache.layout.feature_arrays():
+        return
+    bad, zero = [], rep.zero_rows.setdefault(name, set())
+    for i, row in enumerate(data):            # row by row: no copy of a whole shard of a big array
+        if data.dtype.kind == "f" and not np.isfinite(row).all():   # intact bytes can still be NaN or Inf
+            bad.append(sel.start + i)
+        elif not row.any():                    # a chunk deleted from its shard reads as zeros
+            zero.add(sel.start + i)
+    if bad:
+        rep.suspicious.append(f"{name}: clips {ranges(bad)} hold NaN or Inf values")
+        rep.shards.add(shard)
 
 
 def _check_metadata(cache: Cache, rep: VerifyReport) -> None:
@@ -125,20 +132,17 @@ def _check_metadata(cache: Cache, rep: VerifyReport) -> None:
 
 
 def _check_values(cache: Cache, rep: VerifyReport, done: np.ndarray) -> None:
-    """Valid clips of finished shards must hold features (an all-zero embedding means nothing was written)."""
+    """Valid clips of finished shards must hold features in every feature array: a row of only zeros means
+    nothing was written there (or its chunk was deleted from the shard file, which then reads as zeros)."""
     try:
         valid = cache.root["clips/valid"][:] & cache.done_rows()
     except Exception:
         return
-    for s in np.flatnonzero(done):
-        rows = cache.layout.shard_rows_range(int(s))
-        if int(s) in rep.shards:
-            continue
-        v = valid[rows.start:rows.stop]
-        if not v.any():
-            continue
-        emb = cache.root["embed"][rows.start:rows.stop]
-        empty = np.flatnonzero(v & ~np.any(emb.reshape(len(v), -1) != 0, axis=1))
-        if len(empty):
-            rep.suspicious.append(f"shard {int(s)}: {len(empty)} valid clips hold no features")
-            rep.shards.add(int(s))
+    lay = cache.layout
+    for name, zero in rep.zero_rows.items():
+        empty = sorted(r for r in zero if valid[r])
+        shards = {r // lay.shard_rows for r in empty} - rep.shards
+        for s in sorted(shards):
+            n = sum(1 for r in empty if r // lay.shard_rows == s)
+            rep.suspicious.append(f"shard {s}: {n} valid clips hold no features in {name}")
+        rep.shards |= shards

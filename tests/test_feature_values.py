@@ -1,5 +1,6 @@
-"""NaN and Inf never pass as features: extraction records a video whose features hold them as failed (and
-writes zeros), and verify reports such values in a cache (intact checksums and all), which --repair mends."""
+"""Values that checksums cannot catch: NaN and Inf never pass as features (extraction records such a video as
+failed and writes zeros; verify reports such values in a cache), and a chunk deleted from a shard file (it
+then reads as zeros, with a valid index and checksums) is reported too; --repair mends both."""
 import json
 
 import numpy as np
@@ -49,3 +50,19 @@ def test_verify_reports_nan_values_and_repair_mends_them(synth_small, tmp_path):
     assert run_cli("verify", tmp_path / "c.zarr").exit_code == 0
     assert_caches_equal(tmp_path / "c.zarr", tmp_path / "ref.zarr")
     assert c.valid().all()
+
+
+def test_a_chunk_deleted_from_its_shard_file_is_reported_and_repaired(synth_small, tmp_path):
+    args = tiny_extract_args(synth_small / "train.txt", tmp_path / "c.zarr", "--frames", "2", "--shard-size", "4")
+    run_cli(*args)
+    run_cli(*tiny_extract_args(synth_small / "train.txt", tmp_path / "ref.zarr", "--frames", "2", "--shard-size", "4"))
+    cls = ShardFile.open(tmp_path / "c.zarr" / "cls")
+    rows = cls.read(slice(8, 12))
+    rows[2] = 0                                          # zarr leaves a zero chunk out: the index says "absent"
+    cls.write(2, rows)
+    report = json.loads(run_cli("verify", tmp_path / "c.zarr", "--json", ok=False).output)
+    assert report["shards_to_reextract"] == [2]
+    assert "shard 2: 1 valid clips hold no features in cls" in report["suspicious"]
+    run_cli(*args, "--repair")
+    assert run_cli("verify", tmp_path / "c.zarr").exit_code == 0
+    assert_caches_equal(tmp_path / "c.zarr", tmp_path / "ref.zarr")
