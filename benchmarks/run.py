@@ -8,7 +8,7 @@ Sections: io (stage one's I/O path against its ceilings: writer vs raw disk writ
 with a free backbone), extraction, storage, reading (cache read efficiency), training (cost per step: cached,
 online, full fine-tuning, ST-Adapter), ablation (K configs x E epochs), int8 (size and top-1 against float16),
 scale (400 classes at 2,000 and 20,000 clips: extract, streamed train and eval, a 2-config ablation, each a
-`cachefeat` process; peak RSS and time per clip as ratios of the two sizes). scale takes ~15 minutes on 2
+`cachefeat` process; peak RSS and time per clip as ratios of the two sizes). scale takes ~9 minutes on 2
 cores, so only `--sections scale` runs it; the default is every other section.
 
 Writes benchmarks/results/<host>-<date>[-full].json and prints Markdown tables; every figure is a ratio of
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, WORK, Mode, fmt_ratio, machine  # noqa: E402
 
 SECTIONS = ["io", "extraction", "storage", "reading", "training", "ablation", "int8", "scale"]
-# `--sections scale` (400 classes at 2,000 and 20,000 clips) takes ~15 minutes on 2 cores: not in the default run
+# `--sections scale` (400 classes, 2,000 and 20,000 clips) takes ~9 minutes on 2 quiet cores: not run by default
 DEFAULT_SECTIONS = [s for s in SECTIONS if s != "scale"]
 
 
