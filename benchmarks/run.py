@@ -6,7 +6,10 @@
 
 Sections: io (stage one's I/O path against its ceilings: writer vs raw disk write, decoders, the pipeline
 with a free backbone), extraction, storage, reading (cache read efficiency), training (cost per step: cached,
-online, full fine-tuning, ST-Adapter), ablation (K configs x E epochs), int8 (size and top-1 against float16).
+online, full fine-tuning, ST-Adapter), ablation (K configs x E epochs), int8 (size and top-1 against float16),
+scale (400 classes at 2,000 and 20,000 clips: extract, streamed train and eval, a 2-config ablation, each a
+`cachefeat` process; peak RSS and time per clip as ratios of the two sizes). scale takes ~9 minutes on 2
+cores, so only `--sections scale` runs it; the default is every other section.
 
 Writes benchmarks/results/<host>-<date>[-full].json and prints Markdown tables; every figure is a ratio of
 two measurements taken in this one run, side by side (peak memory per training variant in a process of its
@@ -24,14 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, WORK, Mode, fmt_ratio, machine  # noqa: E402
 
-SECTIONS = ["io", "extraction", "storage", "reading", "training", "ablation", "int8"]
+SECTIONS = ["io", "extraction", "storage", "reading", "training", "ablation", "int8", "scale"]
+# `--sections scale` (400 classes, 2,000 and 20,000 clips) takes ~9 minutes on 2 quiet cores: not run by default
+DEFAULT_SECTIONS = [s for s in SECTIONS if s != "scale"]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="GPU mode with real model sizes (ViT-B/16, ViT-L/14)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                    help=f"comma list of {', '.join(SECTIONS)} (default: all but scale)")
     ap.add_argument("--out", type=Path, help="result JSON path (default benchmarks/results/<host>-<date>.json)")
     args = ap.parse_args(argv)
     import torch
@@ -209,7 +215,40 @@ def report(results: dict) -> str:
                   f"int8 store size / float16: {q['size_ratio']:.2f}. The float16-trained adapters on the int8 val "
                   f"cache (same weights, quantized features): {q['same_weights_mean_diff']:+.2f} points, "
                   f"{q['same_weights_agreement']:.1%} of val videos predicted alike.", ""]
+    if "scale" in s:
+        lines += scale_report(s["scale"])
     return "\n".join(lines)
+
+
+def _verdict(margin: float | None) -> str:
+    if margin is None:
+        return "no goal"
+    return f"met (margin {margin:.2f})" if margin >= 0 else f"missed by {-margin:.2f}"
+
+
+def scale_report(sc: dict) -> list[str]:
+    small, large = (sc["per_size"][str(n)] for n in (sc["sizes"][0], sc["sizes"][-1]))
+    a, b = f"{small['clips']:,}", f"{large['clips']:,}"
+    names = {"extract": "extract", "train": "train (streamed)", "eval": "eval (streamed)",
+             "ablate_driver": "ablate: driver process", "ablate_trial": "ablate: largest trial process"}
+    lines = [f"### Kinetics scale: {sc['classes']} classes, {a} vs {b} clips (goals {b}/{a}: peak RSS <= 1.2 for "
+             f"train, eval, ablate; time per clip <= 1.3)", "",
+             f"| step | time per clip {a} / {b} | ratio | vs goal | peak RSS {a} / {b} | ratio | vs goal | growth |",
+             "|---|---|---|---|---|---|---|---|"]
+    for step, r in sc["ratios"].items():
+        x, y = small["steps"][step], large["steps"][step]
+        both = x.get("peak_mib") and y.get("peak_mib")
+        rss = f"{x['peak_mib']:.0f} / {y['peak_mib']:.0f} MiB" if both else "not measured"
+        growth = f"{y['peak_mib'] - x['peak_mib']:+.0f} MiB" if both else "n/a"
+        lines.append(f"| {names.get(step, step)} | {x['ms_per_clip']:.2f} / {y['ms_per_clip']:.2f} ms | "
+                     f"{fmt_ratio(r['time_per_clip_ratio'])} | {_verdict(r['time_margin'])} | {rss} | "
+                     f"{fmt_ratio(r['rss_ratio'])} | {_verdict(r['rss_margin'])} | {growth} |")
+    lines += ["", f"{sc['model']} (random weights), `extract {sc['extract_args']}`; `train {sc['train_args']}`; "
+              f"`eval {sc['eval_args']}`; ablate: probe and temporal, 1 epoch each, streamed, the cache as val cache. "
+              f"Each step one `cachefeat` process; time: its wall time over the clips (imports, model build and "
+              f"starting Ray included, so fixed costs weigh more at {a}); memory: {sc['memory_what']}. Ablate's "
+              f"time is the whole command for both trials.", ""]
+    return lines
 
 
 def _b(n: float) -> str:

@@ -36,3 +36,25 @@ def test_every_training_cost_variant_takes_a_step(kind):
     assert loss > 0 and any(not torch.equal(a, p) for a, p in zip(before, v.params))
     if kind == "finetune":
         assert v.trainable_params() > sum(p.numel() for p in v.adapter.parameters())
+
+
+@pytest.mark.slow
+def test_the_scale_section_runs_every_step_as_a_cachefeat_process_and_reports_ratios(tmp_path):
+    """`run.py --sections scale` at 40 and 80 clips (~2 minutes: ablate starts Ray twice): every step
+    completes, each has a time and its own process's peak memory, ablate's largest trial process is found,
+    and the report has a row per step."""
+    import bench_scale
+    from run import report
+    res = bench_scale.run(None, log=lambda *a: None, sizes=[40, 80], work=tmp_path)
+    for n in (40, 80):
+        r = res["per_size"][str(n)]
+        assert r["eval_videos"] == n
+        for step in bench_scale.STEPS:
+            assert r["steps"][step]["seconds"] > 0 and r["steps"][step]["peak_mib"] > 100, (n, step)
+        assert "ImplicitFunc" in r["steps"]["ablate_trial"]["process"]
+    assert set(res["ratios"]) == set(bench_scale.STEPS)
+    assert res["ratios"]["extract"]["rss_margin"] is None and res["ratios"]["train"]["rss_goal"] == 1.2
+    text = report({"sections": {"scale": res}})
+    assert "ablate: largest trial process" in text and text.count("| train (streamed) |") == 1
+    names = (tmp_path / "list-80.txt").read_text().splitlines()
+    assert len(set(line.split("\t")[0] for line in names)) == 80 and names[1].endswith("\taction 001")

@@ -47,7 +47,7 @@ def clip_logits(model, source, device: torch.device, precision: str, spec, progr
             out = model(to_device(batch, device, spec))
         logits.append(out.float().cpu().numpy())
         for k in tables:
-            tables[k].append(np.asarray(batch[k]))
+            tables[k].append(np.array(batch[k]))     # a copy: a view would keep the whole batch buffer alive
         if progress is not None:
             progress(len(logits[-1]))
     if not logits:
