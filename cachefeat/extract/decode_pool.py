@@ -41,7 +41,7 @@ from .video import DecodeRequest, DecodeResult, decode_video
 
 _READY = "ready"
 _START_TIMEOUT = 300.0   # seconds a new worker may take to import and report ready
-SLOT_BYTES = 64 << 20    # a worker's shared-memory slot: 1080p frames of 8 views' worth fit; smaller if /dev/shm is
+SLOT_BYTES = 64 << 20    # per slot: a clip's eight 1080p frames fit (6 MiB each); smaller where /dev/shm is small
 _ARRAYS = ("pixels", "small", "decoded")   # the DecodeResult fields that travel through a slot
 
 
