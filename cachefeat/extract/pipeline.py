@@ -305,8 +305,8 @@ class ShardExtractor:
         if "tokens" in out:
             targets += [(f"tokens/{layer}", out["tokens"][:, li]) for li, layer in enumerate(self.layers)]
         bad = torch.zeros(len(slots), dtype=torch.bool, device=out["embed"].device)
-        for _, feats in targets:      # frames with NaN or Inf: their videos fail at the end of the shard
-            bad |= ~torch.isfinite(feats.reshape(len(feats), -1)).all(dim=1)
+        for feats in out.values():    # frames with NaN or Inf: their videos fail at the end of the shard
+            bad |= ~torch.isfinite(feats.flatten(1)).all(dim=1)   # whole outputs: no copy of a layer's slice
         st.finite_checks.append((slots, bad))
         if self.steps is not None:   # int8: value = int8 * step
             targets = [(n, torch.round(f.float() / self.steps[n]).clamp_(-127, 127)) for n, f in targets]
