@@ -226,7 +226,15 @@ def _shard_size(ctx, param, value):
                    "(also the patch grid average-pooled to HxW). The final embedding is always kept.")
 @click.option("--frames", "-t", default=8, show_default=True, type=click.IntRange(1, 1024), help="Frames per clip.")
 @click.option("--sampling", default="uniform", show_default=True, callback=_spec("parse_sampling"),
-              help="uniform (TSN segments, one frame each) or dense:STRIDE (consecutive frames STRIDE apart).")
+              help="uniform (TSN segments, one frame each), dense:STRIDE (consecutive frames STRIDE apart), or "
+                   "fps:F (F frames per second of each video's own timeline, cut into windows of --frames "
+                   "frames: every window is a clip, for dense features of long and untrimmed videos).")
+@click.option("--window-stride", type=click.IntRange(1), metavar="S",
+              help="With --sampling fps: windows start S samples apart (default --frames: side by side; less: "
+                   "they overlap).")
+@click.option("--frame-rate", type=click.FloatRange(0, min_open=True), metavar="FPS",
+              help="Frame rate of frame-folder inputs (folders of JPEG/PNG frames in name order): their "
+                   "timestamps are index / FPS. Needed for --sampling fps when the input has frame folders.")
 @click.option("--views", default="1x1", show_default=True, callback=_spec("parse_views"),
               help="Views per video: TxS = T temporal clips x S spatial crops (S = 1 centre or 3), e.g. 3x1, 4x3.")
 @click.option("--dtype", default="float16", show_default=True, callback=_spec("parse_dtype"),
@@ -273,7 +281,8 @@ def _shard_size(ctx, param, value):
                    "Ray here. --out and the videos must then be on storage every node sees at the same path.")
 @click.option("--decode-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds one video may take to decode before its decoder is killed and the video recorded "
-                   "as failed.")
+                   "as failed (with --sampling fps: one request of a few windows, per minute of video it "
+                   "covers).")
 @click.option("--reader", type=click.Choice(["auto", "decord", "pyav"]), default="auto", show_default=True,
               help="Video reader (auto: decord, falling back to PyAV for files decord cannot read).")
 @click.option("--preprocess", type=click.Choice(["auto", "workers", "device"]), default="auto", show_default=True,
@@ -298,7 +307,7 @@ def _shard_size(ctx, param, value):
                    "(e.g. when the codec compresses well).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(input, out, fmt, video_root, classes_file, split, model, pretrained, quick_gelu, seed, layers, tokens,
-            frames, sampling, views, dtype, pixels, aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed,
+            frames, sampling, window_stride, frame_rate, views, dtype, pixels, aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed,
             text_template, no_text, codec, batch_size, shard_size, device, precision, decode_workers, workers, address,
             decode_timeout, reader, preprocess, no_fsync, overwrite, repair, dry_run, strict, max_failed_fraction,
             ignore_free_space, quiet):
@@ -322,6 +331,8 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
     if overwrite and repair:
         raise click.UsageError("--repair mends an existing cache; --overwrite replaces it: choose one")
     augment = _augment(aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed, views)
+    from .specs import with_windows
+    sampling = with_windows(sampling, frames, window_stride, frame_rate)
     if "{}" not in text_template:
         raise click.BadParameter("the template needs {} where the class name goes", param_hint="--text-template")
     if classes_file is None and Path(input).is_file() and (Path(input).parent / "classes.txt").is_file():
@@ -437,8 +448,13 @@ def info(cache, show_failures, as_json, plot_path):
     click.echo(f"features   layers {lay.layers}  tokens {lay.tokens}  width {lay.width}  embed {lay.embed_dim}  "
                f"dtype {lay.dtype}  codec {m.get('codec')}  computed in {m.get('compute_precision')}")
     s = m["sampling"]
-    click.echo(f"sampling   {s['method']}{':' + str(s['stride']) if s.get('stride') else ''}  frames {lay.frames}  "
-               f"views {lay.views}  preprocessing {m['preprocessing']['size'][0]}px "
+    if lay.windowed:
+        import numpy as np
+        hours = float(np.nansum(c.read("videos/duration"))) / 3600
+        how = f"fps:{s['fps']:g}  windows of {lay.frames} frames, {s['window_stride']} apart  {hours:.2f} h of video"
+    else:
+        how = f"{s['method']}{':' + str(s['stride']) if s.get('stride') else ''}  frames {lay.frames}  views {lay.views}"
+    click.echo(f"sampling   {how}  preprocessing {m['preprocessing']['size'][0]}px "
                f"{m['preprocessing']['interpolation']} {m['preprocessing']['resize_mode']}")
     aug = c.augment
     held = ["embed", f"cls x{len(lay.layers)} layers"]
@@ -449,7 +465,8 @@ def info(cache, show_failures, as_json, plot_path):
     if c.text:
         held.append(f"text embeddings of {len(c.classes)} classes (template {c.text['template']!r})")
     held.append(f"{aug['views']} augmented views (scale {aug['scale']}, flip {aug['flip']}, colour jitter "
-                f"{aug['color_jitter']}, seed {aug['seed']})" if aug else f"{lay.views} test views")
+                f"{aug['color_jitter']}, seed {aug['seed']})" if aug else "windows with timestamps" if lay.windowed
+                else f"{lay.views} test views")
     if lay.dtype == "int8":
         held.append("int8, dequantized on read")
     click.echo(f"holds      {'; '.join(held)}")
@@ -458,8 +475,9 @@ def info(cache, show_failures, as_json, plot_path):
     state = ("complete" if counts["shards_done"] == counts["shards"]
              else f"INCOMPLETE: {counts['shards_done']} of {counts['shards']} shards done (resume with extract)")
     click.echo(f"progress   {state}")
-    click.echo(f"clips      {counts['valid_clips']} valid of {c.num_clips} ({c.num_videos} videos x {lay.views.count} "
-               f"views); {len(failures)} videos failed")
+    per_video = "windows per video by duration" if lay.windowed else f"x {lay.views.count} views"
+    click.echo(f"clips      {counts['valid_clips']} valid of {c.num_clips} ({c.num_videos} videos {per_video}); "
+               f"{len(failures)} videos failed")
     click.echo(f"size       {human_bytes(disk)} on disk, {human_bytes(raw)} uncompressed features"
                + (f", ratio {raw / disk:.3f}" if disk else "")
                + (f", {human_bytes(counts['bytes_per_frame_on_disk'])} per frame"

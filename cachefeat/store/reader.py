@@ -17,7 +17,6 @@ from .layout import (
     CREATING,
     FAILED,
     SCHEMA_VERSION,
-    VIDEO_TABLES,
     CacheDamaged,
     CacheError,
     Layout,
@@ -53,14 +52,17 @@ class Cache:
                              f"understands ({SCHEMA_VERSION}); upgrade cachefeat")
         self.meta = meta
         try:
-            self.layout = Layout.from_dict(meta["layout"])
+            counts = None
+            if meta["layout"].get("windowed") and not self.root.attrs.get(CREATING):
+                counts = self.root["videos/num_clips"][:]
+            self.layout = Layout.from_dict(meta["layout"], clip_counts=counts)
         except (KeyError, TypeError, ValueError) as e:
             raise CacheDamaged(f"{path}: its metadata is damaged (layout: {_first_line(e)}); "
                                f"{_RESTORE}") from None
         self._shard_files: dict[str, ShardFile | None] = {}
         if not self.root.attrs.get(CREATING):   # (a store being created has not all its arrays yet)
             # the tables every reader needs; a feature array an adapter does not read may be left out of a copy
-            missing = [n for n in (*VIDEO_TABLES, *CLIP_TABLES, "clips/valid", "progress")
+            missing = [n for n in (*self.layout.video_tables(), *CLIP_TABLES, "clips/valid", "progress")
                        if not (self.path / n / "zarr.json").is_file()]
             if missing:
                 raise CacheDamaged(f"{path}: array{'s' * (len(missing) > 1)} {', '.join(missing[:4])} "
@@ -104,7 +106,8 @@ class Cache:
 
     def array_names(self) -> list[str]:
         """Every array of the store: row arrays (features first), tables, extras, progress."""
-        return [*self.layout.row_arrays(), *VIDEO_TABLES, *CLIP_TABLES, *self.meta.get("extras", []), "progress"]
+        return [*self.layout.row_arrays(), *self.layout.video_tables(), *CLIP_TABLES, *self.meta.get("extras", []),
+                "progress"]
 
     @property
     def pixels(self) -> PixelSpec | None:
@@ -155,6 +158,15 @@ class Cache:
         done = self.shard_done()
         return np.repeat(done, self.layout.shard_rows)[: self.num_clips]
 
+    def video_done(self) -> np.ndarray:
+        """(videos,) bool: every clip of the video is in a finished shard."""
+        return self.layout.video_done(self.shard_done())
+
+    @property
+    def windowed(self) -> bool:
+        """Clips are windows at a fixed rate (--sampling fps): their number varies by video."""
+        return self.layout.windowed
+
     def valid(self) -> np.ndarray:
         """(clips,) bool: decoded, extracted and in a finished shard."""
         return self.root["clips/valid"][:] & self.done_rows()
@@ -169,16 +181,29 @@ class Cache:
         return self.root["clips/view"][:]
 
     def failures(self) -> list[dict]:
-        """Videos that could not be extracted (in finished shards), with the stage and the reason."""
+        """Videos that could not be extracted (in finished shards), with the stage and the reason. In a
+        windowed cache also a video some of whose windows failed in a later shard than its first (the
+        reason is then that of its first failed window, from clips/error)."""
         status = self.root["videos/status"][:]
-        done = np.repeat(self.shard_done(), self.layout.shard_videos)[: self.num_videos]
-        bad = np.flatnonzero((status == FAILED) & done)
+        shard_done = self.shard_done()
+        failed = (status == FAILED) & self.layout.owner_done(shard_done)
+        errs = self.root["videos/error"][:]
+        reasons = {}
+        if self.windowed:
+            clip_err = self.root["clips/error"][:]
+            rows = np.flatnonzero((clip_err != "") & self.done_rows())
+            video = self.layout.clip_video()
+            for r in rows[::-1]:              # the first failed window of each video wins
+                reasons[int(video[r])] = str(clip_err[r])
+            failed[list(reasons)] = True
+        bad = np.flatnonzero(failed)
         if len(bad) == 0:
             return []
-        paths, ids, errs = (self.root[f"videos/{k}"][:] for k in ("path", "id", "error"))
+        paths, ids = (self.root[f"videos/{k}"][:] for k in ("path", "id"))
         out = []
         for i in bad:
-            stage, _, msg = str(errs[i]).partition(": ")
+            why = str(errs[i]) if status[i] == FAILED else reasons[int(i)]
+            stage, _, msg = why.partition(": ")
             out.append({"video": int(i), "id": str(ids[i]), "path": str(paths[i]), "stage": stage, "error": msg})
         return out
 
@@ -286,7 +311,8 @@ class Cache:
         uncompressed, their ratio, bytes per stored frame on disk (what `cachefeat info` reports)."""
         done, valid = self.shard_done(), self.valid()
         disk, raw = self.disk_bytes(), self.feature_bytes_raw()
-        frames = int(valid.sum()) * self.frames
+        frames = (int(self.root["clips/valid_frames"][:][valid].sum()) if self.windowed  # padding is no frame
+                  else int(valid.sum()) * self.frames)
         return {"videos": self.num_videos, "clips": self.num_clips, "valid_clips": int(valid.sum()),
                 "failed_videos": len(self.failures()), "shards_done": int(done.sum()), "shards": int(len(done)),
                 "disk_bytes": disk, "feature_bytes_uncompressed": raw,

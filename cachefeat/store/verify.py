@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..fmt import ranges
-from .layout import CLIP_TABLES, VIDEO_TABLES, Layout
+from .layout import CLIP_TABLES, PER_SHARD_VIDEO_TABLES, Layout
 from .reader import Cache
 
 
@@ -35,7 +35,8 @@ class VerifyReport:
 
     def to_dict(self, cache: Cache) -> dict:
         clips = self.clips(cache.layout)
-        vids = sorted({c // cache.views.count for c in clips})
+        video = cache.layout.clip_video()
+        vids = sorted({int(video[c]) for c in clips})
         ids = cache.read("videos/id") if vids and "videos/id" not in self.damaged else None
         return {"ok": self.ok, "chunks_checked": self.chunks_checked, "damaged": self.damaged,
                 "shards_to_reextract": sorted(self.shards), "clips_to_reextract": clips,
@@ -49,9 +50,9 @@ def verify(cache: Cache, progress=None) -> VerifyReport:
     _check_metadata(cache, rep)
     if rep.fatal:
         return rep
-    per_shard_video = set(("videos/status", "videos/num_frames", "videos/error"))
+    per_shard_video = set(PER_SHARD_VIDEO_TABLES)
     # arrays written once at creation: unrepairable if damaged
-    for name in [*VIDEO_TABLES, *CLIP_TABLES, *cache.meta.get("extras", [])]:
+    for name in [*lay.video_tables(), *CLIP_TABLES, *cache.meta.get("extras", [])]:
         if name in per_shard_video:
             continue
         rep.chunks_checked += _nchunks(cache.root[name])
@@ -107,7 +108,7 @@ def _check_block(cache: Cache, name: str, sel: slice, rep: VerifyReport, shard: 
 def _check_metadata(cache: Cache, rep: VerifyReport) -> None:
     lay = cache.layout
     expected = {name: ((lay.num_clips, *shape), dtype) for name, (shape, dtype) in lay.row_arrays().items()}
-    for name in (*VIDEO_TABLES,):
+    for name in lay.video_tables():
         expected[name] = ((lay.num_videos,), None)
     for name in CLIP_TABLES:
         expected[name] = ((lay.num_clips,), None)

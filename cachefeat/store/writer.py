@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,6 @@ from .layout import (
     CREATING,
     DEFAULT_CODEC,
     LOCK_NAME,
-    SCHEMA_VERSION,
     CacheError,
     Layout,
     content_fingerprint,
@@ -71,18 +70,20 @@ class StoreWriter:
 
 def open_for_writing(path: str | os.PathLike, meta: dict, layout: Layout, videos: list, codec: str = DEFAULT_CODEC,
                      overwrite: bool = False, repair: bool = False,
-                     extras: Callable[[], dict[str, np.ndarray]] | None = None, log=print) -> StoreWriter:
+                     extras: Callable[[], dict[str, np.ndarray]] | None = None, log=print,
+                     timeline: dict[str, np.ndarray] | None = None) -> StoreWriter:
     """Take the store's lock, then create the store or re-open it to resume, and say what is left to do.
 
     A store whose creation was interrupted is removed and made again; a store made with other settings is
     refused, naming the differences (`overwrite` replaces it); `repair` verifies every finished shard and
     sends the damaged ones back to be written. `extras()` computes the small arrays written once at
-    creation (text embeddings, int8 steps); it runs only when the store is created, with the lock held."""
+    creation (text embeddings, int8 steps); it runs only when the store is created, with the lock held.
+    `timeline`: a windowed layout's per-video start and duration (see create_store)."""
     path = Path(path)
     lock = StoreLock(path)
     lock.acquire()
     try:
-        cache = _create_or_resume(path, meta, layout, videos, codec, overwrite, repair, extras)
+        cache = _create_or_resume(path, meta, layout, videos, codec, overwrite, repair, extras, timeline)
         todo = _shards_left(cache, repair, log)
     except BaseException:
         lock.release()
@@ -91,7 +92,7 @@ def open_for_writing(path: str | os.PathLike, meta: dict, layout: Layout, videos
 
 
 def _create_or_resume(path: Path, meta: dict, layout: Layout, videos: list, codec: str, overwrite: bool,
-                      repair: bool, extras) -> Cache:
+                      repair: bool, extras, timeline=None) -> Cache:
     if path.exists() and is_unfinished_creation(path):
         remove_store(path)  # killed while creating it: nothing in it is data yet
     is_cache = (path / "zarr.json").is_file()
@@ -107,13 +108,15 @@ def _create_or_resume(path: Path, meta: dict, layout: Layout, videos: list, code
         remove_store(path)
     elif is_cache:
         old = Cache(path, mode="r+")
+        if layout.time and not old.layout.time:
+            layout = replace(layout, time=False)   # made before clips/time existed: resumed as it was made
         new = dict(meta, layout=layout.to_dict(), codec=codec, schema_version=old.meta.get("schema_version"))
         if old.meta.get("fingerprint") != content_fingerprint(new):
             diffs = diff_meta(old.meta, new)
             raise CacheError(f"{path} was made with other settings ({'; '.join(diffs[:4]) or 'metadata differs'});"
                              f" use the same settings to resume, --overwrite to start over, or another --out")
         return old
-    create_store(path, meta, layout, videos, codec=codec, extras=extras() if extras else None)
+    create_store(path, meta, layout, videos, codec=codec, extras=extras() if extras else None, timeline=timeline)
     return Cache(path, mode="r+")
 
 
@@ -154,17 +157,18 @@ def remove_store(path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- creation
 def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: list, codec: str = DEFAULT_CODEC,
-                 extras: dict[str, np.ndarray] | None = None):
+                 extras: dict[str, np.ndarray] | None = None, timeline: dict[str, np.ndarray] | None = None):
     """Create the store with every array (row arrays empty), the static per-video and per-clip tables,
     `extras` (small arrays known up front: text embeddings, int8 steps) and the metadata. `videos` are
-    manifest.VideoEntry rows in cache order."""
+    manifest.VideoEntry rows in cache order. A windowed layout also needs `timeline` = {start, duration}: per
+    video, the seconds its probe found (videos/start, videos/duration)."""
     compressors = parse_codec(codec)
     # mode "a", not "w": the folder may already hold this writer's lock file, which "w" would delete;
     # the caller has made sure no other store content is there
     root = zarr.open_group(str(path), mode="a", zarr_format=3)
     root.attrs[CREATING] = True   # replaced by the metadata once every array exists (see is_unfinished_creation)
-    C, V, n = layout.num_clips, layout.num_videos, layout.views.count
-    rows, vids = layout.shard_rows, layout.shard_videos
+    C, V = layout.num_clips, layout.num_videos
+    rows = layout.shard_rows
     for name, (shape, dtype) in layout.row_arrays().items():
         dims = _DIMS[name] if name in _DIMS else _DIMS[name.split("/")[0]]
         if shape:  # big per-clip arrays: one chunk per clip, one shard file per shard
@@ -182,22 +186,27 @@ def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: li
         a[...] = data
         return a
 
-    table("videos/path", np.array([str(v.path) for v in videos], dtype=str), vids, ("video",))
-    table("videos/id", np.array([str(v.video_id) for v in videos], dtype=str), vids, ("video",))
-    table("videos/label", np.array([v.label for v in videos], dtype=np.int32), vids, ("video",))
-    table("videos/status", np.zeros(V, np.uint8), vids, ("video",))
-    table("videos/num_frames", np.zeros(V, np.int32), vids, ("video",))
-    table("videos/error", np.array([""] * V, dtype=str), vids, ("video",))
-    table("clips/video", np.repeat(np.arange(V, dtype=np.int32), n), rows, ("clip",))
-    table("clips/view", np.tile(np.arange(n, dtype=np.int16), V), rows, ("clip",))
-    table("clips/label", np.repeat(np.array([v.label for v in videos], dtype=np.int32), n), rows, ("clip",))
+    labels = np.array([v.label for v in videos], dtype=np.int32)
+    tables = {"videos/path": np.array([str(v.path) for v in videos], dtype=str),
+              "videos/id": np.array([str(v.video_id) for v in videos], dtype=str),
+              "videos/label": labels, "videos/status": np.zeros(V, np.uint8),
+              "videos/num_frames": np.zeros(V, np.int32), "videos/error": np.array([""] * V, dtype=str)}
+    if layout.windowed:
+        tables["videos/num_clips"] = np.asarray(layout.clip_counts, dtype=np.int32)
+        tables["videos/start"] = np.asarray(timeline["start"], dtype=np.float64)
+        tables["videos/duration"] = np.asarray(timeline["duration"], dtype=np.float64)
+    for name in layout.video_tables():
+        table(name, tables[name], layout.video_chunk(name), ("video",))
+    table("clips/video", layout.clip_video(), rows, ("clip",))
+    table("clips/view", layout.clip_view(), rows, ("clip",))
+    table("clips/label", np.repeat(labels, np.diff(layout.first_clips)), rows, ("clip",))
     for name, data in (extras or {}).items():
         dims = ("class", "channel") if name == "text/embed" else ("layer", "channel")[-np.ndim(data):]
         table(name, data, max(1, len(data)), dims)
     # one chunk per shard flag: each writer touches only its own files
     root.create_array("progress", shape=(layout.num_shards,), dtype=np.uint8, chunks=(1,),
                       compressors=[Crc32cCodec()], fill_value=0, dimension_names=("shard",))
-    meta = dict(meta, schema_version=SCHEMA_VERSION, layout=layout.to_dict(), codec=codec,
+    meta = dict(meta, schema_version=layout.schema_version, layout=layout.to_dict(), codec=codec,
                 extras=sorted(extras or {}))
     meta["fingerprint"] = content_fingerprint(meta)
     root.attrs.put({ATTR: meta})  # last: until here the store reads as unfinished
@@ -251,10 +260,16 @@ def write_shard(store: Cache, data: ShardData, fsync: bool = True) -> int:
             if fsync:
                 _fsync_chunk(root[name], data.shard)
     for name, arr in data.videos.items():
-        _drop_chunk(root[name], data.shard)
+        if not len(arr):
+            continue           # windowed: a shard inside one long video writes no video's entries
+        chunk = layout.video_chunk(name)
+        blocks = range(vids.start // chunk, -(-vids.stop // chunk))   # whole chunks: the shard's videos
+        for b in blocks:
+            _drop_chunk(root[name], b)
         root[name][v] = arr
         if fsync:
-            _fsync_chunk(root[name], data.shard)
+            for b in blocks:
+                _fsync_chunk(root[name], b)
     root["progress"][data.shard] = 1
     if fsync:
         _fsync_chunk(root["progress"], data.shard)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..store import FAILED, Cache
+from ..store import Cache
 from .config import TrainError
 
 
@@ -18,11 +18,10 @@ def coverage(cache: Cache) -> dict:
     """Videos of a cache by state: `videos` (all its rows), `usable` (at least one valid clip), `failed`
     (failed at extraction, in finished shards), `unwritten` (in shards not finished yet), and whether the
     cache is `complete` and `being_written` by another process."""
-    done = np.repeat(cache.shard_done(), cache.layout.shard_videos)[: cache.num_videos]
-    status = cache.root["videos/status"][:]
+    done = cache.video_done()
     usable = np.zeros(cache.num_videos, bool)
     usable[cache.clip_video()[cache.valid()]] = True
-    return {"videos": cache.num_videos, "usable": int(usable.sum()), "failed": int(((status == FAILED) & done).sum()),
+    return {"videos": cache.num_videos, "usable": int(usable.sum()), "failed": len(cache.failures()),
             "unwritten": int((~done).sum()), "complete": bool(done.all()),
             "being_written": cache.being_written_by() is not None}
 
