@@ -307,7 +307,8 @@ def _shard_size(ctx, param, value):
                    "(e.g. when the codec compresses well).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(input, out, fmt, video_root, classes_file, split, model, pretrained, quick_gelu, seed, layers, tokens,
-            frames, sampling, window_stride, frame_rate, views, dtype, pixels, aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed,
+            frames, sampling, window_stride, frame_rate, views, dtype, pixels, aug_views, aug_scale, aug_ratio,
+            no_flip, color_jitter, aug_seed,
             text_template, no_text, codec, batch_size, shard_size, device, precision, decode_workers, workers, address,
             decode_timeout, reader, preprocess, no_fsync, overwrite, repair, dry_run, strict, max_failed_fraction,
             ignore_free_space, quiet):
@@ -453,7 +454,8 @@ def info(cache, show_failures, as_json, plot_path):
         hours = float(np.nansum(c.read("videos/duration"))) / 3600
         how = f"fps:{s['fps']:g}  windows of {lay.frames} frames, {s['window_stride']} apart  {hours:.2f} h of video"
     else:
-        how = f"{s['method']}{':' + str(s['stride']) if s.get('stride') else ''}  frames {lay.frames}  views {lay.views}"
+        how = (f"{s['method']}{':' + str(s['stride']) if s.get('stride') else ''}  frames {lay.frames}  "
+               f"views {lay.views}")
     click.echo(f"sampling   {how}  preprocessing {m['preprocessing']['size'][0]}px "
                f"{m['preprocessing']['interpolation']} {m['preprocessing']['resize_mode']}")
     aug = c.augment
