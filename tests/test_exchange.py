@@ -150,7 +150,7 @@ def test_npy_export_matches_cache(cache, tmp_path):
     ids, paths = c.read("videos/id"), c.read("videos/path")
     labels = c.read("videos/label")
     n = c.views.count
-    suffixes = {"embed": "embed", "cls": "cls", "frame_idx": "clips/frame_idx"}
+    suffixes = {"embed": "embed", "cls": "cls", "frame_idx": "clips/frame_idx", "time": "clips/time"}
     if c.tokens.kind != "cls":
         suffixes.update({f"tokens_{l}": f"tokens/{l}" for l in c.layers})
     if c.pixels:
