@@ -127,6 +127,23 @@ def test_sparse_samples_seek_and_match_a_full_decode(ten_minutes):
     assert np.array_equal(got.frames, np.stack(want))
 
 
+def test_sparse_samples_with_keyframes_further_apart(tmp_path):
+    """One keyframe for 2 minutes: a seek lands where the decoder already was; decoding goes on (it once
+    looped, seeking back to the same keyframe) and every sample is the frame a full decode gives."""
+    path = encode(tmp_path / "gop.mp4", _frames(480, 32) // 64 * 64, fps=4,
+                  options={"x264-params": "keyint=1000:min-keyint=1000:scenecut=0"})
+    with av.open(str(path)) as c:
+        assert sum(p.is_keyframe for p in c.demux(c.streams.video[0])) == 1
+    pts = _pts(path)
+    sampling = with_windows(parse_sampling("fps:0.05"), 2, None)
+    for windows in ((0, 3), (1, 2), (2, 1)):
+        r = decode_video(DecodeRequest(0, str(path), 2, sampling, ViewSpec(), PREP, windows=windows, samples=6,
+                                       reader="pyav"))
+        assert r.ok, r.error
+        k = r.frame_idx.reshape(-1)
+        assert np.allclose(r.time.reshape(-1), _nearest(pts, k * 20.0)), windows
+
+
 def test_windows_of_a_stream_shorter_than_its_header(ten_minutes):
     """A header that promises 620 s of a 600 s stream: the samples past the end are padding, a window left
     without any has no frame and says why."""
@@ -359,3 +376,21 @@ def test_clip_caches_store_timestamps_and_old_caches_still_open_and_resume(tmp_p
     assert old.complete and not (tmp_path / "c.zarr" / "clips" / "time").exists()
     run_cli("verify", tmp_path / "c.zarr")
     run_cli("train", "--cache", tmp_path / "c.zarr", "--out", tmp_path / "run", "--epochs", "1", "--quiet")
+
+
+def test_two_ray_workers_write_the_windows_of_one_process(tmp_path, ray_session):
+    """Windowed shards (videos cut across them) written by two Ray workers: the single-process cache."""
+    from cachefeat.extract import ExtractSettings
+    from cachefeat.extract.distributed import extract_distributed
+    videos = [good_video(tmp_path / f"v{i}.mp4", frames=n, size=48, seed=i) for i, n in enumerate((50, 30, 70))]
+    (tmp_path / "list.txt").write_text("".join(f"{v}\n" for v in videos))
+    common = ["--sampling", "fps:4", "--frames", "4", "--window-stride", "2", "--shard-size", "3"]
+    run_cli(*tiny_extract_args(tmp_path / "list.txt", tmp_path / "one.zarr", *common))
+    from conftest import TINY
+    settings = ExtractSettings(model=TINY, pretrained="none", frames=4, shard_size=3,
+                               sampling=with_windows(parse_sampling("fps:4"), 4, 2))
+    stats = extract_distributed(load_manifest(tmp_path / "list.txt"), tmp_path / "two.zarr", settings, workers=2,
+                                decode_workers=1, progress=False, log=lambda *a: None)
+    assert stats.shards == 8 and stats.clips == 23 and stats.frames == sum(
+        open_cache(tmp_path / "one.zarr").read("clips/valid_frames"))
+    assert_caches_equal(tmp_path / "one.zarr", tmp_path / "two.zarr")

@@ -128,26 +128,30 @@ class PyAVReader:
             tb = stream.time_base
             step = 1.0 / float(stream.average_rate or stream.guessed_rate or 25)
             origin = float(stream.start_time * tb) if stream.start_time is not None else 0.0
-            i, pos, prev, may_seek = 0, None, None, True
+            i, pos, prev, may_seek, sought = 0, None, None, True, -np.inf
             while i < n:
                 target = times[i] - step
-                if may_seek and target - (origin if pos is None else pos) > SEEK_GAP:
+                seeked = may_seek and target - (origin if pos is None else pos) > SEEK_GAP
+                if seeked:
                     container.seek(int(target / tb), stream=stream, backward=True)
-                    seeked = True
-                else:
-                    seeked = False
-                prev, jumped, first = (None if seeked else prev), False, True
+                    sought = target
+                prev, jumped, first, before = (None if seeked else prev), False, True, pos
                 for frame in container.decode(stream):
                     ft = frame.time
                     if ft is None:
                         raise DecodeError("decode", "the frames carry no timestamps (pts): fps sampling needs "
                                                     "them; remux the file into a container (e.g. mp4)")
                     ft = float(ft)
-                    if seeked and first and ft > times[i] + step / 2:
-                        # the seek went past the sample (an index that lies): decode from the start instead
-                        container.seek(0, stream=stream, backward=True)
-                        may_seek, jumped = False, True
-                        break
+                    if seeked and first:
+                        if ft > times[i] + step / 2:
+                            # the seek went past the sample (an index that lies): decode from the start instead
+                            container.seek(0, stream=stream, backward=True)
+                            may_seek, jumped = False, True
+                            break
+                        if before is not None and ft <= before:
+                            # it landed no further than the decoder was: keyframes are further apart than the
+                            # samples, so decoding straight on is as fast; no more seeks in this request
+                            may_seek = False
                     first = False
                     pos = ft
                     while i < n and ft >= times[i]:
@@ -159,7 +163,7 @@ class PyAVReader:
                     if i >= n:
                         break
                     prev = (frame, ft)
-                    if may_seek and times[i] - step - ft > SEEK_GAP:
+                    if may_seek and ft >= sought and times[i] - step - ft > SEEK_GAP:
                         jumped = True       # sparse: seek ahead rather than decode the gap
                         break
                 if i >= n or jumped:
