@@ -295,7 +295,8 @@ def test_failed_windows_and_videos_are_recorded(tmp_path):
 
 
 @pytest.mark.parametrize("extra,says", [(["--views", "3x1"], "--views 1x1"), (["--aug-views", "2"], "--aug-views"),
-                                        (["--pixels", "16"], "--pixels"), (["--window-stride", "9"], "--window-stride")])
+                                        (["--pixels", "16"], "--pixels"),
+                                        (["--window-stride", "9"], "--window-stride")])
 def test_fps_refuses_what_it_cannot_combine_with(tmp_path, extra, says):
     good = good_video(tmp_path / "v.mp4", frames=8, size=48)
     (tmp_path / "list.txt").write_text(f"{good}\n")
