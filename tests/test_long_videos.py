@@ -258,7 +258,7 @@ def test_npy_export_equals_the_concatenated_windows(tmp_path):
 def test_resume_writes_every_window_once(tmp_path):
     """Videos cut by shard boundaries: shards extracted again after an interruption (their flags reset,
     their files gone) give the arrays of an uninterrupted run, and those are the features of a run with
-    one big shard."""
+    one big shard (cropped on the backbone's device from the decoded frames, --preprocess device)."""
     videos = [good_video(tmp_path / f"v{i}.mp4", frames=n, size=48, seed=i) for i, n in enumerate((50, 30, 70))]
     (tmp_path / "list.txt").write_text("".join(f"{v}\n" for v in videos))
     common = ["--sampling", "fps:4", "--frames", "4", "--window-stride", "2"]
@@ -277,7 +277,8 @@ def test_resume_writes_every_window_once(tmp_path):
     out = run_cli(*args).output
     assert "resuming, 5 of 8 shards already done" in out
     assert_caches_equal(tmp_path / "a.zarr", tmp_path / "whole.zarr")
-    run_cli(*tiny_extract_args(tmp_path / "list.txt", tmp_path / "one.zarr", *common, "--shard-size", "64"))
+    run_cli(*tiny_extract_args(tmp_path / "list.txt", tmp_path / "one.zarr", *common, "--shard-size", "64",
+                               "--preprocess", "device"))
     assert_caches_equal(tmp_path / "a.zarr", tmp_path / "one.zarr", features_only=True)
 
 
