@@ -363,6 +363,11 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
                f"{stats.failed_videos} videos failed")
     if stats.clips and stats.bottleneck():
         click.echo(f"bottleneck: {stats.bottleneck()}")
+    if cache.windowed:
+        import numpy as np
+        hours = float(np.nansum(cache.read("videos/duration"))) / 3600
+        click.echo(f"{out}: {cache.num_videos} videos, {hours:.2f} h of video at fps:{cache.meta['sampling']['fps']:g} "
+                   f"in {cache.num_clips} windows of {cache.frames} frames")
     click.echo(f"{out}: {counts['valid_clips']} valid clips of {cache.num_clips}, "
                f"{human_bytes(counts['disk_bytes'])} on disk"
                + (f", {human_bytes(counts['bytes_per_frame_on_disk'])} per frame"
