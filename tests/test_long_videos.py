@@ -280,6 +280,13 @@ def test_resume_writes_every_window_once(tmp_path):
     run_cli(*tiny_extract_args(tmp_path / "list.txt", tmp_path / "one.zarr", *common, "--shard-size", "64",
                                "--preprocess", "device"))
     assert_caches_equal(tmp_path / "a.zarr", tmp_path / "one.zarr", features_only=True)
+    # per-video entries (a chunk per video) are in their shard's checksum record: one deleted is found and mended
+    run_cli("verify", tmp_path / "a.zarr")
+    (tmp_path / "a.zarr" / "videos" / "status" / "c" / "2").unlink()        # video 2's: written by shard 4
+    res = run_cli("verify", tmp_path / "a.zarr", ok=False)
+    assert res.exit_code == 1 and "videos/status" in res.output
+    run_cli(*args, "--repair")
+    assert_caches_equal(tmp_path / "a.zarr", tmp_path / "whole.zarr")
 
 
 def test_failed_windows_and_videos_are_recorded(tmp_path):
@@ -363,11 +370,14 @@ def test_clip_caches_store_timestamps_and_old_caches_still_open_and_resume(tmp_p
     path = c.read("videos/path")[c.read("clips/video")[row]]
     # read by decord, whose timestamps are single precision
     assert np.allclose(c.read("clips/time")[row], _pts(path)[c.read("clips/frame_idx")[row]], rtol=0, atol=1e-5)
-    # make it a cache of the version before: no clips/time, no `time` in its layout
+    # make it a cache of a version before: no clips/time, no `time` in its layout (and, older still, no
+    # checksum records, whose slots the layout decides)
     shutil.rmtree(tmp_path / "c.zarr" / "clips" / "time")
+    shutil.rmtree(tmp_path / "c.zarr" / "shard_checksums")
     root = zarr.open_group(str(tmp_path / "c.zarr"), mode="r+")
     meta = dict(root.attrs["cachefeat"])
     meta["layout"] = {k: v for k, v in meta["layout"].items() if k != "time"}
+    del meta["table_checksums"]
     meta["fingerprint"] = content_fingerprint(meta)
     root.attrs["cachefeat"] = meta
     reset_shards(Cache(tmp_path / "c.zarr", mode="r+"), [1])
