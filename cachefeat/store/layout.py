@@ -171,6 +171,11 @@ def record_slots(layout: Layout) -> dict[str, slice]:
     return out
 
 
+def per_clip_chunks(layout: Layout) -> set[str]:
+    """The arrays stored one chunk per clip (in shard files); the others have one chunk per shard."""
+    return {name for name, (shape, _) in layout.row_arrays().items() if shape}
+
+
 def table_checksum(data: np.ndarray) -> int:
     """CRC32C of a table's contents (numbers as little-endian bytes, strings as their JSON list), recorded
     in the metadata when the store is created: a chunk of a table deleted (it reads as the fill value) or

@@ -26,6 +26,7 @@ from .layout import (
     Layout,
     content_fingerprint,
     feature_fingerprint,
+    per_clip_chunks,
     record_slots,
     table_checksum,
 )
@@ -225,12 +226,12 @@ class Cache:
         """What shard `shard` holds on disk now, as its record lists it: the stored checksum of every chunk
         it wrote (NOT_STORED where a chunk is left out), for all arrays or only `names` (the others stay
         NOT_STORED). Reads a few bytes per chunk."""
-        slots = record_slots(self.layout)
+        slots, per_clip = record_slots(self.layout), per_clip_chunks(self.layout)
         out = np.full(max(s.stop for s in slots.values()), NOT_STORED, np.int64)
         for name, where in slots.items():
             if names is not None and name not in names:
                 continue
-            direct = self.shard_file(name) if where.stop - where.start > 1 else None
+            direct = self.shard_file(name) if name in per_clip else None
             if direct is not None:
                 out[where] = direct.chunk_checksums(shard)
                 continue
@@ -253,7 +254,8 @@ class Cache:
         A few small reads per chunk."""
         if not self.has_records:
             return {}
-        slots = {n: w for n, w in record_slots(self.layout).items() if features or w.stop - w.start == 1}
+        per_clip = per_clip_chunks(self.layout)
+        slots = {n: w for n, w in record_slots(self.layout).items() if features or n not in per_clip}
         out = {}
         done = self.shard_done()
         if not done.all() and self.being_written_by() is None:     # (a writer sets the flag just after)

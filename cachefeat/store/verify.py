@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..fmt import ranges
-from .layout import CLIP_TABLES, CREATION_TABLES, SHARD_VIDEO_TABLES, VIDEO_TABLES, Layout, record_slots
+from .layout import (
+    CLIP_TABLES,
+    CREATION_TABLES,
+    SHARD_VIDEO_TABLES,
+    VIDEO_TABLES,
+    Layout,
+    per_clip_chunks,
+    record_slots,
+)
 from .reader import Cache
 
 
@@ -104,7 +112,7 @@ def _check_record(cache: Cache, shard: int, rep: VerifyReport) -> set[str]:
         if not len(bad):
             continue
         wrong.add(name)
-        if where.stop - where.start > 1:             # one chunk per clip
+        if name in per_clip_chunks(lay):
             rows = [lay.shard_rows_range(shard).start + int(i) for i in bad]
         else:
             span = lay.shard_videos_range(shard) if name.startswith("videos/") else lay.shard_rows_range(shard)
