@@ -19,9 +19,10 @@ INT8_HEADROOM = 1.1      # int8 step = headroom * max|x| / 127 over the calibrat
 
 SHORT_VIDEO_POLICY = ("uniform: frames repeat in order when the video has fewer frames than segments; "
                       "dense: the clip starts at frame 0 and indices past the end repeat the last frame")
-LAYER_DEFINITION = ("layer i = output of visual transformer block i (0-indexed), the residual stream before "
-                    "ln_post; cls holds its class token, tokens/<i> its patch tokens; embed = encode_image output "
-                    "(ln_post + proj, not L2-normalised)")
+LAYER_DEFINITION = ("layer i = output of image-tower block i (0-indexed), the residual stream before the final "
+                    "norm; cls holds, per layer, what model.cls says (the class token, or the mean of the patch "
+                    "tokens), tokens/<i> its patch tokens (class and register tokens excluded); embed = the "
+                    "tower's pooled output (open_clip: encode_image, not L2-normalised; timm: pre-logits features)")
 
 
 @dataclass
