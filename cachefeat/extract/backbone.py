@@ -118,8 +118,9 @@ def resolve_model_name(name: str) -> str:
 
 
 def timm_tags(arch: str) -> list[str]:
-    import timm
-    return [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+    """The pretrained tags timm registers for an architecture (its data configs; most also have weights)."""
+    from timm.models import get_arch_pretrained_cfgs
+    return [n.split(".", 1)[1] for n in get_arch_pretrained_cfgs(arch)]
 
 
 def _timm_name(name: str, tag: str | None = None) -> str:
@@ -392,7 +393,7 @@ class TimmViT(Tower):
         if self.rope:
             if getattr(self.trunk, "rope_mixed", False) or not hasattr(self.trunk.rope, "feat_shape") or \
                     getattr(self.trunk, "dynamic_img_size", False):
-                raise BackboneError(f"{where}: its rotary embedding varies by depth or image size, which is not rebuilt")
+                raise BackboneError(f"{where}: its rotary embedding varies by depth or image size (not rebuilt)")
             rope = _cpu(self.trunk.rope.get_embed())
         return AttentionQK(_cpu(norm.weight), _cpu(norm.bias), float(norm.eps), _cpu(weight), _cpu(bias),
                            self.heads, rope, self.rope)
@@ -517,9 +518,10 @@ class Backbone:
         import open_clip
         try:
             tokenizer = open_clip.get_tokenizer(self.name)
-        except Exception as e:   # SigLIP's and others' tokenizers come from the Hugging Face hub
+        except Exception as e:   # SigLIP's and others' tokenizers need transformers and the Hugging Face hub
             raise BackboneError(f"could not load the text tokenizer of {self.name}: {type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''} (no network? pass --no-text)") from None
+                                f"{str(e).splitlines()[0] if str(e) else ''} (--no-text extracts without class-name "
+                                f"embeddings)") from None
         out = [self.model.encode_text(tokenizer(prompts[i:i + batch_size])).float()
                for i in range(0, len(prompts), batch_size)]
         return torch.cat(out).numpy()

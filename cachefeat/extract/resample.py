@@ -129,12 +129,12 @@ def shortest_side_size(h: int, w: int, size: int) -> tuple[int, int]:
 
 
 def view_crops(frames: torch.Tensor, size: int, spatial: int, interpolation: str = "bicubic",
-               resize: int | None = None) -> torch.Tensor:
-    """uint8 (N, H, W, 3) decoded frames -> (S, N, size, size, 3): the shorter side resized to `resize`
-    (default `size`), then the centre crop (S = 1) or the start, centre and end crops along the longer side
-    (S = 3): what preprocess.crops computes with PIL, frame by frame."""
+               short_side: int | None = None) -> torch.Tensor:
+    """uint8 (N, H, W, 3) decoded frames -> (S, N, size, size, 3): the shorter side resized to `short_side`
+    (default `size`; timm's crop_pct makes it larger), then the centre crop (S = 1) or the start, centre and
+    end crops along the longer side (S = 3): what preprocess.crops computes with PIL, frame by frame."""
     h, w = frames.shape[1:3]
-    nh, nw = shortest_side_size(h, w, resize or size)
+    nh, nw = shortest_side_size(h, w, short_side or size)
     x = resize(frames, nw, nh, interpolation)
     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     if spatial == 1:

@@ -9,7 +9,8 @@ with the sizes shrunk to 32 px images, 8 px patches (a 4x4 grid), width 64, 4 bl
     cachefeat_tiny_dinov2_reg4        vit_small_patch14_reg4_dinov2.lvd142m (class token + 4 registers,
                                       LayerScale, no position embedding on the prefix tokens)
   open_clip (model_configs/*.json, each naming its timm trunk; tiny CLIP text towers)
-    cachefeat-tiny-SigLIP2            ViT-B-16-SigLIP2: vit_base_patch16_siglip_224 (no class token, MAP head)
+    cachefeat-tiny-SigL2              ViT-B-16-SigLIP2: vit_base_patch16_siglip_224 (no class token, MAP head;
+                                      a name with "siglip" would make open_clip load SigLIP's HF tokenizer)
     cachefeat-tiny-EVA02              EVA02-B-16: eva02_base_patch16_clip_224 (class token, rotary q/k,
                                       separate q/k/v projections, SwiGLU)
     cachefeat-tiny-PE-Core            PE-Core-B-16: vit_pe_core_base_patch16_224 (class token, rotary q/k,
@@ -28,8 +29,10 @@ from functools import partial
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.layers import LayerNorm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.eva import Eva, checkpoint_filter_fn as eva_filter
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as vit_filter
+from timm.models.eva import Eva
+from timm.models.eva import checkpoint_filter_fn as eva_filter
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_filter
 
 _SIZE = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2)
 
