@@ -239,7 +239,8 @@ def test_crops_on_the_device_equal_the_workers_for_a_timm_crop_pct(videos, tmp_p
 def test_timm_names_tags_and_checkpoint_files(tmp_path):
     assert resolve_model_name("timm:vit_small_patch14_reg4_dinov2") == "timm:vit_small_patch14_reg4_dinov2.lvd142m"
     geo = model_geometry("timm:vit_base_patch14_reg4_dinov2.lvd142m")       # meta device: no weights, no memory
-    assert (geo["depth"], geo["width"], geo["heads"], geo["patch_grid"]) == (12, 768, 12, [37, 37])
+    assert (geo["depth"], geo["width"], geo["heads"], geo["patch_grid"], geo["text"]) == (12, 768, 12, [37, 37], False)
+    assert model_geometry("cachefeat-tiny-SigL2")["text"]                  # --dry-run counts text embeddings
     for name, match in [("timm:convnext_tiny", "is not a plain ViT"), ("timm:vit_smal_patch14_dinov2",
                         "did you mean vit_small_patch14_dinov2"), ("RN50", "is not a ViT")]:
         with pytest.raises(BackboneError, match=match):

@@ -212,16 +212,17 @@ def _pick_quickgelu(name: str, tag: str) -> tuple[str, bool]:
 
 
 def model_geometry(model: str) -> dict:
-    """Depth, width, heads, patch grid and embedding size of a model without loading weights (for --dry-run):
+    """Depth, width, heads, patch grid, embedding size and whether it has a text tower, of a model without
+    loading weights (for --dry-run):
     an open_clip ViT from its config; a timm trunk built on the meta device (no memory, no weights). Schema
     names (hf-hub:, local-dir:) are built with random weights to find out."""
     import open_clip
     name = resolve_model_name(model)
     if name.startswith(("hf-hub:", "local-dir:")):
         b = load_backbone(name, "none", device="cpu")
-        t = b.tower
+        t, text = b.tower, b.has_text_tower
     elif name.startswith(TIMM):
-        t = TimmViT(_create_timm(name[len(TIMM):], device="meta"), None)
+        t, text = TimmViT(_create_timm(name[len(TIMM):], device="meta"), None), False
     else:
         kind = open_clip_tower(name)
         cfg = open_clip.get_model_config(name)
@@ -232,7 +233,7 @@ def model_geometry(model: str) -> dict:
             import timm
             trunk = timm.create_model(v["timm_model_name"], pretrained=False, device="meta")
             g = TimmViT.geometry(trunk)
-            return {"name": name, **g, "embed_dim": int(cfg["embed_dim"])}
+            return {"name": name, **g, "embed_dim": int(cfg["embed_dim"]), "text": "text_cfg" in cfg}
         size = v["image_size"]
         size = (size, size) if isinstance(size, int) else tuple(size)
         patch = v["patch_size"]
@@ -240,9 +241,10 @@ def model_geometry(model: str) -> dict:
         width = int(v["width"])
         return {"name": name, "depth": int(v["layers"]), "width": width,
                 "heads": width // int(v.get("head_width", 64)),
-                "patch_grid": [size[0] // patch[0], size[1] // patch[1]], "embed_dim": int(cfg["embed_dim"])}
+                "patch_grid": [size[0] // patch[0], size[1] // patch[1]], "embed_dim": int(cfg["embed_dim"]),
+                "text": "text_cfg" in cfg}
     return {"name": name, "depth": t.depth, "width": t.width, "heads": t.heads, "patch_grid": list(t.patch_grid),
-            "embed_dim": t.embed_dim}
+            "embed_dim": t.embed_dim, "text": text}
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -512,16 +514,22 @@ class Backbone:
         return hasattr(self.model, "encode_text") and (hasattr(self.model, "text") or
                                                        hasattr(self.model, "token_embedding"))
 
+    def tokenizer(self):
+        """open_clip's tokenizer for this model (loaded once); BackboneError in one line when it cannot load."""
+        import open_clip
+        if getattr(self, "_tokenizer", None) is None:
+            try:
+                self._tokenizer = open_clip.get_tokenizer(self.name)
+            except Exception as e:   # SigLIP's and others' tokenizers need transformers and the Hugging Face hub
+                raise BackboneError(f"could not load the text tokenizer of {self.name}: {type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''} (--no-text extracts without "
+                                    f"class-name embeddings)") from None
+        return self._tokenizer
+
     @torch.inference_mode()
     def text_embeddings(self, prompts: list[str], batch_size: int = 256) -> np.ndarray:
         """`encode_text` of each prompt (not L2-normalised), float32 (len(prompts), E)."""
-        import open_clip
-        try:
-            tokenizer = open_clip.get_tokenizer(self.name)
-        except Exception as e:   # SigLIP's and others' tokenizers need transformers and the Hugging Face hub
-            raise BackboneError(f"could not load the text tokenizer of {self.name}: {type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''} (--no-text extracts without class-name "
-                                f"embeddings)") from None
+        tokenizer = self.tokenizer()
         out = [self.model.encode_text(tokenizer(prompts[i:i + batch_size])).float()
                for i in range(0, len(prompts), batch_size)]
         return torch.cat(out).numpy()

@@ -106,6 +106,7 @@ def plan(settings: ExtractSettings, manifest: Manifest, backbone: Backbone) -> P
         "quantization": None,
     }
     if settings.text and manifest.classes and backbone.has_text_tower:
+        backbone.tokenizer()     # one that cannot load fails here, before a store exists
         meta["text"] = {"template": settings.text_template,
                         "prompts": [settings.text_template.format(c) for c in manifest.classes]}
     if settings.dtype == "int8":
@@ -142,7 +143,7 @@ def estimate_size(settings: ExtractSettings, manifest: Manifest) -> SizeEstimate
     geo = model_geometry(settings.model)
     layout = plan_layout(settings, len(manifest.videos), geo["depth"], geo["patch_grid"], geo["width"],
                          geo["embed_dim"])
-    text = len(manifest.classes) * geo["embed_dim"] * 4 if settings.text and manifest.classes else 0
+    text = len(manifest.classes) * geo["embed_dim"] * 4 if settings.text and manifest.classes and geo["text"] else 0
     return SizeEstimate(layout, geo, layout.bytes_per_clip(), text)
 
 
