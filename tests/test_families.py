@@ -158,6 +158,34 @@ def test_every_adapter_trains_on_every_family(family, adapter, opts, family_cach
     assert np.isfinite(epoch["train_loss"])
 
 
+@pytest.mark.parametrize("family", ["SigLIP2", "timm ViT"])
+def test_features_recomputed_from_the_metadata_equal_the_cache(family, family_caches):
+    """What predict and online training compute (the backbone rebuilt from the metadata, its weights hash
+    checked; the recorded preprocessing: timm's crop_pct resize; the recorded cls: SigLIP's mean patch token)
+    equals the cache, bit for bit in the cache's float16."""
+    from cachefeat.adapters import Needs
+    from cachefeat.train.online import OnlineFeatures, backbone_from_meta
+    cache = open_cache(family_caches[family])
+    online = OnlineFeatures(cache.meta, Needs(embed=True, cls_layers=(1, 3), token_layers=(3,)),
+                            backbone_from_meta(cache.meta, device="cpu"))
+    row = cache.num_clips - 1                               # the non-square video
+    res = online.decode_result(cache.read("videos/path")[cache.read("clips/video", row)])
+    got = online.extract(res.pixels)
+    np.testing.assert_array_equal(got["cls"][0], cache.read("cls", row)[:, [1, 3]])
+    np.testing.assert_array_equal(got["tokens"][0, :, 0], cache.read("tokens/3", row))
+    np.testing.assert_array_equal(got["embed"][0], cache.read("embed", row))
+
+
+def test_evl_tca_on_a_rotary_tower_refuses_pooled_tokens():
+    from cachefeat import adapters
+    from cachefeat.adapters.base import CacheMismatch, FeatureSpec
+    spec = FeatureSpec(num_classes=3, frames=2, width=64, embed_dim=32, depth=4, heads=2, layers=(0, 1, 2, 3),
+                       tokens=TokenSpec("pooled", (2, 2)), patch_grid=(4, 4), rope="interleaved")
+    with pytest.raises(CacheMismatch, match="rotary embedding defined on the full 4x4 patch grid.*tca=false"):
+        adapters.resolve("evl", {"layers": 3}, spec)
+    adapters.resolve("evl", {"layers": 3, "tca": "false"}, spec)
+
+
 def test_text_heads_and_zeroshot_refuse_image_only_families(family_caches, tmp_path):
     cache = family_caches["DINOv2 registers"]
     res = run_cli("zeroshot", "--cache", cache, ok=False)
