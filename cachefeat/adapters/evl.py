@@ -23,8 +23,9 @@ patch of the full grid). Prefix tokens (class token, registers) take no part, as
 patch-only TCA.
 
 Differences from the official code: the decoder runs in the adapter's precision (the paper casts the
-backbone to fp16 and the features to fp32, which a float16 cache does too); CLS enters as the class
-token of the cached layer, identical to the block output's position 0.
+backbone to fp16 and the features to fp32, which a float16 cache does too); CLS enters as the cached
+layer's `cls`: the class token, identical to the block output's position 0, or on towers without one
+(SigLIP) the mean patch token, which the cache records (`model.cls`).
 """
 from __future__ import annotations
 
