@@ -1042,13 +1042,16 @@ def verify(cache, as_json):
             click.echo(f"  damaged: {name} rows {ranges(sorted(rows))}")
         for msg in rep.suspicious:
             click.echo(f"  suspicious: {msg}")
+        for name in rep.tables:
+            click.echo(f"  damaged: table {name} (written at creation) is not what was written then")
         if rep.ok:
-            click.echo("  ok: every chunk reads and matches its checksum")
+            click.echo("  ok: every chunk reads, matches its checksum and is the one recorded at its place")
         elif not rep.fatal:
             vids = d["videos_to_reextract"]
-            click.echo(f"  re-extract {len(d['clips_to_reextract'])} clips of {len(vids)} videos "
-                       f"({', '.join(map(str, vids[:8]))}{', ...' if len(vids) > 8 else ''}): run the same "
-                       f"`cachefeat extract` command with --repair")
+            todo = ([f"re-extract {len(d['clips_to_reextract'])} clips of {len(vids)} videos "
+                     f"({', '.join(map(str, vids[:8]))}{', ...' if len(vids) > 8 else ''})"] if vids else []) + \
+                   ([f"write {len(rep.tables)} tables again"] if rep.tables else [])
+            click.echo(f"  {' and '.join(todo)}: run the same `cachefeat extract` command with --repair")
     if not rep.ok:
         sys.exit(1)
 

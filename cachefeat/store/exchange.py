@@ -35,6 +35,7 @@ from ..fmt import ranges
 from .layout import ATTR, SCHEMA_VERSION, CacheDamaged, CacheError
 from .lock import StoreLock
 from .reader import Cache, open_cache
+from .writer import record_again
 
 EXPORT_VERSION = 1
 HDF5_MARK = "cachefeat_export"       # root attribute of an HDF5 export: JSON {format, version, ...}
@@ -144,6 +145,11 @@ def _open_source(path, allow_incomplete: bool) -> Cache:
     if not done.all() and not allow_incomplete:
         raise ExchangeError(f"{path} is incomplete ({int(done.sum())} of {len(done)} shards done); finish it with "
                             f"`cachefeat extract` (same command, it resumes) or pass --allow-incomplete")
+    problems = cache.record_problems(features=True)    # an import records what it is given: no damage in
+    if problems:
+        s, what = next(iter(problems.items()))
+        raise CacheDamaged(f"{path}: shard {s} is damaged ({what}); run `cachefeat verify {path}`, then the same "
+                           f"`cachefeat extract` with --repair")
     return cache
 
 
@@ -394,7 +400,7 @@ def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -
                         stats.raw_bytes += n
                         bar.update(n)
             try:
-                imported = Cache(tmp)   # opens as a cache: schema, metadata, layout and tables are there
+                imported = Cache(tmp, mode="r+")   # opens as a cache: schema, metadata, layout and tables are there
             except CacheError as e:
                 raise ExchangeError(f"{src} does not hold a whole cache: "
                                     f"{str(e).replace(str(tmp), 'the imported store')}") from None
@@ -402,6 +408,7 @@ def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -
             if missing:
                 raise ExchangeError(f"{src} does not hold a whole cache: array{'s' * (len(missing) > 1)} "
                                     f"{', '.join(missing[:4])} missing; export the cache again")
+            record_again(imported)
             _replace(tmp, out)
         except BaseException:
             _remove(tmp)

@@ -147,6 +147,39 @@ class Layout:
 
 VIDEO_TABLES = ("videos/path", "videos/id", "videos/label", "videos/status", "videos/num_frames", "videos/error")
 CLIP_TABLES = ("clips/video", "clips/view", "clips/label")
+SHARD_VIDEO_TABLES = ("videos/status", "videos/num_frames", "videos/error")    # written with each shard
+CREATION_TABLES = tuple(n for n in (*VIDEO_TABLES, *CLIP_TABLES) if n not in SHARD_VIDEO_TABLES)
+
+# Each shard's checksum record: the CRC32C its crc32c codec stored for every chunk the shard wrote, in
+# record_slots() order, written after the data and before the progress flag. A checksum proves a chunk's
+# bytes intact; the record proves it is the chunk written at that place (not one copied or moved there,
+# nor deleted: a deleted chunk reads as the fill value).
+RECORD = "shard_checksums"
+NOT_STORED = -1     # a chunk of only the fill value, which zarr leaves out
+NO_RECORD = -2      # the record array's fill value: no record (the shard was never finished)
+
+
+def record_slots(layout: Layout) -> dict[str, slice]:
+    """Where each array's chunks sit in a shard's record: one per clip for the big per-clip arrays (one
+    chunk per clip), one for the per-clip and per-video tables (one chunk per shard)."""
+    out, k = {}, 0
+    for name, (shape, _) in layout.row_arrays().items():
+        n = layout.shard_rows if shape else 1
+        out[name], k = slice(k, k + n), k + n
+    for name in SHARD_VIDEO_TABLES:
+        out[name], k = slice(k, k + 1), k + 1
+    return out
+
+
+def table_checksum(data: np.ndarray) -> int:
+    """CRC32C of a table's contents (numbers as little-endian bytes, strings as their JSON list), recorded
+    in the metadata when the store is created: a chunk of a table deleted (it reads as the fill value) or
+    replaced shows as a different checksum."""
+    import google_crc32c
+    data = np.asarray(data)
+    raw = (json.dumps(data.tolist()).encode() if data.dtype.kind in "UOT"
+           else np.ascontiguousarray(data, data.dtype.newbyteorder("<")).tobytes())
+    return google_crc32c.value(raw)
 
 _DIMS = {"embed": ("clip", "frame", "channel"), "cls": ("clip", "frame", "layer", "channel"),
          "tokens": ("clip", "frame", "token", "channel"), "pixels": ("clip", "frame", "y", "x", "rgb"),

@@ -16,15 +16,21 @@ from .layout import (
     CLIP_TABLES,
     CREATING,
     FAILED,
+    NO_RECORD,
+    NOT_STORED,
+    RECORD,
     SCHEMA_VERSION,
     VIDEO_TABLES,
     CacheDamaged,
     CacheError,
     Layout,
+    content_fingerprint,
     feature_fingerprint,
+    record_slots,
+    table_checksum,
 )
 from .lock import StoreLock
-from .shard_file import ShardFile, ShardFileError
+from .shard_file import NotAsRecorded, ShardFile, ShardFileError
 
 
 class Cache:
@@ -48,6 +54,9 @@ class Cache:
         problem = _meta_problem(meta)
         if problem:
             raise CacheDamaged(f"{path}: its metadata is damaged ({problem}); {_RESTORE}")
+        if "fingerprint" in meta and meta["fingerprint"] != content_fingerprint(meta):
+            raise CacheDamaged(f"{path}: its metadata was edited or damaged (it no longer matches its fingerprint, "
+                               f"so the arrays may not be what it describes); {_RESTORE}")
         if meta["schema_version"] > SCHEMA_VERSION:
             raise CacheError(f"{path} has cache schema {meta['schema_version']}, newer than this cachefeat "
                              f"understands ({SCHEMA_VERSION}); upgrade cachefeat")
@@ -58,9 +67,13 @@ class Cache:
             raise CacheDamaged(f"{path}: its metadata is damaged (layout: {_first_line(e)}); "
                                f"{_RESTORE}") from None
         self._shard_files: dict[str, ShardFile | None] = {}
+        self._records: dict[int, np.ndarray] = {}
+        # caches made before checksum records (and table checksums) have none: chunk places are not checked
+        self.has_records = "table_checksums" in meta
         if not self.root.attrs.get(CREATING):   # (a store being created has not all its arrays yet)
             # the tables every reader needs; a feature array an adapter does not read may be left out of a copy
-            missing = [n for n in (*VIDEO_TABLES, *CLIP_TABLES, "clips/valid", "progress")
+            missing = [n for n in (*VIDEO_TABLES, *CLIP_TABLES, "clips/valid", "progress",
+                                   *([RECORD] if self.has_records else []))
                        if not (self.path / n / "zarr.json").is_file()]
             if missing:
                 raise CacheDamaged(f"{path}: array{'s' * (len(missing) > 1)} {', '.join(missing[:4])} "
@@ -160,13 +173,24 @@ class Cache:
         return self.root["clips/valid"][:] & self.done_rows()
 
     def labels(self) -> np.ndarray:
-        return self.root["clips/label"][:]
+        return self.table("clips/label")
 
     def clip_video(self) -> np.ndarray:
-        return self.root["clips/video"][:]
+        return self.table("clips/video")
 
     def clip_view(self) -> np.ndarray:
-        return self.root["clips/view"][:]
+        return self.table("clips/view")
+
+    def table(self, name: str) -> np.ndarray:
+        """A table written when the store was created (labels, video paths and ids, clip -> video, extras),
+        checked against the checksum recorded then: a deleted chunk reads as the fill value (labels of 0)
+        without any read error."""
+        data = self.read_stored(name)
+        recorded = (self.meta.get("table_checksums") or {}).get(name)
+        if recorded is not None and table_checksum(data) != recorded:
+            raise CacheDamaged(f"{self.path}: table {name} is not what was written when the cache was made (a chunk "
+                               f"was deleted or replaced); run the same `cachefeat extract` with --repair")
+        return data
 
     def failures(self) -> list[dict]:
         """Videos that could not be extracted (in finished shards), with the stage and the reason."""
@@ -180,6 +204,71 @@ class Cache:
         for i in bad:
             stage, _, msg = str(errs[i]).partition(": ")
             out.append({"video": int(i), "id": str(ids[i]), "path": str(paths[i]), "stage": stage, "error": msg})
+        return out
+
+    # -- checksum records (layout.RECORD)
+    def record(self, shard: int) -> np.ndarray | None:
+        """Shard `shard`'s checksum record (record_slots order), or None when it has none."""
+        if not self.has_records:
+            return None
+        if shard not in self._records:
+            try:
+                rec = np.asarray(self.root[RECORD][shard], np.int64)
+            except Exception:               # the record's own chunk is damaged: as good as none
+                rec = np.full(self.root[RECORD].shape[1], NO_RECORD, np.int64)
+            if (rec == NO_RECORD).all():
+                return None
+            self._records[shard] = rec
+        return self._records[shard]
+
+    def stored_checksums(self, shard: int, names=None) -> np.ndarray:
+        """What shard `shard` holds on disk now, as its record lists it: the stored checksum of every chunk
+        it wrote (NOT_STORED where a chunk is left out), for all arrays or only `names` (the others stay
+        NOT_STORED). Reads a few bytes per chunk."""
+        slots = record_slots(self.layout)
+        out = np.full(max(s.stop for s in slots.values()), NOT_STORED, np.int64)
+        for name, where in slots.items():
+            if names is not None and name not in names:
+                continue
+            direct = self.shard_file(name) if where.stop - where.start > 1 else None
+            if direct is not None:
+                out[where] = direct.chunk_checksums(shard)
+                continue
+            arr = self.root[name]
+            path = self.path / name / arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+            try:
+                with open(path, "rb") as f:       # the chunk's crc32c codec stored its last four bytes
+                    f.seek(-4, os.SEEK_END)
+                    out[where.start] = int.from_bytes(f.read(4), "little")
+            except FileNotFoundError:
+                pass
+            except OSError:                     # shorter than a checksum: cannot match any record
+                out[where.start] = NO_RECORD
+        return out
+
+    def record_problems(self, features: bool = False) -> dict[int, str]:
+        """Shards whose flag and record disagree, and finished shards whose per-clip and per-video tables
+        (with `features`, every chunk) are not the chunks their record lists: shard -> what is wrong.
+        Feature chunks are checked against the record anyway as they are read; `verify` checks everything.
+        A few small reads per chunk."""
+        if not self.has_records:
+            return {}
+        slots = {n: w for n, w in record_slots(self.layout).items() if features or w.stop - w.start == 1}
+        out = {}
+        done = self.shard_done()
+        if not done.all() and self.being_written_by() is None:     # (a writer sets the flag just after)
+            for s in np.flatnonzero(~done).tolist():
+                if self.record(s) is not None:
+                    out[s] = "recorded as written, but its progress flag is off (lost, or reset by hand)"
+        for s in np.flatnonzero(done).tolist():
+            rec = self.record(s)
+            if rec is None:
+                out[s] = "flagged done without a checksum record (a flag set by hand, or the record deleted)"
+                continue
+            held = self.stored_checksums(s, slots)
+            wrong = [n for n, w in slots.items() if not np.array_equal(held[w], rec[w])]
+            if wrong:
+                out[s] = f"{', '.join(wrong[:3])}: not the chunks written there (copied, moved or deleted)"
         return out
 
     # -- features
@@ -213,6 +302,9 @@ class Cache:
         bytes through the same codecs, without zarr's per-chunk cost), or None where that does not apply
         (direct reads off, a single row, another layout) or the bytes fail a check: zarr then reads them
         and the error names what is damaged."""
+        if isinstance(rows, (int, np.integer)) and rows >= 0:
+            data = self._read_direct(name, np.array([rows]))
+            return None if data is None else data[0]
         if not self.direct_reads or isinstance(rows, (int, np.integer)):
             return None
         if isinstance(rows, slice):
@@ -225,8 +317,16 @@ class Cache:
         reader = self.shard_file(name)
         if reader is None:
             return None
+        slots = record_slots(self.layout).get(name)
+
+        def recorded(shard: int) -> np.ndarray | None:
+            rec = self.record(shard)
+            return None if rec is None or slots is None else rec[slots]
         try:
-            return reader.read(rows)
+            return reader.read(rows, recorded if self.has_records else None)
+        except NotAsRecorded as e:
+            raise CacheDamaged(f"{self.path}: array {name}: {str(e).split(': ', 1)[-1]}; run `cachefeat verify "
+                               f"{self.path}`, then `cachefeat extract ... --repair`") from None
         except (ShardFileError, OSError):
             return None
 

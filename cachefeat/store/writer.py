@@ -24,14 +24,20 @@ from .layout import (
     _DIMS,
     ATTR,
     CREATING,
+    CREATION_TABLES,
     DEFAULT_CODEC,
     LOCK_NAME,
+    NO_RECORD,
+    RECORD,
     SCHEMA_VERSION,
+    SHARD_VIDEO_TABLES,
     CacheError,
     Layout,
     content_fingerprint,
     diff_meta,
     parse_codec,
+    record_slots,
+    table_checksum,
 )
 from .lock import StoreLock
 from .reader import Cache
@@ -83,6 +89,8 @@ def open_for_writing(path: str | os.PathLike, meta: dict, layout: Layout, videos
     lock.acquire()
     try:
         cache = _create_or_resume(path, meta, layout, videos, codec, overwrite, repair, extras)
+        if repair:
+            _repair_tables(cache, videos, extras, log)
         todo = _shards_left(cache, repair, log)
     except BaseException:
         lock.release()
@@ -137,11 +145,40 @@ def _shards_left(cache: Cache, repair: bool, log) -> list[int]:
     return todo
 
 
+def _repair_tables(cache: Cache, videos: list, extras, log) -> None:
+    """--repair: the tables written at creation that fail their checks (unreadable, or not matching the
+    checksum the metadata recorded), written again from the video list (and `extras()`, computed again)."""
+    names = [*CREATION_TABLES, *cache.meta.get("extras", [])]
+    bad = []
+    for name in names:
+        try:
+            cache.table(name)
+        except Exception:
+            bad.append(name)
+    if not bad:
+        return
+    again = extras() if extras is not None and set(bad) & set(cache.meta.get("extras", [])) else None
+    tables = creation_tables(cache.layout, videos, again)
+    recorded = cache.meta.get("table_checksums") or {}
+    for name in bad:
+        if name not in tables or (name in recorded and table_checksum(tables[name][0]) != recorded[name]):
+            raise CacheError(f"{cache.path}: table {name} is damaged and this run cannot write it again as it was; "
+                             f"extract the cache again with --overwrite")
+        arr = cache.root[name]
+        for i in range(-(-arr.shape[0] // arr.chunks[0])):      # no read of a damaged chunk on the way
+            _drop_chunk(arr, i)
+        arr[...] = tables[name][0]
+    log(f"repair: wrote {', '.join(bad)} again")
+
+
 def reset_shards(cache: Cache, shards) -> None:
     """Mark shards as not done, so the next extract writes them again (what --repair does)."""
     prog = cache.root["progress"]
     for s in sorted(shards):
         prog[s] = 0
+        if cache.has_records:
+            _drop_chunk(cache.root[RECORD], s)      # no record: the shard is to be written again
+            cache._records.pop(s, None)
 
 
 def remove_store(path: Path) -> None:
@@ -163,8 +200,7 @@ def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: li
     # the caller has made sure no other store content is there
     root = zarr.open_group(str(path), mode="a", zarr_format=3)
     root.attrs[CREATING] = True   # replaced by the metadata once every array exists (see is_unfinished_creation)
-    C, V, n = layout.num_clips, layout.num_videos, layout.views.count
-    rows, vids = layout.shard_rows, layout.shard_videos
+    C, rows = layout.num_clips, layout.shard_rows
     for name, (shape, dtype) in layout.row_arrays().items():
         dims = _DIMS[name] if name in _DIMS else _DIMS[name.split("/")[0]]
         if shape:  # big per-clip arrays: one chunk per clip, one shard file per shard
@@ -173,35 +209,46 @@ def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: li
         else:      # one value per clip: one chunk per shard
             root.create_array(name, shape=(C,), dtype=str if dtype == "str" else dtype, chunks=(rows,),
                               compressors=compressors, fill_value="" if dtype == "str" else 0, dimension_names=dims)
-
-    def table(name, data, chunk, dims=None):
-        data = np.asarray(data)
+    tables = creation_tables(layout, videos, extras)
+    for name, (data, chunk, dims) in tables.items():
         a = root.create_array(name, shape=data.shape, dtype=data.dtype if data.dtype.kind != "U" else str,
                               chunks=(chunk, *data.shape[1:]), compressors=compressors,
                               fill_value="" if data.dtype.kind == "U" else 0, dimension_names=dims)
         a[...] = data
-        return a
-
-    table("videos/path", np.array([str(v.path) for v in videos], dtype=str), vids, ("video",))
-    table("videos/id", np.array([str(v.video_id) for v in videos], dtype=str), vids, ("video",))
-    table("videos/label", np.array([v.label for v in videos], dtype=np.int32), vids, ("video",))
-    table("videos/status", np.zeros(V, np.uint8), vids, ("video",))
-    table("videos/num_frames", np.zeros(V, np.int32), vids, ("video",))
-    table("videos/error", np.array([""] * V, dtype=str), vids, ("video",))
-    table("clips/video", np.repeat(np.arange(V, dtype=np.int32), n), rows, ("clip",))
-    table("clips/view", np.tile(np.arange(n, dtype=np.int16), V), rows, ("clip",))
-    table("clips/label", np.repeat(np.array([v.label for v in videos], dtype=np.int32), n), rows, ("clip",))
-    for name, data in (extras or {}).items():
-        dims = ("class", "channel") if name == "text/embed" else ("layer", "channel")[-np.ndim(data):]
-        table(name, data, max(1, len(data)), dims)
-    # one chunk per shard flag: each writer touches only its own files
+    # one chunk per shard flag and per shard record: each writer touches only its own files
     root.create_array("progress", shape=(layout.num_shards,), dtype=np.uint8, chunks=(1,),
                       compressors=[Crc32cCodec()], fill_value=0, dimension_names=("shard",))
+    k = max(w.stop for w in record_slots(layout).values())
+    root.create_array(RECORD, shape=(layout.num_shards, k), dtype=np.int64, chunks=(1, k),
+                      compressors=[Crc32cCodec()], fill_value=NO_RECORD, dimension_names=("shard", "chunk"))
     meta = dict(meta, schema_version=SCHEMA_VERSION, layout=layout.to_dict(), codec=codec,
-                extras=sorted(extras or {}))
+                extras=sorted(extras or {}),
+                table_checksums={name: table_checksum(data) for name, (data, _, _) in tables.items()
+                                 if name not in SHARD_VIDEO_TABLES})
     meta["fingerprint"] = content_fingerprint(meta)
     root.attrs.put({ATTR: meta})  # last: until here the store reads as unfinished
     return root
+
+
+def creation_tables(layout: Layout, videos: list, extras: dict[str, np.ndarray] | None = None) -> dict:
+    """The tables a store holds from its creation: name -> (data, rows per chunk, dimension names). All but
+    the per-video results (filled shard by shard) follow from the video list and `extras`, so --repair can
+    write them again."""
+    V, n, rows, vids = layout.num_videos, layout.views.count, layout.shard_rows, layout.shard_videos
+    labels = np.array([v.label for v in videos], dtype=np.int32)
+    out = {"videos/path": (np.array([str(v.path) for v in videos], dtype=str), vids, ("video",)),
+           "videos/id": (np.array([str(v.video_id) for v in videos], dtype=str), vids, ("video",)),
+           "videos/label": (labels, vids, ("video",)),
+           "videos/status": (np.zeros(V, np.uint8), vids, ("video",)),
+           "videos/num_frames": (np.zeros(V, np.int32), vids, ("video",)),
+           "videos/error": (np.array([""] * V, dtype=str), vids, ("video",)),
+           "clips/video": (np.repeat(np.arange(V, dtype=np.int32), n), rows, ("clip",)),
+           "clips/view": (np.tile(np.arange(n, dtype=np.int16), V), rows, ("clip",)),
+           "clips/label": (np.repeat(labels, n), rows, ("clip",))}
+    for name, data in (extras or {}).items():
+        dims = ("class", "channel") if name == "text/embed" else ("layer", "channel")[-np.ndim(data):]
+        out[name] = (np.asarray(data), max(1, len(data)), dims)
+    return out
 
 
 def is_unfinished_creation(path: str | os.PathLike) -> bool:
@@ -255,10 +302,26 @@ def write_shard(store: Cache, data: ShardData, fsync: bool = True) -> int:
         root[name][v] = arr
         if fsync:
             _fsync_chunk(root[name], data.shard)
+    if store.has_records:     # what the shard holds, read back: the record verify and readers check it against
+        root[RECORD][data.shard] = store.stored_checksums(data.shard)
+        store._records.pop(data.shard, None)
+        if fsync:
+            _fsync_chunk(root[RECORD], data.shard)
     root["progress"][data.shard] = 1
     if fsync:
         _fsync_chunk(root["progress"], data.shard)
     return written
+
+
+def record_again(cache: Cache) -> None:
+    """Write every finished shard's checksum record from what it holds now. For `cachefeat import`, which
+    encodes the chunks again (a gzip chunk stores the second it was written, so its bytes and checksum
+    differ from the exported cache's); export refuses a cache whose chunks do not match their records."""
+    if not cache.has_records:
+        return
+    for s in np.flatnonzero(cache.shard_done()).tolist():
+        cache.root[RECORD][s] = cache.stored_checksums(s)
+        cache._records.pop(s, None)
 
 
 def _fsync_chunk(arr, index: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..store import FAILED, Cache
+from ..store import FAILED, Cache, CacheDamaged
 from .config import TrainError
 
 
@@ -29,7 +29,14 @@ def coverage(cache: Cache) -> dict:
 
 def check_cache_use(cache: Cache, allow_incomplete: bool = False) -> dict:
     """Refuse (TrainError, one line) a cache that another process is writing or whose extraction has not
-    finished, unless `allow_incomplete` (then only its finished shards are read). Returns its coverage."""
+    finished, unless `allow_incomplete` (then only its finished shards are read), and (CacheDamaged) one
+    whose finished shards do not hold what their checksum records list. Returns its coverage."""
+    problems = cache.record_problems()       # damage that checksums alone do not show
+    if problems:
+        s, what = next(iter(problems.items()))
+        raise CacheDamaged(f"{cache.path}: shard {s} is damaged ({what}"
+                           f"{f'; {len(problems) - 1} more shards too' if len(problems) > 1 else ''}); run "
+                           f"`cachefeat verify {cache.path}`, then the same `cachefeat extract` with --repair")
     cov = coverage(cache)
     if allow_incomplete:
         return cov
