@@ -19,9 +19,10 @@ INT8_HEADROOM = 1.1      # int8 step = headroom * max|x| / 127 over the calibrat
 
 SHORT_VIDEO_POLICY = ("uniform: frames repeat in order when the video has fewer frames than segments; "
                       "dense: the clip starts at frame 0 and indices past the end repeat the last frame")
-LAYER_DEFINITION = ("layer i = output of visual transformer block i (0-indexed), the residual stream before "
-                    "ln_post; cls holds its class token, tokens/<i> its patch tokens; embed = encode_image output "
-                    "(ln_post + proj, not L2-normalised)")
+LAYER_DEFINITION = ("layer i = output of image-tower block i (0-indexed), the residual stream before the final "
+                    "norm; cls holds, per layer, what model.cls says (the class token, or the mean of the patch "
+                    "tokens), tokens/<i> its patch tokens (class and register tokens excluded); embed = the "
+                    "tower's pooled output (open_clip: encode_image, not L2-normalised; timm: pre-logits features)")
 
 
 @dataclass
@@ -105,6 +106,7 @@ def plan(settings: ExtractSettings, manifest: Manifest, backbone: Backbone) -> P
         "quantization": None,
     }
     if settings.text and manifest.classes and backbone.has_text_tower:
+        backbone.tokenizer()     # one that cannot load fails here, before a store exists
         meta["text"] = {"template": settings.text_template,
                         "prompts": [settings.text_template.format(c) for c in manifest.classes]}
     if settings.dtype == "int8":
@@ -141,7 +143,7 @@ def estimate_size(settings: ExtractSettings, manifest: Manifest) -> SizeEstimate
     geo = model_geometry(settings.model)
     layout = plan_layout(settings, len(manifest.videos), geo["depth"], geo["patch_grid"], geo["width"],
                          geo["embed_dim"])
-    text = len(manifest.classes) * geo["embed_dim"] * 4 if settings.text and manifest.classes else 0
+    text = len(manifest.classes) * geo["embed_dim"] * 4 if settings.text and manifest.classes and geo["text"] else 0
     return SizeEstimate(layout, geo, layout.bytes_per_clip(), text)
 
 

@@ -204,17 +204,26 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def _model_identity(meta: dict) -> dict:
+    model = meta.get("model") or {}
+    ident = {k: model.get(k) for k in _MODEL_IDENTITY}
+    # what `cls` holds changes the features; it counts when it is not the class token (the only content
+    # before it was recorded), so the fingerprints of those caches are unchanged
+    if model.get("cls", "class token") != "class token":
+        ident["cls"] = model["cls"]
+    return ident
+
+
 def content_fingerprint(meta: dict) -> str:
     sub = {k: meta.get(k) for k in _CONTENT_KEYS}
-    sub["model"] = {k: (meta.get("model") or {}).get(k) for k in _MODEL_IDENTITY}
+    sub["model"] = _model_identity(meta)
     return hashlib.sha256(_canonical(sub).encode()).hexdigest()[:16]
 
 
 def feature_fingerprint(meta: dict) -> str:
     """Identity of the feature space: same backbone weights and preprocessing give comparable features,
     whatever the videos, frames, views or layers kept. Train and eval caches must share it."""
-    sub = {"model": {k: (meta.get("model") or {}).get(k) for k in _MODEL_IDENTITY},
-           "preprocessing": meta.get("preprocessing")}
+    sub = {"model": _model_identity(meta), "preprocessing": meta.get("preprocessing")}
     return hashlib.sha256(_canonical(sub).encode()).hexdigest()[:16]
 
 
