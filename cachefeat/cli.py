@@ -212,10 +212,13 @@ def _shard_size(ctx, param, value):
                    "INPUT, else the sorted labels found. Use the same list for train and eval caches.")
 @click.option("--split", help="Keep only rows of this split (Kinetics CSV `split` column).")
 @click.option("--model", "-m", default="ViT-B/16", show_default=True,
-              help="open_clip ViT name (ViT-L/14 or ViT-L-14), or hf-hub:ORG/REPO, or local-dir:PATH.")
+              help="open_clip model (ViT-L/14 or ViT-L-14, ViT-B-16-SigLIP2, EVA02-B-16, PE-Core-B-16), "
+                   "hf-hub:ORG/REPO, local-dir:PATH, or timm:NAME for a timm ViT (timm:vit_base_patch14_reg4_dinov2). "
+                   "`cachefeat models` lists the families.")
 @click.option("--pretrained", default="openai", show_default=True,
-              help="Weights: an open_clip tag (openai, laion2b_s34b_b88k, ...), a checkpoint file, or none for "
-                   "random weights from --seed. Tags trained with QuickGELU (openai) select the QuickGELU model.")
+              help="Weights: an open_clip tag (openai, laion2b_s34b_b88k, ...) or for timm:NAME a timm tag "
+                   "(lvd142m, augreg_in21k, ...), a checkpoint file, or none for random weights from --seed. "
+                   "Tags trained with QuickGELU (openai) select the QuickGELU model.")
 @click.option("--quick-gelu/--no-quick-gelu", default=None,
               help="Force QuickGELU on or off (default: from the pretrained tag). Needed for OpenAI checkpoint files.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights when --pretrained none.")
@@ -509,19 +512,33 @@ def info(cache, show_failures, as_json, plot_path):
 
 # ------------------------------------------------------------------------------------------- models
 @cli.command()
-@click.option("--all", "show_all", is_flag=True, help="Also list pretrained tags for every model.")
-def models(show_all):
-    """List the open_clip ViT models that can be used as a backbone, with their pretrained tags."""
-    import open_clip
+@click.option("--all", "show_all", is_flag=True, help="Also list open_clip models without pretrained tags.")
+@click.option("--timm", "timm_pattern", metavar="PATTERN",
+              help="List the timm ViTs whose name matches PATTERN (e.g. '*dinov2*'), with their pretrained tags.")
+def models(show_all, timm_pattern):
+    """List the backbone families and what each supports, then the open_clip models of each family with their
+    pretrained tags (timm ViTs with --timm PATTERN; any of them works as --model timm:NAME).
 
-    from .extract.backbone import is_vit, register_model_configs
-    register_model_configs()
-    for name in open_clip.list_models():
-        if not is_vit(name) or not name.startswith("ViT"):
-            continue
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if tags or show_all:
-            click.echo(f"{name:32s} {', '.join(tags) if tags else '-'}")
+    \b
+    Examples:
+      cachefeat models
+      cachefeat models --timm '*reg4_dinov2*'
+    """
+    from .extract.backbone import FAMILIES, config_family, timm_models
+    from .fmt import table
+    if timm_pattern:
+        rows = [[f"timm:{arch}", ", ".join(tags) or "-"] for arch, tags in timm_models(timm_pattern)]
+        click.echo(table(rows, ["--model", "--pretrained tags"]) if rows else f"no timm ViT matches {timm_pattern!r}")
+        return
+    rows = [[f.name, f.example, f.cls, f.prefix, "yes" if f.text else "no", f.tca] for f in FAMILIES]
+    click.echo(table(rows, ["family", "recommended (--model ... --pretrained ...)", "cls holds", "prefix tokens",
+                            "text tower", "evl tca"]))
+    click.echo("text tower: class-name text embeddings, zeroshot and dist head=text; temporal, evl, madapter, dist "
+               "and probe work on every family (docs/backbones.md)\n")
+    click.echo(f"{'open_clip model':30s} {'family':24s} pretrained tags")
+    for name, family, tags in config_family(show_all):
+        click.echo(f"{name:30s} {family:24s} {', '.join(tags) or '-'}")
+    click.echo("timm ViTs: --model timm:NAME (cachefeat models --timm PATTERN lists names and tags)")
 
 
 # ------------------------------------------------------------------------------------------- run

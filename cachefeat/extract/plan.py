@@ -28,9 +28,10 @@ SHORT_VIDEO_POLICY = ("uniform: frames repeat in order when the video has fewer 
 TIME_DEFINITION = ("clips/time: each frame's presentation time in seconds on its video's own timeline (pts x "
                    "time_base, as PyAV's frame.time; decord's timestamps when decord read it; a frame folder's "
                    "index / --frame-rate, NaN without one); fps: sample k is the frame nearest start + k / fps")
-LAYER_DEFINITION = ("layer i = output of visual transformer block i (0-indexed), the residual stream before "
-                    "ln_post; cls holds its class token, tokens/<i> its patch tokens; embed = encode_image output "
-                    "(ln_post + proj, not L2-normalised)")
+LAYER_DEFINITION = ("layer i = output of image-tower block i (0-indexed), the residual stream before the final "
+                    "norm; cls holds, per layer, what model.cls says (the class token, or the mean of the patch "
+                    "tokens), tokens/<i> its patch tokens (class and register tokens excluded); embed = the "
+                    "tower's pooled output (open_clip: encode_image, not L2-normalised; timm: pre-logits features)")
 
 
 @dataclass
@@ -207,6 +208,7 @@ def plan(settings: ExtractSettings, manifest: Manifest, backbone: Backbone) -> P
         "quantization": None,
     }
     if settings.text and manifest.classes and backbone.has_text_tower:
+        backbone.tokenizer()     # one that cannot load fails here, before a store exists
         meta["text"] = {"template": settings.text_template,
                         "prompts": [settings.text_template.format(c) for c in manifest.classes]}
     if settings.dtype == "int8":
@@ -247,7 +249,7 @@ def estimate_size(settings: ExtractSettings, manifest: Manifest) -> SizeEstimate
     timeline = probe_timeline(settings, manifest) if settings.sampling.windowed else None
     layout = plan_layout(settings, len(manifest.videos), geo["depth"], geo["patch_grid"], geo["width"],
                          geo["embed_dim"], timeline)
-    text = len(manifest.classes) * geo["embed_dim"] * 4 if settings.text and manifest.classes else 0
+    text = len(manifest.classes) * geo["embed_dim"] * 4 if settings.text and manifest.classes and geo["text"] else 0
     return SizeEstimate(layout, geo, layout.bytes_per_clip(), text, timeline)
 
 

@@ -266,10 +266,10 @@ def record_slots(layout: Layout) -> dict[str, slice]:
     return out
 
 
-def chunk_per_shard(layout: Layout, name: str) -> bool:
-    """Does a shard write `name` as one chunk (a per-clip or, unless windowed, a per-video table)?"""
-    shape = layout.row_arrays().get(name, (None,))[0]
-    return shape == () or (name in SHARD_VIDEO_TABLES and not layout.windowed)
+def per_clip_chunks(layout: Layout) -> set[str]:
+    """The arrays stored one chunk per clip (in shard files); the others have one chunk per shard (or, the
+    per-video tables of a windowed layout, one per video)."""
+    return {name for name, (shape, _) in layout.row_arrays().items() if shape}
 
 
 def table_checksum(data: np.ndarray) -> int:
@@ -301,17 +301,26 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def _model_identity(meta: dict) -> dict:
+    model = meta.get("model") or {}
+    ident = {k: model.get(k) for k in _MODEL_IDENTITY}
+    # what `cls` holds changes the features; it counts when it is not the class token (the only content
+    # before it was recorded), so the fingerprints of those caches are unchanged
+    if model.get("cls", "class token") != "class token":
+        ident["cls"] = model["cls"]
+    return ident
+
+
 def content_fingerprint(meta: dict) -> str:
     sub = {k: meta.get(k) for k in _CONTENT_KEYS}
-    sub["model"] = {k: (meta.get("model") or {}).get(k) for k in _MODEL_IDENTITY}
+    sub["model"] = _model_identity(meta)
     return hashlib.sha256(_canonical(sub).encode()).hexdigest()[:16]
 
 
 def feature_fingerprint(meta: dict) -> str:
     """Identity of the feature space: same backbone weights and preprocessing give comparable features,
     whatever the videos, frames, views or layers kept. Train and eval caches must share it."""
-    sub = {"model": {k: (meta.get("model") or {}).get(k) for k in _MODEL_IDENTITY},
-           "preprocessing": meta.get("preprocessing")}
+    sub = {"model": _model_identity(meta), "preprocessing": meta.get("preprocessing")}
     return hashlib.sha256(_canonical(sub).encode()).hexdigest()[:16]
 
 

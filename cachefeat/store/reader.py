@@ -24,9 +24,9 @@ from .layout import (
     CacheDamaged,
     CacheError,
     Layout,
-    chunk_per_shard,
     content_fingerprint,
     feature_fingerprint,
+    per_clip_chunks,
     record_slots,
     table_checksum,
 )
@@ -258,7 +258,7 @@ class Cache:
         """What shard `shard` holds on disk now, as its record lists it: the stored checksum of every chunk
         it wrote (NOT_STORED where a chunk is left out), for all arrays or only `names` (the others stay
         NOT_STORED). Reads a few bytes per chunk."""
-        slots = record_slots(self.layout)
+        slots, per_clip = record_slots(self.layout), per_clip_chunks(self.layout)
         out = np.full(max(s.stop for s in slots.values()), NOT_STORED, np.int64)
         for name, where in slots.items():
             if names is not None and name not in names:
@@ -267,8 +267,7 @@ class Cache:
                 for j, v in enumerate(self.layout.shard_videos_range(shard)):
                     out[where.start + j] = self._chunk_crc(name, (v,))
                 continue
-            # a sharded array's chunks are in its shard file, even when a shard is one row (--shard-size 1)
-            direct = None if chunk_per_shard(self.layout, name) else self.shard_file(name)
+            direct = self.shard_file(name) if name in per_clip else None
             if direct is not None:
                 out[where] = direct.chunk_checksums(shard)
                 continue
@@ -296,8 +295,8 @@ class Cache:
         A few small reads per chunk."""
         if not self.has_records:
             return {}
-        slots = {n: w for n, w in record_slots(self.layout).items()
-                 if features or chunk_per_shard(self.layout, n) or n in SHARD_VIDEO_TABLES}
+        per_clip = per_clip_chunks(self.layout)
+        slots = {n: w for n, w in record_slots(self.layout).items() if features or n not in per_clip}
         out = {}
         done = self.shard_done()
         if not done.all() and self.being_written_by() is None:     # (a writer sets the flag just after)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..fmt import ranges
-from .layout import CLIP_TABLES, SHARD_VIDEO_TABLES, Layout, chunk_per_shard, record_slots
+from .layout import CLIP_TABLES, SHARD_VIDEO_TABLES, Layout, per_clip_chunks, record_slots
 from .reader import Cache
 
 
@@ -107,7 +107,7 @@ def _check_record(cache: Cache, shard: int, rep: VerifyReport) -> set[str]:
         wrong.add(name)
         if name in SHARD_VIDEO_TABLES and lay.windowed:     # one chunk per video
             rows = [lay.shard_videos_range(shard).start + int(i) for i in bad]
-        elif not chunk_per_shard(lay, name):           # one chunk per clip
+        elif name in per_clip_chunks(lay):              # one chunk per clip
             rows = [lay.shard_rows_range(shard).start + int(i) for i in bad]
         else:
             span = lay.shard_videos_range(shard) if name.startswith("videos/") else lay.shard_rows_range(shard)
