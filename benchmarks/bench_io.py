@@ -1,7 +1,8 @@
 """Stage one's I/O path against its ceilings, measured side by side at steady state (no GPU needed).
 
     raw write        the same bytes as the writer's, written to the same folder with plain os.write and
-                     fsync (as the writer does before a shard counts): the disk's limit
+                     fsync (as the writer does before a shard counts), through the page cache and around it
+                     (O_DIRECT from an aligned copy): the faster of the two is the disk's limit
     writer alone     cachefeat's shard writer (store.write_shard) on shards of a token cache, default codec,
                      fsync on (the default); also without fsync against a raw write without it (what the
                      page cache takes), and with zstd:3, for comparison
@@ -12,12 +13,14 @@
     writer_efficiency     = writer MiB/s / raw write MiB/s                               (goal >= 0.8)
     io_ceiling_efficiency = free-backbone frames/s / min(decoders alone, writer alone)   (goal >= 0.8)
 
-Each ceiling runs for `seconds` after a warm-up, looping its inputs; writer and raw write alternate, so
-drift hits both alike. The model geometry is ViT-B/16's (12 blocks, 196 patch tokens, width 768) with
+Each ceiling runs for `seconds` after a warm-up, looping its inputs; writer and raw writes alternate, so
+drift hits both alike, and the rounds before files start being deleted (fresh pages for every file, not
+the steady state) are not counted. The model geometry is ViT-B/16's (12 blocks, 196 patch tokens, width 768) with
 `--layers last:4 --tokens all`, what EVL-style caches hold; the weights are never used.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import statistics
@@ -85,11 +88,17 @@ def run(mode: Mode, log=print, seconds: float | None = None) -> dict:
         f"{p.layout.shard_rows} clips, codec {DEFAULT_CODEC}, {seconds:.0f} s per ceiling")
     variants = ((DEFAULT_CODEC, True, ""), (DEFAULT_CODEC, False, "_no_fsync"), ("zstd:3", True, "_zstd3"))
     for codec, fsync, key in variants:
-        writer, raw = _writer_and_raw(folder, replace(settings, codec=codec), p, seconds / 2, fsync)
+        rates = _writer_and_raw(folder, replace(settings, codec=codec), p, seconds / 2, fsync)
+        writer, raw = rates["writer"], max(v for k, v in rates.items() if k != "writer")
         out[f"writer_mib_s{key}"], out[f"raw_write_mib_s{key}"] = writer, raw
+        out[f"raw_write_buffered_mib_s{key}"] = rates["raw"]
+        if "raw_direct" in rates:
+            out[f"raw_write_direct_mib_s{key}"] = rates["raw_direct"]
         out[f"writer_efficiency{key}"] = writer / raw
+        how = (f"the faster of buffered {rates['raw']:.0f} and O_DIRECT {rates['raw_direct']:.0f}"
+               if "raw_direct" in rates else "buffered")
         log(f"  codec {codec}, fsync {'on' if fsync else 'off'}: writer alone {writer:.0f} MiB/s, raw write of the "
-            f"same bytes {raw:.0f} MiB/s: writer efficiency {writer / raw:.2f}")
+            f"same bytes {raw:.0f} MiB/s ({how}): writer efficiency {writer / raw:.2f}")
     shard_mib = p.layout.shard_rows * p.layout.frames * frame_bytes / 2 ** 20
     out["fsync_seconds_per_shard"] = shard_mib / out["writer_mib_s"] - shard_mib / out["writer_mib_s_no_fsync"]
     log(f"  fsync costs {out['fsync_seconds_per_shard']:.2f} s per shard of {shard_mib:.0f} MiB "
@@ -139,11 +148,13 @@ def _shard_data(layout, shard: int, rng) -> ShardData:
                                    "videos/error": np.array([""] * k, dtype=str)})
 
 
-def _writer_and_raw(folder, settings, p, seconds, fsync: bool) -> tuple[float, float]:
-    """MiB/s of the big arrays' uncompressed bytes: write_shard vs a plain os.write of the same bytes, in
-    alternating rounds of one shard each, until each has run `seconds`; medians of the rounds. Both sides
-    write new files every round, as a real extraction does (rewriting one file over and over would reuse
-    the pages just freed and measure memory, not the disk), and delete those of WINDOW rounds back."""
+def _writer_and_raw(folder, settings, p, seconds, fsync: bool) -> dict[str, float]:
+    """MiB/s of the big arrays' uncompressed bytes, keyed writer, raw and (with fsync) raw_direct: write_shard
+    vs a plain os.write of the same bytes (buffered; with fsync also O_DIRECT), in rotating rounds of one
+    shard each, until each has run `seconds`; medians of the steady rounds. Every side
+    writes new files every round, as a real extraction does (rewriting one file over and over would reuse
+    the pages just freed and measure memory, not the disk), and delete those of WINDOW rounds back (not
+    timed)."""
     store_path = folder / f"writer-{settings.codec}.zarr"
     shutil.rmtree(store_path, ignore_errors=True)
     layout = replace(p.layout, num_videos=p.layout.shard_videos * 1000)      # room for 1000 distinct shards
@@ -155,7 +166,7 @@ def _writer_and_raw(folder, settings, p, seconds, fsync: bool) -> tuple[float, f
 WINDOW = 3
 
 
-def _alternate(folder, store, seconds, fsync: bool) -> tuple[float, float]:
+def _alternate(folder, store, seconds, fsync: bool) -> dict[str, float]:
     layout = store.layout
     rng = np.random.default_rng(0)
     shards = [_shard_data(layout, s, rng) for s in range(2)]
@@ -163,43 +174,65 @@ def _alternate(folder, store, seconds, fsync: bool) -> tuple[float, float]:
     nbytes = sum(shards[0].rows[n].nbytes for n in big)
     raw_dir = folder / "raw"
     shutil.rmtree(raw_dir, ignore_errors=True)
+    aligned = [{n: _aligned_copy(s.rows[n]) for n in big} for s in shards]     # what O_DIRECT writes from
+
+    # each side: (forget the files of WINDOW rounds back, write round i). Only the writing is timed: a real
+    # extraction deletes nothing, the deleting only bounds the benchmark's disk use
+    def forget_writer(i):
+        for n in big:
+            store.shard_file(n).path(i - WINDOW).unlink(missing_ok=True)
 
     def writer(i, data):
-        if i >= WINDOW:                              # keep the disk use bounded, alike on both sides
-            for n in big:
-                store.shard_file(n).path(i - WINDOW).unlink(missing_ok=True)
         write_shard(store, data, fsync=fsync)
 
-    def raw(i, data):
-        if i >= WINDOW:
-            shutil.rmtree(raw_dir / str(i - WINDOW))
-        (raw_dir / str(i)).mkdir(parents=True)
+    def raw(i, data, direct=False):
+        side = raw_dir / ("direct" if direct else "buffered")
+        (side / str(i)).mkdir(parents=True)
         for n in big:
-            fd = os.open(raw_dir / str(i) / n.replace("/", "_"), os.O_WRONLY | os.O_CREAT, 0o644)
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_DIRECT if direct else 0)
+            fd = os.open(side / str(i) / n.replace("/", "_"), flags, 0o644)
             try:
-                os.write(fd, data.rows[n])
+                os.write(fd, aligned[i % 2][n] if direct else data.rows[n])
                 if fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
         if fsync:
-            fsync_dir(raw_dir / str(i))
+            fsync_dir(side / str(i))
 
-    sides = {"writer": writer, "raw": raw}
+    def forget_raw(i, direct=False):
+        shutil.rmtree(raw_dir / ("direct" if direct else "buffered") / str(i - WINDOW))
+
+    sides = {"writer": (forget_writer, writer), "raw": (forget_raw, raw)}
+    if fsync and hasattr(os, "O_DIRECT"):       # the durable writer goes around the page cache: so may raw
+        sides["raw_direct"] = (lambda i: forget_raw(i, True), lambda i, data: raw(i, data, direct=True))
     rates = {k: [] for k in sides}
     spent = {k: 0.0 for k in sides}
     i = 0
-    while (min(spent.values()) < seconds or i < 6) and i < layout.num_shards:
+    while (min(spent.values()) < seconds or i < WINDOW + 6) and i < layout.num_shards:
         data = replace(shards[i % 2], shard=i)
-        for k in (("writer", "raw") if i % 2 else ("raw", "writer")):     # who goes first alternates too
+        order = list(sides)[i % len(sides):] + list(sides)[:i % len(sides)]     # who goes first rotates too
+        for k in order:
+            forget, write = sides[k]
+            if i >= WINDOW:
+                forget(i)
             t0 = time.perf_counter()
-            sides[k](i, data)
+            write(i, data)
             dt = time.perf_counter() - t0
-            rates[k].append(nbytes / dt / 2 ** 20)
-            spent[k] += dt
+            if i >= WINDOW:                       # the steady state: files are deleted as new ones come
+                rates[k].append(nbytes / dt / 2 ** 20)
+                spent[k] += dt
         i += 1
     shutil.rmtree(raw_dir)
-    return statistics.median(rates["writer"]), statistics.median(rates["raw"])
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def _aligned_copy(a: np.ndarray) -> np.ndarray:
+    """`a`'s bytes in page-aligned memory padded to a whole page, as O_DIRECT wants them."""
+    size = -(-a.nbytes // 4096) * 4096
+    buf = np.frombuffer(mmap.mmap(-1, size), np.uint8)
+    buf[:a.nbytes] = a.reshape(-1).view(np.uint8)
+    return buf
 
 
 def _decoders(videos, bb, frames, workers, seconds) -> float:

@@ -2,6 +2,10 @@
 refuses (rather than misreads) anything else."""
 from __future__ import annotations
 
+import errno
+import os
+import threading
+
 import numpy as np
 import pytest
 import zarr
@@ -216,3 +220,58 @@ def test_a_shard_of_fill_values_has_no_file_and_a_rewrite_replaces_the_file(tmp_
     assert [p.name for p in f.path(0).parent.iterdir()] == ["0"]
     f.write(0, np.zeros_like(data[:SHARD]))                             # now all fill: the file goes
     assert not f.path(0).exists()
+
+
+@pytest.mark.parametrize("stage", [None, 4096, 3 * 4096])
+@pytest.mark.parametrize("fsync", [True, False])
+def test_durable_writes_go_around_the_page_cache_with_the_same_bytes(tmp_path, monkeypatch, stage, fsync):
+    """fsync writes take O_DIRECT through the staging buffer (here also buffers smaller than a chunk, so
+    chunks span pieces and files end inside, or exactly at the end of, a piece); --no-fsync the buffered
+    stream. Both give zarr's bytes."""
+    from cachefeat.store import shard_file
+    if stage is not None:
+        monkeypatch.setattr(shard_file, "STAGE_BYTES", stage)
+        monkeypatch.setattr(shard_file, "_stage", threading.local())
+    data = _writable_rows("float16")
+    data = np.concatenate([data, data[:, :, :1]], axis=2)      # 3*6*2 = 36-byte chunks + crc: unaligned
+    arrays = _zarr_and_direct(tmp_path, data, "none", "float16")
+    f = ShardFile.open(tmp_path / "direct")
+    for shard in range(-(-len(data) // SHARD)):
+        w = f.write(shard, data[shard * SHARD:(shard + 1) * SHARD], fsync=fsync)
+        assert np.array_equal(w.checksums, f.chunk_checksums(shard))          # what the record will hold
+    assert _shard_files(tmp_path / "direct") == _shard_files(tmp_path / "zarr")
+    assert np.array_equal(arrays["direct"][:], data)
+    if fsync and os.stat(tmp_path).st_dev in shard_file._refuses_direct:
+        pytest.skip("the test folder's filesystem refuses O_DIRECT: only the buffered path ran")
+
+
+@pytest.mark.parametrize("refused_at", ["open", "write"])
+def test_a_filesystem_refusing_o_direct_gets_buffered_writes(tmp_path, monkeypatch, refused_at):
+    """Filesystems refuse O_DIRECT when the file is opened (EINVAL) or only when written (an alignment they
+    do not take): either way the whole file is written again buffered, and that filesystem is remembered."""
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    from cachefeat.store import shard_file
+    real_open, real_pwrite, direct_fds = os.open, os.pwrite, set()
+
+    def refusing_open(path, flags, *a):
+        if flags & os.O_DIRECT and refused_at == "open":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fd = real_open(path, flags, *a)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def refusing_pwrite(fd, data, offset):
+        if fd in direct_fds:
+            direct_fds.discard(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(shard_file.os, "open", refusing_open)
+    monkeypatch.setattr(shard_file.os, "pwrite", refusing_pwrite)
+    monkeypatch.setattr(shard_file, "_refuses_direct", set())
+    data = _writable_rows("float32")
+    _zarr_and_direct(tmp_path, data, "zstd:3", "float32")
+    assert _shard_files(tmp_path / "direct") == _shard_files(tmp_path / "zarr")
+    assert os.stat(tmp_path).st_dev in shard_file._refuses_direct

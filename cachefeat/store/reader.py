@@ -254,10 +254,11 @@ class Cache:
             self._records[shard] = rec
         return self._records[shard]
 
-    def stored_checksums(self, shard: int, names=None) -> np.ndarray:
+    def stored_checksums(self, shard: int, names=None, written: dict | None = None) -> np.ndarray:
         """What shard `shard` holds on disk now, as its record lists it: the stored checksum of every chunk
         it wrote (NOT_STORED where a chunk is left out), for all arrays or only `names` (the others stay
-        NOT_STORED). Reads a few bytes per chunk."""
+        NOT_STORED). Reads a few bytes per chunk, except for the shard files in `written` (name -> what
+        `ShardFile.write` returned having just written them)."""
         slots, per_clip = record_slots(self.layout), per_clip_chunks(self.layout)
         out = np.full(max(s.stop for s in slots.values()), NOT_STORED, np.int64)
         for name, where in slots.items():
@@ -269,7 +270,7 @@ class Cache:
                 continue
             direct = self.shard_file(name) if name in per_clip else None
             if direct is not None:
-                out[where] = direct.chunk_checksums(shard)
+                out[where] = written[name] if written and name in written else direct.chunk_checksums(shard)
                 continue
             out[where.start] = self._chunk_crc(name, (shard,) + (0,) * (self.root[name].ndim - 1))
         return out

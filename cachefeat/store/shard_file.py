@@ -12,7 +12,12 @@ from the index (never written, or all fill value) reads as the fill value, as in
 
 Writing is the same format the other way round (`ShardFile.write`): each row's chunk through the codec
 chain (bytes -> compressor -> crc32c), chunks equal to the fill value left out as zarr leaves them out,
-then the index and its checksum, all in one `os.writev` to a temporary file renamed over the shard file.
+then the index and its checksum, written to a temporary file renamed over the shard file. A durable write
+(fsync, the default) goes around the page cache with O_DIRECT through reusable aligned staging buffers:
+its bytes must reach the disk before the shard counts anyway, and through the page cache every shard of a
+multi-TB extraction would first take fresh pages and evict everything else (on the test VM buffered
+writes swung by a factor of five from one shard to the next). Filesystems that refuse O_DIRECT (some
+network and FUSE mounts) get the buffered `os.writev` stream, as does `--no-fsync`.
 zarr's own write path spent its time per chunk (a scan against the fill value, copies in the checksum
 codec and the shard assembly, an event-loop round trip): 381-401 MiB/s on the H100 node whatever the
 codec, while one thread here writes at the disk's speed (the io benchmark, docs/performance.md).
@@ -24,12 +29,17 @@ that fails a check raises `ShardFileError`; the cache then reads through zarr, w
 """
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,6 +48,8 @@ from .layout import NOT_STORED
 MISSING = 2 ** 64 - 1           # offset and length of a chunk absent from a shard
 COALESCE_GAP = 1 << 16          # read two chunk ranges at once when fewer bytes than this lie between them
 IOV_MAX = 1024                  # buffers one writev may take (Linux)
+DIRECT_ALIGN = 4096             # O_DIRECT wants offsets, lengths and memory aligned to the logical block size
+STAGE_BYTES = 8 << 20           # the staging buffer of direct writes: large writes, bounded memory
 
 
 class ShardFileError(Exception):
@@ -106,6 +118,12 @@ def _parse_chain(codecs: list, itemsize: int = 1) -> tuple[str, Compressor | Non
         if compressor is None:
             return None
     return endian, compressor, crc
+
+
+class Written(NamedTuple):
+    """What `ShardFile.write` wrote: the file's size and each row's chunk checksum (NOT_STORED: left out)."""
+    nbytes: int
+    checksums: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -316,9 +334,11 @@ class ShardFile:
         return np.frombuffer(raw, self.dtype).reshape(self.shape[1:])
 
     # -- writing
-    def write(self, shard: int, data: np.ndarray, fsync: bool = True) -> int:
+    def write(self, shard: int, data: np.ndarray, fsync: bool = True) -> Written:
         """Write rows shard * shard_rows ... of the array (`data`, one row per chunk; the last shard may be
-        short) as its shard file, the bytes zarr writes for the same rows; returns the bytes written. The
+        short) as its shard file, the bytes zarr writes for the same rows; returns the bytes written and
+        what `chunk_checksums` would now read back (a durable write bypassed the page cache, so reading
+        them back would cost a disk read per chunk). The
         file is replaced whole (a temporary file renamed over it), and removed when every chunk equals the
         fill value, as zarr does. With `fsync` the bytes and the new directory entry are on the disk when
         this returns (what lets a progress flag set afterwards survive a power cut)."""
@@ -328,9 +348,10 @@ class ShardFile:
         stored = np.ascontiguousarray(data, dtype=self.dtype)           # the bytes codec's byte order
         rows = stored.reshape(len(stored), -1)
         keep = np.flatnonzero(~self._is_fill(rows))
+        checksums = np.full(self.shard_rows, NOT_STORED, np.int64)
         if not len(keep):
             path.unlink(missing_ok=True)
-            return 0
+            return Written(0, checksums)
         raw_rows = rows.view(np.uint8)
         chunks: list = []
         index = np.full((self.shard_rows, 2), MISSING, "<u8")
@@ -341,8 +362,9 @@ class ShardFile:
                 blob = self.compressor.encode(blob if self.compressor.raw_bytes else rows[r])
             n = memoryview(blob).nbytes
             chunks.append(blob)
+            checksums[r] = crc = _crc32c(blob)
             if self.chunk_crc:
-                chunks.append(_crc32c(blob).to_bytes(4, "little"))
+                chunks.append(crc.to_bytes(4, "little"))
                 n += 4
             index[r] = (offset, n)
             offset += n
@@ -360,26 +382,11 @@ class ShardFile:
         for stale in path.parent.glob(f".{path.name}.*.tmp"):    # left by a writer killed mid-write
             stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            total = 0
-            for i in range(0, len(chunks), IOV_MAX):
-                part = chunks[i:i + IOV_MAX]
-                want = sum(memoryview(c).nbytes for c in part)
-                done = os.writev(fd, part)
-                if done != want:                   # a short write (rare): write the rest plainly
-                    rest = b"".join(bytes(memoryview(c).cast("B")) for c in part)[done:]
-                    while rest:
-                        rest = rest[os.write(fd, rest):]
-                total += want
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        total = _write_new_file(tmp, chunks, fsync)
         os.replace(tmp, path)
         if fsync:
             fsync_dir(path.parent)
-        return total
+        return Written(total, checksums)
 
     def _is_fill(self, rows: np.ndarray) -> np.ndarray:
         """(rows,) bool: the row's chunk equals the fill value everywhere, so zarr leaves it out. A zero fill
@@ -391,6 +398,96 @@ class ShardFile:
                 fill[r] = not bits[r].any()
             return fill
         return np.all(rows == self.fill_value, axis=1)
+
+
+_stage = threading.local()       # each writing thread's staging buffer
+_refuses_direct: set[int] = set()  # st_dev of filesystems that refused O_DIRECT
+
+
+def _write_new_file(path: Path, parts: list, fsync: bool) -> int:
+    """Write the concatenation of `parts` (buffers) as the new file `path`; returns its size. With `fsync`
+    the bytes are on the disk when this returns."""
+    if fsync and hasattr(os, "O_DIRECT"):
+        dev = os.stat(path.parent).st_dev
+        if dev not in _refuses_direct:
+            try:
+                return _write_direct(path, parts)
+            except OSError as e:
+                if e.errno != errno.EINVAL:                 # EINVAL: O_DIRECT or its alignment refused here
+                    raise
+                _refuses_direct.add(dev)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        total = 0
+        for i in range(0, len(parts), IOV_MAX):
+            part = parts[i:i + IOV_MAX]
+            want = sum(memoryview(c).nbytes for c in part)
+            done = os.writev(fd, part)
+            if done != want:                   # a short write (rare): write the rest plainly
+                rest = b"".join(bytes(memoryview(c).cast("B")) for c in part)[done:]
+                while rest:
+                    rest = rest[os.write(fd, rest):]
+            total += want
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return total
+
+
+def _write_direct(path: Path, parts: list) -> int:
+    """`parts` copied through this thread's two page-aligned staging buffers and written with O_DIRECT in
+    STAGE_BYTES pieces by a helper thread, so the disk writes one buffer while the other is filled; the last
+    piece is padded to DIRECT_ALIGN with zeros and the file cut back to its size. Then fsync (the file's
+    size and the disk's write cache)."""
+    stages = getattr(_stage, "buffers", None)
+    if stages is None:        # anonymous mmaps: page-aligned. numpy copies into them without holding the GIL
+        stages = _stage.buffers = [np.frombuffer(mmap.mmap(-1, STAGE_BYTES), np.uint8) for _ in range(2)]
+    size = stages[0].nbytes
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="cachefeat-direct-write") as disk:
+            writing: list[Future | None] = [None, None]     # each buffer's write in flight
+            cur = fill = offset = total = 0
+
+            def send(nbytes: int) -> None:
+                nonlocal cur, fill, offset
+                writing[cur] = disk.submit(_pwrite_all, fd, memoryview(stages[cur][:nbytes]), offset)
+                offset += nbytes
+                cur, fill = 1 - cur, 0
+                if writing[cur] is not None:     # the other buffer: free once its write is done
+                    writing[cur].result()
+                    writing[cur] = None
+
+            for part in parts:
+                src = np.frombuffer(part, np.uint8)
+                n, pos = src.nbytes, 0
+                while pos < n:
+                    k = min(n - pos, size - fill)
+                    stages[cur][fill:fill + k] = src[pos:pos + k]
+                    fill, pos = fill + k, pos + k
+                    if fill == size:
+                        send(size)
+                total += n
+            if fill:
+                padded = -(-fill // DIRECT_ALIGN) * DIRECT_ALIGN
+                stages[cur][fill:padded] = 0
+                send(padded)
+            for w in writing:
+                if w is not None:
+                    w.result()
+        if total % DIRECT_ALIGN:
+            os.ftruncate(fd, total)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return total
+
+
+def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    while buf.nbytes:
+        done = os.pwrite(fd, buf, offset)
+        buf, offset = buf[done:], offset + done
 
 
 def fsync_dir(folder: Path) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -296,29 +297,36 @@ def write_shard(store: Cache, data: ShardData, fsync: bool = True) -> int:
     rows = layout.shard_rows_range(data.shard)
     vids = layout.shard_videos_range(data.shard)
     r, v = slice(rows.start, rows.stop), slice(vids.start, vids.stop)
-    written = 0
-    for name, arr in data.rows.items():
-        direct = store.shard_file(name)
-        if direct is not None:
-            written += direct.write(data.shard, arr, fsync=fsync)
-        else:
-            _drop_chunk(root[name], data.shard)
-            root[name][r] = arr
-            if fsync:
-                _fsync_chunk(root[name], data.shard)
-    for name, arr in data.videos.items():
-        if not len(arr):
-            continue           # windowed: a shard inside one long video writes no video's entries
-        chunk = layout.video_chunk(name)
-        blocks = range(vids.start // chunk, -(-vids.stop // chunk))   # whole chunks: the shard's videos
-        for b in blocks:
-            _drop_chunk(root[name], b)
-        root[name][v] = arr
-        if fsync:
+    direct = {name: store.shard_file(name) for name in data.rows}
+    files = {name: _file_writers().submit(f.write, data.shard, data.rows[name], fsync=fsync)
+             for name, f in direct.items() if f is not None}
+    try:                     # the small tables through zarr, while the shard files are being written
+        for name, arr in data.rows.items():
+            if direct[name] is None:
+                _drop_chunk(root[name], data.shard)
+                root[name][r] = arr
+                if fsync:
+                    _fsync_chunk(root[name], data.shard)
+        for name, arr in data.videos.items():
+            if not len(arr):
+                continue           # windowed: a shard inside one long video writes no video's entries
+            chunk = layout.video_chunk(name)
+            blocks = range(vids.start // chunk, -(-vids.stop // chunk))   # whole chunks: the shard's videos
             for b in blocks:
-                _fsync_chunk(root[name], b)
+                _drop_chunk(root[name], b)
+            root[name][v] = arr
+            if fsync:
+                for b in blocks:
+                    _fsync_chunk(root[name], b)
+    finally:
+        wait(files.values())             # every file finished, even when something failed, before going on
+    written, checksums = 0, {}
+    for name, w in files.items():
+        w = w.result()
+        written += w.nbytes
+        checksums[name] = w.checksums
     if store.has_records:     # what the shard holds, read back: the record verify and readers check it against
-        root[RECORD][data.shard] = store.stored_checksums(data.shard)
+        root[RECORD][data.shard] = store.stored_checksums(data.shard, written=checksums)
         store._records.pop(data.shard, None)
         if fsync:
             _fsync_chunk(root[RECORD], data.shard)
@@ -326,6 +334,19 @@ def write_shard(store: Cache, data: ShardData, fsync: bool = True) -> int:
     if fsync:
         _fsync_chunk(root["progress"], data.shard)
     return written
+
+
+_FILE_WRITERS: ThreadPoolExecutor | None = None
+FILE_WRITERS = 4     # shard files written at once: one's checksums and copies overlap another's disk writes
+
+
+def _file_writers() -> ThreadPoolExecutor:
+    """The threads that write a shard's files side by side (kept for the process's life: each keeps its
+    staging buffers, see shard_file._write_direct)."""
+    global _FILE_WRITERS
+    if _FILE_WRITERS is None:
+        _FILE_WRITERS = ThreadPoolExecutor(FILE_WRITERS, thread_name_prefix="cachefeat-shard-file")
+    return _FILE_WRITERS
 
 
 def record_again(cache: Cache) -> None:
