@@ -41,11 +41,29 @@ class ClipTables:
 
     @classmethod
     def of(cls, cache: Cache) -> ClipTables:
-        return cls(cache.labels().astype(np.int64), cache.clip_video().astype(np.int64),
-                   cache.clip_view().astype(np.int64))
+        return cls(clip_labels(cache), cache.clip_video().astype(np.int64), cache.clip_view().astype(np.int64))
 
     def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         return {"label": self.label[rows], "video": self.video[rows], "view": self.view[rows], "row": rows}
+
+
+def clip_labels(cache: Cache) -> np.ndarray:
+    """The class each clip trains as: its video's label, except that a horizontally flipped view of a class
+    with a flip partner (extract --flip-pairs; `clips/aug` records each view's flip) is labelled as the
+    partner, as DiST's SSv2 loader swaps 86<->87, 93<->94, 166<->167 when it flips."""
+    labels = cache.labels().astype(np.int64)
+    pairs = (cache.augment or {}).get("flip_pairs")
+    if not pairs:
+        return labels
+    import json
+    partner = np.arange(max(len(cache.classes), int(labels.max(initial=0)) + 1))
+    for a, b in pairs:
+        partner[a], partner[b] = b, a
+    aug = cache.root["clips/aug"][:]
+    flipped = np.array([bool(s) and json.loads(s)["flip"] for s in aug.tolist()], dtype=bool)
+    swap = flipped & (labels >= 0)
+    labels[swap] = partner[labels[swap]]
+    return labels
 
 
 def read_rows(cache: Cache, sel: Needs, rows) -> dict[str, np.ndarray]:
