@@ -182,7 +182,15 @@ def _spec(parser_name: str):
 def _augment(aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed, views, randaugment=None,
              flip_pairs=None, classes=None):
     from .extract.randaugment import RandAugmentConfig, RandAugmentError
-    from .specs import AugmentSpec, SpecError, ViewSpec, parse_color_jitter, parse_flip_pairs, parse_range
+    from .specs import (
+        SSV2_FLIP_PAIRS,
+        AugmentSpec,
+        SpecError,
+        ViewSpec,
+        parse_color_jitter,
+        parse_flip_pairs,
+        parse_range,
+    )
     if aug_views is None:
         if randaugment or flip_pairs:
             raise click.UsageError(f"{'--randaugment' if randaugment else '--flip-pairs'} acts on augmented training "
@@ -195,8 +203,17 @@ def _augment(aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed, v
         raise click.UsageError("--flip-pairs swaps the labels of flipped views; --no-flip turns flips off: choose one")
     try:
         ra = RandAugmentConfig.parse(randaugment).canonical() if randaugment else None
-        pairs = (parse_flip_pairs(Path(flip_pairs).read_text(), classes, f"--flip-pairs {flip_pairs}")
-                 if flip_pairs else ())
+        if flip_pairs == "ssv2":
+            pairs = SSV2_FLIP_PAIRS
+            if classes is not None and len(classes) != 174:
+                raise SpecError(f"--flip-pairs ssv2 names Something-Something v2's classes (174); this class "
+                                f"list has {len(classes)}")
+        elif flip_pairs:
+            if not Path(flip_pairs).is_file():
+                raise SpecError(f"--flip-pairs {flip_pairs}: no such file (or `ssv2` for DiST's pairs)")
+            pairs = parse_flip_pairs(Path(flip_pairs).read_text(), classes, f"--flip-pairs {flip_pairs}")
+        else:
+            pairs = ()
     except (RandAugmentError, SpecError) as e:
         raise click.UsageError(str(e)) from None
     return AugmentSpec(aug_views, parse_range(aug_scale, "--aug-scale", 0.08, 1.0),
@@ -267,10 +284,10 @@ def _shard_size(ctx, param, value):
               help="RandAugment in augmented views, timm's config string: EVL's is m7-n4-mstd0.5-inc1 (7 of 10 "
                    "magnitude, 4 ops, magnitude noise 0.5, increasing ops); drawn once per view, the same ops on "
                    "every frame, before the crop.")
-@click.option("--flip-pairs", type=click.Path(exists=True, dir_okay=False),
-              help="File of class pairs a horizontal flip turns into each other (two class indices, or two names "
-                   "separated by a tab, per line): a flipped view of such a class is labelled as its partner "
-                   "(Something-Something: pipelines/ssv2-flip-pairs.txt, DiST's pairs).")
+@click.option("--flip-pairs", metavar="ssv2|FILE",
+              help="Class pairs a horizontal flip turns into each other: a flipped view of such a class is labelled "
+                   "as its partner. ssv2: DiST's Something-Something v2 pairs (86-87, 93-94, 166-167); or a file "
+                   "with two class indices (or two names separated by a tab) per line.")
 @click.option("--aug-seed", default=0, show_default=True,
               help="Seed of the augmented views: the same seed gives the same views.")
 @click.option("--text-template", default="{}", show_default=True,
@@ -562,6 +579,13 @@ def run(recipe, workdir, force, only, set_vars):
 _TD = TrainConfig.defaults()    # every train option's default comes from TrainConfig
 
 
+def _train_views(ctx, param, value):
+    from .train.config import _train_views_ok
+    if not _train_views_ok(value):
+        raise click.BadParameter(f"{value!r}: expected one, all, cycle or first:K")
+    return str(value).strip().lower()
+
+
 class _Epochs(click.ParamType):
     """A positive number of epochs, or `auto` (0 in TrainConfig: planned for the data set's size)."""
     name = "INTEGER|auto"
@@ -636,9 +660,11 @@ def _parse_adapter_opts(items) -> dict:
                    "--mixup too, each step picks one of the two.")
 @click.option("--grad-clip", default=_TD["grad_clip"], show_default=True, type=click.FloatRange(0),
               help="Clip the gradient norm to this; 0 = no clipping.")
-@click.option("--train-views", default=_TD["train_views"], show_default=True, type=click.Choice(["one", "all"]),
+@click.option("--train-views", default=_TD["train_views"], show_default=True, callback=_train_views,
               help="one: each epoch draws one of each video's views (the cache's augmented views, or its test "
-                   "views as jitter); all: every view is a training sample.")
+                   "views as jitter); all: every view is a training sample; first:K: one of each video's first K "
+                   "views (a K-view cache, from a larger one); cycle: view epoch mod V, every view used once "
+                   "before any repeats (with as many views as epochs: online augmentation).")
 @click.option("--view-average", default=_TD["view_average"], show_default=True, type=click.Choice(["logit", "prob"]),
               help="Validation: average the logits of a video's views, or their softmax probabilities (EVL's test "
                    "protocol); eval uses the same unless told otherwise.")

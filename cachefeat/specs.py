@@ -235,6 +235,10 @@ class AugmentSpec:
         return out
 
 
+# DiST's SSv2 loader (dataset/base/base_dataset.py): a flipped clip of class 86 trains as 87 and so on
+SSV2_FLIP_PAIRS = ((86, 87), (93, 94), (166, 167))
+
+
 def parse_flip_pairs(text: str, classes: list[str] | None, where: str = "--flip-pairs") -> tuple[tuple[int, int], ...]:
     """A flip-pairs file: one pair per line, two class indices (`86 87`) or two class names separated by a
     tab; `#` starts a comment. Each class in at most one pair."""

@@ -48,7 +48,7 @@ class TrainConfig:
     mixup: float = 0.0               # Beta(a, a) mixup of features; 0 = off (DiST: 0.8)
     cutmix: float = 0.0              # Beta(a, a) cut of a span of frames; 0 = off (DiST: 1.0)
     grad_clip: float = 1.0           # max gradient norm; 0 = off
-    train_views: str = "one"         # one view per video per epoch, or all views
+    train_views: str = "one"         # one view per video per epoch, all views, cycle, or first:K (reader.py)
     view_average: str = "logit"      # validation: average each video's views' logits, or their probabilities (prob)
     seed: int = 0
     device: str = "auto"
@@ -71,6 +71,11 @@ class TrainConfig:
         return {f.name: f.default for f in fields(cls) if f.name != "adapter_opts"}
 
 
+def _train_views_ok(v: str) -> bool:
+    v = str(v).strip().lower()
+    return v in ("one", "all", "cycle") or (v.startswith("first:") and v[6:].isdigit() and int(v[6:]) >= 1)
+
+
 # the values a config file may give (the CLI's options check the same)
 _ALLOWED = {
     "epochs": (lambda v: v >= 0, "at least 1, or auto"), "batch_size": (lambda v: v >= 1, "at least 1"),
@@ -78,7 +83,8 @@ _ALLOWED = {
     "lr": (lambda v: v > 0, "above 0"), "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     **{k: (lambda v: v >= 0, "at least 0") for k in ("weight_decay", "warmup_epochs", "min_lr", "mixup", "cutmix",
                                                       "grad_clip", "read_workers", "threads")},
-    "train_views": ["one", "all"], "view_average": ["logit", "prob"], "weight_decay_on": ["matrices", "all"],
+    "train_views": (_train_views_ok, "one, all, cycle or first:K"), "view_average": ["logit", "prob"],
+    "weight_decay_on": ["matrices", "all"],
     "in_memory": ["auto", "yes", "no"], "precision": ["auto", "fp32", "bf16", "fp16"],
 }
 

@@ -303,8 +303,10 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
         from torch.nn.parallel import DistributedDataParallel
         run.train_source.part = (part.rank, part.world)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # fused: one kernel over all parameters; on a CPU core 11x faster than the per-tensor loop for EVL's
+    # 33M parameters (0.037 vs 0.42 s per step), which made the optimiser most of a CPU step
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.weight_decay_on), lr=cfg.lr,
-                            betas=(0.9, 0.999))
+                            betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     steps_per_epoch = run.train_source.steps(0, train=True)
     epochs = run.epochs or cfg.epochs
