@@ -34,10 +34,11 @@ def test_every_randaugment_op_is_timms(name, monkeypatch):
     hparams = {"translate_const": 13, "interpolation": Image.BICUBIC}
     for magnitude in (0.0, 3.3, 7.0, 10.0):
         for negate in (False, True):
-            monkeypatch.setattr(random, "random", lambda: 1.0 if negate else 0.0)
+            draw = 1.0 if negate else 0.0                  # timm negates when random.random() > 0.5
+            monkeypatch.setattr(random, "random", lambda d=draw: d)
             fn = timm_aa.LEVEL_TO_ARG[name]
             want = list(fn(magnitude, hparams)) if fn else []
-            rng = type("R", (), {"random": lambda self: 1.0 if negate else 0.0})()
+            rng = type("R", (), {"random": lambda self, d=draw: d})()
             got = ra.level_args(name, magnitude, rng)
             assert got == pytest.approx(want), (name, magnitude, negate)
             ours = np.asarray(ra.apply_op(img, [name, *got]))

@@ -283,9 +283,10 @@ def test_the_published_table_cites_a_source_for_every_value():
 def test_recipes_match_the_published_tables(recipe_path, tmp_path, monkeypatch):
     """Every setting a published table lists is what the recipe's stage passes (after the option's own
     parsing; `absent`: left at its default), for the recipe's default variables."""
+    import yaml
+
     from cachefeat.cli import cli
     from cachefeat.recipes import load_recipe, stage_command, to_argv
-    import yaml
     defaults = yaml.safe_load(recipe_path.read_text()).get("vars") or {}
     placeholder = {k: str(tmp_path) if "root" in k else str(tmp_path / "file.txt")
                    for k, v in defaults.items() if isinstance(v, str) and v.startswith("/data/")}
