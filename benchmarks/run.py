@@ -8,8 +8,12 @@ Sections: io (stage one's I/O path against its ceilings: writer vs raw disk writ
 with a free backbone), extraction, storage, reading (cache read efficiency), training (cost per step: cached,
 online, full fine-tuning, ST-Adapter), ablation (K configs x E epochs), int8 (size and top-1 against float16),
 scale (400 classes at 2,000 and 20,000 clips: extract, streamed train and eval, a 2-config ablation, each a
-`cachefeat` process; peak RSS and time per clip as ratios of the two sizes). scale takes ~9 minutes on 2
-cores, so only `--sections scale` runs it; the default is every other section.
+`cachefeat` process; peak RSS and time per clip as ratios of the two sizes), adapters (every adapter's
+accuracy on two differently generated temporal synthetic sets, recommended settings), madapter (the ablation
+behind M-adapter's design), view_budget (accuracy vs cached augmented views K, against online augmentation,
+and the storage each K costs). scale takes ~9 minutes on 2 cores and the accuracy sections (adapters,
+madapter, view_budget) an hour or more each, so only `--sections NAME` runs them; the default is every other
+section.
 
 Writes benchmarks/results/<host>-<date>[-full].json and prints Markdown tables; every figure is a ratio of
 two measurements taken in this one run, side by side (peak memory per training variant in a process of its
@@ -27,9 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, WORK, Mode, fmt_ratio, machine  # noqa: E402
 
-SECTIONS = ["io", "extraction", "storage", "reading", "training", "ablation", "int8", "scale"]
-# `--sections scale` (400 classes, 2,000 and 20,000 clips) takes ~9 minutes on 2 quiet cores: not run by default
-DEFAULT_SECTIONS = [s for s in SECTIONS if s != "scale"]
+SECTIONS = ["io", "extraction", "storage", "reading", "training", "ablation", "int8", "scale", "adapters", "madapter",
+            "view_budget"]
+# `--sections scale` (400 classes, 2,000 and 20,000 clips) takes ~9 minutes on 2 quiet cores, the accuracy
+# sections (many training runs each) an hour or more: not run by default
+SLOW_SECTIONS = ("scale", "adapters", "madapter", "view_budget")
+DEFAULT_SECTIONS = [s for s in SECTIONS if s not in SLOW_SECTIONS]
 
 
 def main(argv=None) -> int:
@@ -37,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="GPU mode with real model sizes (ViT-B/16, ViT-L/14)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
-                    help=f"comma list of {', '.join(SECTIONS)} (default: all but scale)")
+                    help=f"comma list of {', '.join(SECTIONS)} (default: all but {', '.join(SLOW_SECTIONS)})")
     ap.add_argument("--out", type=Path, help="result JSON path (default benchmarks/results/<host>-<date>.json)")
     args = ap.parse_args(argv)
     import torch
@@ -217,6 +224,9 @@ def report(results: dict) -> str:
                   f"{q['same_weights_agreement']:.1%} of val videos predicted alike.", ""]
     if "scale" in s:
         lines += scale_report(s["scale"])
+    for name in ("adapters", "madapter", "view_budget"):
+        if name in s:
+            lines += __import__(f"bench_{name}").report(s[name])
     return "\n".join(lines)
 
 
