@@ -25,11 +25,23 @@ def _image(seed=0, size=(40, 30)):
     return Image.fromarray(np.kron(base, np.ones((5, 5, 1), np.uint8)))
 
 
+@pytest.fixture(scope="module")
+def timm_aa():
+    """timm's timm/data/auto_augment.py, loaded on its own (it imports only PIL and numpy; importing the
+    timm package would build its whole model registry)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(importlib.util.find_spec("timm").origin).parent / "data" / "auto_augment.py"
+    spec = importlib.util.spec_from_file_location("timm_auto_augment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("name", sorted(set(ra.RAND_TRANSFORMS) | set(ra.RAND_INCREASING_TRANSFORMS)))
-def test_every_randaugment_op_is_timms(name, monkeypatch):
+def test_every_randaugment_op_is_timms(name, timm_aa, monkeypatch):
     """Each op's arguments (timm's LEVEL_TO_ARG, signs included) and its image (timm's NAME_TO_OP with
     EVL's fill and bicubic resampling) are exactly timm's, at several magnitudes."""
-    from timm.data import auto_augment as timm_aa
     img = _image()
     hparams = {"translate_const": 13, "interpolation": Image.BICUBIC}
     for magnitude in (0.0, 3.3, 7.0, 10.0):
@@ -147,3 +159,33 @@ def test_flipped_views_of_mirror_classes_train_as_their_partner(tmp_path):
     res = run_cli(*tiny_extract_args(data / "train.txt", tmp_path / "x.zarr", "--aug-views", "2", "--no-flip",
                                      "--flip-pairs", tmp_path / "pairs.txt"), ok=False)
     assert res.exit_code == 2 and "choose one" in res.output
+
+
+def test_pixel_frames_are_cut_from_the_same_augmented_view(tmp_path):
+    """DiST-style pixels of an augmented view come from the view's own crop, flip and RandAugment: at the
+    model's size and twice the frames, every other pixel frame is exactly the backbone's crop."""
+    from cachefeat.specs import PixelSpec
+    video = good_video(tmp_path / "v.mp4", label=2, frames=16, size=48)
+    req = _request(video, 4, views=3)
+    res = decode_video(DecodeRequest(**{**req.__dict__, "pixels": PixelSpec(32, 2)}))
+    assert res.ok and res.small.shape == (3, 8, 32, 32, 3)
+    assert np.array_equal(res.small[:, ::2], res.pixels)
+    assert np.array_equal(res.small_idx[:, ::2], res.frame_idx)
+
+
+def test_the_alt_synthetic_family_is_another_temporal_set():
+    """synth --motions alt: other motions, shapes and backgrounds; each class is its partner played
+    backwards (the same frames, so a frame-averaging classifier cannot separate a pair); deterministic."""
+    from cachefeat.synth import FAMILIES, class_names, family_of, render_video
+    names = class_names(12, "alt")
+    assert family_of(names) == "alt" and family_of(class_names(6)) == "shapes" and family_of(["a", "b"]) is None
+    assert not set(names) & {n for p in FAMILIES["shapes"] for n in p[:2]}
+    for label in range(0, 12, 2):
+        fwd = render_video(label, 12, 40, np.random.default_rng([7, label]), "alt")
+        rev = render_video(label + 1, 12, 40, np.random.default_rng([7, label]), "alt")
+        assert fwd.shape == (12, 40, 40, 3) and np.array_equal(fwd[::-1], rev)
+        assert np.abs(fwd[0].astype(int) - fwd[-1].astype(int)).mean() > 1.0, names[label]   # something moves
+        again = render_video(label, 12, 40, np.random.default_rng([7, label]), "alt")
+        assert np.array_equal(fwd, again)
+    with pytest.raises(ValueError, match="--motions"):
+        class_names(4, "spirals")
