@@ -3,11 +3,11 @@ data sets, with the settings docs/adapters.md recommends for a set of this size 
 defaults: --epochs auto, i.e. at least 2,000 optimiser steps), several seeds, held-out val top-1.
 
     shapes  cachefeat.synth "shapes": 8 classes (4 time-reversed pairs: moving right/left, down/up,
-            growing/shrinking, warm-to-cool/cool-to-warm), 24 training and 16 val videos per class,
-            32 frames of 96 px
+            growing/shrinking, warm-to-cool/cool-to-warm), 24 training and 8 val videos per class,
+            32 frames of 96 px (192 / 64 videos: the set of issue 19's report)
     alt     cachefeat.synth "alt": 12 classes (6 pairs: diagonal travel, orbits, two shapes meeting, wipes,
-            light, stretching; striped backgrounds and a drifting distractor), 18 training and 12 val
-            videos per class, 24 frames of 128 px, another seed
+            light, stretching; striped backgrounds and a drifting distractor), 18 training and 6 val
+            videos per class, 24 frames of 128 px, another seed (216 / 72 videos)
 
 Both are extracted with ViT-B/32 (random weights: no download), every block, CLS plus 2x2-pooled patch
 tokens, 8 frames, pixels 32 px at 2x the frames (for dist). Classes that are each other's time reversal hold
@@ -27,9 +27,9 @@ from pathlib import Path
 from common import WORK
 
 SETS = {
-    "shapes": {"motions": "shapes", "classes": 8, "videos_per_class": 40, "val_fraction": 0.4, "frames": 32,
+    "shapes": {"motions": "shapes", "classes": 8, "videos_per_class": 32, "val_fraction": 0.25, "frames": 32,
                "size": 96, "fps": 12, "seed": 0},
-    "alt": {"motions": "alt", "classes": 12, "videos_per_class": 30, "val_fraction": 0.4, "frames": 24, "size": 128,
+    "alt": {"motions": "alt", "classes": 12, "videos_per_class": 24, "val_fraction": 0.25, "frames": 24, "size": 128,
             "fps": 8, "seed": 1},
 }
 MODEL = "ViT-B/32"
