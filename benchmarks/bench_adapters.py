@@ -1,6 +1,6 @@
 """`--sections adapters`: every adapter trained on cached features of two differently generated temporal
 data sets, with the settings docs/adapters.md recommends for a set of this size (`cachefeat train`'s
-defaults: --epochs auto, i.e. at least 2,000 optimiser steps), several seeds, held-out val top-1.
+defaults: --epochs auto, i.e. at least 1,000 optimiser steps), several seeds, held-out val top-1.
 
     shapes  cachefeat.synth "shapes": 8 classes (4 time-reversed pairs: moving right/left, down/up,
             growing/shrinking, warm-to-cool/cool-to-warm), 24 training and 8 val videos per class,
@@ -97,7 +97,7 @@ def train_one(adapter: str, opts: dict, train: Path, val: Path, seed: int, **set
 def run(mode, log=print, sets=tuple(SETS), seeds=SEEDS, adapters=None, work: Path = WORK) -> dict:
     adapters = adapters or ADAPTERS
     out = {"model": MODEL, "extract_args": " ".join(EXTRACT), "seeds": list(seeds), "sets": {},
-           "settings": "cachefeat train defaults (--epochs auto: >= 30 epochs and >= 2000 steps; batch 32, "
+           "settings": "cachefeat train defaults (--epochs auto: >= 30 epochs and >= 1000 steps; batch 32, "
                        "lr 1e-3, AdamW, weight decay 0.05, label smoothing 0.1)",
            "adapter_opts": adapters, "goals": {"vs_temporal": GOAL_VS_TEMPORAL, "vs_probe": GOAL_VS_PROBE}}
     for name in sets:

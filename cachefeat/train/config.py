@@ -24,7 +24,7 @@ def planned_epochs(epochs: int, min_steps: int, steps_per_epoch: int) -> int:
     """The epochs a run trains. An explicit `epochs` (>= 1) is taken as given. `epochs=0` ("auto", the
     default) trains at least AUTO_MIN_EPOCHS epochs and at least `min_steps` optimiser steps, so a small data
     set gets more passes instead of stopping after a few hundred steps, while a large one is unaffected:
-    192 clips in batches of 32 (6 steps per epoch) train 334 epochs with min_steps 2000, Kinetics-400
+    192 clips in batches of 32 (6 steps per epoch) train 167 epochs with min_steps 1000, Kinetics-400
     (240k clips, 938 steps of 256) trains 30."""
     if epochs >= 1:
         return epochs
@@ -37,7 +37,7 @@ class TrainConfig:
     adapter: str = "temporal"
     adapter_opts: dict = field(default_factory=dict)
     epochs: int = 0                  # 0 = auto: at least 30 epochs and at least min_steps steps (planned_epochs)
-    min_steps: int = 2000            # with epochs auto: the fewest optimiser steps a run takes
+    min_steps: int = 1000            # with epochs auto: the fewest optimiser steps a run takes
     batch_size: int = 32
     lr: float = 1e-3                 # peak learning rate (AdamW)
     weight_decay: float = 0.05       # on weight_decay_on's parameters
