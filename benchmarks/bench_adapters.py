@@ -78,20 +78,45 @@ def _complete(path: Path) -> bool:
         return False
 
 
+def _code_hash(adapter: str) -> str:
+    """A hash of the code a training run's result depends on: the adapter's module, the shared adapter
+    code and the training package."""
+    import hashlib
+    root = Path(__file__).resolve().parents[1] / "cachefeat"
+    files = [root / "adapters" / f"{n}.py" for n in ("base", "blocks", "registry", adapter)]
+    h = hashlib.sha256()
+    for p in sorted([*files, *root.glob("train/*.py")]):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def train_one(adapter: str, opts: dict, train: Path, val: Path, seed: int, **settings) -> dict:
-    """One `cachefeat train` run (Python API, one thread): last and best val top-1, epochs, steps, time."""
+    """One `cachefeat train` run (Python API, one thread): last and best val top-1, epochs, steps, time.
+    Results are kept under work/runs/, keyed by the caches, the settings and the code's hash, so a section
+    run again (or another section with the same run) reuses them instead of training again."""
+    import hashlib
+    import json
+
     from cachefeat.train import TrainConfig, cpu_threads, open_run
     from cachefeat.train import train as run_training
     cfg = TrainConfig(adapter=adapter, adapter_opts=dict(opts), seed=seed, device="cpu", threads=1, **settings)
+    key = hashlib.sha256(json.dumps([str(train), str(val), cfg.to_dict(), _code_hash(adapter)], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:20]
+    memo = Path(train).parent / "runs" / f"{key}.json"
+    if memo.is_file():
+        return json.loads(memo.read_text())
     with cpu_threads(1):
         run = open_run(cfg, str(train), str(val))
         t0 = time.perf_counter()
         res = run_training(run, None, log=lambda *a: None)
     h = res.history
-    return {"top1": h[-1]["val_top1"], "best_top1": max(x["val_top1"] for x in h), "train_top1": h[-1]["train_top1"],
-            "reversal": h[-1].get("val_reversal_accuracy"), "epochs": len(h),
-            "steps": len(h) * run.train_source.steps(0, train=True), "params": run.model.num_trainable(),
-            "seconds": round(time.perf_counter() - t0, 1)}
+    out = {"top1": h[-1]["val_top1"], "best_top1": max(x["val_top1"] for x in h), "train_top1": h[-1]["train_top1"],
+           "reversal": h[-1].get("val_reversal_accuracy"), "epochs": len(h),
+           "steps": len(h) * run.train_source.steps(0, train=True), "params": run.model.num_trainable(),
+           "seconds": round(time.perf_counter() - t0, 1), "curve": [round(x["val_top1"], 4) for x in h]}
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(json.dumps(out))
+    return out
 
 
 def run(mode, log=print, sets=tuple(SETS), seeds=SEEDS, adapters=None, work: Path = WORK) -> dict:
