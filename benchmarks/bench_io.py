@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cachefeat.extract.backbone import Backbone, load_backbone
-from cachefeat.extract.decode_pool import DecodePool, default_workers
+from cachefeat.extract.decode_pool import DEPTH, DecodePool, default_workers
 from cachefeat.extract.manifest import Manifest, VideoEntry, load_manifest
 from cachefeat.extract.pipeline import ShardExtractor
 from cachefeat.extract.plan import ExtractSettings, plan
@@ -211,7 +211,7 @@ def _decoders(videos, bb, frames, workers, seconds) -> float:
             pool.get()
         done, i, t0 = 0, 0, time.perf_counter()
         while True:
-            while pool.in_flight < 2 * workers:
+            while pool.in_flight < DEPTH * workers:
                 v = videos[i % len(videos)]
                 pool.submit(DecodeRequest(i, v.path, frames, SamplingSpec(), ViewSpec(), bb.preprocessing))
                 i += 1

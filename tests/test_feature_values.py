@@ -66,3 +66,18 @@ def test_a_chunk_deleted_from_its_shard_file_is_reported_and_repaired(synth_smal
     run_cli(*args, "--repair")
     assert run_cli("verify", tmp_path / "c.zarr").exit_code == 0
     assert_caches_equal(tmp_path / "c.zarr", tmp_path / "ref.zarr")
+
+
+def test_the_storable_check_finds_nan_inf_and_float16_overflow_per_frame():
+    from cachefeat.extract.pipeline import _unstorable
+    f32max = torch.finfo(torch.float32).max
+    feats = torch.randn(6, 3, 5)
+    feats[1, 2, 4] = float("nan")
+    feats[2, 0, 0] = float("inf")
+    feats[3, 1, 1] = -float("inf")
+    feats[4, 0, 3] = 7e4                                  # finite, but Inf once stored as float16
+    assert _unstorable(feats, f32max).tolist() == [False, True, True, True, False, False]
+    assert _unstorable(feats, 65504.0).tolist() == [False, True, True, True, True, False]
+    half = feats.clone()
+    half[4, 0, 3] = 0
+    assert _unstorable(half.half(), f32max).tolist() == [False, True, True, True, False, False]   # GPU outputs

@@ -155,20 +155,19 @@ def test_a_worker_killed_while_holding_its_slot_leaves_nothing_behind(tmp_path):
     removes every slot from /dev/shm."""
     big = good_video(tmp_path / "big.mp4", frames=64, size=256)
     good = good_video(tmp_path / "good.mp4")
-    before = set(os.listdir("/dev/shm"))
     with DecodePool(workers=1, timeout=60) as pool:
-        slots = [s.name for pair in pool._slots for s in pair]
+        slots = [s.name for worker_slots in pool._slots for s in worker_slots]
         assert slots and all(n in os.listdir("/dev/shm") for n in slots)
-        for k in range(3):                                 # keep the worker busy, then kill it mid-way
+        for k in range(12):                                # keep the worker busy, then kill it mid-way
             pool.submit(req(big, key=k, frames=64))
         time.sleep(0.5)
         os.kill(pool.pids[0], signal.SIGKILL)
-        results = [pool.get(timeout=60) for _ in range(3)]
+        results = [pool.get(timeout=60) for _ in range(12)]
         assert any(r.stage == "crash" for r in results) and pool.restarts == 1
         for r in results:
             assert r.ok or r.stage == "crash"
-        assert [s.name for pair in pool._slots for s in pair] == slots      # reclaimed, not replaced
+        assert [s.name for worker_slots in pool._slots for s in worker_slots] == slots      # reclaimed, not replaced
         pool.submit(req(good, key=9, frames=4))
         r = pool.get(timeout=30)
         assert r.ok and np.array_equal(r.pixels, decode_video(req(good, key=9, frames=4)).pixels)
-    assert set(os.listdir("/dev/shm")) <= before
+    assert not set(slots) & set(os.listdir("/dev/shm"))       # (other processes may have segments of their own)

@@ -9,15 +9,15 @@ A worker's clock starts when it reports ready (interpreter start-up and imports 
 busy machine and are not the decoder's time); the pool's constructor waits for its first workers, so the
 pipeline's own time starts with decoders that can decode.
 
-Frames travel through shared memory: each worker has two slots (shared-memory segments the pool owns) and
-writes a result's arrays into the one its request names; the pipe carries only their places. A worker
-holds two requests (the one it decodes and the next), so it never waits for the pool to notice a result
-before it starts the next video; the two slots alternate, and the pool copies a result out before it
-names that slot again. Sending them pickled through the pipe cost the pipeline's main
-thread ~0.5 ms per 1.2 MB video (the io benchmark's profile). A slot outlives its worker: when a worker
-is killed (timeout) or dies (crash) mid-write, nothing is read from the slot and its replacement reuses
-it; the pool unlinks the slots when it closes. A result larger than the slot, or a machine whose
-/dev/shm is too small for slots, goes through the pipe as before.
+Frames travel through shared memory: each worker has DEPTH slots (shared-memory segments the pool owns)
+and writes a result's arrays into the one its request names; the pipe carries only their places. A worker
+holds up to DEPTH requests (the one it decodes and the next ones), so it goes on decoding while the
+pipeline's thread is busy with a batch and has not yet taken its results; the slots are used in turn, and
+the pool copies a result out before it names that slot again. Sending them pickled through the pipe cost
+the pipeline's main thread ~0.5 ms per 1.2 MB video (the io benchmark's profile). A slot outlives its
+worker: when a worker is killed (timeout) or dies (crash) mid-write, nothing is read from the slot and
+its replacement reuses it; the pool unlinks the slots when it closes. A result larger than the slot, or a
+machine whose /dev/shm is too small for slots, goes through the pipe as before.
 
 workers=0 decodes inline in the calling process: no isolation and no timeout, for debugging only.
 """
@@ -42,6 +42,8 @@ from .video import DecodeRequest, DecodeResult, decode_video
 _READY = "ready"
 _START_TIMEOUT = 300.0   # seconds a new worker may take to import and report ready
 SLOT_BYTES = 64 << 20    # per slot: a clip's eight 1080p frames fit (6 MiB each); smaller where /dev/shm is small
+DEPTH = 4                # requests (and slots) per worker: a 64-frame batch of 8-frame clips is 8 videos, so a
+                         # worker gets about half a batch ahead while the pipeline's thread runs one
 _ARRAYS = ("pixels", "small", "decoded")   # the DecodeResult fields that travel through a slot
 
 
@@ -147,19 +149,30 @@ class _Worker:
                                 daemon=True, name="cachefeat-decode")
         self.proc.start()
         child.close()
-        self.request: DecodeRequest | None = None    # the one it decodes (its clock: `started`)
-        self.next: DecodeRequest | None = None       # sent, waiting in its pipe: starts when `request` ends
-        self.turn = 0                                # the slot the next request sent gets
+        self.sent: deque[DecodeRequest] = deque()    # in order: the first it decodes (its clock: `started`),
+        self.turn = 0                                # the others wait in its pipe; the slot the next one gets
         self.started = 0.0
         self.ready = False
 
+    @property
+    def request(self) -> DecodeRequest | None:
+        """The request it decodes now."""
+        return self.sent[0] if self.sent else None
+
     def send(self, req: DecodeRequest) -> None:
         self.conn.send((req, self.turn))
-        self.turn ^= 1
+        if not self.sent:
+            self.started = time.monotonic()          # restarted by take_ready if it is not ready yet
+        self.sent.append(req)
+        self.turn = (self.turn + 1) % DEPTH
+
+    def result_slot(self):
+        """The slot of the request it decodes now (sent len(sent) requests ago)."""
+        return self.slots[(self.turn - len(self.sent)) % DEPTH]
 
     def done(self) -> None:
         """Its current request's result was taken: the next one (if sent) is now the one it decodes."""
-        self.request, self.next = self.next, None
+        self.sent.popleft()
         self.started = time.monotonic()
 
     def take_ready(self) -> None:
@@ -181,12 +194,17 @@ class DecodePool:
         self._queue: deque[DecodeRequest] = deque()
         self._ready: deque[DecodeResult] = deque()
         self._ctx = mp.get_context(start_method)
-        size = _slot_bytes(2 * workers)
-        self._slots = [[shared_memory.SharedMemory(create=True, size=size) for _ in range(2)]
+        size = _slot_bytes(DEPTH * workers)
+        self._slots = [[shared_memory.SharedMemory(create=True, size=size) for _ in range(DEPTH)]
                        for _ in range(workers)] if size else [[] for _ in range(workers)]
-        self._workers = [_Worker(self._ctx, self._slots[i]) for i in range(max(0, workers))]
+        self._workers = []
         self.restarts = 0
-        self._wait_ready(self._workers)
+        try:
+            self._workers += [_Worker(self._ctx, self._slots[i]) for i in range(max(0, workers))]
+            self._wait_ready(self._workers)
+        except BaseException:    # no worker and no slot outlives a pool that could not start
+            self.close()
+            raise
 
     def _wait_ready(self, workers: list[_Worker]) -> None:
         deadline = time.monotonic() + _START_TIMEOUT
@@ -215,28 +233,27 @@ class DecodePool:
     @property
     def in_flight(self) -> int:
         """Requests submitted whose result has not been returned by get()."""
-        busy = sum((w.request is not None) + (w.next is not None) for w in self._workers)
+        busy = sum(len(w.sent) for w in self._workers)
         return len(self._queue) + busy + len(self._ready)
 
     def _dispatch(self) -> None:
-        for _ in range(2):                                  # first one request per worker, then the next ones
-            for w in self._workers:
-                if not self._queue or (w.request is not None and (w.next is not None or not w.ready)):
-                    continue
-                req = self._queue.popleft()
-                try:
-                    w.send(req)
-                except (BrokenPipeError, OSError):  # it died: retry this request elsewhere
-                    self._queue.appendleft(req)
-                    if w.request is not None:       # ... and record the one it was decoding
-                        self._fail(w, "crash", "the decoder process died")
-                    else:
-                        self._replace(w)
-                    continue
-                if w.request is None:
-                    w.request, w.started = req, time.monotonic()   # restarted by take_ready if not ready yet
+        """Queued requests to the least loaded workers, up to DEPTH each (one while a worker starts). A send
+        that finds its worker dead replaces it; the passes are bounded, so workers that die at once are not
+        retried forever here (get() dispatches again)."""
+        for _ in range(len(self._workers) * (DEPTH + 1)):
+            takers = [w for w in self._workers if len(w.sent) < (DEPTH if w.ready else 1)]
+            if not self._queue or not takers:
+                return
+            w = min(takers, key=lambda w: len(w.sent))
+            req = self._queue.popleft()
+            try:
+                w.send(req)
+            except (BrokenPipeError, OSError):  # it died: retry this request elsewhere
+                self._queue.appendleft(req)
+                if w.request is not None:       # ... and record the one it was decoding
+                    self._fail(w, "crash", "the decoder process died")
                 else:
-                    w.next = req
+                    self._replace(w)
 
     # -- collecting
     def get(self, timeout: float | None = None) -> DecodeResult | None:
@@ -268,9 +285,8 @@ class DecodePool:
                 if w.conn in ready:
                     try:
                         res = w.conn.recv()
-                        # out of its slot before that slot is named again (two requests on)
-                        self._ready.append(_from_slot(res, w.slots[1 - w.turn if w.next is None else w.turn].buf)
-                                           if w.slots else res)
+                        # out of its slot before that slot is named again (DEPTH requests on)
+                        self._ready.append(_from_slot(res, w.result_slot().buf) if w.slots else res)
                         w.done()
                         continue
                     except (EOFError, OSError):
@@ -290,11 +306,10 @@ class DecodePool:
         return self._ready.popleft()
 
     def _fail(self, w: _Worker, stage: str, message: str) -> None:
-        req = w.request
+        req = w.sent.popleft()
         self._ready.append(DecodeResult(req.key, stage=stage, error=message,
                                         seconds=time.monotonic() - w.started))
-        if w.next is not None:              # never started: another worker (or the replacement) decodes it
-            self._queue.appendleft(w.next)
+        self._queue.extendleft(reversed(w.sent))   # never started: another worker (or the replacement) decodes them
         self._replace(w)
 
     def _replace(self, w: _Worker) -> None:
@@ -318,8 +333,8 @@ class DecodePool:
                 w.proc.join(timeout=2)
                 w.kill()
         self._workers = []
-        for pair in self._slots:
-            for slot in pair:
+        for slots in self._slots:
+            for slot in slots:
                 slot.close()
                 slot.unlink()
         self._slots = []
