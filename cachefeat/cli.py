@@ -270,7 +270,7 @@ def _shard_size(ctx, param, value):
 @click.option("--pixels", callback=_spec("parse_pixels"), metavar="SIZE[xK]",
               help="Also keep the model's crops resized to SIZExSIZE as uint8, for K times as many frames as the "
                    "backbone sees (DiST-style pixel encoders use 112x2 or 224x2).")
-@click.option("--aug-views", type=click.IntRange(1, 64),
+@click.option("--aug-views", type=click.IntRange(1, 1024),
               help="Training cache: K random augmented views per video (random frames within segments, "
                    "random-resized crop, flips, optional colour jitter) instead of the test views of --views.")
 @click.option("--aug-scale", default="0.4,1.0", show_default=True,
