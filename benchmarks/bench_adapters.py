@@ -66,8 +66,9 @@ def caches(name: str, work: Path = WORK, log=print) -> dict[str, Path]:
         path = work / f"temporal-{name}-v2-{split}.zarr"
         if not (path / "zarr.json").is_file() or not _complete(path):
             t0 = time.time()
+            # no --overwrite: an interrupted extraction resumes with its unfinished shards
             subprocess.run([sys.executable, "-m", "cachefeat", "extract", str(data / f"{split}.txt"), "--out",
-                            str(path), *EXTRACT, "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+                            str(path), *EXTRACT], check=True, stdout=subprocess.DEVNULL)
             log(f"  extracted {path.name} in {time.time() - t0:.0f} s")
         out[split] = path
     return out

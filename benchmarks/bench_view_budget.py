@@ -48,8 +48,9 @@ def _extract(manifest: Path, out: Path, *extra, log=print) -> None:
     if (out / "zarr.json").is_file() and _complete(out):
         return
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "cachefeat", "extract", str(manifest), "--out", str(out), *EXTRACT, *extra,
-                    "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+    # no --overwrite: an interrupted extraction resumes with its unfinished shards
+    subprocess.run([sys.executable, "-m", "cachefeat", "extract", str(manifest), "--out", str(out), *EXTRACT, *extra],
+                   check=True, stdout=subprocess.DEVNULL)
     log(f"  extracted {out.name} in {time.time() - t0:.0f} s")
 
 
