@@ -153,3 +153,10 @@ def report(r: dict) -> list[str]:
     lines += ["", f"Online augmentation recovered (within 0.02 of its top-1) at K = {rec}." if rec else
               "No K up to the largest measured came within 0.02 of online augmentation.", ""]
     return lines
+
+
+if __name__ == "__main__":
+    # python benchmarks/bench_view_budget.py RESULT.json OUT.png: the plot again, from a kept result file
+    import json
+    doc = json.loads(Path(sys.argv[1]).read_text())
+    plot(doc["sections"]["view_budget"] if "sections" in doc else doc, Path(sys.argv[2]))
