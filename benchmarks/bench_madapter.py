@@ -4,8 +4,12 @@ M-adapter's paper gives only its outline ("hierarchically combined multi-level o
 fusion module and a temporal module"), so every internal choice is ours and is measured here: starting from
 the default, one option changes at a time (levels, fusion, temporal module, hierarchy, width, which layers,
 which tokens), trained on both synthetic sets of the adapters section (the same caches) with a fixed
-schedule, seeds 0 and 1, and compared on held-out val top-1. `temporal` (the transformer over the last
-block's CLS) runs under the same schedule as the yardstick.
+schedule (100 epochs), seed 0 (SEEDS), and compared on held-out val top-1. `temporal` (the transformer
+over the last block's CLS) runs under the same schedule as the yardstick.
+
+The kept result (benchmarks/results/vm-20261201-madapter.json) ran each set in a process of its own,
+side by side (`run(mode, sets=(name,))`), on the sets' first val split: 8 (shapes) and 6 (alt) val videos
+per class; the section now evaluates on the adapters section's larger val split.
 """
 from __future__ import annotations
 
