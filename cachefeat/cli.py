@@ -269,10 +269,11 @@ def _shard_size(ctx, param, value):
                    "videos spread over the input; dequantized transparently on read).")
 @click.option("--pixels", callback=_spec("parse_pixels"), metavar="SIZE[xK]",
               help="Also keep the model's crops resized to SIZExSIZE as uint8, for K times as many frames as the "
-                   "backbone sees (DiST-style pixel encoders use 112x2 or 224x2).")
+                   "backbone sees, cut from the same view (DiST's temporal encoder reads 224x2).")
 @click.option("--aug-views", type=click.IntRange(1, 1024),
               help="Training cache: K random augmented views per video (random frames within segments, "
-                   "random-resized crop, flips, optional colour jitter) instead of the test views of --views.")
+                   "random-resized crop, flips, optional colour jitter and RandAugment) instead of the test views "
+                   "of --views.")
 @click.option("--aug-scale", default="0.4,1.0", show_default=True,
               help="Random-resized-crop area range (with --aug-views).")
 @click.option("--aug-ratio", default="0.75,1.3333", show_default=True, help="Random-resized-crop aspect-ratio range.")
