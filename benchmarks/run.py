@@ -8,12 +8,13 @@ Sections: io (stage one's I/O path against its ceilings: writer vs raw disk writ
 with a free backbone), extraction, storage, reading (cache read efficiency), training (cost per step: cached,
 online, full fine-tuning, ST-Adapter), ablation (K configs x E epochs), int8 (size and top-1 against float16),
 scale (400 classes at 2,000 and 20,000 clips: extract, streamed train and eval, a 2-config ablation, each a
-`cachefeat` process; peak RSS and time per clip as ratios of the two sizes), adapters (every adapter's
-accuracy on two differently generated temporal synthetic sets, recommended settings), madapter (the ablation
-behind M-adapter's design), view_budget (accuracy vs cached augmented views K, against online augmentation,
-and the storage each K costs). scale takes ~9 minutes on 2 cores and the accuracy sections (adapters,
-madapter, view_budget) an hour or more each, so only `--sections NAME` runs them; the default is every other
-section.
+`cachefeat` process; peak RSS and time per clip as ratios of the two sizes), long (`extract --sampling fps:1`
+on a 10-minute and a 60-minute video: peak RSS of the extract process and of its decode worker as ratios),
+adapters (every adapter's accuracy on two differently generated temporal synthetic sets, recommended
+settings), madapter (the ablation behind M-adapter's design), view_budget (accuracy vs cached augmented
+views K, against online augmentation, and the storage each K costs). scale takes ~9 minutes on 2 cores, long
+a few (it writes the videos once) and the accuracy sections (adapters, madapter, view_budget) an hour or
+more each, so only `--sections NAME` runs them; the default is every other section.
 
 Writes benchmarks/results/<host>-<date>[-full].json and prints Markdown tables; every figure is a ratio of
 two measurements taken in this one run, side by side (peak memory per training variant in a process of its
@@ -31,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, WORK, Mode, fmt_ratio, machine  # noqa: E402
 
-SECTIONS = ["io", "extraction", "storage", "reading", "training", "ablation", "int8", "scale", "adapters", "madapter",
-            "view_budget"]
-# `--sections scale` (400 classes, 2,000 and 20,000 clips) takes ~9 minutes on 2 quiet cores, the accuracy
-# sections (many training runs each) an hour or more: not run by default
-SLOW_SECTIONS = ("scale", "adapters", "madapter", "view_budget")
+SECTIONS = ["io", "extraction", "storage", "reading", "training", "ablation", "int8", "scale", "long", "adapters",
+            "madapter", "view_budget"]
+# `--sections scale` (400 classes, 2,000 and 20,000 clips) takes ~9 minutes on 2 quiet cores, `--sections long`
+# (a 10- and a 60-minute video) a few, the accuracy sections (many training runs each) an hour or more: not
+# run by default
+SLOW_SECTIONS = ("scale", "long", "adapters", "madapter", "view_budget")
 DEFAULT_SECTIONS = [s for s in SECTIONS if s not in SLOW_SECTIONS]
 
 
@@ -224,6 +226,8 @@ def report(results: dict) -> str:
                   f"{q['same_weights_agreement']:.1%} of val videos predicted alike.", ""]
     if "scale" in s:
         lines += scale_report(s["scale"])
+    if "long" in s:
+        lines += long_report(s["long"])
     for name in ("adapters", "madapter", "view_budget"):
         if name in s:
             lines += __import__(f"bench_{name}").report(s[name])
@@ -258,6 +262,28 @@ def scale_report(sc: dict) -> list[str]:
               f"Each step one `cachefeat` process; time: its wall time over the clips (imports, model build and "
               f"starting Ray included, so fixed costs weigh more at {a}); memory: {sc['memory_what']}. Ablate's "
               f"time is the whole command for both trials.", ""]
+    return lines
+
+
+def long_report(lg: dict) -> list[str]:
+    a, b = (lg["per_length"][f"{m:g}"] for m in (lg["minutes"][0], lg["minutes"][-1]))
+    ma, mb = f"{a['minutes']:g} min", f"{b['minutes']:g} min"
+    lines = [f"### Long videos at fps:1: one video of {ma} vs {mb} (goal {mb}/{ma}: peak RSS <= "
+             f"{lg['ratios']['peak_mib']['goal']})", "",
+             f"| what | {ma} | {mb} | ratio | vs goal |", "|---|---|---|---|---|"]
+    for key, what in (("peak_mib", "peak RSS, extract process"), ("decode_worker_mib", "peak RSS, decode worker")):
+        r = lg["ratios"][key]
+        lines.append(f"| {what} | {a[key] or 0:.0f} MiB | {b[key] or 0:.0f} MiB | {fmt_ratio(r['ratio'])} | "
+                     f"{_verdict(r['margin'])} |")
+    lines += [f"| samples in windows (valid windows / windows) | {a['samples']:,} ({a['valid_windows']} / "
+              f"{a['windows']}) | {b['samples']:,} ({b['valid_windows']} / {b['windows']}) | | |",
+              f"| wall time (hours of video per hour) | {a['seconds']:.1f} s ({a['hours_of_video_per_hour']:.0f}) | "
+              f"{b['seconds']:.1f} s ({b['hours_of_video_per_hour']:.0f}) | "
+              f"{fmt_ratio(lg['ratios']['seconds_per_video_hour']['ratio'])} per hour of video | |",
+              f"| the video decoded whole, for scale | {a['decoded_video_mib']:.0f} MiB | "
+              f"{b['decoded_video_mib']:.0f} MiB | | |", "",
+              f"{lg['size'][0]}x{lg['size'][1]} at {lg['fps']} frames/s, `extract {lg['extract_args']}`, one "
+              f"process per length; memory: {lg['memory_what']}.", ""]
     return lines
 
 

@@ -247,10 +247,13 @@ def _shard_size(ctx, param, value):
                    "INPUT, else the sorted labels found. Use the same list for train and eval caches.")
 @click.option("--split", help="Keep only rows of this split (Kinetics CSV `split` column).")
 @click.option("--model", "-m", default="ViT-B/16", show_default=True,
-              help="open_clip ViT name (ViT-L/14 or ViT-L-14), or hf-hub:ORG/REPO, or local-dir:PATH.")
+              help="open_clip model (ViT-L/14 or ViT-L-14, ViT-B-16-SigLIP2, EVA02-B-16, PE-Core-B-16), "
+                   "hf-hub:ORG/REPO, local-dir:PATH, or timm:NAME for a timm ViT (timm:vit_base_patch14_reg4_dinov2). "
+                   "`cachefeat models` lists the families.")
 @click.option("--pretrained", default="openai", show_default=True,
-              help="Weights: an open_clip tag (openai, laion2b_s34b_b88k, ...), a checkpoint file, or none for "
-                   "random weights from --seed. Tags trained with QuickGELU (openai) select the QuickGELU model.")
+              help="Weights: an open_clip tag (openai, laion2b_s34b_b88k, ...) or for timm:NAME a timm tag "
+                   "(lvd142m, augreg_in21k, ...), a checkpoint file, or none for random weights from --seed. "
+                   "Tags trained with QuickGELU (openai) select the QuickGELU model.")
 @click.option("--quick-gelu/--no-quick-gelu", default=None,
               help="Force QuickGELU on or off (default: from the pretrained tag). Needed for OpenAI checkpoint files.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights when --pretrained none.")
@@ -261,7 +264,15 @@ def _shard_size(ctx, param, value):
                    "(also the patch grid average-pooled to HxW). The final embedding is always kept.")
 @click.option("--frames", "-t", default=8, show_default=True, type=click.IntRange(1, 1024), help="Frames per clip.")
 @click.option("--sampling", default="uniform", show_default=True, callback=_spec("parse_sampling"),
-              help="uniform (TSN segments, one frame each) or dense:STRIDE (consecutive frames STRIDE apart).")
+              help="uniform (TSN segments, one frame each), dense:STRIDE (consecutive frames STRIDE apart), or "
+                   "fps:F (F frames per second of each video's own timeline, cut into windows of --frames "
+                   "frames: every window is a clip, for dense features of long and untrimmed videos).")
+@click.option("--window-stride", type=click.IntRange(1), metavar="S",
+              help="With --sampling fps: windows start S samples apart (default --frames: side by side; less: "
+                   "they overlap).")
+@click.option("--frame-rate", type=click.FloatRange(0, min_open=True), metavar="FPS",
+              help="Frame rate of frame-folder inputs (folders of JPEG/PNG frames in name order): their "
+                   "timestamps are index / FPS. Needed for --sampling fps when the input has frame folders.")
 @click.option("--views", default="1x1", show_default=True, callback=_spec("parse_views"),
               help="Views per video: TxS = T temporal clips x S spatial crops (S = 1 centre or 3), e.g. 3x1, 4x3.")
 @click.option("--dtype", default="float16", show_default=True, callback=_spec("parse_dtype"),
@@ -317,7 +328,8 @@ def _shard_size(ctx, param, value):
                    "Ray here. --out and the videos must then be on storage every node sees at the same path.")
 @click.option("--decode-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds one video may take to decode before its decoder is killed and the video recorded "
-                   "as failed.")
+                   "as failed (with --sampling fps: one request of a few windows, per minute of video it "
+                   "covers).")
 @click.option("--reader", type=click.Choice(["auto", "decord", "pyav"]), default="auto", show_default=True,
               help="Video reader (auto: decord, falling back to PyAV for files decord cannot read).")
 @click.option("--preprocess", type=click.Choice(["auto", "workers", "device"]), default="auto", show_default=True,
@@ -342,10 +354,11 @@ def _shard_size(ctx, param, value):
                    "(e.g. when the codec compresses well).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(input, out, fmt, video_root, classes_file, split, model, pretrained, quick_gelu, seed, layers, tokens,
-            frames, sampling, views, dtype, pixels, aug_views, aug_scale, aug_ratio, no_flip, color_jitter, randaugment,
-            flip_pairs, aug_seed, text_template, no_text, codec, batch_size, shard_size, device, precision,
-            decode_workers, workers, address, decode_timeout, reader, preprocess, no_fsync, overwrite, repair, dry_run,
-            strict, max_failed_fraction, ignore_free_space, quiet):
+            frames, sampling, window_stride, frame_rate, views, dtype, pixels, aug_views, aug_scale, aug_ratio,
+            no_flip, color_jitter, randaugment, flip_pairs, aug_seed,
+            text_template, no_text, codec, batch_size, shard_size, device, precision, decode_workers, workers, address,
+            decode_timeout, reader, preprocess, no_fsync, overwrite, repair, dry_run, strict, max_failed_fraction,
+            ignore_free_space, quiet):
     """Run the frozen backbone over the videos of INPUT and write their features to a cache.
 
     Resumable: run the same command again after a crash and it continues with the shards not yet done.
@@ -366,6 +379,8 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
     if overwrite and repair:
         raise click.UsageError("--repair mends an existing cache; --overwrite replaces it: choose one")
     augment = _augment(aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed, views, randaugment)
+    from .specs import with_windows
+    sampling = with_windows(sampling, frames, window_stride, frame_rate)
     if "{}" not in text_template:
         raise click.BadParameter("the template needs {} where the class name goes", param_hint="--text-template")
     if classes_file is None and Path(input).is_file() and (Path(input).parent / "classes.txt").is_file():
@@ -398,6 +413,11 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
                f"{stats.failed_videos} videos failed")
     if stats.clips and stats.bottleneck():
         click.echo(f"bottleneck: {stats.bottleneck()}")
+    if cache.windowed:
+        import numpy as np
+        hours = float(np.nansum(cache.read("videos/duration"))) / 3600
+        click.echo(f"{out}: {cache.num_videos} videos, {hours:.2f} h of video at fps:{cache.meta['sampling']['fps']:g} "
+                   f"in {cache.num_clips} windows of {cache.frames} frames")
     click.echo(f"{out}: {counts['valid_clips']} valid clips of {cache.num_clips}, "
                f"{human_bytes(counts['disk_bytes'])} on disk"
                + (f", {human_bytes(counts['bytes_per_frame_on_disk'])} per frame"
@@ -484,8 +504,14 @@ def info(cache, show_failures, as_json, plot_path):
     click.echo(f"features   layers {lay.layers}  tokens {lay.tokens}  width {lay.width}  embed {lay.embed_dim}  "
                f"dtype {lay.dtype}  codec {m.get('codec')}  computed in {m.get('compute_precision')}")
     s = m["sampling"]
-    click.echo(f"sampling   {s['method']}{':' + str(s['stride']) if s.get('stride') else ''}  frames {lay.frames}  "
-               f"views {lay.views}  preprocessing {m['preprocessing']['size'][0]}px "
+    if lay.windowed:
+        import numpy as np
+        hours = float(np.nansum(c.read("videos/duration"))) / 3600
+        how = f"fps:{s['fps']:g}  windows of {lay.frames} frames, {s['window_stride']} apart  {hours:.2f} h of video"
+    else:
+        how = (f"{s['method']}{':' + str(s['stride']) if s.get('stride') else ''}  frames {lay.frames}  "
+               f"views {lay.views}")
+    click.echo(f"sampling   {how}  preprocessing {m['preprocessing']['size'][0]}px "
                f"{m['preprocessing']['interpolation']} {m['preprocessing']['resize_mode']}")
     aug = c.augment
     held = ["embed", f"cls x{len(lay.layers)} layers"]
@@ -499,7 +525,8 @@ def info(cache, show_failures, as_json, plot_path):
                 + (f" with label pairs {aug['flip_pairs']}" if aug.get("flip_pairs") else "")
                 + f", colour jitter {aug['color_jitter']}"
                 + (f", RandAugment {aug['randaugment']}" if aug.get("randaugment") else "")
-                + f", seed {aug['seed']})" if aug else f"{lay.views} test views")
+                + f", seed {aug['seed']})" if aug else "windows with timestamps" if lay.windowed
+                else f"{lay.views} test views")
     if lay.dtype == "int8":
         held.append("int8, dequantized on read")
     click.echo(f"holds      {'; '.join(held)}")
@@ -508,8 +535,9 @@ def info(cache, show_failures, as_json, plot_path):
     state = ("complete" if counts["shards_done"] == counts["shards"]
              else f"INCOMPLETE: {counts['shards_done']} of {counts['shards']} shards done (resume with extract)")
     click.echo(f"progress   {state}")
-    click.echo(f"clips      {counts['valid_clips']} valid of {c.num_clips} ({c.num_videos} videos x {lay.views.count} "
-               f"views); {len(failures)} videos failed")
+    per_video = "windows per video by duration" if lay.windowed else f"x {lay.views.count} views"
+    click.echo(f"clips      {counts['valid_clips']} valid of {c.num_clips} ({c.num_videos} videos {per_video}); "
+               f"{len(failures)} videos failed")
     click.echo(f"size       {human_bytes(disk)} on disk, {human_bytes(raw)} uncompressed features"
                + (f", ratio {raw / disk:.3f}" if disk else "")
                + (f", {human_bytes(counts['bytes_per_frame_on_disk'])} per frame"
@@ -534,19 +562,33 @@ def info(cache, show_failures, as_json, plot_path):
 
 # ------------------------------------------------------------------------------------------- models
 @cli.command()
-@click.option("--all", "show_all", is_flag=True, help="Also list pretrained tags for every model.")
-def models(show_all):
-    """List the open_clip ViT models that can be used as a backbone, with their pretrained tags."""
-    import open_clip
+@click.option("--all", "show_all", is_flag=True, help="Also list open_clip models without pretrained tags.")
+@click.option("--timm", "timm_pattern", metavar="PATTERN",
+              help="List the timm ViTs whose name matches PATTERN (e.g. '*dinov2*'), with their pretrained tags.")
+def models(show_all, timm_pattern):
+    """List the backbone families and what each supports, then the open_clip models of each family with their
+    pretrained tags (timm ViTs with --timm PATTERN; any of them works as --model timm:NAME).
 
-    from .extract.backbone import is_vit, register_model_configs
-    register_model_configs()
-    for name in open_clip.list_models():
-        if not is_vit(name) or not name.startswith("ViT"):
-            continue
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if tags or show_all:
-            click.echo(f"{name:32s} {', '.join(tags) if tags else '-'}")
+    \b
+    Examples:
+      cachefeat models
+      cachefeat models --timm '*reg4_dinov2*'
+    """
+    from .extract.backbone import FAMILIES, config_family, timm_models
+    from .fmt import table
+    if timm_pattern:
+        rows = [[f"timm:{arch}", ", ".join(tags) or "-"] for arch, tags in timm_models(timm_pattern)]
+        click.echo(table(rows, ["--model", "--pretrained tags"]) if rows else f"no timm ViT matches {timm_pattern!r}")
+        return
+    rows = [[f.name, f.example, f.cls, f.prefix, "yes" if f.text else "no", f.tca] for f in FAMILIES]
+    click.echo(table(rows, ["family", "recommended (--model ... --pretrained ...)", "cls holds", "prefix tokens",
+                            "text tower", "evl tca"]))
+    click.echo("text tower: class-name text embeddings, zeroshot and dist head=text; temporal, evl, madapter, dist "
+               "and probe work on every family (docs/backbones.md)\n")
+    click.echo(f"{'open_clip model':30s} {'family':24s} pretrained tags")
+    for name, family, tags in config_family(show_all):
+        click.echo(f"{name:30s} {family:24s} {', '.join(tags) or '-'}")
+    click.echo("timm ViTs: --model timm:NAME (cachefeat models --timm PATTERN lists names and tags)")
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -1127,13 +1169,16 @@ def verify(cache, as_json):
             click.echo(f"  damaged: {name} rows {ranges(sorted(rows))}")
         for msg in rep.suspicious:
             click.echo(f"  suspicious: {msg}")
+        for name in rep.tables:
+            click.echo(f"  damaged: table {name} (written at creation) is not what was written then")
         if rep.ok:
-            click.echo("  ok: every chunk reads and matches its checksum")
+            click.echo("  ok: every chunk reads, matches its checksum and is the one recorded at its place")
         elif not rep.fatal:
             vids = d["videos_to_reextract"]
-            click.echo(f"  re-extract {len(d['clips_to_reextract'])} clips of {len(vids)} videos "
-                       f"({', '.join(map(str, vids[:8]))}{', ...' if len(vids) > 8 else ''}): run the same "
-                       f"`cachefeat extract` command with --repair")
+            todo = ([f"re-extract {len(d['clips_to_reextract'])} clips of {len(vids)} videos "
+                     f"({', '.join(map(str, vids[:8]))}{', ...' if len(vids) > 8 else ''})"] if vids else []) + \
+                   ([f"write {len(rep.tables)} tables again"] if rep.tables else [])
+            click.echo(f"  {' and '.join(todo)}: run the same `cachefeat extract` command with --repair")
     if not rep.ok:
         sys.exit(1)
 

@@ -19,7 +19,8 @@ def cache_overview(cache: Cache, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     labels = cache.read("videos/label")
-    valid = cache.valid().reshape(cache.num_videos, cache.views.count).any(axis=1)
+    valid = np.zeros(cache.num_videos, bool)
+    valid[cache.clip_video()[cache.valid()]] = True
     failures = cache.failures()
     failed = np.zeros(len(labels), bool)
     failed[[f["video"] for f in failures]] = True

@@ -129,15 +129,33 @@ class SamplingSpec:
 
     uniform   : TSN segments: the video is cut into `frames` equal segments, one frame from each.
     dense:S   : `frames` consecutive frames `S` apart (one clip of span (frames-1)*S+1).
+    fps:F     : F frames per second of the video's own timeline (the frame nearest each time start + k/F,
+                from the presentation timestamps), cut into windows of `frames` samples that start
+                `window_stride` samples apart; every window is a clip row of its video.
+
+    `frame_rate`: the rate of frame-folder inputs (their timestamps are index / frame_rate); recorded
+    only when given.
     """
     method: str = "uniform"
     stride: int | None = None
+    fps: float | None = None
+    window_stride: int | None = None
+    frame_rate: float | None = None
+
+    @property
+    def windowed(self) -> bool:
+        return self.method == "fps"
 
     def __str__(self) -> str:
+        if self.method == "fps":
+            return f"fps:{self.fps:g}"
         return f"dense:{self.stride}" if self.method == "dense" else "uniform"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The metadata's `sampling`: {method, stride}, plus fps and window_stride for fps sampling and
+        frame_rate when given (so caches made before these existed keep their fingerprint)."""
+        d = asdict(self)
+        return {k: v for k, v in d.items() if k in ("method", "stride") or v is not None}
 
 
 def parse_sampling(spec: str) -> SamplingSpec:
@@ -150,7 +168,31 @@ def parse_sampling(spec: str) -> SamplingSpec:
         if stride < 1:
             raise SpecError("--sampling dense:STRIDE needs STRIDE >= 1")
         return SamplingSpec("dense", stride)
-    raise SpecError(f"--sampling {spec!r}: expected uniform or dense:STRIDE (e.g. dense:8)")
+    m = re.fullmatch(r"fps:(\d+(?:\.\d*)?|\.\d+)", spec)
+    if m:
+        fps = float(m.group(1))
+        if not 0.001 <= fps <= 1000:
+            raise SpecError(f"--sampling {spec}: F must be between 0.001 and 1000 frames per second")
+        return SamplingSpec("fps", None, fps)
+    raise SpecError(f"--sampling {spec!r}: expected uniform, dense:STRIDE (e.g. dense:8) or fps:F (e.g. fps:1)")
+
+
+def with_windows(sampling: SamplingSpec, frames: int, window_stride: int | None,
+                 frame_rate: float | None = None) -> SamplingSpec:
+    """The sampling with its window stride resolved (fps sampling; default: `frames`, windows side by side)
+    and the frame folders' rate; SpecError (one line) for a stride that does not fit."""
+    from dataclasses import replace
+    if frame_rate is not None and not frame_rate > 0:
+        raise SpecError(f"--frame-rate {frame_rate:g}: expected a positive number of frames per second")
+    if not sampling.windowed:
+        if window_stride is not None:
+            raise SpecError("--window-stride applies to --sampling fps:F (windows of --frames samples)")
+        return replace(sampling, frame_rate=frame_rate)
+    stride = frames if window_stride is None else window_stride
+    if not 1 <= stride <= frames:
+        raise SpecError(f"--window-stride {stride}: expected 1 to --frames ({frames}); below --frames the "
+                        f"windows overlap")
+    return replace(sampling, window_stride=stride, frame_rate=frame_rate)
 
 
 # --------------------------------------------------------------------------------------------- dtype

@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+from click.testing import CliRunner
 
+from cachefeat.cli import cli
 from cachefeat.store import open_cache
 
 VOLATILE_META = ("created", "source_path")
@@ -61,3 +63,18 @@ def live_children() -> set[int]:
     import psutil
     return {p.pid for p in psutil.Process().children(recursive=True)
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+
+
+def invoke(*args):
+    """The CLI in-process, stdout and stderr apart (click's Result)."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def on_contract(res, codes, what, foreseen=True) -> str:
+    """The exit-status contract: status in `codes`, one line on stderr, no traceback; returns that line."""
+    err = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.exit_code in codes, f"{what}: exit {res.exit_code}, expected {codes}:\n{res.output}"
+    assert "Traceback" not in res.output, f"{what}: a traceback\n{res.output}"
+    assert len(err) == 1, f"{what}: {len(err)} lines on stderr:\n{res.stderr}"
+    assert not foreseen or "unexpected" not in err[0], f"{what}: {err[0]}"
+    return err[0]

@@ -153,7 +153,7 @@ def test_evl_recomputes_each_blocks_own_attention_from_the_cached_layer_before_i
     bb = load_backbone(TINY, "none", device="cpu")
     spec = tiny_spec()
     model = adapters.build("evl", {"layers": 2}, spec)           # taps 2, 3; TCA reads block 1's output
-    model.set_backbone(bb.visual)
+    model.set_backbone(bb)
     pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8))
     captured = {}
     block = bb.visual.transformer.resblocks[2]

@@ -58,3 +58,17 @@ def test_the_scale_section_runs_every_step_as_a_cachefeat_process_and_reports_ra
     assert "ablate: largest trial process" in text and text.count("| train (streamed) |") == 1
     names = (tmp_path / "list-80.txt").read_text().splitlines()
     assert len(set(line.split("\t")[0] for line in names)) == 80 and names[1].endswith("\taction 001")
+
+
+def test_the_long_section_reports_both_lengths_and_their_ratios():
+    """The report of `run.py --sections long` from a result of its shape (the section itself takes minutes:
+    its kept result is benchmarks/results/vm-20261201-long.json)."""
+    import json
+
+    from run import report
+    kept = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/vm-20261201-long.json").read_text())
+    text = report(kept)
+    assert "one video of 10 min vs 60 min" in text and text.count("| peak RSS") == 2
+    lg = kept["sections"]["long"]
+    assert lg["per_length"]["60"]["samples"] == 3600 and lg["per_length"]["10"]["samples"] == 600
+    assert all(lg["ratios"][k]["ratio"] <= lg["ratios"][k]["goal"] for k in ("peak_mib", "decode_worker_mib"))

@@ -18,24 +18,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
-from cachefeat.cli import cli
 
 from conftest import TINY, cli_subprocess, run_cli, tiny_extract_args
-
-
-def _run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def _on_contract(res, codes, what, foreseen=True) -> str:
-    err = [line for line in res.stderr.splitlines() if line.strip()]
-    assert res.exit_code in codes, f"{what}: exit {res.exit_code}, expected {codes}:\n{res.output}"
-    assert "Traceback" not in res.output, f"{what}: a traceback\n{res.output}"
-    assert len(err) == 1, f"{what}: {len(err)} lines on stderr:\n{res.stderr}"
-    assert not foreseen or "unexpected" not in err[0], f"{what}: {err[0]}"
-    return err[0]
+from helpers import invoke, on_contract
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +77,16 @@ def _class_lists(d: Path) -> dict:
 def test_malformed_manifests_and_class_lists_are_one_line_exit_2(world, tmp_path):
     out = tmp_path / "x.zarr"
     for name, path in _manifests(tmp_path, world["data"]).items():
-        res = _run(*tiny_extract_args(path, out), "--dry-run")
-        line = _on_contract(res, {2}, f"manifest {name}")
+        res = invoke(*tiny_extract_args(path, out), "--dry-run")
+        line = on_contract(res, {2}, f"manifest {name}")
         assert str(path) in line or path.name in line, line
         assert not out.exists()
     manifest = world["data"] / "train.txt"
     for name, path in _class_lists(tmp_path).items():
-        res = _run(*tiny_extract_args(manifest, out, "--classes", path), "--dry-run")
-        line = _on_contract(res, {2}, f"class list {name}")
+        res = invoke(*tiny_extract_args(manifest, out, "--classes", path), "--dry-run")
+        line = on_contract(res, {2}, f"class list {name}")
         assert "--classes" in line, line
-    assert "line 2 is not UTF-8" in _on_contract(_run(*tiny_extract_args(_manifests(tmp_path, world["data"])[
+    assert "line 2 is not UTF-8" in on_contract(invoke(*tiny_extract_args(_manifests(tmp_path, world["data"])[
         "latin1.txt"], out), "--dry-run"), {2}, "latin-1")
 
 
@@ -155,7 +140,7 @@ def test_edited_cache_metadata_is_one_line_exit_1_for_every_command(world, tmp_p
             "resume": [*tiny_extract_args(world["data"] / "train.txt", cache, "--frames", "2", "--shard-size", "4")],
         }
         for what, args in commands.items():
-            line = _on_contract(_run(*args), {1}, f"{what} on {name}")
+            line = on_contract(invoke(*args), {1}, f"{what} on {name}")
             assert str(cache) in line and "damaged" in line or "missing" in line, f"{what} on {name}: {line}"
             assert not (tmp_path / f"run-{name}").exists() and not (tmp_path / f"{name}.h5").exists()
 
@@ -165,7 +150,7 @@ def test_a_store_that_is_not_a_cachefeat_cache_is_exit_2(world, tmp_path):
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["something"] = 1
     for args in (["info", tmp_path / "other.zarr"], ["verify", tmp_path / "other.zarr"],
                  ["train", "--cache", tmp_path / "other.zarr", "--out", tmp_path / "r"]):
-        assert "not a cachefeat cache" in _on_contract(_run(*args), {2}, " ".join(map(str, args)))
+        assert "not a cachefeat cache" in on_contract(invoke(*args), {2}, " ".join(map(str, args)))
 
 
 def test_damaged_feature_data_is_exit_1_for_streamed_training_and_export(world, tmp_path):
@@ -181,13 +166,13 @@ def test_damaged_feature_data_is_exit_1_for_streamed_training_and_export(world, 
         shard.write_bytes(b)
     for workers in ("0", "2"):
         out = tmp_path / f"run{workers}"
-        line = _on_contract(_run("train", "--cache", cache, "--adapter", "probe", "--epochs", "1", "--in-memory", "no",
+        line = on_contract(invoke("train", "--cache", cache, "--adapter", "probe", "--epochs", "1", "--in-memory", "no",
                                  "--read-workers", workers, "--out", out, "--quiet"), {1}, f"streamed train {workers}")
         assert "damaged" in line and "--repair" in line, line
         assert not out.exists(), f"run folder left behind: {list(out.iterdir())}"
-    line = _on_contract(_run("export", cache, tmp_path / "d.h5", "--format", "hdf5", "-q"), {1}, "export")
+    line = on_contract(invoke("export", cache, tmp_path / "d.h5", "--format", "hdf5", "-q"), {1}, "export")
     assert "damaged" in line and "--repair" in line and not (tmp_path / "d.h5").exists(), line
-    res = _run("verify", cache, "--json")       # its report, on stdout; status 1
+    res = invoke("verify", cache, "--json")       # its report, on stdout; status 1
     assert res.exit_code == 1 and json.loads(res.stdout)["ok"] is False and "Traceback" not in res.output
 
 
@@ -228,7 +213,7 @@ def test_hand_made_hdf5_files_given_to_import_are_one_line(world, tmp_path):
     files["wrong-shape"] = tmp_path / "wrong-shape.h5"
     for name, path in files.items():
         out = tmp_path / f"{name}.zarr"
-        line = _on_contract(_run("import", path, "--out", out, "-q"), {1, 2}, f"import {name}")
+        line = on_contract(invoke("import", path, "--out", out, "-q"), {1, 2}, f"import {name}")
         assert str(path) in line, line
         assert not (out / "zarr.json").exists() or not (out / "zarr.json").read_text().count("cachefeat_creating") == 0
 
@@ -253,7 +238,7 @@ def test_malformed_recipes_specs_and_config_files_are_one_line_exit_2(world, tmp
     for name, text in recipes.items():
         p = tmp_path / f"{name}.yaml"
         p.write_text(text)
-        _on_contract(_run("run", p, "--workdir", tmp_path / "w"), {2}, f"recipe {name}")
+        on_contract(invoke("run", p, "--workdir", tmp_path / "w"), {2}, f"recipe {name}")
 
     specs = {
         "not-yaml": "grid: [",
@@ -268,7 +253,7 @@ def test_malformed_recipes_specs_and_config_files_are_one_line_exit_2(world, tmp
     for name, text in specs.items():
         p = tmp_path / f"spec-{name}.yaml"
         p.write_text(text)
-        _on_contract(_run("ablate", p, "--check"), {2}, f"spec {name}")
+        on_contract(invoke("ablate", p, "--check"), {2}, f"spec {name}")
 
     configs = {"not-yaml": "epochs: [", "a-list": "- 1\n", "unknown": "colour: red\n", "bad-type": "epochs: many\n",
                "opts-a-list": "adapter_opts: [1]\n", "negative": "epochs: -3\n"}
@@ -276,7 +261,7 @@ def test_malformed_recipes_specs_and_config_files_are_one_line_exit_2(world, tmp
         p = tmp_path / f"config-{name}.yaml"
         p.write_text(text)
         out = tmp_path / f"run-{name}"
-        _on_contract(_run("train", "--cache", world["cache"], "--config", p, "--out", out, "--quiet"), {2},
+        on_contract(invoke("train", "--cache", world["cache"], "--config", p, "--out", out, "--quiet"), {2},
                      f"config {name}")
         assert not out.exists()
 
@@ -295,14 +280,14 @@ def test_bad_checkpoints_and_run_folders_are_one_line(world, tmp_path):
     for name, (ck, code) in cases.items():
         for args in (["eval", "--checkpoint", ck, "--cache", world["cache"], "--out", tmp_path / "e"],
                      ["predict", "--checkpoint", ck, tmp_path / "none.mp4"]):
-            _on_contract(_run(*args), {code}, f"{args[0]} {name}")
+            on_contract(invoke(*args), {code}, f"{args[0]} {name}")
     bad_summary = tmp_path / "bad-summary"
     shutil.copytree(world["run"], bad_summary)
     (bad_summary / "summary.json").write_text("{not json")
     for name, folder in {"empty": tmp_path / "text.pt", "bad-summary": bad_summary}.items():
         if folder.is_dir():
             # (a summary.json that is not JSON is still reported as unforeseen: train/runs.py is not ours to edit)
-            _on_contract(_run("compare", folder), {1, 2}, f"compare {name}", foreseen=False)
+            on_contract(invoke("compare", folder), {1, 2}, f"compare {name}", foreseen=False)
 
 
 # ------------------------------------------------------------------------------------------- the file system
@@ -318,16 +303,16 @@ def test_read_only_and_full_disks_are_one_line(world, tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root): no read-only or full disk to write to")
     try:
         args = tiny_extract_args(world["data"] / "train.txt", ro / "c.zarr", "--frames", "2")
-        assert "choose another --out" in _on_contract(_run(*args), {2}, "extract to a read-only --out")
-        _on_contract(_run("train", "--cache", world["cache"], "--adapter", "probe", "--epochs", "1", "--out",
+        assert "choose another --out" in on_contract(invoke(*args), {2}, "extract to a read-only --out")
+        on_contract(invoke("train", "--cache", world["cache"], "--adapter", "probe", "--epochs", "1", "--out",
                           ro / "run", "--quiet"), {2}, "train to a read-only --out")
-        _on_contract(_run("export", world["cache"], ro / "c.h5", "--format", "hdf5", "-q"), {2}, "export read-only")
-        _on_contract(_run("import", world["h5"], "--out", ro / "c.zarr", "-q"), {2}, "import read-only")
+        on_contract(invoke("export", world["cache"], ro / "c.h5", "--format", "hdf5", "-q"), {2}, "export read-only")
+        on_contract(invoke("import", world["h5"], "--out", ro / "c.zarr", "-q"), {2}, "import read-only")
         assert _mount_tmpfs(full, "size=64k")
         # --ignore-free-space: past the size check before writing (exit 2), to the disk filling up while writing
         args = tiny_extract_args(world["data"] / "train.txt", full / "c.zarr", "--frames", "2", "--layers", "all",
                                  "--tokens", "all", "--codec", "none", "--ignore-free-space")
-        line = _on_contract(_run(*args), {1}, "extract to a full disk")
+        line = on_contract(invoke(*args), {1}, "extract to a full disk")
         assert "No space left on device" in line and "run the same command again" in line, line
     finally:
         for m in (ro, full):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import zarr
 
-from cachefeat.store import open_cache
+from cachefeat.store import Cache, open_cache
 from cachefeat.store.exchange import safe_stems, store_nodes
+from cachefeat.store.writer import record_again, reset_shards
 
 from conftest import run_cli, tiny_extract_args
 from helpers import assert_caches_equal
@@ -58,6 +59,7 @@ def test_hdf5_round_trip_is_exact(cache, tmp_path):
     else:
         flat[:4] = [-128, 127, -127, 1]   # int8 extremes
     emb[1] = special
+    record_again(Cache(src, mode="r+"))      # as if extracted so: the shard's checksum record lists them
 
     h5 = tmp_path / "c.h5"
     res = run_cli("export", src, h5, "--format", "hdf5", "--quiet")
@@ -104,7 +106,7 @@ def test_imported_cache_resumes_as_complete(cache, tmp_path):
 
 def test_incomplete_and_busy_caches_are_refused(cache, tmp_path):
     src = _copy(cache, tmp_path / "src.zarr")
-    zarr.open_array(str(src / "progress"), mode="r+")[2] = 0   # as a run killed before its last shard leaves it
+    reset_shards(Cache(src, mode="r+"), [2])    # as a run killed before its last shard leaves it: no flag, no record
     res = run_cli("export", src, tmp_path / "x.h5", "--format", "hdf5", ok=False)
     assert res.exit_code == 2 and "incomplete (2 of 3 shards done)" in res.output and "--allow-incomplete" in res.output
     assert not (tmp_path / "x.h5").exists()
@@ -150,7 +152,7 @@ def test_npy_export_matches_cache(cache, tmp_path):
     ids, paths = c.read("videos/id"), c.read("videos/path")
     labels = c.read("videos/label")
     n = c.views.count
-    suffixes = {"embed": "embed", "cls": "cls", "frame_idx": "clips/frame_idx"}
+    suffixes = {"embed": "embed", "cls": "cls", "frame_idx": "clips/frame_idx", "time": "clips/time"}
     if c.tokens.kind != "cls":
         suffixes.update({f"tokens_{l}": f"tokens/{l}" for l in c.layers})
     if c.pixels:

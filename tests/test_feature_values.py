@@ -2,6 +2,7 @@
 failed and writes zeros; verify reports such values in a cache), and a chunk deleted from a shard file (it
 then reads as zeros, with a valid index and checksums) is reported too; --repair mends both."""
 import json
+from contextlib import contextmanager
 
 import numpy as np
 import open_clip
@@ -12,6 +13,20 @@ from cachefeat.store.shard_file import ShardFile
 
 from conftest import TINY, run_cli, tiny_extract_args
 from helpers import assert_caches_equal
+
+
+@contextmanager
+def _without_records(cache):
+    """The cache as cachefeat wrote it before shards had checksum records (and tables checksums)."""
+    doc = cache / "zarr.json"
+    before = doc.read_text()
+    zj = json.loads(before)
+    del zj["attributes"]["cachefeat"]["table_checksums"]
+    doc.write_text(json.dumps(zj))
+    try:
+        yield
+    finally:
+        doc.write_text(before)
 
 
 def test_a_video_whose_features_are_nan_is_a_failure_not_data(synth_small, tmp_path):
@@ -43,9 +58,12 @@ def test_verify_reports_nan_values_and_repair_mends_them(synth_small, tmp_path):
     rows[1, 0, 0, 0] = np.inf                            # written with valid checksums: only the values are wrong
     cls.write(1, rows)
     res = run_cli("verify", tmp_path / "c.zarr", "--json", ok=False)
-    report = json.loads(res.output)
-    assert res.exit_code == 1 and report["shards_to_reextract"] == [1]
-    assert any("cls: clips 5 hold NaN or Inf" in s for s in report["suspicious"])
+    report = json.loads(res.output)       # the shard's checksum record lists another chunk at clip 5
+    assert res.exit_code == 1 and report["shards_to_reextract"] == [1] and report["damaged"] == {"cls": [5]}
+    with _without_records(tmp_path / "c.zarr"):            # a cache made before records: the values tell
+        report = json.loads(run_cli("verify", tmp_path / "c.zarr", "--json", ok=False).output)
+        assert report["shards_to_reextract"] == [1]
+        assert any("cls: clips 5 hold NaN or Inf" in s for s in report["suspicious"])
     run_cli(*args, "--repair")
     assert run_cli("verify", tmp_path / "c.zarr").exit_code == 0
     assert_caches_equal(tmp_path / "c.zarr", tmp_path / "ref.zarr")
@@ -61,8 +79,11 @@ def test_a_chunk_deleted_from_its_shard_file_is_reported_and_repaired(synth_smal
     rows[2] = 0                                          # zarr leaves a zero chunk out: the index says "absent"
     cls.write(2, rows)
     report = json.loads(run_cli("verify", tmp_path / "c.zarr", "--json", ok=False).output)
-    assert report["shards_to_reextract"] == [2]
-    assert "shard 2: 1 valid clips hold no features in cls" in report["suspicious"]
+    assert report["shards_to_reextract"] == [2] and report["damaged"] == {"cls": [10]}     # its record says
+    with _without_records(tmp_path / "c.zarr"):            # a cache made before records: the zeros tell
+        report = json.loads(run_cli("verify", tmp_path / "c.zarr", "--json", ok=False).output)
+        assert report["shards_to_reextract"] == [2]
+        assert "shard 2: 1 valid clips hold no features in cls" in report["suspicious"]
     run_cli(*args, "--repair")
     assert run_cli("verify", tmp_path / "c.zarr").exit_code == 0
     assert_caches_equal(tmp_path / "c.zarr", tmp_path / "ref.zarr")

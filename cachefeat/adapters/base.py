@@ -46,6 +46,7 @@ class FeatureSpec:
     has_text: bool = False            # `text/embed` present
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    rope: str | None = None           # the blocks rotate q/k (EVA02, PE-Core): "interleaved" or "half"
 
     @classmethod
     def from_meta(cls, meta: dict) -> FeatureSpec:
@@ -54,7 +55,8 @@ class FeatureSpec:
                    embed_dim=int(lay["embed_dim"]), depth=int(model["depth"]), heads=int(model["heads"]),
                    layers=tuple(lay["layers"]), tokens=TokenSpec.from_dict(lay["tokens"]),
                    patch_grid=tuple(model["patch_grid"]), pixels=meta.get("pixels") or None,
-                   has_text=bool(meta.get("text")), mean=tuple(prep["mean"]), std=tuple(prep["std"]))
+                   has_text=bool(meta.get("text")), mean=tuple(prep["mean"]), std=tuple(prep["std"]),
+                   rope=model.get("rope"))
 
     @property
     def token_grid(self) -> tuple[int, int] | None:
@@ -104,8 +106,12 @@ class Needs:
         if self.pixels and not meta.get("pixels"):
             problems.append(f"{adapter} needs the cached pixels, but the cache has none (extract with --pixels)")
         if self.text and not meta.get("text"):
-            problems.append(f"{adapter} needs class-name text embeddings (text/embed), but the cache has none "
-                            f"(needs a model with a text tower and a class list)")
+            if meta.get("model", {}).get("text_tower") is False:
+                problems.append(f"{adapter} needs class-name text embeddings, but {meta['model']['name']} has no "
+                                f"text tower (image-only; use a linear head)")
+            else:
+                problems.append(f"{adapter} needs class-name text embeddings (text/embed), but the cache has none "
+                                f"(needs a model with a text tower and a class list)")
         if trained is not None:
             if int(meta["frames"]) != trained.frames:
                 problems.append(f"the adapter was trained on {trained.frames} frames per clip, "
@@ -175,8 +181,9 @@ class Adapter(nn.Module):
     def set_text(self, text: torch.Tensor) -> None:
         """Class-name text embeddings (num_classes, E), for adapters whose needs include text."""
 
-    def set_backbone(self, visual: nn.Module) -> None:
-        """The frozen open_clip image tower, for adapters whose needs include backbone weights."""
+    def set_backbone(self, backbone) -> None:
+        """The frozen backbone (extract.backbone.Backbone, rebuilt from the cache metadata), for adapters whose
+        needs include backbone weights: they take what they need from it (e.g. `attention_qk(block)`)."""
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

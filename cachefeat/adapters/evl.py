@@ -11,15 +11,21 @@ then the query cross-attends (pre-LN) to all T x (1+N) tokens, followed by a 4x 
 0.5). Head: LayerNorm, dropout 0.5, linear.
 
 TCA needs each block's own attention q/k. A cache holds block outputs, not q/k, so they are recomputed
-as the block computes them: q, k = in_proj(ln_1(block input)), where the block input is the previous
-block's output. That needs one earlier cached layer (block L-K-1 for the first tap) and the frozen
-block's ln_1 and in_proj weights, which are copied from the backbone rebuilt from the cache metadata
-(its weights hash checked) into frozen buffers, saved with the adapter. With `--tokens pooled:HxW`
-the q/k are computed from pooled tokens: an approximation (the paper's TCA is on full patch grids).
+as the block computes them: q, k = the q/k rows of its projection applied to LayerNorm(block input), where
+the block input is the previous block's output, then (EVA02, PE-Core) rotated by the tower's rotary
+embedding at each patch position. That needs one earlier cached layer (block L-K-1 for the first tap)
+and the frozen block's norm and q/k weights (open_clip's ln_1 + in_proj; timm's norm1 + fused qkv, or
+EVA's separate q_proj/k_proj) and rotary table, which the backbone rebuilt from the cache metadata (its
+weights hash checked) hands over (`Backbone.attention_qk`) and which are kept as frozen buffers, saved
+with the adapter. With `--tokens pooled:HxW` the q/k are computed from pooled tokens: an approximation
+(the paper's TCA is on full patch grids); on a rotary tower that is refused (the rotation is defined per
+patch of the full grid). Prefix tokens (class token, registers) take no part, as in the paper's
+patch-only TCA.
 
 Differences from the official code: the decoder runs in the adapter's precision (the paper casts the
-backbone to fp16 and the features to fp32, which a float16 cache does too); CLS enters as the class
-token of the cached layer, identical to the block output's position 0.
+backbone to fp16 and the features to fp32, which a float16 cache does too); CLS enters as the cached
+layer's `cls`: the class token, identical to the block output's position 0, or on towers without one
+(SigLIP) the mean patch token, which the cache records (`model.cls`).
 """
 from __future__ import annotations
 
@@ -46,7 +52,7 @@ def _offset_index(grid: tuple[int, int]) -> torch.Tensor:
 class TemporalCrossAttention(nn.Module):
     """EVL's TCA for one decoder layer, with the block's frozen q/k projection held as buffers."""
 
-    def __init__(self, grid: tuple[int, int], dim: int, heads: int):
+    def __init__(self, grid: tuple[int, int], dim: int, heads: int, rope: str | None = None):
         super().__init__()
         size = (2 * grid[0] - 1) * (2 * grid[1] - 1)
         self.w1 = nn.Parameter(torch.zeros(size, dim))   # attention to the previous frame
@@ -54,25 +60,41 @@ class TemporalCrossAttention(nn.Module):
         self.register_buffer("index", _offset_index(grid), persistent=False)
         self.heads = heads
         self.eps = 1e-5
-        # the frozen block's ln_1 and the q/k rows of its in_proj (filled by load_block)
+        # the frozen block's norm and the q/k rows of its projection (filled by load_block); rotary towers
+        # also the sin/cos table of the patch positions, and how the rotation pairs channels
         self.register_buffer("ln_weight", torch.ones(dim))
         self.register_buffer("ln_bias", torch.zeros(dim))
         self.register_buffer("qk_weight", torch.zeros(2 * dim, dim))
         self.register_buffer("qk_bias", torch.zeros(2 * dim))
+        self.rope_pairing = rope
+        if rope:
+            self.register_buffer("rope", torch.zeros(grid[0] * grid[1], 2 * (dim // heads)))
 
     @torch.no_grad()
-    def load_block(self, block: nn.Module) -> None:
-        attn = getattr(block, "attn", None)
-        if not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None or attn.in_proj_bias is None:
-            raise AdapterError("evl: this backbone's blocks do not use a packed q/k/v projection; use tca=false")
-        if attn.num_heads != self.heads:
-            raise AdapterError(f"evl: the block has {attn.num_heads} heads, the cache metadata says {self.heads}")
-        d = self.ln_weight.numel()
-        self.ln_weight.copy_(block.ln_1.weight)
-        self.ln_bias.copy_(block.ln_1.bias)
-        self.eps = float(block.ln_1.eps)
-        self.qk_weight.copy_(attn.in_proj_weight[: 2 * d])
-        self.qk_bias.copy_(attn.in_proj_bias[: 2 * d])
+    def load_block(self, qk) -> None:
+        """`qk`: the block's backbone.AttentionQK."""
+        if qk.heads != self.heads:
+            raise AdapterError(f"evl: the block has {qk.heads} heads, the cache metadata says {self.heads}")
+        if (qk.rope is not None) != bool(self.rope_pairing) or qk.rope_pairing != self.rope_pairing:
+            raise AdapterError(f"evl: the block's rotary embedding ({qk.rope_pairing}) is not the one the cache "
+                               f"metadata records ({self.rope_pairing})")
+        self.ln_weight.copy_(qk.norm_weight)
+        self.ln_bias.copy_(qk.norm_bias)
+        self.eps = qk.eps
+        self.qk_weight.copy_(qk.weight)
+        self.qk_bias.copy_(qk.bias)
+        if self.rope_pairing:
+            self.rope.copy_(qk.rope)
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's apply_rot_embed_cat: x (..., N, d) rotated by the (N, 2d) sin/cos table."""
+        sin, cos = self.rope.chunk(2, dim=-1)
+        if self.rope_pairing == "half":
+            x1, x2 = x.chunk(2, dim=-1)
+            turned = torch.cat([-x2, x1], dim=-1)
+        else:
+            turned = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape(x.shape)
+        return x * cos + turned * sin
 
     def _qk(self, x: torch.Tensor):
         """Block input patch tokens (B, T, N, D) -> its attention q and k, (B, T, H, N, D/H) each."""
@@ -80,6 +102,8 @@ class TemporalCrossAttention(nn.Module):
         h = F.layer_norm(x.float(), (D,), self.ln_weight, self.ln_bias, self.eps)
         qk = F.linear(h, self.qk_weight, self.qk_bias).view(B, T, N, 2, self.heads, D // self.heads)
         qk = qk.permute(3, 0, 1, 4, 2, 5)
+        if self.rope_pairing:
+            return self._rotate(qk[0]), self._rotate(qk[1])
         return qk[0], qk[1]
 
     def _half(self, q: torch.Tensor, k: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -129,6 +153,10 @@ class EVL(Adapter):
                 raise CacheMismatch(f"evl: TCA recomputes block {taps[0]}'s q/k from the block before it, and "
                                     f"block 0 has none cached; use layers<={spec.depth - 1} or tca=false")
             token_layers = [taps[0] - 1] + token_layers
+            if spec.rope and spec.tokens.kind == "pooled" and tuple(spec.token_grid) != tuple(spec.patch_grid):
+                raise CacheMismatch(f"evl: TCA on this tower rotates q/k by a rotary embedding defined on the full "
+                                    f"{spec.patch_grid[0]}x{spec.patch_grid[1]} patch grid; extract with --tokens "
+                                    f"all, or use tca=false")
         return Needs(cls_layers=tuple(taps), token_layers=tuple(token_layers), backbone_weights=config.tca)
 
     def __init__(self, config, spec: FeatureSpec):
@@ -141,7 +169,7 @@ class EVL(Adapter):
                                      for _ in range(K))
         self.tconv = nn.ModuleList(TemporalConv(D, 3) for _ in range(K)) if config.temporal_conv else None
         self.tpos = nn.Parameter(torch.zeros(K, T, D)) if config.temporal_pos else None
-        self.tca = (nn.ModuleList(TemporalCrossAttention(spec.token_grid, D, spec.heads) for _ in range(K))
+        self.tca = (nn.ModuleList(TemporalCrossAttention(spec.token_grid, D, spec.heads, spec.rope) for _ in range(K))
                     if config.tca else None)
         self.head = LinearHead(D, spec.num_classes, config.head_dropout)
         for blk in self.decoder:     # EVL initialises its attention and MLP projections with xavier_uniform
@@ -153,10 +181,14 @@ class EVL(Adapter):
     def no_weight_decay(self) -> set[str]:
         return {"query", "tpos"}
 
-    def set_backbone(self, visual: nn.Module) -> None:
+    def set_backbone(self, backbone) -> None:
         if self.tca is not None:
             for module, block in zip(self.tca, self.blocks_read):
-                module.load_block(visual.transformer.resblocks[block])
+                try:
+                    qk = backbone.attention_qk(block)
+                except ValueError as e:     # BackboneError: a block whose q/k this cannot rebuild
+                    raise AdapterError(f"evl: {e}; use tca=false") from None
+                module.load_block(qk)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         cls, tokens = batch["cls"], batch["tokens"]     # (B, T, K, D), (B, T, K[+1], N, D)

@@ -2,11 +2,12 @@
 
     plan.py         ExtractSettings; the one planner of a cache's arrays and shards (extract and --dry-run)
     manifest.py     video lists: class folders, `path label` lists, Kinetics CSV, Something-Something JSON
-    video.py        decoding (decord, PyAV) and the frames of each view
-    sampling.py     which frames: uniform segments or dense strides
+    video.py        decoding (decord, PyAV, frame folders), the frames of each view or fps window, timestamps
+    sampling.py     which frames: uniform segments, dense strides, or fps samples cut into windows
     preprocess.py   resize, crop, augmented views, the small pixel frames
     decode_pool.py  decoder processes with a timeout per video
-    backbone.py     the frozen open_clip ViT and its tapped forward
+    backbone.py     the frozen image tower (open_clip ViTs, open_clip towers with timm trunks, timm ViTs) and
+                    its tapped forward; tiny.py: tiny registered members of each family (tests, demo)
     pipeline.py     decode -> forward -> write, over the shards a store has left (`extract`)
     distributed.py  the same pipeline in Ray actors, one per GPU (`extract_distributed`)
 

@@ -1,8 +1,9 @@
 """A pool of decode worker processes that a hung or crashing decoder cannot take down.
 
 Each worker is a separate (spawned) process that runs video.decode_video on one request at a time. The
-parent watches every worker: a request that runs past `timeout` seconds gets its worker killed and is
-recorded as a `timeout` failure; a worker that dies (a segfault in a decoder) is recorded as a `crash`.
+parent watches every worker: a request that runs past `timeout` seconds (per minute of video, for fps
+windows covering more than a minute: `limit`) gets its worker killed and is recorded as a `timeout` failure;
+a worker that dies (a segfault in a decoder) is recorded as a `crash`.
 Either way a fresh worker takes its place and the pool goes on. A worker dies with its parent, however the
 parent dies. Results come back in completion order.
 A worker's clock starts when it reports ready (interpreter start-up and imports can take seconds on a
@@ -225,6 +226,11 @@ class DecodePool:
             if waiting and time.monotonic() >= deadline:
                 raise RuntimeError(f"{len(waiting)} decode worker processes did not start within {_START_TIMEOUT:g} s")
 
+    def limit(self, req: DecodeRequest) -> float:
+        """Seconds a request may take: the timeout, per minute of video for a request that covers more than
+        a minute (fps windows; see DecodeRequest.media_seconds)."""
+        return self.timeout * max(1.0, req.media_seconds / 60.0)
+
     # -- feeding
     def submit(self, req: DecodeRequest) -> None:
         self._queue.append(req)
@@ -269,7 +275,7 @@ class DecodePool:
                 return None
             now = time.monotonic()
             # a replacement worker still starting has no clock yet: only its start-up limit applies
-            next_kill = min(w.started + (self.timeout if w.ready else _START_TIMEOUT) for w in busy)
+            next_kill = min(w.started + (self.limit(w.request) if w.ready else _START_TIMEOUT) for w in busy)
             wait_for = next_kill - now
             if deadline is not None:
                 wait_for = min(wait_for, deadline - now)
@@ -296,8 +302,8 @@ class DecodePool:
                         code = w.proc.exitcode
                         why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
                         self._fail(w, "crash", f"the decoder process died ({why})")
-                elif w.request is not None and w.ready and time.monotonic() - w.started > self.timeout:
-                    self._fail(w, "timeout", f"decoding took longer than {self.timeout:g} s and was killed")
+                elif w.request is not None and w.ready and time.monotonic() - w.started > self.limit(w.request):
+                    self._fail(w, "timeout", f"decoding took longer than {self.limit(w.request):g} s and was killed")
                 elif w.request is not None and not w.ready and time.monotonic() - w.started > _START_TIMEOUT:
                     self._fail(w, "crash", f"the decoder process did not start within {_START_TIMEOUT:g} s")
             self._dispatch()

@@ -41,7 +41,7 @@ from ..ray_runtime import (
     use_gpus,
     worker_resources,
 )
-from ..store import FAILED, Cache, CacheError, open_for_writing
+from ..store import Cache, CacheError, open_for_writing
 from .decode_pool import DecodePool
 from .manifest import Manifest
 from .pipeline import ExtractStats, creation_extras, stop_on_sigint
@@ -286,7 +286,7 @@ def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSe
 
         out = Path(out).resolve()
         with open_for_writing(out, p.meta, p.layout, manifest.videos, settings.codec, overwrite, repair,
-                              extras=extras, log=log) as store:
+                              extras=extras, log=log, timeline=p.timeline.arrays() if p.timeline else None) as store:
             bb = None    # the driver's copy is not needed any more: free it before the workers start
             if not store.todo:
                 return DistributedStats()
@@ -461,14 +461,17 @@ class _Driver:
             rows[r.start:r.stop] = True
             vids[v.start:v.stop] = True
         valid = cache.read("clips/valid") & rows
-        status = cache.read("videos/status")
-        bad = np.flatnonzero((status == FAILED) & vids)
-        errors = cache.read("videos/error")
+        if lay.windowed:   # a video of the shards run: any of its rows in them
+            vids[:] = False
+            vids[lay.clip_video()[rows]] = True
+        failed = {f["video"]: f"{f['stage']}: {f['error']}" for f in cache.failures()}
+        bad = [v for v in sorted(failed) if vids[v]]
         st = self.stats
         st.shards, st.clips = len(ran), int(valid.sum())
-        st.frames = st.clips * lay.frames
+        st.frames = (int(cache.read("clips/valid_frames")[valid].sum()) if lay.windowed
+                     else st.clips * lay.frames)
         st.failed_videos = len(bad)
-        st.failures = [(int(v), str(errors[v])) for v in bad]
+        st.failures = [(int(v), failed[v]) for v in bad]
         st.seconds = seconds
         st.interrupted = st.interrupted and len(ran) < len(self.todo)
         return st

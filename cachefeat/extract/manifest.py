@@ -11,6 +11,11 @@ Accepted (format detected from the path, or forced with --format):
 - ssv2   : Something-Something JSON list of {id, template|label}; files are <id>.webm (or .mp4) under the
            video root; the class is the template with the brackets removed
 
+A video may also be a frame folder: a directory of JPEG/PNG frames (video.IMAGE_EXTENSIONS), read in
+natural name order, in every format: DIR/<class>/<video>/ in a folder tree, a directory's path in a list,
+a directory named like the video's file (without extension) where Kinetics and SSv2 look for files.
+Their timestamps need the rate the frames were extracted at (`extract --frame-rate`).
+
 The class list comes from --classes (a text file, one name per line, or a JSON list, or a JSON
 {name: index} map as SSv2's labels.json) or else from the labels found, sorted. Train and eval caches
 must share one class list; pass the same --classes to both when a split may lack a class.
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts", ".3gp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")   # frame folders (as video.IMAGE_EXTENSIONS)
 FORMATS = ("auto", "folder", "list", "kinetics", "ssv2")
 
 
@@ -145,14 +151,23 @@ def _sha(data: bytes) -> str:
 
 
 def _folder(path: Path, root: Path, split):
-    rows = []
-    for p in sorted(path.rglob("*")):
-        if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS:
-            rel = p.relative_to(path)
-            label = rel.parts[0] if len(rel.parts) > 1 else None
-            rows.append((str(p), label, str(rel.with_suffix(""))))
-    listing = "\n".join(f"{r[0]}\t{os.path.getsize(r[0])}" for r in rows)
-    return rows, _sha(listing.encode())
+    found = []           # (path, size or frame count, is a frame folder)
+    for dirpath, dirs, files in os.walk(path):
+        dirs.sort()
+        here = Path(dirpath)
+        frames = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        if frames and here != path:      # a frame folder is one video: its subfolders are not searched
+            dirs[:] = []
+            found.append((here, len(frames), True))
+            continue
+        found += [(here / f, None, False) for f in files if Path(f).suffix.lower() in VIDEO_EXTENSIONS]
+    rows, listing = [], []
+    for p, n, folder in sorted(found):
+        rel = p.relative_to(path)
+        label = rel.parts[0] if len(rel.parts) > 1 else None
+        rows.append((str(p), label, str(rel if folder else rel.with_suffix(""))))
+        listing.append(f"{p}/\t{n} frames" if folder else f"{p}\t{os.path.getsize(p)}")
+    return rows, _sha("\n".join(listing).encode())
 
 
 def _text_list(path: Path, root: Path, split):
@@ -236,12 +251,14 @@ def _ssv2(path: Path, root: Path, split):
 
 
 def _find_video(root: Path, stem: str, label: str | None, exts=VIDEO_EXTENSIONS) -> Path:
-    """The file for `stem`: flat under root or in the class folder; the .mp4 path when none exists (it
-    is then recorded as missing, not dropped)."""
+    """The file for `stem`: flat under root or in the class folder, or a frame folder named `stem` there;
+    the .mp4 path when none exists (it is then recorded as missing, not dropped)."""
     folders = [root] + ([root / label, root / label.replace(" ", "_")] if label else [])
     for folder in folders:
         for ext in exts:
             p = folder / f"{stem}{ext}"
             if p.exists():
                 return p
+        if (folder / stem).is_dir():
+            return folder / stem
     return folders[-1] / f"{stem}{exts[0]}"

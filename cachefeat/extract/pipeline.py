@@ -36,6 +36,7 @@ from .backbone import Backbone, load_backbone
 from .decode_pool import DecodePool
 from .manifest import Manifest, VideoEntry
 from .plan import INT8_HEADROOM, ExtractSettings, Plan, plan
+from .sampling import sample_count
 from .video import DecodeRequest, DecodeResult
 
 
@@ -60,6 +61,13 @@ def calibrate_int8(p: Plan, backbone: Backbone, pool: DecodePool, batch_size: in
     layers, tokens, sampling = list(p.layout.layers), p.layout.tokens, SamplingSpec(**p.meta["sampling"])
     absmax: dict[str, torch.Tensor] = {}
     for v in picks:
+        if p.layout.windowed:   # the first windows of the video
+            tl = p.timeline
+            n = min(int(tl.windows[v]), max(1, REQUEST_FRAMES // p.layout.frames))
+            pool.submit(DecodeRequest(v, videos[v].path, p.layout.frames, sampling, p.layout.views,
+                                      backbone.preprocessing, reader, windows=(0, n), samples=int(tl.samples[v]),
+                                      start=float(tl.start[v])))
+            continue
         pool.submit(DecodeRequest(v, videos[v].path, p.layout.frames, sampling, p.layout.views,
                                   backbone.preprocessing, reader, p.layout.pixels,
                                   AugmentSpec.from_dict(p.meta.get("augment"))))
@@ -69,7 +77,8 @@ def calibrate_int8(p: Plan, backbone: Backbone, pool: DecodePool, batch_size: in
         if res is None or not res.ok:
             continue
         got += 1
-        frames = res.pixels.reshape(-1, *res.pixels.shape[2:])
+        pixels = res.pixels if res.valid_frames is None else res.pixels[res.valid_frames > 0]
+        frames = pixels.reshape(-1, *pixels.shape[2:])
         for b in range(0, len(frames), batch_size):
             out = backbone.features(torch.from_numpy(frames[b:b + batch_size]), layers, tokens)
             found = {"embed": out["embed"].abs().amax(0), "cls": out["cls"].abs().amax(0)}
@@ -131,21 +140,57 @@ def _unstorable(feats: torch.Tensor, limit: float) -> torch.Tensor:
     return ~((flat.amax(1).float() <= limit) & (flat.amin(1).float() >= -limit))
 
 
+REQUEST_FRAMES = 32     # fps sampling: frames per decode request (whole windows, at least one): what a decode
+                        # worker holds at once, whatever the length of the video
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One decode request of a shard: all the views of a video, or (fps sampling) some of its windows."""
+    key: int                               # the request's key: the video, or (windowed) its first row
+    video: int
+    rows: range                            # the clip rows it fills
+    windows: tuple[int, int] | None = None   # windowed: (first window of the video, count)
+
+
+def shard_units(layout: Layout, shard: int) -> list[_Unit]:
+    """The decode requests of a shard, in row order: one per video, or (windowed) pieces of at most
+    REQUEST_FRAMES frames of one video's windows in the shard."""
+    if not layout.windowed:
+        return [_Unit(v, v, layout.video_rows(v)) for v in layout.shard_videos_range(shard)]
+    rows, first = layout.shard_rows_range(shard), layout.first_clips
+    per = max(1, REQUEST_FRAMES // layout.frames)
+    out, r = [], rows.start
+    v = int(np.searchsorted(first, r, side="right")) - 1
+    while r < rows.stop:
+        end = min(int(first[v + 1]), rows.stop)
+        for a in range(r, end, per):
+            b = min(a + per, end)
+            out.append(_Unit(a, v, range(a, b), (a - int(first[v]), b - a)))
+        r, v = end, v + 1
+    return out
+
+
 class _ShardState:
-    """One shard being assembled: decoded videos arrive in any order, frames go to the backbone in
-    video order, everything lands in row arrays of the shard's size. They may hold an earlier shard's
-    values: every row is written, a failed video's rows with zeros."""
+    """One shard being assembled: decoded units (a video's views, or a piece of a video's windows) arrive
+    in any order, frames go to the backbone in row order, everything lands in row arrays of the shard's
+    size. They may hold an earlier shard's values: every row is written, a failed unit's rows with zeros.
+    The per-video tables are those of the shard's videos (windowed: whose first window it holds)."""
 
     def __init__(self, shard: int, layout: Layout, buffers: _RowBuffers):
         self.shard = shard
+        self.layout = layout
         self.vids = layout.shard_videos_range(shard)
+        self.row0 = layout.shard_rows_range(shard).start
         self.rows = buffers.take(len(layout.shard_rows_range(shard)))
         self.status = np.zeros(len(self.vids), np.uint8)
         self.num_frames = np.zeros(len(self.vids), np.int32)
         self.errors = [""] * len(self.vids)
+        self.units = shard_units(layout, shard)
+        self.unit_of_row = np.repeat(np.arange(len(self.units)), [len(u.rows) for u in self.units])
         self.results: dict[int, DecodeResult] = {}
-        self.to_submit = deque(self.vids)
-        self.next_video = self.vids.start      # next video whose frames go into a batch
+        self.to_submit = deque(self.units)
+        self.next_unit = 0                     # next unit whose frames go into a batch
         self.frames: list[torch.Tensor] = []   # pending crops, each (n, h, w, 3) uint8, host or device
         self.copied = None                     # GPU: event after the last copy of features into `rows`
         self.finite_checks: list[tuple[np.ndarray, torch.Tensor]] = []   # (slots, frames not storable)
@@ -154,61 +199,84 @@ class _ShardState:
 
     @property
     def resolved(self) -> bool:
-        return self.next_video >= self.vids.stop
+        return self.next_unit >= len(self.units)
 
     @property
     def valid(self) -> np.ndarray:
         return self.rows["clips/valid"]
 
-    def take_ready(self, views: int, T: int, to_views) -> int:
-        """Move the frames of consecutive decoded videos into the pending batch; returns videos taken.
+    def _local(self, u: _Unit) -> slice:
+        return slice(u.rows.start - self.row0, u.rows.stop - self.row0)
+
+    def _owned(self, u: _Unit) -> int | None:
+        return u.video - self.vids.start if u.video in self.vids else None
+
+    def take_ready(self, T: int, to_views) -> list[_Unit]:
+        """Move the frames of consecutive decoded units into the pending batch; returns the units taken.
         `to_views(result)` -> (crops (V, T, h, w, 3) tensor, small pixel frames or None)."""
-        taken = 0
-        while self.next_video < self.vids.stop and self.next_video in self.results:
-            res = self.results.pop(self.next_video)
-            j = self.next_video - self.vids.start
-            self.num_frames[j] = res.num_frames
+        taken = []
+        while not self.resolved and self.units[self.next_unit].key in self.results:
+            u = self.units[self.next_unit]
+            res = self.results.pop(u.key)
+            r, j = self._local(u), self._owned(u)
+            if j is not None:
+                self.num_frames[j] = max(self.num_frames[j], res.num_frames)
             if res.ok:
-                self.status[j] = OK
-                r = slice(j * views, (j + 1) * views)
-                self.rows["clips/valid"][r] = True
+                if j is not None and self.status[j] != FAILED:
+                    self.status[j] = OK
+                has = np.ones(len(u.rows), bool) if res.valid_frames is None else res.valid_frames > 0
+                self.rows["clips/valid"][r] = has
                 self.rows["clips/frame_idx"][r] = res.frame_idx
+                if "clips/time" in self.rows:
+                    self.rows["clips/time"][r] = res.time
+                if res.valid_frames is not None:
+                    self.rows["clips/valid_frames"][r] = res.valid_frames
+                    self.rows["clips/error"][r] = res.window_errors
                 crops, small_frames = to_views(res)
                 if small_frames is not None:
                     self.rows["pixels"][r] = small_frames
                     self.rows["clips/pixel_frame_idx"][r] = res.small_idx
                 if res.augment is not None:
                     self.rows["clips/aug"][r] = [json.dumps(a, sort_keys=True) for a in res.augment]
+                if not has.all():          # windows past the end of a stream its header promised: no frames
+                    crops = crops[torch.from_numpy(np.flatnonzero(has)).to(crops.device)]
+                rows = np.arange(r.start, r.stop)[has]
                 self.frames.append(crops.reshape(-1, *crops.shape[2:]))
-                self.slots.append(np.arange(r.start * T, r.stop * T))
-                self.pending += views * T
+                self.slots.append((rows[:, None] * T + np.arange(T)[None, :]).reshape(-1))
+                self.pending += len(rows) * T
             else:
-                self.fail(j, views, f"{res.stage}: {res.error}")
-            self.next_video += 1
-            taken += 1
+                self.fail(u, f"{res.stage}: {res.error}")
+            self.next_unit += 1
+            taken.append(u)
         return taken
 
-    def fail(self, j: int, views: int, error: str) -> None:
-        """Record the shard's `j`-th video as failed; its rows hold zeros, as in a cache written in one go."""
-        self.status[j] = FAILED
-        self.errors[j] = error
+    def fail(self, u: _Unit, error: str) -> None:
+        """Record a unit as failed: its rows hold zeros, as in a cache written in one go; its video fails
+        (windowed: the rows say why in clips/error, and the video's table entry when the shard holds it)."""
+        r, j = self._local(u), self._owned(u)
         for rows in self.rows.values():
-            rows[j * views:(j + 1) * views] = "" if rows.dtype == object else 0
+            rows[r] = "" if rows.dtype == object else 0
+        if "clips/error" in self.rows:
+            self.rows["clips/error"][r] = error
+        if j is not None:
+            self.status[j] = FAILED
+            self.errors[j] = self.errors[j] or error
 
-    def drop_nonfinite(self, views: int, T: int) -> None:
-        """Videos whose features hold NaN or Inf, or values the cache's dtype cannot hold (beyond float16's
+    def drop_nonfinite(self, T: int) -> None:
+        """Units whose features hold NaN or Inf, or values the cache's dtype cannot hold (beyond float16's
         range in a float16 cache), fail (stage `backbone`) instead of being written: nothing downstream
         should train on them. One look at the device per shard."""
-        bad = {j for slots, frames in self.finite_checks
-               for j in np.unique(slots[frames.cpu().numpy()] // T // views).tolist()}
+        bad = {int(i) for slots, frames in self.finite_checks
+               for i in np.unique(self.unit_of_row[slots[frames.cpu().numpy()] // T]).tolist()}
         self.finite_checks = []
         if bad and self.copied is not None:
             self.copied.synchronize()          # the GPU's copies into these rows land before they are zeroed
-        for j in sorted(bad):
-            if self.status[j] != FAILED:
-                self.fail(j, views, "backbone: the features hold NaN or Inf, or values beyond the cache's "
-                                    "dtype (check the weights, compute with --precision fp32, or store "
-                                    "--dtype float32)")
+        for i in sorted(bad):
+            u = self.units[i]
+            j = self._owned(u)
+            if j is None or self.status[j] != FAILED or self.layout.windowed:
+                self.fail(u, "backbone: the features hold NaN or Inf, or values beyond the cache's dtype (check "
+                             "the weights, compute with --precision fp32, or store --dtype float32)")
 
     def pop_batch(self, size: int) -> tuple[torch.Tensor, np.ndarray]:
         if len(self.frames) == 1:
@@ -225,8 +293,9 @@ class _ShardState:
     def data(self) -> ShardData:
         """What the writer writes; `rows` are the buffers themselves (given back once written)."""
         rows = dict(self.rows)
-        if "clips/aug" in rows:
-            rows["clips/aug"] = rows["clips/aug"].astype(str)
+        for name in ("clips/aug", "clips/error"):
+            if name in rows:
+                rows[name] = rows[name].astype(str)
         return ShardData(self.shard, rows, {"videos/status": self.status, "videos/num_frames": self.num_frames,
                                             "videos/error": np.array(self.errors, dtype=str)})
 
@@ -280,8 +349,14 @@ class ShardExtractor:
             raise ValueError(f"preprocess must be one of {PREPROCESS_CHOICES}")
         self.device_crops = (preprocess == "device" or (preprocess == "auto" and backbone.device.type == "cuda")) \
             and self.augment is None and resample.supported(prep.size, prep.interpolation, prep.resize_mode)
-        per_video = layout.views.count * layout.frames
-        self.max_inflight = max_inflight or max(4 * max(len(pool.pids), 1), 2 * math.ceil(batch_size / per_video))
+        per_request = (max(1, REQUEST_FRAMES // layout.frames) if layout.windowed else layout.views.count) \
+            * layout.frames
+        self.max_inflight = max_inflight or max(4 * max(len(pool.pids), 1), 2 * math.ceil(batch_size / per_request))
+        if layout.windowed:   # every video's timeline, as probed when the store was made
+            self.start = store.read("videos/start")
+            self.duration = store.read("videos/duration")
+            self.samples = np.array([sample_count(d, self.sampling.fps) for d in self.duration], dtype=np.int64)
+        self.videos_done, self.media_seconds_done = 0, 0.0     # progress in videos and in hours of video
         self.stop_requested = False
         dev = backbone.device
         # int8 caches quantize on the compute device with the steps fixed when the store was created
@@ -298,7 +373,8 @@ class ShardExtractor:
         if res.decoded is None:
             return torch.from_numpy(res.pixels), res.small
         prep = self.backbone.preprocessing
-        return resample.views_from_frames(res.decoded, res.decoded_idx, res.frame_idx, res.small_idx, prep,
+        idx = res.frame_idx if res.pick is None else res.pick      # fps windows: positions in `decoded`
+        return resample.views_from_frames(res.decoded, res.decoded_idx, idx, res.small_idx, prep,
                                           self.layout.views.spatial,
                                           self.layout.pixels.size if self.layout.pixels else None,
                                           self.backbone.device)
@@ -336,17 +412,39 @@ class ShardExtractor:
             if gpu:
                 st.copied = self.copy_stream.record_event()
 
-    def _request(self, video: int) -> DecodeRequest:
-        e = self.videos[video]
-        return DecodeRequest(video, e.path, self.layout.frames, self.sampling, self.layout.views,
+    def _request(self, u: _Unit) -> DecodeRequest:
+        e, v = self.videos[u.video], u.video
+        if u.windows is not None:
+            return DecodeRequest(u.key, e.path, self.layout.frames, self.sampling, self.layout.views,
+                                 self.backbone.preprocessing, self.reader, raw=self.device_crops,
+                                 windows=u.windows, samples=int(self.samples[v]), start=float(self.start[v]))
+        return DecodeRequest(u.key, e.path, self.layout.frames, self.sampling, self.layout.views,
                              self.backbone.preprocessing, self.reader, self.layout.pixels, self.augment,
                              raw=self.device_crops)
 
-    def _take_decoded(self, by_shard: dict, timeout: float) -> None:
-        """Hand the decoded videos that are ready to their shards (waiting up to `timeout` s for one); the
+    def unit_seconds(self, u: _Unit) -> float:
+        """Seconds of video a unit covers (fps windows; the video's share of its duration otherwise: 0)."""
+        if u.windows is None:
+            return 0.0
+        d = self.duration[u.video]
+        if not np.isfinite(d):
+            return 0.0
+        step = self.sampling.window_stride / self.sampling.fps
+        w0, n = u.windows
+        last = u.rows.stop == self.layout.first_clips[u.video + 1]
+        return float(min(d, d if last else (w0 + n) * step) - min(d, w0 * step))
+
+    def _progress(self, units: list[_Unit]) -> None:
+        for u in units:
+            self.media_seconds_done += self.unit_seconds(u)
+            self.videos_done += u.rows.stop == self.layout.first_clips[u.video + 1]
+        self.on_progress(sum(len(u.rows) for u in units))
+
+    def _take_decoded(self, by_key: dict, timeout: float) -> None:
+        """Hand the decoded units that are ready to their shards (waiting up to `timeout` s for one); the
         pool gives its idle workers their next requests meanwhile."""
         while (res := self.pool.get(timeout=timeout)) is not None:
-            st = by_shard.get(res.key // self.layout.shard_videos)
+            st = by_key.pop(res.key, None)
             if st is not None:
                 st.results[res.key] = res
             timeout = 0
@@ -380,8 +478,8 @@ class ShardExtractor:
         it = iter(shards)
         exhausted = False
         open_shards: deque[_ShardState] = deque()
-        by_shard: dict[int, _ShardState] = {}
-        views, T = self.layout.views.count, self.layout.frames
+        by_key: dict[int, _ShardState] = {}        # submitted requests -> their shard
+        T = self.layout.frames
         try:
             while True:
                 if writer_error:
@@ -400,31 +498,30 @@ class ShardExtractor:
                             break
                         st = _ShardState(int(s), self.layout, buffers)
                         open_shards.append(st)
-                        by_shard[st.shard] = st
                         continue
-                    v = st.to_submit.popleft()
-                    entry = self.videos[v]
+                    u = st.to_submit.popleft()
+                    entry = self.videos[u.video]
                     if entry.problem:
-                        st.results[v] = DecodeResult(v, stage="manifest", error=entry.problem)
+                        st.results[u.key] = DecodeResult(u.key, stage="manifest", error=entry.problem)
                     else:
-                        self.pool.submit(self._request(v))
+                        by_key[u.key] = st
+                        self.pool.submit(self._request(u))
                 if not open_shards:
                     break
                 # 2. the head shard: batch the decoded frames in video order, forward full batches
                 head = open_shards[0]
-                taken = head.take_ready(views, T, self._views)
+                taken = head.take_ready(T, self._views)
                 while head.pending >= self.batch_size or (head.resolved and head.pending):
-                    self._take_decoded(by_shard, timeout=0)     # idle decoders get work before each batch
+                    self._take_decoded(by_key, timeout=0)     # idle decoders get work before each batch
                     pixels, slots = head.pop_batch(self.batch_size)
                     tf = time.perf_counter()
                     self._forward(head, pixels, slots)
                     stats.forward_s += time.perf_counter() - tf
                 if taken:
-                    self.on_progress(taken * views)
+                    self._progress(taken)
                 if head.resolved:
                     open_shards.popleft()
-                    del by_shard[head.shard]
-                    head.drop_nonfinite(views, T)
+                    head.drop_nonfinite(T)
                     tw = time.perf_counter()
                     item = (head, head.data())
                     while True:       # while the writer is busy, keep the decoders fed and their results taken
@@ -432,11 +529,12 @@ class ShardExtractor:
                             writes.put(item, timeout=0.01)
                             break
                         except Full:
-                            self._take_decoded(by_shard, timeout=0)
+                            self._take_decoded(by_key, timeout=0)
                     stats.wait_write_s += time.perf_counter() - tw
                     stats.shards += 1
                     stats.clips += int(head.valid.sum())
-                    stats.frames += int(head.valid.sum()) * T
+                    stats.frames += (int(head.rows["clips/valid_frames"][head.valid].sum()) if self.layout.windowed
+                                     else int(head.valid.sum()) * T)
                     bad = np.flatnonzero(head.status == FAILED)
                     stats.failed_videos += len(bad)
                     stats.failures += [(int(head.vids.start + j), head.errors[j]) for j in bad]
@@ -447,7 +545,7 @@ class ShardExtractor:
                     continue
                 # 3. wait for the next decoded video
                 td = time.perf_counter()
-                self._take_decoded(by_shard, timeout=1.0)
+                self._take_decoded(by_key, timeout=1.0)
                 stats.wait_decode_s += time.perf_counter() - td
         finally:
             tw = time.perf_counter()
@@ -503,14 +601,25 @@ def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batc
     with DecodePool(decode_workers, decode_timeout) as pool, \
             open_for_writing(out, p.meta, p.layout, manifest.videos, settings.codec, overwrite, repair,
                              extras=lambda: creation_extras(p, backbone, pool, batch_size, reader, log),
-                             log=log) as store:
+                             log=log, timeline=p.timeline.arrays() if p.timeline else None) as store:
         if not store.todo:
             return ExtractStats()
         layout = store.layout
         total_clips = sum(len(layout.shard_rows_range(s)) for s in store.todo)
         bar = tqdm(total=total_clips, unit="clip", desc="extract", disable=not progress, dynamic_ncols=True)
-        ex = ShardExtractor(store.cache, backbone, manifest.videos, pool, batch_size, reader, on_progress=bar.update,
+
+        def on_progress(clips: int) -> None:
+            bar.update(clips)
+            if layout.windowed:    # long videos: also in videos and in hours of video
+                bar.set_postfix_str(f"{ex.videos_done}/{todo_videos} videos, {ex.media_seconds_done / 3600:.2f}/"
+                                    f"{todo_hours:.2f} h of video", refresh=False)
+
+        ex = ShardExtractor(store.cache, backbone, manifest.videos, pool, batch_size, reader, on_progress=on_progress,
                             preprocess=preprocess, fsync=fsync)
+        if layout.windowed:
+            units = [u for s in store.todo for u in shard_units(layout, s)]
+            todo_videos = sum(u.rows.stop == layout.first_clips[u.video + 1] for u in units)
+            todo_hours = sum(ex.unit_seconds(u) for u in units) / 3600
 
         def request_stop():
             ex.stop_requested = True

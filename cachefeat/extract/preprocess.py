@@ -1,9 +1,12 @@
-"""Geometric preprocessing of decoded frames: the model's own open_clip eval transform, minus ToTensor/Normalize.
+"""Geometric preprocessing of decoded frames: the model's own eval transform (open_clip's, or timm's data
+config), minus ToTensor/Normalize.
 
 It runs in the decode worker processes, which import neither torch nor open_clip, so it is written against
 PIL and replicates torchvision's `Resize(int)` + `CenterCrop` arithmetic exactly (tests compare it with
-open_clip's own transform). What leaves a worker is uint8 HxWx3 crops; scaling to [0, 1] and the CLIP
-mean/std normalisation happen on the compute device (backbone.normalize), as ToTensor + Normalize would.
+open_clip's and timm's own transforms). timm's `crop_pct` resizes the shorter side to floor(size / crop_pct)
+before the centre crop (`resize`; open_clip resizes it to the crop size). What leaves a worker is uint8
+HxWx3 crops; scaling to [0, 1] and the mean/std normalisation happen on the compute device
+(backbone.normalize), as ToTensor + Normalize would.
 
 Spatial views: 1 = the centre crop (what open_clip does); 3 = crops at the start, centre and end of the
 longer side after the shorter side is resized to the crop size (the papers' three-crop test protocol).
@@ -23,23 +26,45 @@ _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """The model's preprocessing settings, as open_clip's PreprocessCfg gives them."""
+    """The model's preprocessing settings, as open_clip's PreprocessCfg or timm's data config gives them.
+    `resize`: the shorter side (squash: both sides) before the centre crop to `size`; None = the crop size."""
     size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
     fill_color: int = 0
+    resize: int | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["resize"] is None:      # absent unless set: the metadata (and fingerprints) of earlier caches stay
+            del d["resize"]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
         return cls(size=tuple(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
                    interpolation=d.get("interpolation", "bicubic"), resize_mode=d.get("resize_mode", "shortest"),
-                   fill_color=d.get("fill_color", 0))
+                   fill_color=d.get("fill_color", 0), resize=d.get("resize"))
+
+    @classmethod
+    def from_timm(cls, cfg: dict) -> Preprocessing:
+        """timm's data config (`resolve_model_data_config`) -> the settings of `transforms_imagenet_eval`:
+        crop_mode center (shorter side to floor(size / crop_pct), centre crop) or squash (both sides to it,
+        centre crop). Raises ValueError for what that transform does that this module does not (border
+        mode, non-square crops)."""
+        _, h, w = cfg["input_size"]
+        mode = cfg.get("crop_mode") or "center"
+        if h != w or mode not in ("center", "squash"):
+            raise ValueError(f"timm preprocessing with input size {h}x{w} and crop_mode {mode!r} is not supported "
+                             f"(square sizes with crop_mode center or squash are)")
+        if cfg["interpolation"] not in _INTERPOLATION:
+            raise ValueError(f"timm interpolation {cfg['interpolation']!r} is not supported")
+        scale = math.floor(h / (cfg.get("crop_pct") or 0.875))
+        return cls(size=(h, w), mean=tuple(float(m) for m in cfg["mean"]), std=tuple(float(s) for s in cfg["std"]),
+                   interpolation=cfg["interpolation"], resize_mode="shortest" if mode == "center" else "squash",
+                   resize=None if scale == h else scale)
 
     @classmethod
     def from_open_clip(cls, cfg: dict) -> Preprocessing:
@@ -83,12 +108,16 @@ def crops(frame: np.ndarray, prep: Preprocessing, spatial: int = 1) -> list[np.n
     th, tw = prep.size
     interp = _INTERPOLATION[prep.interpolation]
     if prep.resize_mode == "squash":
-        return [np.asarray(img.resize((tw, th), interp))] * spatial
+        if prep.resize is None:
+            return [np.asarray(img.resize((tw, th), interp))] * spatial
+        img = img.resize((prep.resize, prep.resize), interp)     # timm: squash to size / crop_pct, centre crop
+        top, left = int(round((prep.resize - th) / 2.0)), int(round((prep.resize - tw) / 2.0))
+        return [np.asarray(_crop_or_pad(img, top, left, th, tw, prep.fill_color))] * spatial
     if prep.resize_mode == "longest":
         return [_longest(img, prep)] * spatial
     if th != tw:
         raise ValueError(f"non-square crop {prep.size} with resize_mode=shortest is not supported")
-    img = _resize_shortest(img, th, interp)
+    img = _resize_shortest(img, prep.resize or th, interp)
     w, h = img.size
     centre = (int(round((h - th) / 2.0)), int(round((w - tw) / 2.0)))
     if spatial == 1:

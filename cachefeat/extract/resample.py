@@ -128,12 +128,13 @@ def shortest_side_size(h: int, w: int, size: int) -> tuple[int, int]:
     return (new_long, new_short) if w <= h else (new_short, new_long)
 
 
-def view_crops(frames: torch.Tensor, size: int, spatial: int, interpolation: str = "bicubic") -> torch.Tensor:
-    """uint8 (N, H, W, 3) decoded frames -> (S, N, size, size, 3): the shorter side resized to `size`, then
-    the centre crop (S = 1) or the start, centre and end crops along the longer side (S = 3): what
-    preprocess.crops computes with PIL, frame by frame."""
+def view_crops(frames: torch.Tensor, size: int, spatial: int, interpolation: str = "bicubic",
+               short_side: int | None = None) -> torch.Tensor:
+    """uint8 (N, H, W, 3) decoded frames -> (S, N, size, size, 3): the shorter side resized to `short_side`
+    (default `size`; timm's crop_pct makes it larger), then the centre crop (S = 1) or the start, centre and
+    end crops along the longer side (S = 3): what preprocess.crops computes with PIL, frame by frame."""
     h, w = frames.shape[1:3]
-    nh, nw = shortest_side_size(h, w, size)
+    nh, nw = shortest_side_size(h, w, short_side or size)
     x = resize(frames, nw, nh, interpolation)
     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     if spatial == 1:
@@ -159,7 +160,8 @@ def views_from_frames(decoded: np.ndarray, decoded_idx: np.ndarray, frame_idx: n
     not exact here is cropped with PIL (preprocess.crops) instead: the bytes never differ."""
     size = prep.size[0]
     try:
-        crops = view_crops(torch.from_numpy(decoded).to(device), size, spatial, prep.interpolation)   # (S, U, ...)
+        crops = view_crops(torch.from_numpy(decoded).to(device), size, spatial, prep.interpolation,
+                           prep.resize)                                                           # (S, U, ...)
     except NotExact:
         from .preprocess import crops as pil_crops
         crops = torch.from_numpy(np.stack([np.stack(pil_crops(f, prep, spatial)) for f in decoded], axis=1))

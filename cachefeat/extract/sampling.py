@@ -12,6 +12,8 @@ A video with zero decodable frames is a failure.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..specs import SamplingSpec
@@ -67,3 +69,35 @@ def pixel_indices(idx: np.ndarray, num_frames: int, factor: int) -> np.ndarray:
     steps = np.arange(factor)
     out = idx[:, None] + (gaps[:, None] * steps[None, :]) // factor
     return np.clip(out.reshape(-1), 0, num_frames - 1)
+
+
+# ------------------------------------------------------------------------------------------- fps windows
+# fps:F. Sample k of a video is taken at time start + k / F on the video's own timeline (start = its first
+# frame's presentation time), for every k with k / F < duration: ceil(duration * F) samples. The frame each
+# sample shows is the one whose presentation time is nearest (ties: the earlier), as FFmpeg's fps filter
+# does, so a video's frame rate may vary. Windows of T samples start every S samples (S = T: side by side;
+# S < T: they overlap) until one reaches the last sample; samples past the last one repeat it (padding,
+# counted in clips/valid_frames).
+_EPS = 1e-6
+
+
+def sample_count(duration: float, fps: float) -> int:
+    """Samples of a video of `duration` seconds at `fps` (at least one)."""
+    if not duration > 0:
+        return 1
+    return max(1, math.ceil(duration * fps - _EPS))
+
+
+def window_count(samples: int, frames: int, stride: int) -> int:
+    """Windows of `frames` samples, `stride` apart, that cover `samples` samples."""
+    return 1 + max(0, -(-(samples - frames) // stride))
+
+
+def window_samples(first: int, count: int, samples: int, frames: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample indices (count, frames) of windows first .. first+count-1, padded by repeating each window's
+    last real sample, and the number of real samples of each window (count,)."""
+    start = (first + np.arange(count, dtype=np.int64)) * stride
+    idx = start[:, None] + np.arange(frames, dtype=np.int64)[None, :]
+    real = np.clip(samples - start, 0, frames)
+    last = start + np.maximum(real, 1) - 1
+    return np.minimum(idx, last[:, None]), real.astype(np.int16)

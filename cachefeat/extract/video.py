@@ -1,9 +1,13 @@
 """Video readers and the per-video decode step that decode workers run.
 
-A reader opens one file and returns RGB frames for a list of indices. Readers are pluggable through
-READERS; `auto` tries decord first (fast random access) and falls back to PyAV, which opens what decord
-cannot (odd pixel formats, some containers). Add a reader (a GPU decoder, say) by registering a class
-with `name`, `num_frames` and `get(indices)`.
+A reader opens one file (or a folder of frames) and returns RGB frames for a list of indices, with their
+presentation times (`times(indices)`, after `get`), or the frames nearest a list of times (`frames_at`, for
+--sampling fps). Readers are pluggable through READERS; `auto` tries decord first (fast random access) and
+falls back to PyAV, which opens what decord cannot (odd pixel formats, some containers); with fps sampling
+`auto` tries PyAV first (exact timestamps from the pts, one sequential pass per request, seeking across
+long gaps). Add a reader (a GPU decoder, say) by registering a class with `name`, `num_frames`,
+`get(indices)`, `times(indices)` and `frames_at(times)`. A folder of JPEG/PNG frames is read by
+FrameFolderReader whatever the reader asked for.
 
 decode_video() never raises: it returns a DecodeResult whose `error`/`stage` say what went wrong, so one bad
 file is recorded and the extraction goes on. This module imports neither torch nor open_clip: it runs in
@@ -18,7 +22,10 @@ import numpy as np
 
 from ..specs import AugmentSpec, PixelSpec, SamplingSpec, ViewSpec
 from .preprocess import Preprocessing, augmented_crop, crops, draw_augmentation, small
-from .sampling import clip_indices, pixel_indices
+from .sampling import clip_indices, pixel_indices, window_samples
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SEEK_GAP = 10.0      # seconds: fps sampling seeks to a sample this far past the decoder's position
 
 
 class DecodeError(Exception):
@@ -47,13 +54,20 @@ class DecordReader:
     def get(self, indices: np.ndarray) -> np.ndarray:
         return self._vr.get_batch([int(i) for i in indices]).asnumpy()
 
+    def times(self, indices: np.ndarray) -> np.ndarray:
+        return self._vr.get_frame_timestamp([int(i) for i in indices])[:, 0].astype(np.float64)
+
+    def frames_at(self, times: np.ndarray) -> Sampled:
+        stamps = self._vr.get_frame_timestamp(range(self.num_frames)).astype(np.float64)
+        return _nearest_on_timeline(stamps[:, 0], stamps[-1, 1], times, self.get)
+
 
 class PyAVReader:
     """Sequential decode with PyAV (FFmpeg's own libraries, shipped in the wheel). Slower than decord for
     sparse sampling of long videos, but opens nearly anything FFmpeg can."""
     name = "pyav"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, count: bool = True):
         import av
         self._path = path
         with av.open(path) as container:
@@ -61,7 +75,7 @@ class PyAVReader:
                 raise DecodeError("open", "the file has no video stream")
             stream = container.streams.video[0]
             n = stream.frames
-            if n <= 0:  # not in the header: count packets that carry a frame
+            if n <= 0 and count:  # not in the header: count packets that carry a frame
                 n = sum(1 for p in container.demux(stream) if p.size > 0)
         self.num_frames = int(n)
 
@@ -69,6 +83,7 @@ class PyAVReader:
         import av
         wanted = sorted(set(int(i) for i in indices))
         got: dict[int, np.ndarray] = {}
+        self._times: dict[int, float] = {}
         last = None
         with av.open(self._path) as container:
             stream = container.streams.video[0]
@@ -77,6 +92,7 @@ class PyAVReader:
                 last = i
                 if i in wanted:
                     got[i] = frame.to_ndarray(format="rgb24")
+                    self._times[i] = np.nan if frame.time is None else float(frame.time)
                 if i >= wanted[-1]:
                     break
         if last is None:
@@ -85,26 +101,241 @@ class PyAVReader:
             raise ShortStream(last + 1)
         return np.stack([got[int(i)] for i in indices])
 
+    def times(self, indices: np.ndarray) -> np.ndarray:
+        """Presentation times of frames returned by the last get()."""
+        return np.array([self._times[int(i)] for i in indices], dtype=np.float64)
+
+    def frames_at(self, times: np.ndarray) -> Sampled:
+        """The frame nearest each of `times` (sorted, seconds on the stream's timeline) in one sequential
+        pass: a seek to the keyframe before the first (and before any sample more than SEEK_GAP seconds past
+        the decoder's position), then decoding forward; only the chosen frames are converted and kept."""
+        import av
+        times = np.asarray(times, dtype=np.float64)
+        n = len(times)
+        frames, ids, stamps = [], [], []
+        pick, past = np.zeros(n, np.int64), np.zeros(n, bool)
+
+        def take(i: int, frame, ft: float) -> None:
+            if not ids or ids[-1] != frame.pts:
+                frames.append(frame.to_ndarray(format="rgb24"))
+                ids.append(frame.pts)
+                stamps.append(ft)
+            pick[i] = len(frames) - 1
+
+        with av.open(self._path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            tb = stream.time_base
+            step = 1.0 / float(stream.average_rate or stream.guessed_rate or 25)
+            origin = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+            i, pos, prev, may_seek, sought = 0, None, None, True, -np.inf
+            while i < n:
+                target = times[i] - step
+                seeked = may_seek and target - (origin if pos is None else pos) > SEEK_GAP
+                if seeked:
+                    container.seek(int(target / tb), stream=stream, backward=True)
+                    sought = target
+                prev, jumped, first, before = (None if seeked else prev), False, True, pos
+                for frame in container.decode(stream):
+                    ft = frame.time
+                    if ft is None:
+                        raise DecodeError("decode", "the frames carry no timestamps (pts): fps sampling needs "
+                                                    "them; remux the file into a container (e.g. mp4)")
+                    ft = float(ft)
+                    if seeked and first:
+                        if ft > times[i] + step / 2:
+                            # the seek went past the sample (an index that lies): decode from the start instead
+                            container.seek(0, stream=stream, backward=True)
+                            may_seek, jumped = False, True
+                            break
+                        if before is not None and ft <= before:
+                            # it landed no further than the decoder was: keyframes are further apart than the
+                            # samples, so decoding straight on is as fast; no more seeks in this request
+                            may_seek = False
+                    first = False
+                    pos = ft
+                    while i < n and ft >= times[i]:
+                        if prev is not None and times[i] - prev[1] <= ft - times[i]:
+                            take(i, *prev)
+                        else:
+                            take(i, frame, ft)
+                        i += 1
+                    if i >= n:
+                        break
+                    prev = (frame, ft)
+                    if may_seek and ft >= sought and times[i] - step - ft > SEEK_GAP:
+                        jumped = True       # sparse: seek ahead rather than decode the gap
+                        break
+                if i >= n or jumped:
+                    continue
+                # the stream ended: the last frame shows until its duration is over, then there is none
+                if prev is None:
+                    raise DecodeError("decode", "no frame could be decoded")
+                last, lt = prev
+                dur = float(last.duration * tb) if getattr(last, "duration", None) else step
+                for j in range(i, n):
+                    if times[j] < lt + dur:
+                        take(j, last, lt)
+                    else:
+                        past[j] = True
+                        pick[j] = max(len(frames) - 1, 0)
+                break
+        if not frames:
+            raise DecodeError("decode", "no frame could be decoded")
+        return Sampled(np.stack(frames), np.array(stamps), pick, past)
+
+
+class FrameFolderReader:
+    """A folder of JPEG/PNG (or BMP, WebP) images, one frame each, in natural name order (frame_2 before
+    frame_10); frame i shows at i / frame_rate seconds (NaN without a rate)."""
+    name = "frames"
+
+    def __init__(self, path: str, frame_rate: float | None = None):
+        self._files = frame_files(path)
+        if not self._files:
+            raise DecodeError("empty", f"the frame folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        self.num_frames = len(self._files)
+        self.rate = frame_rate
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        from PIL import Image
+        out = []
+        for i in indices:
+            try:
+                with Image.open(self._files[int(i)]) as im:
+                    out.append(np.asarray(im.convert("RGB")))
+            except OSError as e:
+                raise DecodeError("decode", f"{os.path.basename(self._files[int(i)])}: {_first_line(e)}") from None
+            if out[-1].shape != out[0].shape:
+                raise DecodeError("decode", f"{os.path.basename(self._files[int(i)])} is {out[-1].shape[1]}x"
+                                            f"{out[-1].shape[0]}, other frames {out[0].shape[1]}x{out[0].shape[0]}")
+        return np.stack(out)
+
+    def times(self, indices: np.ndarray) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.float64)
+        return idx / self.rate if self.rate else np.full(len(idx), np.nan)
+
+    def frames_at(self, times: np.ndarray) -> Sampled:
+        if not self.rate:
+            raise DecodeError("open", "a frame folder needs --frame-rate for fps sampling")
+        n = self.num_frames
+        return _nearest_on_timeline(np.arange(n) / self.rate, n / self.rate, times, self.get)
+
+
+def frame_files(path: str) -> list[str]:
+    """The image files of a frame folder, in natural name order."""
+    try:
+        names = [e.name for e in os.scandir(path) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+                 and not e.name.startswith(".")]
+    except OSError:
+        return []
+    return [os.path.join(path, n) for n in sorted(names, key=_natural)]
+
+
+def _natural(name: str) -> list:
+    import re
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
+
+
+@dataclass
+class Sampled:
+    """The frames a reader chose for a list of times: each distinct frame once (`frames`, their presentation
+    times `time`), which one each time shows (`pick`), and the times past the end of the stream (`past`)."""
+    frames: np.ndarray     # (U, H, W, 3) uint8
+    time: np.ndarray       # (U,) float64 seconds
+    pick: np.ndarray       # (n,) index into frames
+    past: np.ndarray       # (n,) bool
+
+
+def _nearest_on_timeline(timeline: np.ndarray, end: float, times: np.ndarray, get) -> Sampled:
+    """The frame nearest each time (ties: the earlier) on a known timeline; times at or after `end` are past."""
+    n = len(timeline)
+    j = np.searchsorted(timeline, times, side="left")
+    lo, hi = np.clip(j - 1, 0, n - 1), np.clip(j, 0, n - 1)
+    idx = np.where(timeline[hi] - times < times - timeline[lo], hi, lo)
+    past = times >= end
+    unique, pick = np.unique(idx, return_inverse=True)
+    return Sampled(get(unique), timeline[unique].astype(np.float64), pick.reshape(-1), past)
+
 
 READERS = {"decord": DecordReader, "pyav": PyAVReader}
 READER_CHOICES = ("auto", *READERS)
 
 
-def open_video(path: str, reader: str = "auto"):
-    """Open with the named reader; `auto` = decord, then PyAV when decord fails."""
+@dataclass(frozen=True)
+class Probe:
+    """A video's timeline from its header (no decoding): the first frame's time and the duration, seconds."""
+    start: float
+    duration: float
+
+
+def probe(path: str, frame_rate: float | None = None) -> Probe:
+    """The timeline of a video file (PyAV's header; decord's index when PyAV cannot open it) or of a frame
+    folder (count / frame_rate). DecodeError when neither can say."""
+    if os.path.isdir(path):
+        n = len(frame_files(path))
+        if not n:
+            raise DecodeError("empty", "the frame folder holds no images")
+        if not frame_rate:
+            raise DecodeError("open", "a frame folder needs --frame-rate for fps sampling")
+        return Probe(0.0, n / frame_rate)
+    if not os.path.isfile(path):
+        raise DecodeError("missing", f"no such file: {path}")
+    errors = []
+    try:
+        return _probe_pyav(path)
+    except Exception as e:
+        errors.append(f"pyav: {_first_line(e)}")
+    try:
+        import decord
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        first, last = vr.get_frame_timestamp([0, len(vr) - 1]).astype(np.float64)
+        return Probe(float(first[0]), float(last[1] - first[0]))
+    except Exception as e:
+        errors.append(f"decord: {type(e).__name__}: {_first_line(e)}")
+    raise DecodeError("open", "; ".join(errors))
+
+
+def _probe_pyav(path: str) -> Probe:
+    import av
+    with av.open(path) as c:
+        if not c.streams.video:
+            raise DecodeError("open", "the file has no video stream")
+        s = c.streams.video[0]
+        tb = s.time_base
+        start = float(s.start_time * tb) if s.start_time is not None else 0.0
+        if s.duration:
+            return Probe(start, float(s.duration * tb))
+        if c.duration:
+            c_start = (c.start_time or 0) / 1e6
+            return Probe(start, c.duration / 1e6 - (start - c_start))
+        end = start                 # neither header says: the last packet's end
+        for p in c.demux(s):
+            if p.pts is not None:
+                end = max(end, float((p.pts + (p.duration or 0)) * tb))
+        return Probe(start, end - start)
+
+
+def open_video(path: str, reader: str = "auto", frame_rate: float | None = None, windowed: bool = False):
+    """Open with the named reader; `auto` = decord, then PyAV when decord fails (with `windowed`, fps
+    sampling: PyAV, then decord). A folder is read as a frame folder, whatever `reader` says."""
     if not os.path.exists(path):
         raise DecodeError("missing", f"no such file: {path}")
+    if os.path.isdir(path):
+        return FrameFolderReader(path, frame_rate)
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise DecodeError("open", "the file is empty (0 bytes)")
     if os.path.isfile(path) and _is_text(path):
         # FFmpeg would "decode" it with its tty demuxer, rendering the characters as frames
         raise DecodeError("open", "this is a text file, not a video")
-    order = list(READERS) if reader == "auto" else [reader]
+    order = (["pyav", "decord"] if windowed else list(READERS)) if reader == "auto" else [reader]
     errors = []
     for name in order:
         try:
-            r = READERS[name](path)
-            if r.num_frames < 1:
+            # fps sampling reads by time: PyAV need not count the frames of a header without the count (a
+            # pass over the whole file for every request)
+            r = PyAVReader(path, count=False) if name == "pyav" and windowed else READERS[name](path)
+            if r.num_frames < 1 and not (windowed and name == "pyav"):
                 raise DecodeError("empty", "the video has no frames")
             return r
         except DecodeError as e:
@@ -147,17 +378,35 @@ class DecodeRequest:
     augment: AugmentSpec | None = None   # random training views instead of test views
     raw: bool = False                    # test views: return the decoded frames; the caller crops them
                                          # (resample.views_from_frames, on the GPU), the workers only decode
+    # fps sampling (sampling.windowed): windows first .. first+count-1 of the video's `samples` samples,
+    # sample k at start + k / fps seconds (the plan's probe of the video)
+    windows: tuple[int, int] | None = None
+    samples: int = 0
+    start: float = 0.0
 
     @property
     def num_views(self) -> int:
+        if self.windows is not None:
+            return self.windows[1]
         return self.augment.views if self.augment else self.views.count
+
+    @property
+    def media_seconds(self) -> float:
+        """Seconds of video this request covers (fps sampling), 0 otherwise: the decode timeout scales with it."""
+        if self.windows is None:
+            return 0.0
+        return self.windows[1] * self.sampling.window_stride / self.sampling.fps
 
 
 @dataclass
 class DecodeResult:
     key: int
     pixels: np.ndarray | None = None      # (views, frames, h, w, 3) uint8, view = temporal * S + spatial
-    frame_idx: np.ndarray | None = None   # (views, frames) int32 source frame indices
+    frame_idx: np.ndarray | None = None   # (views, frames) int32 source frame indices (fps: sample indices)
+    time: np.ndarray | None = None        # (views, frames) float64 presentation times, seconds
+    valid_frames: np.ndarray | None = None  # fps windows: (windows,) real samples; the rest repeat the last
+    window_errors: list | None = None     # fps windows: per window, why it holds no frame ("" = it has frames)
+    pick: np.ndarray | None = None        # raw fps requests: (windows, frames) index into `decoded`
     small: np.ndarray | None = None       # (views, frames*K, s, s, 3) uint8 when pixels were asked for
     small_idx: np.ndarray | None = None   # (views, frames*K) int32
     decoded: np.ndarray | None = None     # raw requests: (U, H, W, 3) uint8, each frame any view uses, once
@@ -176,20 +425,27 @@ class DecodeResult:
 
 def decode_video(req: DecodeRequest) -> DecodeResult:
     """Decode each needed frame once, for all views, then crop. Never raises."""
+    windowed = req.sampling.windowed
     try:
-        reader = open_video(req.path, req.reader)
+        if windowed and req.windows is None:
+            raise DecodeError("decode", "fps sampling decodes windows planned from the video's duration; "
+                                        "this request names none (predict and online training take uniform or "
+                                        "dense sampling)")
+        decode = _decode_windows if windowed else _decode_with
+        reader = open_video(req.path, req.reader, req.sampling.frame_rate, windowed)
         try:
-            return _decode_with(reader, req)
+            return decode(reader, req)
         except DecodeError as e:
             # decord may open a file it then cannot decode; give PyAV its chance before recording a failure
-            if e.stage != "decode" or req.reader != "auto" or reader.name == "pyav":
+            other = "decord" if windowed else "pyav"
+            if e.stage != "decode" or req.reader != "auto" or reader.name in (other, "frames"):
                 raise
             try:
-                return _decode_with(PyAVReader(req.path), req)
+                return decode(PyAVReader(req.path, count=False) if other == "pyav" else READERS[other](req.path), req)
             except DecodeError as e2:
-                raise DecodeError(e2.stage, f"{e.message}; pyav: {e2.message}") from None
+                raise DecodeError(e2.stage, f"{e.message}; {other}: {e2.message}") from None
             except Exception as e2:
-                raise DecodeError("decode", f"{e.message}; pyav: {type(e2).__name__}: {_first_line(e2)}") from None
+                raise DecodeError("decode", f"{e.message}; {other}: {type(e2).__name__}: {_first_line(e2)}") from None
     except DecodeError as e:
         return DecodeResult(req.key, stage=e.stage, error=e.message)
     except Exception as e:  # a failure nobody anticipated is still recorded, not raised
@@ -232,9 +488,14 @@ def _decode_with(reader, req: DecodeRequest) -> DecodeResult:
         raise DecodeError("decode", f"{reader.name} returned frames of shape {decoded.shape}")
     frame_idx = np.stack([p[0] for p in plans]).astype(np.int32)
     small_idx = np.stack([p[1] for p in plans]).astype(np.int32) if req.pixels else None
+    try:
+        stamps = reader.times(unique)
+    except Exception:   # a reader that cannot say: the cache records NaN (unknown)
+        stamps = np.full(len(unique), np.nan)
+    time = stamps[np.searchsorted(unique, frame_idx)]
     if req.raw and not req.augment:
         return DecodeResult(req.key, frame_idx=frame_idx, small_idx=small_idx, decoded=decoded, decoded_idx=unique,
-                            num_frames=n, reader=reader.name)
+                            num_frames=n, reader=reader.name, time=time)
     frames = {int(u): decoded[j] for j, u in enumerate(unique)}
     height, width = decoded.shape[1:3]
     try:
@@ -263,7 +524,45 @@ def _decode_with(reader, req: DecodeRequest) -> DecodeResult:
     except Exception as e:
         raise DecodeError("preprocess", f"{type(e).__name__}: {_first_line(e)}") from None
     res = DecodeResult(req.key, pixels=np.stack(pixels), frame_idx=frame_idx, num_frames=n, reader=reader.name,
-                       augment=aug_params or None, small_idx=small_idx)
+                       augment=aug_params or None, small_idx=small_idx, time=time)
     if req.pixels:
         res.small = np.stack(small_frames)
     return res
+
+
+def _decode_windows(reader, req: DecodeRequest) -> DecodeResult:
+    """fps sampling: the request's windows, each frame the one nearest its sample's time (reader.frames_at:
+    each chosen frame decoded and cropped once). Samples past the end of the stream (a header that promised
+    more) count as padding; a window left with no real sample holds no frame and says why."""
+    first, count = req.windows
+    s = req.sampling
+    k, real = window_samples(first, count, req.samples, req.frames, s.window_stride)
+    ks = np.unique(k)
+    try:
+        got = reader.frames_at(req.start + ks / s.fps)
+    except DecodeError:
+        raise
+    except Exception as e:  # decord.DECORDError, av.error.*: the reader's own types
+        raise DecodeError("decode", f"{reader.name}: {type(e).__name__}: {_first_line(e)}") from None
+    pos = np.searchsorted(ks, k)                                   # (windows, T) into ks
+    past = got.past[pos] | (np.arange(req.frames)[None, :] >= real[:, None])
+    valid = (~past).sum(axis=1).astype(np.int16)                   # past samples are a suffix of each window
+    last = np.maximum(valid.astype(np.int64) - 1, 0)
+    cols = np.minimum(np.arange(req.frames)[None, :], last[:, None])
+    k = np.take_along_axis(k, cols, axis=1)                        # padding repeats the last real sample
+    pick = got.pick[np.searchsorted(ks, k)]                        # (windows, T) into got.frames
+    time = got.time[pick]
+    end = req.start + ks[~got.past].max(initial=-1) / s.fps
+    errors = ["" if v else f"decode: the stream ends at about {end:.2f} s, before this window (its header "
+                           f"promised {req.samples / s.fps:.2f} s)" for v in valid]
+    n = len(got.frames)
+    if req.raw:
+        return DecodeResult(req.key, frame_idx=k.astype(np.int32), time=time, valid_frames=valid,
+                            window_errors=errors, decoded=got.frames, decoded_idx=np.arange(n), pick=pick,
+                            num_frames=reader.num_frames, reader=reader.name)
+    try:
+        cropped = np.stack([crops(f, req.prep, 1)[0] for f in got.frames])
+    except Exception as e:
+        raise DecodeError("preprocess", f"{type(e).__name__}: {_first_line(e)}") from None
+    return DecodeResult(req.key, pixels=cropped[pick], frame_idx=k.astype(np.int32), time=time, valid_frames=valid,
+                        window_errors=errors, num_frames=reader.num_frames, reader=reader.name)

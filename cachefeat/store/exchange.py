@@ -9,7 +9,11 @@
   documents (layout, sharding, codecs) and equal arrays.
 - npy writes the features users read: one file set per valid video in the flat layout of video_features
   (`{stem}_{array}.npy`, axes (views, T, ...)), read through `Cache.read`, plus `index.json` with the
-  metadata, class names, the id -> stem mapping and the failed videos.
+  metadata, class names, the id -> stem mapping and the failed videos. A windowed cache (--sampling fps)
+  gives each video one (frames, ...) array per feature instead: its windows concatenated in time, padding
+  dropped, a frame held by overlapping windows taken once (from the first window holding it: the backbone
+  sees one frame at a time, so every window holds the same features for it), with `{stem}_time.npy`
+  (seconds), `{stem}_timestamps_ms.npy` and `{stem}_fps.npy` as video_features writes them.
 
 Outputs are built under a hidden sibling name and renamed into place at the end, so a crash never leaves
 a half-written export that looks finished.
@@ -35,6 +39,7 @@ from ..fmt import ranges
 from .layout import ATTR, SCHEMA_VERSION, CacheDamaged, CacheError
 from .lock import StoreLock
 from .reader import Cache, open_cache
+from .writer import record_again
 
 EXPORT_VERSION = 1
 HDF5_MARK = "cachefeat_export"       # root attribute of an HDF5 export: JSON {format, version, ...}
@@ -49,7 +54,7 @@ DEFAULT_COMPRESSION = "gzip:1"       # measured on extracted caches; see README 
 
 # Arrays the npy export writes per video besides the layout's feature arrays, and shared ones.
 _NPY_PER_VIDEO_EXTRA = ("pixels",)
-_NPY_INDICES = {"clips/frame_idx": "frame_idx", "clips/pixel_frame_idx": "pixel_frame_idx"}
+_NPY_INDICES = {"clips/frame_idx": "frame_idx", "clips/pixel_frame_idx": "pixel_frame_idx", "clips/time": "time"}
 _NPY_SHARED = ("text/embed",)
 
 STEM_RULE = ("stem = the video id with '/' and '\\' replaced by '__', every other character except letters, "
@@ -144,6 +149,11 @@ def _open_source(path, allow_incomplete: bool) -> Cache:
     if not done.all() and not allow_incomplete:
         raise ExchangeError(f"{path} is incomplete ({int(done.sum())} of {len(done)} shards done); finish it with "
                             f"`cachefeat extract` (same command, it resumes) or pass --allow-incomplete")
+    problems = cache.record_problems(features=True)    # an import records what it is given: no damage in
+    if problems:
+        s, what = next(iter(problems.items()))
+        raise CacheDamaged(f"{path}: shard {s} is damaged ({what}); run `cachefeat verify {path}`, then the same "
+                           f"`cachefeat extract` with --repair")
     return cache
 
 
@@ -394,7 +404,7 @@ def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -
                         stats.raw_bytes += n
                         bar.update(n)
             try:
-                imported = Cache(tmp)   # opens as a cache: schema, metadata, layout and tables are there
+                imported = Cache(tmp, mode="r+")   # opens as a cache: schema, metadata, layout and tables are there
             except CacheError as e:
                 raise ExchangeError(f"{src} does not hold a whole cache: "
                                     f"{str(e).replace(str(tmp), 'the imported store')}") from None
@@ -402,6 +412,7 @@ def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -
             if missing:
                 raise ExchangeError(f"{src} does not hold a whole cache: array{'s' * (len(missing) > 1)} "
                                     f"{', '.join(missing[:4])} missing; export the cache again")
+            record_again(imported)
             _replace(tmp, out)
         except BaseException:
             _remove(tmp)
@@ -476,8 +487,14 @@ def export_npy(cache_path, out_dir, overwrite: bool = False, allow_incomplete: b
     per_video = {name: name.replace("/", "_") for name in features}
     per_video.update({k: v for k, v in _NPY_INDICES.items() if k in stored})
     shard_done = cache.shard_done()
-    video_done = np.repeat(shard_done, lay.shard_videos)[: cache.num_videos]
-    video_ok = cache.valid().reshape(cache.num_videos, n).all(axis=1)
+    video_done = cache.video_done()
+    valid = cache.valid()
+    if cache.windowed:   # a video with any frame (its failed windows are listed in `failures`)
+        per_video = {name: name.replace("/", "_") for name in features}
+        video_ok = np.zeros(cache.num_videos, bool)
+        video_ok[cache.clip_video()[valid]] = True
+    else:
+        video_ok = valid.reshape(cache.num_videos, n).all(axis=1)
     ids = [str(x) for x in cache.read("videos/id")]
     paths = [str(x) for x in cache.read("videos/path")]
     labels = cache.read("videos/label")
@@ -487,10 +504,15 @@ def export_npy(cache_path, out_dir, overwrite: bool = False, allow_incomplete: b
     stats = ExchangeStats()
     total = int(video_ok.sum()) * n * sum(_row_bytes(cache.root[k].shape, cache.root[k].dtype)
                                          for k in per_video)
+    if cache.windowed:
+        total = int(valid.sum()) * sum(_row_bytes(cache.root[k].shape, cache.root[k].dtype) for k in per_video)
+    frames_of: dict[int, int] = {}
     try:
         tmp.mkdir()
         with _bar(total, "export", progress) as bar:
-            for shard in np.flatnonzero(shard_done):
+            if cache.windowed:
+                frames_of = _write_windows(cache, tmp, stems, per_video, video_ok, valid, bar, stats)
+            for shard in (np.flatnonzero(shard_done) if not cache.windowed else []):
                 rows, vids = lay.shard_rows_range(shard), lay.shard_videos_range(shard)
                 keep = [v for v in vids if video_ok[v]]
                 if not keep:
@@ -516,23 +538,33 @@ def export_npy(cache_path, out_dir, overwrite: bool = False, allow_incomplete: b
         for name, suffix in per_video.items():
             a = cache.root[name]
             dims = _dims(a)
-            arrays[suffix] = {"file": f"{{stem}}_{suffix}.npy", "array": name, "shape": [n, *a.shape[1:]],
-                              "dtype": str(np.dtype(cache.read(name, slice(0, 0)).dtype)),
-                              "dims": ["view", *dims[1:]] if dims else None}
+            if cache.windowed:
+                shape, dims = ["frames", *a.shape[2:]], (["frame", *dims[2:]] if dims else None)
+            else:
+                shape, dims = [n, *a.shape[1:]], (["view", *dims[1:]] if dims else None)
+            arrays[suffix] = {"file": f"{{stem}}_{suffix}.npy", "array": name, "shape": shape,
+                              "dtype": str(np.dtype(cache.read(name, slice(0, 0)).dtype)), "dims": dims}
+        if cache.windowed:
+            arrays.update({k: {"file": f"{{stem}}_{k}.npy", "array": "clips/time", "shape": shape, "dtype": dt,
+                               "dims": dims} for k, shape, dt, dims in (
+                ("time", ["frames"], "float64", ["frame"]), ("timestamps_ms", ["frames"], "float64", ["frame"]),
+                ("fps", [], "float64", []))})
         exported = [int(v) for v in np.flatnonzero(video_ok)]
         failures = cache.failures()
         index = {
             "format": NPY_FORMAT, "version": EXPORT_VERSION, "tool": "cachefeat", "tool_version": __version__,
             "exported": _now(), "source": str(cache.path), "complete": bool(shard_done.all()),
-            "layout": ("one file per video and array: {stem}_{array}.npy in this folder, first axis = the video's "
+            "layout": (WINDOWED_NPY_LAYOUT if cache.windowed else
+                       "one file per video and array: {stem}_{array}.npy in this folder, first axis = the video's "
                        "views in view order (temporal x spatial), then the cached axes; frame_idx holds the "
-                       "source frame indices of each view"),
+                       "source frame indices of each view, time their presentation times in seconds"),
             "stem_rule": STEM_RULE,
             "views": {"temporal": cache.views.temporal, "spatial": cache.views.spatial, "count": n},
             "arrays": arrays, "shared": shared, "classes": classes,
             "videos": [{"video": v, "id": ids[v], "stem": stems[v], "path": paths[v], "label": int(labels[v]),
                         "class": classes[labels[v]] if 0 <= labels[v] < len(classes) else None,
-                        "num_frames": int(num_frames[v])} for v in exported],
+                        "num_frames": int(num_frames[v]), **({"frames": frames_of[v]} if v in frames_of else {})}
+                       for v in exported],
             "failures": failures,
             "not_extracted": [{"video": int(v), "id": ids[v], "path": paths[v]} for v in np.flatnonzero(~video_done)],
             "metadata": cache.meta,
@@ -548,6 +580,68 @@ def export_npy(cache_path, out_dir, overwrite: bool = False, allow_incomplete: b
     stats.out_bytes = _tree_bytes(out)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+WINDOWED_NPY_LAYOUT = (
+    "one file per video and array: {stem}_{array}.npy in this folder, first axis = the video's frames in time "
+    "(its windows concatenated, the padding of the last one dropped, a frame that overlapping windows share "
+    "taken once, from the first window holding it), then the cached axes; {stem}_time.npy: each frame's "
+    "presentation time in seconds; {stem}_timestamps_ms.npy: the same in milliseconds and {stem}_fps.npy: the "
+    "sampling rate, as video_features writes them; a window that failed leaves a gap (see failures)")
+
+
+def _write_windows(cache: Cache, tmp: Path, stems: list[str], per_video: dict[str, str], video_ok: np.ndarray,
+                   valid: np.ndarray, bar, stats: ExchangeStats) -> dict[int, int]:
+    """A windowed cache's npy export: per video and feature array one (frames, ...) file, filled window by
+    window (memory: a block of windows, not the video); returns the frames written per video."""
+    lay = cache.layout
+    first = lay.first_clips
+    sample = cache.read("clips/frame_idx")          # fps: each frame's sample index on the video's grid
+    real = cache.read("clips/valid_frames")
+    times = cache.read("clips/time")
+    fps = float(cache.meta["sampling"]["fps"])
+    out = {}
+    for v in np.flatnonzero(video_ok):
+        picks, last = [], -1                         # per valid window: (row, its frames kept)
+        for r in range(int(first[v]), int(first[v + 1])):
+            if not valid[r]:
+                continue
+            ks = sample[r, : real[r]]
+            keep = np.flatnonzero(ks > last)
+            if len(keep):
+                picks.append((r, keep))
+                last = int(ks[keep[-1]])
+        n = sum(len(k) for _, k in picks)
+        stem = stems[v]
+        t = np.concatenate([times[r, k] for r, k in picks]) if picks else np.zeros(0)
+        np.save(tmp / f"{stem}_time.npy", t)
+        np.save(tmp / f"{stem}_timestamps_ms.npy", t * 1000.0)
+        np.save(tmp / f"{stem}_fps.npy", np.array(fps))
+        stats.files += 3
+        rows = [r for r, _ in picks]
+        for name, suffix in per_video.items():
+            dst = None
+            pos = 0
+            for a in range(0, len(rows), 64):        # 64 windows per read
+                chunk = rows[a:a + 64]
+                block = cache.read(name, np.array(chunk, dtype=np.int64))
+                if dst is None:
+                    dst = np.lib.format.open_memmap(tmp / f"{stem}_{suffix}.npy", mode="w+", dtype=block.dtype,
+                                                    shape=(n, *block.shape[2:]))
+                for i, (_, keep) in enumerate(picks[a:a + 64]):
+                    dst[pos:pos + len(keep)] = block[i, keep]
+                    pos += len(keep)
+                bar.update(block.nbytes)
+                stats.raw_bytes += block.nbytes
+            if dst is None:
+                shape = cache.root[name].shape[2:]
+                np.save(tmp / f"{stem}_{suffix}.npy", np.zeros((0, *shape), cache.read(name, slice(0, 0)).dtype))
+            else:
+                dst.flush()
+                del dst
+            stats.files += 1
+        out[int(v)] = n
+    return out
 
 
 def _dims(a) -> list[str] | None:

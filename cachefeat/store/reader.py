@@ -16,15 +16,22 @@ from .layout import (
     CLIP_TABLES,
     CREATING,
     FAILED,
+    NO_RECORD,
+    NOT_STORED,
+    RECORD,
     SCHEMA_VERSION,
-    VIDEO_TABLES,
+    SHARD_VIDEO_TABLES,
     CacheDamaged,
     CacheError,
     Layout,
+    content_fingerprint,
     feature_fingerprint,
+    per_clip_chunks,
+    record_slots,
+    table_checksum,
 )
 from .lock import StoreLock
-from .shard_file import ShardFile, ShardFileError
+from .shard_file import NotAsRecorded, ShardFile, ShardFileError
 
 
 class Cache:
@@ -48,19 +55,35 @@ class Cache:
         problem = _meta_problem(meta)
         if problem:
             raise CacheDamaged(f"{path}: its metadata is damaged ({problem}); {_RESTORE}")
+        if "fingerprint" in meta and meta["fingerprint"] != content_fingerprint(meta):
+            raise CacheDamaged(f"{path}: its metadata was edited or damaged (it no longer matches its fingerprint, "
+                               f"so the arrays may not be what it describes); {_RESTORE}")
         if meta["schema_version"] > SCHEMA_VERSION:
             raise CacheError(f"{path} has cache schema {meta['schema_version']}, newer than this cachefeat "
                              f"understands ({SCHEMA_VERSION}); upgrade cachefeat")
         self.meta = meta
         try:
-            self.layout = Layout.from_dict(meta["layout"])
+            counts = None
+            if meta["layout"].get("windowed") and not self.root.attrs.get(CREATING):
+                counts = self.root["videos/num_clips"][:]
+            self.layout = Layout.from_dict(meta["layout"], clip_counts=counts)
         except (KeyError, TypeError, ValueError) as e:
             raise CacheDamaged(f"{path}: its metadata is damaged (layout: {_first_line(e)}); "
                                f"{_RESTORE}") from None
+        except Exception as e:   # zarr: videos/num_clips cannot be read
+            raise CacheDamaged(f"{path}: videos/num_clips cannot be read ({_first_line(e)}); {_RESTORE}") from None
+        recorded = meta["layout"].get("clip_counts_sha256")
+        if counts is not None and self.layout.to_dict()["clip_counts_sha256"] != recorded:
+            raise CacheDamaged(f"{path}: videos/num_clips is not what the layout recorded (a chunk deleted or "
+                               f"replaced); {_RESTORE}")
         self._shard_files: dict[str, ShardFile | None] = {}
+        self._records: dict[int, np.ndarray] = {}
+        # caches made before checksum records (and table checksums) have none: chunk places are not checked
+        self.has_records = "table_checksums" in meta
         if not self.root.attrs.get(CREATING):   # (a store being created has not all its arrays yet)
             # the tables every reader needs; a feature array an adapter does not read may be left out of a copy
-            missing = [n for n in (*VIDEO_TABLES, *CLIP_TABLES, "clips/valid", "progress")
+            missing = [n for n in (*self.layout.video_tables(), *CLIP_TABLES, "clips/valid", "progress",
+                                   *([RECORD] if self.has_records else []))
                        if not (self.path / n / "zarr.json").is_file()]
             if missing:
                 raise CacheDamaged(f"{path}: array{'s' * (len(missing) > 1)} {', '.join(missing[:4])} "
@@ -104,7 +127,8 @@ class Cache:
 
     def array_names(self) -> list[str]:
         """Every array of the store: row arrays (features first), tables, extras, progress."""
-        return [*self.layout.row_arrays(), *VIDEO_TABLES, *CLIP_TABLES, *self.meta.get("extras", []), "progress"]
+        return [*self.layout.row_arrays(), *self.layout.video_tables(), *CLIP_TABLES, *self.meta.get("extras", []),
+                "progress"]
 
     @property
     def pixels(self) -> PixelSpec | None:
@@ -155,31 +179,139 @@ class Cache:
         done = self.shard_done()
         return np.repeat(done, self.layout.shard_rows)[: self.num_clips]
 
+    def video_done(self) -> np.ndarray:
+        """(videos,) bool: every clip of the video is in a finished shard."""
+        return self.layout.video_done(self.shard_done())
+
+    @property
+    def windowed(self) -> bool:
+        """Clips are windows at a fixed rate (--sampling fps): their number varies by video."""
+        return self.layout.windowed
+
     def valid(self) -> np.ndarray:
         """(clips,) bool: decoded, extracted and in a finished shard."""
         return self.root["clips/valid"][:] & self.done_rows()
 
     def labels(self) -> np.ndarray:
-        return self.root["clips/label"][:]
+        return self.table("clips/label")
 
     def clip_video(self) -> np.ndarray:
-        return self.root["clips/video"][:]
+        return self.table("clips/video")
 
     def clip_view(self) -> np.ndarray:
-        return self.root["clips/view"][:]
+        return self.table("clips/view")
+
+    def table(self, name: str) -> np.ndarray:
+        """A table written when the store was created (labels, video paths and ids, clip -> video, extras),
+        checked against the checksum recorded then: a deleted chunk reads as the fill value (labels of 0)
+        without any read error."""
+        data = self.read_stored(name)
+        recorded = (self.meta.get("table_checksums") or {}).get(name)
+        if recorded is not None and table_checksum(data) != recorded:
+            raise CacheDamaged(f"{self.path}: table {name} is not what was written when the cache was made (a chunk "
+                               f"was deleted or replaced); run the same `cachefeat extract` with --repair")
+        return data
 
     def failures(self) -> list[dict]:
-        """Videos that could not be extracted (in finished shards), with the stage and the reason."""
+        """Videos that could not be extracted (in finished shards), with the stage and the reason. In a
+        windowed cache also a video some of whose windows failed in a later shard than its first (the
+        reason is then that of its first failed window, from clips/error)."""
         status = self.root["videos/status"][:]
-        done = np.repeat(self.shard_done(), self.layout.shard_videos)[: self.num_videos]
-        bad = np.flatnonzero((status == FAILED) & done)
+        shard_done = self.shard_done()
+        failed = (status == FAILED) & self.layout.owner_done(shard_done)
+        errs = self.root["videos/error"][:]
+        reasons = {}
+        if self.windowed:
+            clip_err = self.root["clips/error"][:]
+            rows = np.flatnonzero((clip_err != "") & self.done_rows())
+            video = self.layout.clip_video()
+            for r in rows[::-1]:              # the first failed window of each video wins
+                reasons[int(video[r])] = str(clip_err[r])
+            failed[list(reasons)] = True
+        bad = np.flatnonzero(failed)
         if len(bad) == 0:
             return []
-        paths, ids, errs = (self.root[f"videos/{k}"][:] for k in ("path", "id", "error"))
+        paths, ids = (self.root[f"videos/{k}"][:] for k in ("path", "id"))
         out = []
         for i in bad:
-            stage, _, msg = str(errs[i]).partition(": ")
+            why = str(errs[i]) if status[i] == FAILED else reasons[int(i)]
+            stage, _, msg = why.partition(": ")
             out.append({"video": int(i), "id": str(ids[i]), "path": str(paths[i]), "stage": stage, "error": msg})
+        return out
+
+    # -- checksum records (layout.RECORD)
+    def record(self, shard: int) -> np.ndarray | None:
+        """Shard `shard`'s checksum record (record_slots order), or None when it has none."""
+        if not self.has_records:
+            return None
+        if shard not in self._records:
+            try:
+                rec = np.asarray(self.root[RECORD][shard], np.int64)
+            except Exception:               # the record's own chunk is damaged: as good as none
+                rec = np.full(self.root[RECORD].shape[1], NO_RECORD, np.int64)
+            if (rec == NO_RECORD).all():
+                return None
+            self._records[shard] = rec
+        return self._records[shard]
+
+    def stored_checksums(self, shard: int, names=None) -> np.ndarray:
+        """What shard `shard` holds on disk now, as its record lists it: the stored checksum of every chunk
+        it wrote (NOT_STORED where a chunk is left out), for all arrays or only `names` (the others stay
+        NOT_STORED). Reads a few bytes per chunk."""
+        slots, per_clip = record_slots(self.layout), per_clip_chunks(self.layout)
+        out = np.full(max(s.stop for s in slots.values()), NOT_STORED, np.int64)
+        for name, where in slots.items():
+            if names is not None and name not in names:
+                continue
+            if name in SHARD_VIDEO_TABLES and self.layout.windowed:   # a chunk per video: those the shard wrote
+                for j, v in enumerate(self.layout.shard_videos_range(shard)):
+                    out[where.start + j] = self._chunk_crc(name, (v,))
+                continue
+            direct = self.shard_file(name) if name in per_clip else None
+            if direct is not None:
+                out[where] = direct.chunk_checksums(shard)
+                continue
+            out[where.start] = self._chunk_crc(name, (shard,) + (0,) * (self.root[name].ndim - 1))
+        return out
+
+    def _chunk_crc(self, name: str, coords: tuple) -> int:
+        """The checksum a table chunk's crc32c codec stored (its last four bytes); NOT_STORED when the chunk
+        is left out, NO_RECORD when it is too short to hold one."""
+        arr = self.root[name]
+        path = self.path / name / arr.metadata.encode_chunk_key(coords)
+        try:
+            with open(path, "rb") as f:       # the chunk's crc32c codec stored its last four bytes
+                f.seek(-4, os.SEEK_END)
+                return int.from_bytes(f.read(4), "little")
+        except FileNotFoundError:
+            return NOT_STORED
+        except OSError:                     # shorter than a checksum: cannot match any record
+            return NO_RECORD
+
+    def record_problems(self, features: bool = False) -> dict[int, str]:
+        """Shards whose flag and record disagree, and finished shards whose per-clip and per-video tables
+        (with `features`, every chunk) are not the chunks their record lists: shard -> what is wrong.
+        Feature chunks are checked against the record anyway as they are read; `verify` checks everything.
+        A few small reads per chunk."""
+        if not self.has_records:
+            return {}
+        per_clip = per_clip_chunks(self.layout)
+        slots = {n: w for n, w in record_slots(self.layout).items() if features or n not in per_clip}
+        out = {}
+        done = self.shard_done()
+        if not done.all() and self.being_written_by() is None:     # (a writer sets the flag just after)
+            for s in np.flatnonzero(~done).tolist():
+                if self.record(s) is not None:
+                    out[s] = "recorded as written, but its progress flag is off (lost, or reset by hand)"
+        for s in np.flatnonzero(done).tolist():
+            rec = self.record(s)
+            if rec is None:
+                out[s] = "flagged done without a checksum record (a flag set by hand, or the record deleted)"
+                continue
+            held = self.stored_checksums(s, slots)
+            wrong = [n for n, w in slots.items() if not np.array_equal(held[w], rec[w])]
+            if wrong:
+                out[s] = f"{', '.join(wrong[:3])}: not the chunks written there (copied, moved or deleted)"
         return out
 
     # -- features
@@ -213,6 +345,9 @@ class Cache:
         bytes through the same codecs, without zarr's per-chunk cost), or None where that does not apply
         (direct reads off, a single row, another layout) or the bytes fail a check: zarr then reads them
         and the error names what is damaged."""
+        if isinstance(rows, (int, np.integer)) and rows >= 0:
+            data = self._read_direct(name, np.array([rows]))
+            return None if data is None else data[0]
         if not self.direct_reads or isinstance(rows, (int, np.integer)):
             return None
         if isinstance(rows, slice):
@@ -225,8 +360,16 @@ class Cache:
         reader = self.shard_file(name)
         if reader is None:
             return None
+        slots = record_slots(self.layout).get(name)
+
+        def recorded(shard: int) -> np.ndarray | None:
+            rec = self.record(shard)
+            return None if rec is None or slots is None else rec[slots]
         try:
-            return reader.read(rows)
+            return reader.read(rows, recorded if self.has_records else None)
+        except NotAsRecorded as e:
+            raise CacheDamaged(f"{self.path}: array {name}: {str(e).split(': ', 1)[-1]}; run `cachefeat verify "
+                               f"{self.path}`, then `cachefeat extract ... --repair`") from None
         except (ShardFileError, OSError):
             return None
 
@@ -286,7 +429,8 @@ class Cache:
         uncompressed, their ratio, bytes per stored frame on disk (what `cachefeat info` reports)."""
         done, valid = self.shard_done(), self.valid()
         disk, raw = self.disk_bytes(), self.feature_bytes_raw()
-        frames = int(valid.sum()) * self.frames
+        frames = (int(self.root["clips/valid_frames"][:][valid].sum()) if self.windowed  # padding is no frame
+                  else int(valid.sum()) * self.frames)
         return {"videos": self.num_videos, "clips": self.num_clips, "valid_clips": int(valid.sum()),
                 "failed_videos": len(self.failures()), "shards_done": int(done.sum()), "shards": int(len(done)),
                 "disk_bytes": disk, "feature_bytes_uncompressed": raw,

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .layout import NOT_STORED
+
 MISSING = 2 ** 64 - 1           # offset and length of a chunk absent from a shard
 COALESCE_GAP = 1 << 16          # read two chunk ranges at once when fewer bytes than this lie between them
 IOV_MAX = 1024                  # buffers one writev may take (Linux)
@@ -40,6 +42,11 @@ IOV_MAX = 1024                  # buffers one writev may take (Linux)
 
 class ShardFileError(Exception):
     """A shard file whose bytes do not decode (bad checksum, truncated, wrong size)."""
+
+
+class NotAsRecorded(ShardFileError):
+    """Intact chunks that are not the ones the shard's checksum record lists: copied or moved from another
+    place, or deleted. zarr cannot tell (it reads them as data or as the fill value), so no fallback."""
 
 
 def _crc32c(data) -> int:
@@ -165,8 +172,10 @@ class ShardFile:
         return self.folder / "c" / str(shard) / "/".join("0" * (len(self.shape) - 1))
 
     # -- reading
-    def read(self, rows) -> np.ndarray:
-        """Rows of the array: a slice with step 1 or an int array (any order, repeats allowed)."""
+    def read(self, rows, recorded: Callable[[int], np.ndarray | None] | None = None) -> np.ndarray:
+        """Rows of the array: a slice with step 1 or an int array (any order, repeats allowed). With
+        `recorded(shard)` (the shard's checksums of this array's chunks, from its record; None: no record)
+        each chunk read must be the one recorded at its place (NotAsRecorded otherwise)."""
         if isinstance(rows, slice):
             start, stop, step = rows.indices(self.shape[0])
             if step != 1:
@@ -181,25 +190,34 @@ class ShardFile:
         shard_of = rows // self.shard_rows
         for shard in np.unique(shard_of):
             where = np.flatnonzero(shard_of == shard)
-            self._read_into(int(shard), rows[where] - int(shard) * self.shard_rows, out, where)
+            expect = recorded(int(shard)) if recorded is not None else None
+            self._read_into(int(shard), rows[where] - int(shard) * self.shard_rows, out, where, expect)
         return out
 
-    def _read_into(self, shard: int, local: np.ndarray, out: np.ndarray, where: np.ndarray) -> None:
-        """Decode chunks `local` (row indices inside `shard`) into out[where]."""
+    def _read_into(self, shard: int, local: np.ndarray, out: np.ndarray, where: np.ndarray,
+                   expect: np.ndarray | None = None) -> None:
+        """Decode chunks `local` (row indices inside `shard`) into out[where]; `expect`: their recorded
+        checksums (NOT_STORED: a chunk left out)."""
         path = self.path(shard)
+        wanted = np.unique(local)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:            # no chunk of this shard was ever stored
+            if expect is not None:
+                self._check_record(path, shard, wanted, np.full(len(wanted), NOT_STORED), expect)
             out[where] = self.fill_value
             return
         try:
             index = self._index(fd, path)
-            wanted = np.unique(local)
             spans = index[wanted]
             present = spans[:, 0] != MISSING
             blobs = self._read_ranges(fd, path, spans[present])
         finally:
             os.close(fd)
+        if expect is not None:
+            found = np.full(len(wanted), NOT_STORED)
+            found[present] = [self._stored_crc(b) for b in blobs]
+            self._check_record(path, shard, wanted, found, expect)
         slot = {int(r): int(p) for p, r in zip(where[::-1], local[::-1])}     # first position of each row
         for row, blob in zip(wanted[present].tolist(), blobs):
             out[slot[row]] = self._decode(blob, path, row)
@@ -209,6 +227,39 @@ class ShardFile:
             for pos, row in zip(where.tolist(), local.tolist()):
                 if slot[row] != pos:
                     out[pos] = out[slot[row]]
+
+    def _stored_crc(self, blob) -> int:
+        """The checksum a chunk's crc32c codec stored (without that codec: the CRC32C of its bytes)."""
+        return int.from_bytes(bytes(blob[-4:]), "little") if self.chunk_crc else _crc32c(blob)
+
+    def _check_record(self, path: Path, shard: int, rows: np.ndarray, found: np.ndarray,
+                      expect: np.ndarray) -> None:
+        wrong = rows[found != expect[rows]]
+        if len(wrong):
+            first = shard * self.shard_rows
+            raise NotAsRecorded(f"{path}: the chunks of clips {', '.join(str(first + r) for r in wrong[:4].tolist())}"
+                                f"{' ...' if len(wrong) > 4 else ''} are not the ones recorded when the shard was "
+                                f"written (copied, moved or deleted)")
+
+    def chunk_checksums(self, shard: int) -> np.ndarray:
+        """(shard_rows,) int64: the stored checksum of each chunk of shard `shard`'s file, NOT_STORED where a
+        chunk is left out; what the shard's record holds for this array. Reads the index and four bytes a
+        chunk (the chunks' own checksums are checked when they are read)."""
+        out = np.full(self.shard_rows, NOT_STORED, np.int64)
+        path = self.path(shard)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return out
+        try:
+            index = self._index(fd, path)
+            for r in np.flatnonzero(index[:, 0] != MISSING).tolist():
+                off, n = int(index[r, 0]), int(index[r, 1])
+                out[r] = (int.from_bytes(os.pread(fd, 4, off + n - 4), "little") if self.chunk_crc
+                          else _crc32c(os.pread(fd, n, off)))
+        finally:
+            os.close(fd)
+        return out
 
     def _index(self, fd: int, path: Path) -> np.ndarray:
         """(shard_rows, 2) uint64 (offset, nbytes) of each chunk of the shard file."""

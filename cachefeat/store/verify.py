@@ -3,8 +3,12 @@ clips must be re-extracted. `extract --repair` (store.writer) uses the report to
 
 Shards are the unit of writing, so they are the unit of repair: a damaged chunk anywhere in a shard's
 rows (features, pixels, per-clip or per-video tables written with the shard) sends the whole shard back
-to be extracted. Damage in what is written once at creation (the video list, labels, text embeddings,
-int8 steps, metadata) cannot be repaired by re-extraction: the cache must be made again.
+to be extracted. Checksums prove bytes intact; each shard's checksum record (layout.RECORD) proves every
+chunk is the one written at its place, so a chunk copied or moved over another, a deleted chunk (which
+reads as the fill value) and a progress flag that does not match its shard are found too. The tables
+written once at creation (video list, labels, text embeddings, int8 steps) are checked against the
+checksums in the metadata, and --repair writes them again from the manifest. Damaged metadata cannot be
+repaired by re-extraction: the cache must be made again.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..fmt import ranges
-from .layout import CLIP_TABLES, VIDEO_TABLES, Layout
+from .layout import CLIP_TABLES, SHARD_VIDEO_TABLES, Layout, per_clip_chunks, record_slots
 from .reader import Cache
 
 
@@ -23,22 +27,25 @@ class VerifyReport:
     shards: set[int] = field(default_factory=set)                 # shards to extract again
     fatal: list[str] = field(default_factory=list)                 # damage re-extraction cannot mend
     suspicious: list[str] = field(default_factory=list)            # readable but wrong-looking
+    tables: list[str] = field(default_factory=list)                # creation tables --repair writes again
     chunks_checked: int = 0
     zero_rows: dict[str, set[int]] = field(default_factory=dict, repr=False)   # feature rows of only zeros
 
     @property
     def ok(self) -> bool:
-        return not (self.damaged or self.fatal or self.suspicious)
+        return not (self.damaged or self.fatal or self.suspicious or self.tables)
 
     def clips(self, layout: Layout) -> list[int]:
         return sorted(r for s in self.shards for r in layout.shard_rows_range(s))
 
     def to_dict(self, cache: Cache) -> dict:
         clips = self.clips(cache.layout)
-        vids = sorted({c // cache.views.count for c in clips})
+        video = cache.layout.clip_video()
+        vids = sorted({int(video[c]) for c in clips})
         ids = cache.read("videos/id") if vids and "videos/id" not in self.damaged else None
         return {"ok": self.ok, "chunks_checked": self.chunks_checked, "damaged": self.damaged,
                 "shards_to_reextract": sorted(self.shards), "clips_to_reextract": clips,
+                "tables_to_rewrite": self.tables,
                 "videos_to_reextract": [str(ids[v]) if ids is not None else int(v) for v in vids],
                 "fatal": self.fatal, "suspicious": self.suspicious}
 
@@ -49,32 +56,65 @@ def verify(cache: Cache, progress=None) -> VerifyReport:
     _check_metadata(cache, rep)
     if rep.fatal:
         return rep
-    per_shard_video = set(("videos/status", "videos/num_frames", "videos/error"))
-    # arrays written once at creation: unrepairable if damaged
-    for name in [*VIDEO_TABLES, *CLIP_TABLES, *cache.meta.get("extras", [])]:
-        if name in per_shard_video:
-            continue
+    for name in [*lay.creation_tables(), *cache.meta.get("extras", [])]:     # written once, at creation
         rep.chunks_checked += _nchunks(cache.root[name])
         try:
-            cache.root[name][...]
-        except Exception as e:
-            rep.fatal.append(f"{name} cannot be read ({type(e).__name__}): the cache must be extracted again "
-                             f"with --overwrite")
+            cache.table(name)
+        except Exception:
+            rep.tables.append(name)
     done = cache.shard_done()
     row_arrays = list(lay.row_arrays())
     for s in range(lay.num_shards):
         rows, vids = lay.shard_rows_range(s), lay.shard_videos_range(s)
         if not done[s]:
+            if cache.record(s) is not None:
+                rep.suspicious.append(f"shard {s}: recorded as written, but its progress flag is off (lost, or "
+                                      f"reset by hand)")
+                rep.shards.add(s)
             continue  # not data yet: the next extract writes it
+        moved = _check_record(cache, s, rep)
         for name in row_arrays:
-            _check_block(cache, name, slice(rows.start, rows.stop), rep, s)
-        for name in per_shard_video:
-            _check_block(cache, name, slice(vids.start, vids.stop), rep, s)
+            if name not in moved:
+                _check_block(cache, name, slice(rows.start, rows.stop), rep, s)
+        for name in SHARD_VIDEO_TABLES:
+            if name not in moved:
+                _check_block(cache, name, slice(vids.start, vids.stop), rep, s)
         if progress:
             progress(1)
     if not rep.fatal:
         _check_values(cache, rep, done)
     return rep
+
+
+def _check_record(cache: Cache, shard: int, rep: VerifyReport) -> set[str]:
+    """Compare what a finished shard holds with its checksum record; returns the arrays found wrong (their
+    rows are reported here)."""
+    if not cache.has_records:
+        return set()                 # made before records: chunk places cannot be checked
+    lay = cache.layout
+    rec = cache.record(shard)
+    if rec is None:
+        rep.suspicious.append(f"shard {shard}: flagged done but it has no checksum record (the flag was set by "
+                              f"hand, or the record deleted)")
+        rep.shards.add(shard)
+        return set()
+    held = cache.stored_checksums(shard)
+    wrong = set()
+    for name, where in record_slots(lay).items():
+        bad = np.flatnonzero(held[where] != rec[where])
+        if not len(bad):
+            continue
+        wrong.add(name)
+        if name in SHARD_VIDEO_TABLES and lay.windowed:     # one chunk per video
+            rows = [lay.shard_videos_range(shard).start + int(i) for i in bad]
+        elif name in per_clip_chunks(lay):              # one chunk per clip
+            rows = [lay.shard_rows_range(shard).start + int(i) for i in bad]
+        else:
+            span = lay.shard_videos_range(shard) if name.startswith("videos/") else lay.shard_rows_range(shard)
+            rows = list(span)
+        rep.damaged.setdefault(name, []).extend(rows)
+        rep.shards.add(shard)
+    return wrong
 
 
 def _nchunks(arr) -> int:
@@ -107,7 +147,7 @@ def _check_block(cache: Cache, name: str, sel: slice, rep: VerifyReport, shard: 
 def _check_metadata(cache: Cache, rep: VerifyReport) -> None:
     lay = cache.layout
     expected = {name: ((lay.num_clips, *shape), dtype) for name, (shape, dtype) in lay.row_arrays().items()}
-    for name in (*VIDEO_TABLES,):
+    for name in lay.video_tables():
         expected[name] = ((lay.num_videos,), None)
     for name in CLIP_TABLES:
         expected[name] = ((lay.num_clips,), None)

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +26,16 @@ from .layout import (
     CREATING,
     DEFAULT_CODEC,
     LOCK_NAME,
-    SCHEMA_VERSION,
+    NO_RECORD,
+    RECORD,
+    SHARD_VIDEO_TABLES,
     CacheError,
     Layout,
     content_fingerprint,
     diff_meta,
     parse_codec,
+    record_slots,
+    table_checksum,
 )
 from .lock import StoreLock
 from .reader import Cache
@@ -71,18 +75,22 @@ class StoreWriter:
 
 def open_for_writing(path: str | os.PathLike, meta: dict, layout: Layout, videos: list, codec: str = DEFAULT_CODEC,
                      overwrite: bool = False, repair: bool = False,
-                     extras: Callable[[], dict[str, np.ndarray]] | None = None, log=print) -> StoreWriter:
+                     extras: Callable[[], dict[str, np.ndarray]] | None = None, log=print,
+                     timeline: dict[str, np.ndarray] | None = None) -> StoreWriter:
     """Take the store's lock, then create the store or re-open it to resume, and say what is left to do.
 
     A store whose creation was interrupted is removed and made again; a store made with other settings is
     refused, naming the differences (`overwrite` replaces it); `repair` verifies every finished shard and
     sends the damaged ones back to be written. `extras()` computes the small arrays written once at
-    creation (text embeddings, int8 steps); it runs only when the store is created, with the lock held."""
+    creation (text embeddings, int8 steps); it runs only when the store is created, with the lock held.
+    `timeline`: a windowed layout's per-video start and duration (see create_store)."""
     path = Path(path)
     lock = StoreLock(path)
     lock.acquire()
     try:
-        cache = _create_or_resume(path, meta, layout, videos, codec, overwrite, repair, extras)
+        cache = _create_or_resume(path, meta, layout, videos, codec, overwrite, repair, extras, timeline)
+        if repair:
+            _repair_tables(cache, videos, extras, log, timeline)
         todo = _shards_left(cache, repair, log)
     except BaseException:
         lock.release()
@@ -91,7 +99,7 @@ def open_for_writing(path: str | os.PathLike, meta: dict, layout: Layout, videos
 
 
 def _create_or_resume(path: Path, meta: dict, layout: Layout, videos: list, codec: str, overwrite: bool,
-                      repair: bool, extras) -> Cache:
+                      repair: bool, extras, timeline=None) -> Cache:
     if path.exists() and is_unfinished_creation(path):
         remove_store(path)  # killed while creating it: nothing in it is data yet
     is_cache = (path / "zarr.json").is_file()
@@ -107,13 +115,15 @@ def _create_or_resume(path: Path, meta: dict, layout: Layout, videos: list, code
         remove_store(path)
     elif is_cache:
         old = Cache(path, mode="r+")
+        if layout.time and not old.layout.time:
+            layout = replace(layout, time=False)   # made before clips/time existed: resumed as it was made
         new = dict(meta, layout=layout.to_dict(), codec=codec, schema_version=old.meta.get("schema_version"))
         if old.meta.get("fingerprint") != content_fingerprint(new):
             diffs = diff_meta(old.meta, new)
             raise CacheError(f"{path} was made with other settings ({'; '.join(diffs[:4]) or 'metadata differs'});"
                              f" use the same settings to resume, --overwrite to start over, or another --out")
         return old
-    create_store(path, meta, layout, videos, codec=codec, extras=extras() if extras else None)
+    create_store(path, meta, layout, videos, codec=codec, extras=extras() if extras else None, timeline=timeline)
     return Cache(path, mode="r+")
 
 
@@ -137,11 +147,40 @@ def _shards_left(cache: Cache, repair: bool, log) -> list[int]:
     return todo
 
 
+def _repair_tables(cache: Cache, videos: list, extras, log, timeline=None) -> None:
+    """--repair: the tables written at creation that fail their checks (unreadable, or not matching the
+    checksum the metadata recorded), written again from the video list (and `extras()`, computed again)."""
+    names = [*cache.layout.creation_tables(), *cache.meta.get("extras", [])]
+    bad = []
+    for name in names:
+        try:
+            cache.table(name)
+        except Exception:
+            bad.append(name)
+    if not bad:
+        return
+    again = extras() if extras is not None and set(bad) & set(cache.meta.get("extras", [])) else None
+    tables = creation_tables(cache.layout, videos, again, timeline)
+    recorded = cache.meta.get("table_checksums") or {}
+    for name in bad:
+        if name not in tables or (name in recorded and table_checksum(tables[name][0]) != recorded[name]):
+            raise CacheError(f"{cache.path}: table {name} is damaged and this run cannot write it again as it was; "
+                             f"extract the cache again with --overwrite")
+        arr = cache.root[name]
+        for i in range(-(-arr.shape[0] // arr.chunks[0])):      # no read of a damaged chunk on the way
+            _drop_chunk(arr, i)
+        arr[...] = tables[name][0]
+    log(f"repair: wrote {', '.join(bad)} again")
+
+
 def reset_shards(cache: Cache, shards) -> None:
     """Mark shards as not done, so the next extract writes them again (what --repair does)."""
     prog = cache.root["progress"]
     for s in sorted(shards):
         prog[s] = 0
+        if cache.has_records:
+            _drop_chunk(cache.root[RECORD], s)      # no record: the shard is to be written again
+            cache._records.pop(s, None)
 
 
 def remove_store(path: Path) -> None:
@@ -154,17 +193,17 @@ def remove_store(path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- creation
 def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: list, codec: str = DEFAULT_CODEC,
-                 extras: dict[str, np.ndarray] | None = None):
+                 extras: dict[str, np.ndarray] | None = None, timeline: dict[str, np.ndarray] | None = None):
     """Create the store with every array (row arrays empty), the static per-video and per-clip tables,
     `extras` (small arrays known up front: text embeddings, int8 steps) and the metadata. `videos` are
-    manifest.VideoEntry rows in cache order."""
+    manifest.VideoEntry rows in cache order. A windowed layout also needs `timeline` = {start, duration}: per
+    video, the seconds its probe found (videos/start, videos/duration)."""
     compressors = parse_codec(codec)
     # mode "a", not "w": the folder may already hold this writer's lock file, which "w" would delete;
     # the caller has made sure no other store content is there
     root = zarr.open_group(str(path), mode="a", zarr_format=3)
     root.attrs[CREATING] = True   # replaced by the metadata once every array exists (see is_unfinished_creation)
-    C, V, n = layout.num_clips, layout.num_videos, layout.views.count
-    rows, vids = layout.shard_rows, layout.shard_videos
+    C, rows = layout.num_clips, layout.shard_rows
     for name, (shape, dtype) in layout.row_arrays().items():
         dims = _DIMS[name] if name in _DIMS else _DIMS[name.split("/")[0]]
         if shape:  # big per-clip arrays: one chunk per clip, one shard file per shard
@@ -173,35 +212,52 @@ def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: li
         else:      # one value per clip: one chunk per shard
             root.create_array(name, shape=(C,), dtype=str if dtype == "str" else dtype, chunks=(rows,),
                               compressors=compressors, fill_value="" if dtype == "str" else 0, dimension_names=dims)
-
-    def table(name, data, chunk, dims=None):
-        data = np.asarray(data)
+    tables = creation_tables(layout, videos, extras, timeline)
+    for name, (data, chunk, dims) in tables.items():
         a = root.create_array(name, shape=data.shape, dtype=data.dtype if data.dtype.kind != "U" else str,
                               chunks=(chunk, *data.shape[1:]), compressors=compressors,
                               fill_value="" if data.dtype.kind == "U" else 0, dimension_names=dims)
         a[...] = data
-        return a
-
-    table("videos/path", np.array([str(v.path) for v in videos], dtype=str), vids, ("video",))
-    table("videos/id", np.array([str(v.video_id) for v in videos], dtype=str), vids, ("video",))
-    table("videos/label", np.array([v.label for v in videos], dtype=np.int32), vids, ("video",))
-    table("videos/status", np.zeros(V, np.uint8), vids, ("video",))
-    table("videos/num_frames", np.zeros(V, np.int32), vids, ("video",))
-    table("videos/error", np.array([""] * V, dtype=str), vids, ("video",))
-    table("clips/video", np.repeat(np.arange(V, dtype=np.int32), n), rows, ("clip",))
-    table("clips/view", np.tile(np.arange(n, dtype=np.int16), V), rows, ("clip",))
-    table("clips/label", np.repeat(np.array([v.label for v in videos], dtype=np.int32), n), rows, ("clip",))
-    for name, data in (extras or {}).items():
-        dims = ("class", "channel") if name == "text/embed" else ("layer", "channel")[-np.ndim(data):]
-        table(name, data, max(1, len(data)), dims)
-    # one chunk per shard flag: each writer touches only its own files
+    # one chunk per shard flag and per shard record: each writer touches only its own files
     root.create_array("progress", shape=(layout.num_shards,), dtype=np.uint8, chunks=(1,),
                       compressors=[Crc32cCodec()], fill_value=0, dimension_names=("shard",))
-    meta = dict(meta, schema_version=SCHEMA_VERSION, layout=layout.to_dict(), codec=codec,
-                extras=sorted(extras or {}))
+    k = max(w.stop for w in record_slots(layout).values())
+    root.create_array(RECORD, shape=(layout.num_shards, k), dtype=np.int64, chunks=(1, k),
+                      compressors=[Crc32cCodec()], fill_value=NO_RECORD, dimension_names=("shard", "chunk"))
+    meta = dict(meta, schema_version=layout.schema_version, layout=layout.to_dict(), codec=codec,
+                extras=sorted(extras or {}),
+                table_checksums={name: table_checksum(data) for name, (data, _, _) in tables.items()
+                                 if name not in SHARD_VIDEO_TABLES})
     meta["fingerprint"] = content_fingerprint(meta)
     root.attrs.put({ATTR: meta})  # last: until here the store reads as unfinished
     return root
+
+
+def creation_tables(layout: Layout, videos: list, extras: dict[str, np.ndarray] | None = None,
+                    timeline: dict[str, np.ndarray] | None = None) -> dict:
+    """The tables a store holds from its creation: name -> (data, rows per chunk, dimension names). All but
+    the per-video results (filled shard by shard) follow from the video list, `extras` and (windowed) the
+    `timeline`, so --repair can write them again."""
+    V, rows = layout.num_videos, layout.shard_rows
+    labels = np.array([v.label for v in videos], dtype=np.int32)
+    videos_ = {"videos/path": np.array([str(v.path) for v in videos], dtype=str),
+               "videos/id": np.array([str(v.video_id) for v in videos], dtype=str),
+               "videos/label": labels, "videos/status": np.zeros(V, np.uint8),
+               "videos/num_frames": np.zeros(V, np.int32), "videos/error": np.array([""] * V, dtype=str)}
+    if layout.windowed:
+        videos_["videos/num_clips"] = np.asarray(layout.clip_counts, dtype=np.int32)
+        if timeline is not None:
+            videos_["videos/start"] = np.asarray(timeline["start"], dtype=np.float64)
+            videos_["videos/duration"] = np.asarray(timeline["duration"], dtype=np.float64)
+    out = {name: (videos_[name], layout.video_chunk(name), ("video",)) for name in layout.video_tables()
+           if name in videos_}
+    out.update({"clips/video": (layout.clip_video(), rows, ("clip",)),
+                "clips/view": (layout.clip_view(), rows, ("clip",)),
+                "clips/label": (np.repeat(labels, np.diff(layout.first_clips)), rows, ("clip",))})
+    for name, data in (extras or {}).items():
+        dims = ("class", "channel") if name == "text/embed" else ("layer", "channel")[-np.ndim(data):]
+        out[name] = (np.asarray(data), max(1, len(data)), dims)
+    return out
 
 
 def is_unfinished_creation(path: str | os.PathLike) -> bool:
@@ -251,14 +307,36 @@ def write_shard(store: Cache, data: ShardData, fsync: bool = True) -> int:
             if fsync:
                 _fsync_chunk(root[name], data.shard)
     for name, arr in data.videos.items():
-        _drop_chunk(root[name], data.shard)
+        if not len(arr):
+            continue           # windowed: a shard inside one long video writes no video's entries
+        chunk = layout.video_chunk(name)
+        blocks = range(vids.start // chunk, -(-vids.stop // chunk))   # whole chunks: the shard's videos
+        for b in blocks:
+            _drop_chunk(root[name], b)
         root[name][v] = arr
         if fsync:
-            _fsync_chunk(root[name], data.shard)
+            for b in blocks:
+                _fsync_chunk(root[name], b)
+    if store.has_records:     # what the shard holds, read back: the record verify and readers check it against
+        root[RECORD][data.shard] = store.stored_checksums(data.shard)
+        store._records.pop(data.shard, None)
+        if fsync:
+            _fsync_chunk(root[RECORD], data.shard)
     root["progress"][data.shard] = 1
     if fsync:
         _fsync_chunk(root["progress"], data.shard)
     return written
+
+
+def record_again(cache: Cache) -> None:
+    """Write every finished shard's checksum record from what it holds now. For `cachefeat import`, which
+    encodes the chunks again (a gzip chunk stores the second it was written, so its bytes and checksum
+    differ from the exported cache's); export refuses a cache whose chunks do not match their records."""
+    if not cache.has_records:
+        return
+    for s in np.flatnonzero(cache.shard_done()).tolist():
+        cache.root[RECORD][s] = cache.stored_checksums(s)
+        cache._records.pop(s, None)
 
 
 def _fsync_chunk(arr, index: int) -> None:

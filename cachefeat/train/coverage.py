@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..store import FAILED, Cache
+from ..store import Cache, CacheDamaged
 from .config import TrainError
 
 
@@ -18,18 +18,24 @@ def coverage(cache: Cache) -> dict:
     """Videos of a cache by state: `videos` (all its rows), `usable` (at least one valid clip), `failed`
     (failed at extraction, in finished shards), `unwritten` (in shards not finished yet), and whether the
     cache is `complete` and `being_written` by another process."""
-    done = np.repeat(cache.shard_done(), cache.layout.shard_videos)[: cache.num_videos]
-    status = cache.root["videos/status"][:]
+    done = cache.video_done()
     usable = np.zeros(cache.num_videos, bool)
     usable[cache.clip_video()[cache.valid()]] = True
-    return {"videos": cache.num_videos, "usable": int(usable.sum()), "failed": int(((status == FAILED) & done).sum()),
+    return {"videos": cache.num_videos, "usable": int(usable.sum()), "failed": len(cache.failures()),
             "unwritten": int((~done).sum()), "complete": bool(done.all()),
             "being_written": cache.being_written_by() is not None}
 
 
 def check_cache_use(cache: Cache, allow_incomplete: bool = False) -> dict:
     """Refuse (TrainError, one line) a cache that another process is writing or whose extraction has not
-    finished, unless `allow_incomplete` (then only its finished shards are read). Returns its coverage."""
+    finished, unless `allow_incomplete` (then only its finished shards are read), and (CacheDamaged) one
+    whose finished shards do not hold what their checksum records list. Returns its coverage."""
+    problems = cache.record_problems()       # damage that checksums alone do not show
+    if problems:
+        s, what = next(iter(problems.items()))
+        raise CacheDamaged(f"{cache.path}: shard {s} is damaged ({what}"
+                           f"{f'; {len(problems) - 1} more shards too' if len(problems) > 1 else ''}); run "
+                           f"`cachefeat verify {cache.path}`, then the same `cachefeat extract` with --repair")
     cov = coverage(cache)
     if allow_incomplete:
         return cov

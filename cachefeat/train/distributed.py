@@ -33,6 +33,7 @@ def train_distributed(cfg: TrainConfig, cache: str, val_cache: str | None, out: 
     `allow_incomplete`: train on the finished shards of an unfinished cache (see coverage.check_cache_use).
     `before_start()`: called once the cluster is joined and found able to run the workers, before they
     start (the CLI clears a run folder being replaced there, so a refused cluster deletes nothing)."""
+    import ray
     from ray.util.queue import Queue
 
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -69,7 +70,11 @@ def train_distributed(cfg: TrainConfig, cache: str, val_cache: str | None, out: 
         thread.start()
         try:
             while True:
-                line = queue.get()
+                try:
+                    line = queue.get()
+                except (ray.exceptions.RayError, ConnectionError) as e:   # the cluster went away under us
+                    raise WorkerError(f"distributed training failed: the Ray cluster stopped answering "
+                                      f"({_reason(e)})") from None
                 if line == _DONE_MARK:
                     break
                 log(line)

@@ -61,7 +61,7 @@ def build_adapter(cls, config, spec: FeatureSpec, needs: Needs, cache: Cache, se
         model.set_text(torch.from_numpy(np.asarray(cache.read("text/embed"), dtype=np.float32)))
     if needs.backbone_weights:
         from .online import backbone_from_meta
-        model.set_backbone(backbone_from_meta(cache.meta, device="cpu").visual)
+        model.set_backbone(backbone_from_meta(cache.meta, device="cpu"))
     return model
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..adapters import Needs
-from ..extract.backbone import Backbone, BackboneError, load_backbone
+from ..extract.backbone import CLASS_TOKEN, Backbone, BackboneError, load_backbone
 from ..extract.preprocess import Preprocessing
 from ..extract.video import DecodeRequest, DecodeResult, decode_video
 from ..specs import AugmentSpec, PixelSpec, SamplingSpec, TokenSpec, ViewSpec
@@ -29,7 +29,8 @@ def backbone_from_meta(meta: dict, device: str = "auto", precision: str = "auto"
     m = meta["model"]
     seed = m.get("init_seed")
     bb = load_backbone(m["name"], m.get("pretrained", "none"), device=device, precision=precision,
-                       seed=0 if seed is None else int(seed), quick_gelu=m.get("quick_gelu"))
+                       seed=0 if seed is None else int(seed), quick_gelu=m.get("quick_gelu"),
+                       cls=m.get("cls", CLASS_TOKEN))   # caches before `cls` was recorded hold the class token
     if bb.weights_sha256 != m.get("weights_sha256"):
         raise BackboneError(f"rebuilding {m['name']} (pretrained {m.get('pretrained')}) gives weights "
                             f"{bb.weights_sha256[:12]}..., but the cache was made with "

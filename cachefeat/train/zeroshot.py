@@ -13,6 +13,10 @@ def zero_shot(cache: Cache, allow_incomplete: bool = False) -> dict:
     """Top-1/top-5 per video (the views' similarities averaged) over the valid, labelled videos; an
     unfinished cache, or one being written, is refused unless `allow_incomplete`. `coverage` says what
     was evaluated: the cache's videos, those evaluated, failed at extraction, unwritten."""
+    model = cache.meta.get("model", {})
+    if model.get("text_tower") is False:
+        raise CacheError(f"zero-shot compares image with text embeddings, and {model.get('name')} has no text tower "
+                         f"(an image-only model): train an adapter on {cache.path} instead")
     cov = check_cache_use(cache, allow_incomplete)
     text = cache.text_embeddings().astype(np.float32)
     text /= np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
