@@ -9,9 +9,12 @@ with a free backbone), extraction, storage, reading (cache read efficiency), tra
 online, full fine-tuning, ST-Adapter), ablation (K configs x E epochs), int8 (size and top-1 against float16),
 scale (400 classes at 2,000 and 20,000 clips: extract, streamed train and eval, a 2-config ablation, each a
 `cachefeat` process; peak RSS and time per clip as ratios of the two sizes), long (`extract --sampling fps:1`
-on a 10-minute and a 60-minute video: peak RSS of the extract process and of its decode worker as ratios).
-scale takes ~9 minutes on 2 cores and long a few (it writes the videos once), so only `--sections scale` and
-`--sections long` run them; the default is every other section.
+on a 10-minute and a 60-minute video: peak RSS of the extract process and of its decode worker as ratios),
+adapters (every adapter's accuracy on two differently generated temporal synthetic sets, recommended
+settings), madapter (the ablation behind M-adapter's design), view_budget (accuracy vs cached augmented
+views K, against online augmentation, and the storage each K costs). scale takes ~9 minutes on 2 cores, long
+a few (it writes the videos once) and the accuracy sections (adapters, madapter, view_budget) an hour or
+more each, so only `--sections NAME` runs them; the default is every other section.
 
 Writes benchmarks/results/<host>-<date>[-full].json and prints Markdown tables; every figure is a ratio of
 two measurements taken in this one run, side by side (peak memory per training variant in a process of its
@@ -29,10 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, WORK, Mode, fmt_ratio, machine  # noqa: E402
 
-SECTIONS = ["io", "extraction", "storage", "reading", "training", "ablation", "int8", "scale", "long"]
+SECTIONS = ["io", "extraction", "storage", "reading", "training", "ablation", "int8", "scale", "long", "adapters",
+            "madapter", "view_budget"]
 # `--sections scale` (400 classes, 2,000 and 20,000 clips) takes ~9 minutes on 2 quiet cores, `--sections long`
-# (a 10- and a 60-minute video) a few: not run by default
-DEFAULT_SECTIONS = [s for s in SECTIONS if s not in ("scale", "long")]
+# (a 10- and a 60-minute video) a few, the accuracy sections (many training runs each) an hour or more: not
+# run by default
+SLOW_SECTIONS = ("scale", "long", "adapters", "madapter", "view_budget")
+DEFAULT_SECTIONS = [s for s in SECTIONS if s not in SLOW_SECTIONS]
 
 
 def main(argv=None) -> int:
@@ -40,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="GPU mode with real model sizes (ViT-B/16, ViT-L/14)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
-                    help=f"comma list of {', '.join(SECTIONS)} (default: all but scale and long)")
+                    help=f"comma list of {', '.join(SECTIONS)} (default: all but {', '.join(SLOW_SECTIONS)})")
     ap.add_argument("--out", type=Path, help="result JSON path (default benchmarks/results/<host>-<date>.json)")
     args = ap.parse_args(argv)
     import torch
@@ -222,6 +228,9 @@ def report(results: dict) -> str:
         lines += scale_report(s["scale"])
     if "long" in s:
         lines += long_report(s["long"])
+    for name in ("adapters", "madapter", "view_budget"):
+        if name in s:
+            lines += __import__(f"bench_{name}").report(s[name])
     return "\n".join(lines)
 
 

@@ -140,8 +140,12 @@ def main():
 @click.option("--size", default=96, show_default=True, help="Frame width and height in pixels.")
 @click.option("--fps", default=12, show_default=True, help="Frame rate written in the files.")
 @click.option("--seed", default=0, show_default=True, help="Seed: the same seed writes the same files.")
+@click.option("--motions", type=click.Choice(["shapes", "alt"]), default="shapes", show_default=True,
+              help="Family of motions: shapes (translate, grow, colour, turn, fade), or alt, a differently drawn "
+                   "set (diagonal travel, orbits, meeting shapes, wipes, light, stretching; striped backgrounds, "
+                   "a distractor).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def synth(out, num_classes, videos_per_class, val_fraction, frames, size, fps, seed, quiet):
+def synth(out, num_classes, videos_per_class, val_fraction, frames, size, fps, seed, motions, quiet):
     """Write a synthetic video data set whose classes differ only in temporal order.
 
     Classes come in pairs that are each other's time reversal (moving right / moving left, growing /
@@ -152,7 +156,8 @@ def synth(out, num_classes, videos_per_class, val_fraction, frames, size, fps, s
     """
     from .synth import generate
     try:
-        s = generate(out, num_classes, videos_per_class, frames, size, seed, val_fraction, fps, progress=not quiet)
+        s = generate(out, num_classes, videos_per_class, frames, size, seed, val_fraction, fps, progress=not quiet,
+                     motions=motions)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     click.echo(f"wrote {s['train_per_class'] * num_classes} train and {s['val_per_class'] * num_classes} val videos "
@@ -174,16 +179,46 @@ def _spec(parser_name: str):
     return callback
 
 
-def _augment(aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed, views):
-    from .specs import AugmentSpec, ViewSpec, parse_color_jitter, parse_range
+def _augment(aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed, views, randaugment=None,
+             flip_pairs=None, classes=None):
+    from .extract.randaugment import RandAugmentConfig, RandAugmentError
+    from .specs import (
+        SSV2_FLIP_PAIRS,
+        AugmentSpec,
+        SpecError,
+        ViewSpec,
+        parse_color_jitter,
+        parse_flip_pairs,
+        parse_range,
+    )
     if aug_views is None:
+        if randaugment or flip_pairs:
+            raise click.UsageError(f"{'--randaugment' if randaugment else '--flip-pairs'} acts on augmented training "
+                                   f"views: add --aug-views K")
         return None
     if views != ViewSpec():
         raise click.UsageError("--aug-views makes random training views; it cannot be combined with --views "
                                "(test views belong in a separate eval cache)")
+    if flip_pairs and no_flip:
+        raise click.UsageError("--flip-pairs swaps the labels of flipped views; --no-flip turns flips off: choose one")
+    try:
+        ra = RandAugmentConfig.parse(randaugment).canonical() if randaugment else None
+        if flip_pairs == "ssv2":
+            pairs = SSV2_FLIP_PAIRS
+            if classes is not None and len(classes) != 174:
+                raise SpecError(f"--flip-pairs ssv2 names Something-Something v2's classes (174); this class "
+                                f"list has {len(classes)}")
+        elif flip_pairs:
+            if not Path(flip_pairs).is_file():
+                raise SpecError(f"--flip-pairs {flip_pairs}: no such file (or `ssv2` for DiST's pairs)")
+            pairs = parse_flip_pairs(Path(flip_pairs).read_text(), classes, f"--flip-pairs {flip_pairs}")
+        else:
+            pairs = ()
+    except (RandAugmentError, SpecError) as e:
+        raise click.UsageError(str(e)) from None
     return AugmentSpec(aug_views, parse_range(aug_scale, "--aug-scale", 0.08, 1.0),
                        parse_range(aug_ratio, "--aug-ratio", 0.75, 1.333), not no_flip,
-                       parse_color_jitter(color_jitter) if color_jitter else None, aug_seed)
+                       parse_color_jitter(color_jitter) if color_jitter else None, aug_seed, ra, pairs)
 
 
 def _shard_size(ctx, param, value):
@@ -245,10 +280,11 @@ def _shard_size(ctx, param, value):
                    "videos spread over the input; dequantized transparently on read).")
 @click.option("--pixels", callback=_spec("parse_pixels"), metavar="SIZE[xK]",
               help="Also keep the model's crops resized to SIZExSIZE as uint8, for K times as many frames as the "
-                   "backbone sees (DiST-style pixel encoders use 112x2 or 224x2).")
-@click.option("--aug-views", type=click.IntRange(1, 64),
+                   "backbone sees, cut from the same view (DiST's temporal encoder reads 224x2).")
+@click.option("--aug-views", type=click.IntRange(1, 1024),
               help="Training cache: K random augmented views per video (random frames within segments, "
-                   "random-resized crop, flips, optional colour jitter) instead of the test views of --views.")
+                   "random-resized crop, flips, optional colour jitter and RandAugment) instead of the test views "
+                   "of --views.")
 @click.option("--aug-scale", default="0.4,1.0", show_default=True,
               help="Random-resized-crop area range (with --aug-views).")
 @click.option("--aug-ratio", default="0.75,1.3333", show_default=True, help="Random-resized-crop aspect-ratio range.")
@@ -256,6 +292,14 @@ def _shard_size(ctx, param, value):
               help="No horizontal flips in augmented views (Something-Something's left/right classes need this).")
 @click.option("--color-jitter", metavar="B,C,S,H",
               help="Colour jitter of augmented views, e.g. 0.4,0.4,0.2,0.1 (off by default).")
+@click.option("--randaugment", metavar="CONFIG",
+              help="RandAugment in augmented views, timm's config string: EVL's is m7-n4-mstd0.5-inc1 (7 of 10 "
+                   "magnitude, 4 ops, magnitude noise 0.5, increasing ops); drawn once per view, the same ops on "
+                   "every frame, before the crop.")
+@click.option("--flip-pairs", metavar="ssv2|FILE",
+              help="Class pairs a horizontal flip turns into each other: a flipped view of such a class is labelled "
+                   "as its partner. ssv2: DiST's Something-Something v2 pairs (86-87, 93-94, 166-167); or a file "
+                   "with two class indices (or two names separated by a tab) per line.")
 @click.option("--aug-seed", default=0, show_default=True,
               help="Seed of the augmented views: the same seed gives the same views.")
 @click.option("--text-template", default="{}", show_default=True,
@@ -311,7 +355,7 @@ def _shard_size(ctx, param, value):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(input, out, fmt, video_root, classes_file, split, model, pretrained, quick_gelu, seed, layers, tokens,
             frames, sampling, window_stride, frame_rate, views, dtype, pixels, aug_views, aug_scale, aug_ratio,
-            no_flip, color_jitter, aug_seed,
+            no_flip, color_jitter, randaugment, flip_pairs, aug_seed,
             text_template, no_text, codec, batch_size, shard_size, device, precision, decode_workers, workers, address,
             decode_timeout, reader, preprocess, no_fsync, overwrite, repair, dry_run, strict, max_failed_fraction,
             ignore_free_space, quiet):
@@ -334,7 +378,7 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
     parse_codec(codec)  # validate before any work
     if overwrite and repair:
         raise click.UsageError("--repair mends an existing cache; --overwrite replaces it: choose one")
-    augment = _augment(aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed, views)
+    augment = _augment(aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed, views, randaugment)
     from .specs import with_windows
     sampling = with_windows(sampling, frames, window_stride, frame_rate)
     if "{}" not in text_template:
@@ -342,6 +386,9 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
     if classes_file is None and Path(input).is_file() and (Path(input).parent / "classes.txt").is_file():
         classes_file = str(Path(input).parent / "classes.txt")
     manifest = load_manifest(input, fmt, video_root, classes_file, split)
+    if flip_pairs:   # class names in the file are resolved against the manifest's class list
+        augment = _augment(aug_views, aug_scale, aug_ratio, no_flip, color_jitter, aug_seed, views, randaugment,
+                           flip_pairs, list(manifest.classes or []) or None)
     settings = ExtractSettings(model=model, pretrained=pretrained, layers=layers, tokens=tokens, frames=frames,
                                sampling=sampling, views=views, dtype=dtype, codec=codec, shard_size=shard_size,
                                seed=seed, quick_gelu=quick_gelu, device=device, precision=precision,
@@ -474,8 +521,11 @@ def info(cache, show_failures, as_json, plot_path):
         held.append(f"pixels {lay.pixels.size}px x{lay.pixels.factor} frames")
     if c.text:
         held.append(f"text embeddings of {len(c.classes)} classes (template {c.text['template']!r})")
-    held.append(f"{aug['views']} augmented views (scale {aug['scale']}, flip {aug['flip']}, colour jitter "
-                f"{aug['color_jitter']}, seed {aug['seed']})" if aug else "windows with timestamps" if lay.windowed
+    held.append(f"{aug['views']} augmented views (scale {aug['scale']}, flip {aug['flip']}"
+                + (f" with label pairs {aug['flip_pairs']}" if aug.get("flip_pairs") else "")
+                + f", colour jitter {aug['color_jitter']}"
+                + (f", RandAugment {aug['randaugment']}" if aug.get("randaugment") else "")
+                + f", seed {aug['seed']})" if aug else "windows with timestamps" if lay.windowed
                 else f"{lay.views} test views")
     if lay.dtype == "int8":
         held.append("int8, dequantized on read")
@@ -572,6 +622,37 @@ def run(recipe, workdir, force, only, set_vars):
 _TD = TrainConfig.defaults()    # every train option's default comes from TrainConfig
 
 
+def _train_views(ctx, param, value):
+    from .train.config import _train_views_ok
+    if not _train_views_ok(value):
+        raise click.BadParameter(f"{value!r}: expected one, all, cycle or first:K")
+    return str(value).strip().lower()
+
+
+class _Epochs(click.ParamType):
+    """A positive number of epochs, or `auto` (0 in TrainConfig: planned for the data set's size)."""
+    name = "INTEGER|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value == 0:      # TrainConfig's default: auto
+                return 0
+            n = value
+        elif str(value).strip().lower() == "auto":
+            return 0
+        else:
+            try:
+                n = int(str(value))
+            except ValueError:
+                self.fail(f"{value!r} is not a number of epochs or auto", param, ctx)
+        if n < 1:
+            self.fail(f"{value} is not at least 1 (or auto)", param, ctx)
+        return n
+
+
+_EPOCHS = _Epochs()
+
+
 def _parse_adapter_opts(items) -> dict:
     out = {}
     for item in items:
@@ -594,14 +675,21 @@ def _parse_adapter_opts(items) -> dict:
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML or JSON file of settings: keys named like these options (epochs, lr, ...) plus "
                    "`adapter_opts: {key: value}`. Options given on the command line win over the file.")
-@click.option("--epochs", default=_TD["epochs"], show_default=True, type=click.IntRange(1),
-              help="Passes over the training videos.")
+@click.option("--epochs", default=_TD["epochs"], show_default="auto", type=_EPOCHS,
+              help="Passes over the training videos, or auto: at least 30 and enough for --min-steps optimiser "
+                   "steps (a small data set gets more epochs; Kinetics-size sets get 30).")
+@click.option("--min-steps", default=_TD["min_steps"], show_default=True, type=click.IntRange(0),
+              help="With --epochs auto: the fewest optimiser steps a run takes.")
 @click.option("--batch-size", "-b", default=_TD["batch_size"], show_default=True, type=click.IntRange(1),
               help="Clips per step.")
 @click.option("--lr", default=_TD["lr"], show_default=True, type=click.FloatRange(0, min_open=True),
               help="Peak learning rate of AdamW (after warm-up; cosine decay to --min-lr).")
 @click.option("--weight-decay", default=_TD["weight_decay"], show_default=True, type=click.FloatRange(0),
-              help="AdamW weight decay (not on biases, norms, queries or position embeddings).")
+              help="AdamW weight decay (on the parameters --weight-decay-on names).")
+@click.option("--weight-decay-on", default=_TD["weight_decay_on"], show_default=True,
+              type=click.Choice(["matrices", "all"]),
+              help="matrices: decay weight matrices, not biases, norms, queries or position embeddings (DiST, timm); "
+                   "all: every parameter (EVL).")
 @click.option("--warmup-epochs", default=_TD["warmup_epochs"], show_default=True, type=click.FloatRange(0),
               help="Epochs of linear learning-rate warm-up.")
 @click.option("--min-lr", default=_TD["min_lr"], show_default=True, type=click.FloatRange(0),
@@ -615,9 +703,14 @@ def _parse_adapter_opts(items) -> dict:
                    "--mixup too, each step picks one of the two.")
 @click.option("--grad-clip", default=_TD["grad_clip"], show_default=True, type=click.FloatRange(0),
               help="Clip the gradient norm to this; 0 = no clipping.")
-@click.option("--train-views", default=_TD["train_views"], show_default=True, type=click.Choice(["one", "all"]),
+@click.option("--train-views", default=_TD["train_views"], show_default=True, callback=_train_views,
               help="one: each epoch draws one of each video's views (the cache's augmented views, or its test "
-                   "views as jitter); all: every view is a training sample.")
+                   "views as jitter); all: every view is a training sample; first:K: one of each video's first K "
+                   "views (a K-view cache, from a larger one); cycle: view epoch mod V, every view used once "
+                   "before any repeats (with as many views as epochs: online augmentation).")
+@click.option("--view-average", default=_TD["view_average"], show_default=True, type=click.Choice(["logit", "prob"]),
+              help="Validation: average the logits of a video's views, or their softmax probabilities (EVL's test "
+                   "protocol); eval uses the same unless told otherwise.")
 @click.option("--seed", default=_TD["seed"], show_default=True,
               help="Seed of the adapter's initial weights, data order, dropout and mixing.")
 @click.option("--device", default=_TD["device"], show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -710,6 +803,10 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
         f"{human_bytes(src.dataset.nbytes())} {where}" + (f"; validates on {val_cache}" if val_cache else ""))
     for role, cov in run.coverage.items():
         log(f"{role} cache: {describe(cov, what='used')}")
+    if cfg.epochs == 0:
+        steps = src.steps(0, train=True)
+        log(f"epochs auto: {run.epochs} epochs of {steps} steps ({run.epochs * steps} steps; at least 30 epochs and "
+            f"{cfg.min_steps} steps)")
     try:
         if distributed:
             # the Ray cluster is checked too before the earlier run goes
@@ -847,13 +944,17 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
 @click.option("--allow-incomplete", is_flag=True,
               help="Evaluate on a cache whose extraction has not finished (or is still running): its finished "
                    "shards only. The report counts the videos left out.")
+@click.option("--view-average", type=click.Choice(["logit", "prob"]),
+              help="Average a video's views by their logits, or by their softmax probabilities (EVL's protocol). "
+                   "Default: the run's --view-average (logit for runs that predate it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (top1, top5 as fractions, and more).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, workers, threads, allow_incomplete,
-             as_json, quiet):
-    """Evaluate a trained adapter on a cache with the multi-view protocol: the logits of all views of a
-    video are averaged, then top-1 and top-5 are counted per video. Also per-class accuracy, the most
-    confused class pairs, the whole confusion matrix (confusion.npz) and every video's logits (logits.npz).
+             view_average, as_json, quiet):
+    """Evaluate a trained adapter on a cache with the multi-view protocol: the logits (or, --view-average
+    prob, the probabilities) of all views of a video are averaged, then top-1 and top-5 are counted per
+    video. Also per-class accuracy, the most confused class pairs, the whole confusion matrix (confusion.npz)
+    and every video's logits (logits.npz).
 
     A cache whose extraction is unfinished, or still running, is refused unless --allow-incomplete.
 
@@ -869,7 +970,7 @@ def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, w
     c = open_cache(cache)
     with cpu_threads(threads), _progress_bar("eval", "clip", quiet or as_json, int(c.valid().sum())) as bar:
         result = adapter.evaluate(c, batch_size, device, precision, in_memory, workers, allow_incomplete,
-                                  keep_logits=True, progress=bar.update)
+                                  keep_logits=True, progress=bar.update, view_average=view_average)
     ck, classes = adapter.checkpoint, adapter.classes
     files = write_report(out_dir, result, classes)
     if as_json:
@@ -879,7 +980,8 @@ def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, w
     click.echo(f"{ck['adapter']} ({ck['epoch']} epochs) on {cache}: top-1 {_pct(result['top1'])}  "
                f"top-5 {_pct(result['top5'])}  ({describe({**cov, 'usable': cov['evaluated']})}; "
                f"{result['clips']} clips"
-               + (f", logits of {result['views']} views averaged per video)" if result["views"] > 1 else ")")
+               + (f", {'probabilities' if result['view_average'] == 'prob' else 'logits'} of {result['views']} "
+                  f"views averaged per video)" if result["views"] > 1 else ")")
                + (f"; time-reversal pairs told apart {100 * result['reversal_accuracy']:.1f}%"
                   if "reversal_accuracy" in result else ""))
     per_class = result.get("per_class", {})

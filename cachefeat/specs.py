@@ -239,25 +239,79 @@ def parse_pixels(spec: str) -> PixelSpec:
 @dataclass(frozen=True)
 class AugmentSpec:
     """Random training views baked into a cache: each of `views` views of a video gets its own random
-    frames (TSN jitter / random clip start), random-resized crop, optional flip and colour jitter, drawn
-    from (seed, video, view), so the same seed reproduces them exactly."""
+    frames (TSN jitter / random clip start), random-resized crop, optional flip, colour jitter and
+    RandAugment, drawn from (seed, video, view), so the same seed reproduces them exactly. `flip_pairs`:
+    class index pairs a horizontal flip turns into each other (SSv2's "left to right" / "right to left"):
+    a flipped view of such a class trains as its partner."""
     views: int
     scale: tuple[float, float] = (0.4, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     color_jitter: tuple[float, float, float, float] | None = None   # brightness, contrast, saturation, hue
     seed: int = 0
+    randaugment: str | None = None                                  # timm's config, e.g. rand-m7-n4-mstd0.5-inc1
+    flip_pairs: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict:
-        return {"views": self.views, "scale": list(self.scale), "ratio": list(self.ratio), "flip": self.flip,
-                "color_jitter": list(self.color_jitter) if self.color_jitter else None, "seed": self.seed}
+        d = {"views": self.views, "scale": list(self.scale), "ratio": list(self.ratio), "flip": self.flip,
+             "color_jitter": list(self.color_jitter) if self.color_jitter else None, "seed": self.seed}
+        if self.randaugment:        # absent when off: caches written before these keys keep their fingerprint
+            d["randaugment"] = self.randaugment
+        if self.flip_pairs:
+            d["flip_pairs"] = [list(p) for p in self.flip_pairs]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> AugmentSpec | None:
         if not d:
             return None
         cj = d.get("color_jitter")
-        return cls(d["views"], tuple(d["scale"]), tuple(d["ratio"]), d["flip"], tuple(cj) if cj else None, d["seed"])
+        return cls(d["views"], tuple(d["scale"]), tuple(d["ratio"]), d["flip"], tuple(cj) if cj else None, d["seed"],
+                   d.get("randaugment"), tuple(tuple(int(x) for x in p) for p in d.get("flip_pairs") or ()))
+
+    def partner(self) -> dict[int, int]:
+        """class -> the class its horizontal flip shows (both directions)."""
+        out = {}
+        for a, b in self.flip_pairs:
+            out[a], out[b] = b, a
+        return out
+
+
+# DiST's SSv2 loader (dataset/base/base_dataset.py): a flipped clip of class 86 trains as 87 and so on
+SSV2_FLIP_PAIRS = ((86, 87), (93, 94), (166, 167))
+
+
+def parse_flip_pairs(text: str, classes: list[str] | None, where: str = "--flip-pairs") -> tuple[tuple[int, int], ...]:
+    """A flip-pairs file: one pair per line, two class indices (`86 87`) or two class names separated by a
+    tab; `#` starts a comment. Each class in at most one pair."""
+    pairs, seen = [], set()
+    names = {c: i for i, c in enumerate(classes or [])}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = [p.strip() for p in line.split("\t")] if "\t" in line else line.replace(",", " ").split()
+        if len(parts) != 2:
+            raise SpecError(f"{where} line {n}: expected two class indices (or two class names separated by a "
+                            f"tab), got {raw.strip()!r}")
+        pair = []
+        for p in parts:
+            if re.fullmatch(r"\d+", p):
+                i = int(p)
+                if classes is not None and not 0 <= i < len(classes):
+                    raise SpecError(f"{where} line {n}: class {i} is not in the class list (0..{len(classes) - 1})")
+            elif p in names:
+                i = names[p]
+            else:
+                raise SpecError(f"{where} line {n}: {p!r} is neither a class index nor a class name")
+            pair.append(i)
+        if pair[0] == pair[1] or seen & set(pair):
+            raise SpecError(f"{where} line {n}: each class may appear in one pair only, with another class")
+        seen |= set(pair)
+        pairs.append((pair[0], pair[1]))
+    if not pairs:
+        raise SpecError(f"{where}: no pairs in the file")
+    return tuple(pairs)
 
 
 def parse_range(spec: str, name: str, lo: float, hi: float) -> tuple[float, float]:

@@ -40,7 +40,9 @@ def batch_for(spec, needs, B=3, seed=0):
 
 CASES = [("probe", {}), ("temporal", {"dim": 64}), ("evl", {"layers": 3}), ("evl", {"layers": 4, "tca": False}),
          ("dist", {"integration_dim": 64, "temporal_dim": 16}), ("dist", {"head": "text", "integration_dim": 64}),
-         ("madapter", {"dim": 64}), ("madapter", {"dim": 64, "tokens": "patch", "levels": 2})]
+         ("madapter", {"dim": 64}), ("madapter", {"dim": 64, "tokens": "patch", "levels": 2}),
+         ("madapter", {"dim": 64, "fusion": "concat", "temporal": "conv", "combine": "parallel"}),
+         ("madapter", {"dim": 64, "temporal": "mlp", "levels": 4, "layers": "last:2"})]
 
 
 def test_registry_lists_every_adapter():

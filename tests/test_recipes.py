@@ -241,3 +241,88 @@ def test_a_recipe_that_runs_itself_is_refused_in_one_line(tmp_path):
     assert res.exit_code == 2 and "recipes run recipes 8 deep" in res.output.strip().splitlines()[-1]
     res = run_cli("run", chain[2], "--workdir", tmp_path / "w2")    # 8 levels: runs
     assert res.output.count("== 1-adapters") == 8 and res.output.count("== 2-run") == 7
+
+
+# ------------------------------------------------------------------------------------------- published recipes
+PUBLISHED = Path(__file__).parents[1] / "pipelines" / "published" / "settings.yaml"
+
+
+def _published():
+    import yaml
+    return yaml.safe_load(PUBLISHED.read_text())
+
+
+def _expected(command, name: str, value):
+    """A table value as the option's own parsing gives it (types, callbacks, spec languages)."""
+    import click
+    param = next(p for p in command.params if isinstance(p, click.Option) and name in
+                 [o.lstrip("-") for o in p.opts])
+    ctx = click.Context(command)
+    if value == "absent":
+        return param, None
+    if param.is_flag:
+        return param, bool(value)
+    if param.multiple:
+        return param, tuple(param.type.convert(v, param, ctx) for v in value)
+    v = param.type_cast_value(ctx, value)
+    return param, param.callback(ctx, param, v) if param.callback else v
+
+
+def test_the_published_table_cites_a_source_for_every_value():
+    tables = _published()
+    assert set(tables) == {"evl-k400-b16-8f", "dist-k400-b16-8f", "dist-ssv2-b16-8f"}
+    for table, stages in tables.items():
+        for stage, settings in stages.items():
+            for key, entry in settings.items():
+                assert set(entry) == {"value", "source"}, (table, stage, key)
+                assert entry["source"].split()[0] in ("EVL", "DiST"), (table, stage, key)
+
+
+@pytest.mark.parametrize("recipe_path", [p for p in _shipped() if "published:" in p.read_text()],
+                         ids=lambda p: p.name)
+def test_recipes_match_the_published_tables(recipe_path, tmp_path, monkeypatch):
+    """Every setting a published table lists is what the recipe's stage passes (after the option's own
+    parsing; `absent`: left at its default), for the recipe's default variables."""
+    import yaml
+
+    from cachefeat.cli import cli
+    from cachefeat.recipes import load_recipe, stage_command, to_argv
+    defaults = yaml.safe_load(recipe_path.read_text()).get("vars") or {}
+    placeholder = {k: str(tmp_path) if "root" in k else str(tmp_path / "file.txt")
+                   for k, v in defaults.items() if isinstance(v, str) and v.startswith("/data/")}
+    (tmp_path / "file.txt").write_text("a\nb\n")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    recipe = load_recipe(recipe_path, placeholder)
+    table = _published()[recipe["published"]]
+    stages = {s["name"]: s for s in recipe["stages"]}
+    assert set(table) <= set(stages), f"{recipe_path.name}: stages {set(table) - set(stages)} missing"
+    for stage_name, settings in table.items():
+        name, options = stage_command(stages[stage_name])
+        command = cli.get_command(None, name)
+        argv = to_argv(command, options)
+        _make_inputs(command, argv, tmp_path / "work")
+        params = command.make_context(f"cachefeat {name}", list(argv)).params
+        for key, entry in settings.items():
+            param, want = _expected(command, key, entry["value"])
+            got = params[param.name]
+            if entry["value"] == "absent":
+                got, want = got in (None, False, ()), True
+            assert got == want, f"{recipe_path.name} {stage_name} --{key}: {got!r}, the paper's is {want!r} " \
+                                f"({entry['source']})"
+
+
+def test_the_adapter_ablation_trains_evl_with_evls_recipe():
+    """ablate-adapters.yaml's evl trials use EVL's settings (the published table's train-evl)."""
+    from cachefeat.cli import cli
+    from cachefeat.train.ablate import load_spec, trial_config
+    spec = load_spec(Path(__file__).parents[1] / "pipelines" / "ablate-adapters.yaml")
+    cfg = trial_config(spec, {"adapter": "evl", "seed": 0})
+    command = cli.get_command(None, "train")
+    for key, entry in _published()["evl-k400-b16-8f"]["train-evl"].items():
+        param, want = _expected(command, key, entry["value"])
+        if key == "adapter-opt":
+            got = tuple(f"{k}={v}" for k, v in cfg.adapter_opts.items())
+        else:
+            got = getattr(cfg, param.name)
+        assert got == want, (key, got, want, entry["source"])

@@ -176,3 +176,46 @@ def test_config_file_settings_yield_to_the_command_line(stage2_caches, tmp_path)
     cfg.write_text("epochs: 3\nlearning_rate: 0.1\n")
     res = run_cli("train", "--cache", stage2_caches["train"], "--config", cfg, "--out", tmp_path / "r2", ok=False)
     assert "unknown setting 'learning_rate'" in _one_error_line(res)
+
+
+def test_epochs_auto_plans_enough_steps_for_small_sets(stage2_caches, tmp_path):
+    """--epochs auto (the default): at least 30 epochs and at least --min-steps optimiser steps; an explicit
+    --epochs N trains N. 180 clips in batches of 64 are 3 steps per epoch."""
+    from cachefeat.train.config import planned_epochs
+    assert planned_epochs(0, 1000, 6) == 167 and planned_epochs(0, 1000, 938) == 30
+    assert planned_epochs(12, 1000, 6) == 12
+    assert planned_epochs(0, 10**9, 1) == 1000                    # capped
+    res = run_cli("train", "--cache", stage2_caches["train"], "--adapter", "probe", "--batch-size", "64",
+                  "--min-steps", "93", "--out", tmp_path / "auto")
+    assert "epochs auto: 31 epochs of 3 steps (93 steps; at least 30 epochs and 93 steps)" in res.output
+    s = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert s["epochs"] == 31 and s["config"]["epochs"] == 0
+    again = run_cli("train", "--cache", stage2_caches["train"], "--adapter", "probe", "--batch-size", "64",
+                    "--min-steps", "93", "--out", tmp_path / "auto", "--resume")
+    assert "already trained for 31 epochs" in again.output
+    res = run_cli("train", "--cache", stage2_caches["train"], "--epochs", "0", "--out", tmp_path / "x", ok=False)
+    assert res.exit_code == 2 and "not at least 1 (or auto)" in res.output
+
+
+def test_view_selection_and_averaging_and_decay_groups():
+    """--train-views first:K / cycle pick from each video's views as documented; --view-average prob
+    averages softmax probabilities (EVL's protocol); --weight-decay-on all decays every parameter."""
+    from cachefeat.train.evaluate import video_logits
+    from cachefeat.train.loop import param_groups
+    from cachefeat.train.reader import select_rows
+    videos = np.repeat(np.arange(3), 4)                           # 3 videos x 4 views, rows grouped by video
+    valid, labels = np.ones(12, bool), np.zeros(12, np.int64)
+    for epoch in range(6):
+        assert (select_rows(valid, videos, labels, 0, epoch, "first:2") % 4 < 2).all()
+        assert (select_rows(valid, videos, labels, 0, epoch, "cycle") % 4 == epoch % 4).all()
+    assert len({tuple(select_rows(valid, videos, labels, 0, e, "one") % 4) for e in range(8)}) > 1
+    logits = np.array([[4.0, 0.0], [0.0, 1.0]], np.float32)      # two views of one video
+    _, lg, _ = video_logits(logits, np.array([0, 0]), np.array([0, 0]), "logit")
+    _, pr, _ = video_logits(logits, np.array([0, 0]), np.array([0, 0]), "prob")
+    p = torch.softmax(torch.from_numpy(logits), 1).mean(0).numpy()
+    assert np.allclose(lg[0], [2.0, 0.5]) and np.allclose(np.exp(pr[0]), p)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.05)
+    assert len(decay["params"]) == 1 and len(no_decay["params"]) == 3
+    decay, no_decay = param_groups(model, 0.05, "all")
+    assert len(decay["params"]) == 4 and not no_decay["params"]

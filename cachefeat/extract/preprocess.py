@@ -13,6 +13,7 @@ longer side after the shorter side is resized to the crop size (the papers' thre
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -140,7 +141,8 @@ def _longest(img: Image.Image, prep: Preprocessing) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- augmentation
 # Training views baked into a cache (--aug-views). The parameters are drawn once per view from a numpy
 # Generator and applied to every frame of the view alike (a clip is cropped, flipped and coloured as one),
-# with torchvision's RandomResizedCrop / ColorJitter arithmetic on PIL images.
+# with torchvision's RandomResizedCrop / ColorJitter arithmetic on PIL images, and (--randaugment) timm's
+# RandAugment on the decoded frame before the crop, as EVL does (randaugment.py).
 
 def draw_augmentation(rng: np.random.Generator, width: int, height: int, aug) -> dict:
     """Random parameters for one view of a (width x height) video; `aug` is a specs.AugmentSpec."""
@@ -152,7 +154,17 @@ def draw_augmentation(rng: np.random.Generator, width: int, height: int, aug) ->
                             "contrast": float(rng.uniform(max(0.0, 1 - c), 1 + c)),
                             "saturation": float(rng.uniform(max(0.0, 1 - s), 1 + s)),
                             "hue": float(rng.uniform(-hue, hue)), "order": rng.permutation(4).tolist()}
+    if getattr(aug, "randaugment", None):     # drawn last: views without it are drawn as before
+        from .randaugment import draw
+        params["randaugment"] = [[op[0], *(float(a) if isinstance(a, float) else int(a) for a in op[1:])]
+                                 for op in draw(rng, _randaugment_config(aug.randaugment))]
     return params
+
+
+@functools.lru_cache(maxsize=8)
+def _randaugment_config(spec: str):
+    from .randaugment import RandAugmentConfig
+    return RandAugmentConfig.parse(spec)
 
 
 def _random_resized_crop(rng, width, height, scale, ratio):
@@ -177,10 +189,14 @@ def _random_resized_crop(rng, width, height, scale, ratio):
 
 
 def augmented_crop(frame: np.ndarray, prep: Preprocessing, params: dict) -> np.ndarray:
-    """Apply one view's augmentation to a decoded frame: crop, resize to the model size with the model's
-    interpolation, flip, colour jitter. Returns a model-sized uint8 crop."""
+    """Apply one view's augmentation to a decoded frame: RandAugment (when drawn), crop, resize to the model
+    size with the model's interpolation, flip, colour jitter. Returns a model-sized uint8 crop."""
     i, j, h, w = params["crop"]
-    img = Image.fromarray(frame).crop((j, i, j + w, i + h))
+    img = Image.fromarray(frame)
+    if params.get("randaugment"):
+        from .randaugment import apply
+        img = apply(img, params["randaugment"])
+    img = img.crop((j, i, j + w, i + h))
     img = img.resize((prep.size[1], prep.size[0]), _INTERPOLATION[prep.interpolation])
     if params["flip"]:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)

@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 
 from ..yamlfile import YamlError, load_yaml
-from .config import TrainConfig, TrainError
+from .config import TrainConfig, TrainError, planned_epochs
 
 TOP_KEYS = ("train-cache", "val-cache", "train", "adapters", "grid", "random", "num-samples")
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
@@ -75,13 +75,20 @@ class AblationSpec:
     def grid_size(self) -> int:
         return math.prod(len(v) for v in self.grid.values()) if self.grid else 1
 
-    def max_epochs(self) -> int:
-        values = [self.train.get("epochs", TrainConfig.epochs)] + [s.get("epochs") for s in self.adapters.values()]
-        values += list(self.grid.get("epochs", []))
-        if "epochs" in self.random:
-            kind, args = self.random["epochs"]
-            values += list(args)
-        return int(max(v for v in values if v is not None))
+    def max_epochs(self, clips: int | None = None) -> int:
+        """The most epochs a trial trains; `epochs: auto` (0) is planned for `clips` training clips per epoch
+        with the spec's smallest batch size and largest min_steps (planned_epochs)."""
+        def all_values(key):
+            values = [self.train.get(key, getattr(TrainConfig, key))] + [s.get(key) for s in self.adapters.values()]
+            values += list(self.grid.get(key, []))
+            if key in self.random:
+                values += list(self.random[key][1])
+            return [v for v in values if v is not None]
+        values = all_values("epochs")
+        if 0 in values:
+            steps = math.ceil((clips or 1) / max(1, min(all_values("batch_size"))))
+            values.append(planned_epochs(0, max(all_values("min_steps")), steps))
+        return int(max(values))
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -104,6 +111,8 @@ def _value(key: str, value, where: str):
     if key.startswith(OPT) or key == "adapter":
         return value
     kind = type(getattr(TrainConfig, key))
+    if key == "epochs" and isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
     try:
         if kind is int:
             f = float(value)
@@ -376,7 +385,7 @@ def _run_trial(params: dict, spec: AblationSpec, out: str, cpus: float, gpus: fl
                 mem, kind = peak_memory()
                 tune.report({"val_top1": rec.get("val_top1"), "val_top5": rec.get("val_top5"),
                              "val_reversal_accuracy": rec.get("val_reversal_accuracy"), "train_loss": rec["train_loss"],
-                             "epoch": rec["epoch"], "epochs": cfg.epochs, "params": params_n, "name": name,
+                             "epoch": rec["epoch"], "epochs": run.epochs, "params": params_n, "name": name,
                              "seconds": round(time.perf_counter() - t0, 2), "peak_memory": mem, "memory_kind": kind})
             with cpu_threads(cfg.threads):
                 train(run, run_dir, log=log, on_epoch=on_epoch)
@@ -423,10 +432,11 @@ def rows_from(grid, spec: AblationSpec, asha: bool = False) -> list[Row]:
         params = {k: v for k, v in (r.config or {}).items()}
         name = m.get("name") or trial_name(_trial_index(Path(r.path).name if r.path else ""), params)
         cfg = trial_config(spec, params)
+        epochs = int(m.get("epochs") or cfg.epochs)
         rows.append(Row(name, params, cfg.to_dict(), m.get("params"), m.get("val_top1"), m.get("val_top5"),
-                        m.get("val_reversal_accuracy"), int(m.get("epoch") or 0), cfg.epochs, m.get("seconds"),
+                        m.get("val_reversal_accuracy"), int(m.get("epoch") or 0), epochs, m.get("seconds"),
                         m.get("peak_memory"), m.get("memory_kind", "RSS"),
-                        _status(r.error, int(m.get("epoch") or 0), cfg.epochs, asha)))
+                        _status(r.error, int(m.get("epoch") or 0), epochs, asha)))
     rows.sort(key=lambda w: (w.val_top1 is None, -(w.val_top1 or 0), -(w.val_top5 or 0), w.trainable_params or 0))
     return rows
 
@@ -520,7 +530,7 @@ def run_ablation(spec: AblationSpec, out: str, gpus_per_trial: float | None = No
         scheduler = None
         if asha:
             from ray.tune.schedulers import ASHAScheduler
-            max_t = spec.max_epochs()
+            max_t = spec.max_epochs(_train_clips(spec))
             scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=max(1, max_t // 4),
                                       reduction_factor=2)
         tuner = tune.Tuner(
@@ -537,6 +547,17 @@ def run_ablation(spec: AblationSpec, out: str, gpus_per_trial: float | None = No
     rows = rows_from(grid, spec, asha)
     write_results(outp, rows, spec, wall)
     return rows
+
+
+def _train_clips(spec: AblationSpec) -> int:
+    """Training clips per epoch of the spec's train cache (one view per video; all views with
+    train_views: all), for planning `epochs: auto`."""
+    from ..store import open_cache
+    cache = open_cache(spec.train_cache)
+    valid = cache.valid()
+    if spec.train.get("train_views") == "all":
+        return int(valid.sum())
+    return len(set(cache.clip_video()[valid].tolist()))
 
 
 # ------------------------------------------------------------------------------------------- results

@@ -163,6 +163,7 @@ def checkpoint_state(run, model, opt, scaler, epoch: int, history: list[dict], s
         "classes": run.train_cache.classes, "feature_fingerprint": feature_fingerprint(meta),
         "cache_meta": {k: meta[k] for k in RECORDED_META if k in meta},
         "train_cache": str(run.train_cache.path), "val_cache": str(run.val_cache.path) if run.val_cache else None,
-        "train_config": run.cfg.to_dict(), "epoch": epoch, "history": history, "train_seconds": seconds,
+        "train_config": run.cfg.to_dict(), "epoch": epoch, "epochs": run.epochs or run.cfg.epochs,
+        "history": history, "train_seconds": seconds,
         "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
     }

@@ -1,6 +1,7 @@
-"""Evaluation: the multi-view test protocol on a cache (logits of every view of a video averaged, then
-top-1/top-5 per video), per-class accuracy, the confusion matrix (sparse, so its size follows the videos,
-not the square of the classes), per-video logits, and the report files of the `eval` command.
+"""Evaluation: the multi-view test protocol on a cache (every view of a video averaged, then top-1/top-5 per
+video: their logits, or with `view_average="prob"` their softmax probabilities as EVL's evaluation does),
+per-class accuracy, the confusion matrix (sparse, so its size follows the videos, not the square of the
+classes), per-video logits, and the report files of the `eval` command.
 
 When the class list is the synthetic data set's (cachefeat.synth), `reversal_accuracy` is also reported:
 how often the true class scores above its time-reversed partner (0.5 = blind to the order of frames).
@@ -59,17 +60,34 @@ def clip_logits(model, source, device: torch.device, precision: str, spec, progr
     return logits[:n], {k: np.concatenate(v) for k, v in tables.items()}
 
 
-def video_logits(logits: np.ndarray, videos: np.ndarray, labels: np.ndarray):
-    """Average the logits of each video's views: (video ids, (V, C) logits, (V,) labels). One (V, C) float32
-    array and no temporaries of that size: at Kinetics scale (videos x 400 classes) they set eval's peak."""
+VIEW_AVERAGES = ("logit", "prob")
+
+
+def video_logits(logits: np.ndarray, videos: np.ndarray, labels: np.ndarray, view_average: str = "logit",
+                 block: int = 4096):
+    """Average each video's views: (video ids, (V, C) scores, (V,) labels). `logit`: the mean of the views'
+    logits; `prob`: the log of the mean of their softmax probabilities (EVL's test protocol, `main.py`
+    evaluate(): logits.softmax(-1).mean(0)), a log-probability, so the loss and the ranking read it like
+    logits. One (V, C) float32 array; softmax in blocks of `block` clips: no (clips, C) temporary, since at
+    Kinetics scale (videos x 400 classes) those set eval's peak."""
+    if view_average not in VIEW_AVERAGES:
+        raise ValueError(f"view_average {view_average!r}: expected one of {', '.join(VIEW_AVERAGES)}")
     ids, inv = np.unique(videos, return_inverse=True)
     lab = np.full(len(ids), -1, np.int64)
     lab[inv] = labels
     if len(ids) == len(videos) and np.array_equal(inv, np.arange(len(videos))):
         return ids, logits, lab                          # one view per video, in order: nothing to average
     sums = np.zeros((len(ids), logits.shape[1]), np.float32)
-    np.add.at(sums, inv, logits)
+    if view_average == "logit":
+        np.add.at(sums, inv, logits)
+    else:
+        for i in range(0, len(logits), block):
+            z = logits[i:i + block].astype(np.float32)
+            z = np.exp(z - z.max(axis=1, keepdims=True))
+            np.add.at(sums, inv[i:i + block], z / z.sum(axis=1, keepdims=True))
     sums /= np.bincount(inv, minlength=len(ids)).astype(np.float32)[:, None]
+    if view_average == "prob":
+        np.log(np.maximum(sums, np.finfo(np.float32).tiny), out=sums)
     return ids, sums, lab
 
 
@@ -151,11 +169,8 @@ def metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
 
 def reversal_accuracy(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> float | None:
     """For the synthetic data set: how often the true class outscores its time reversal (chance 0.5)."""
-    from ..synth import class_names, reversal_partner
-    try:
-        if list(classes) != class_names(len(classes)):
-            return None
-    except ValueError:
+    from ..synth import family_of, reversal_partner
+    if family_of(classes) is None:
         return None
     partner = np.array([reversal_partner(int(c)) for c in labels])
     rows = np.arange(len(labels))
@@ -163,16 +178,18 @@ def reversal_accuracy(logits: np.ndarray, labels: np.ndarray, classes: list[str]
 
 
 def evaluate(model, source, device: torch.device, precision: str, spec, classes: list[str], progress=None,
-             keep_logits: bool = False) -> dict:
-    """The multi-view protocol over every valid clip of a source. With `keep_logits`, the result's `logits`
-    holds the arrays of logits.npz (per clip and per video; see write_logits)."""
+             keep_logits: bool = False, view_average: str = "logit") -> dict:
+    """The multi-view protocol over every valid clip of a source, the views of a video averaged as
+    `view_average` says (video_logits). With `keep_logits`, the result's `logits` holds the arrays of
+    logits.npz (per clip and per video; see write_logits)."""
     logits, t = clip_logits(model, source, device, precision, spec, progress)
     labelled = t["label"] >= 0
     clip_top1 = float((logits.argmax(1) == t["label"])[labelled].mean()) if labelled.any() else None
-    vids, vlogits, vlabels = video_logits(logits, t["video"], t["label"])
+    vids, vlogits, vlabels = video_logits(logits, t["video"], t["label"], view_average)
     out = metrics(vlogits, vlabels, classes)
     out["clips"] = int(len(logits))
     out["clip_top1"] = clip_top1
+    out["view_average"] = view_average
     if keep_logits:
         out["logits"] = {"video": vids, "label": vlabels, "video_logits": vlogits, "clip_video": t["video"],
                          "clip_view": t["view"], "clip_logits": logits.astype(np.float16)}

@@ -29,7 +29,17 @@ from ..adapters.base import CacheMismatch, Needs
 from ..store import Cache, CacheError, open_cache
 
 IN_MEMORY_CHOICES = ("auto", "yes", "no")
-TRAIN_VIEWS_CHOICES = ("one", "all")
+TRAIN_VIEWS_CHOICES = ("one", "all", "cycle", "first:K")
+
+
+def check_train_views(value: str) -> str:
+    """one, all, cycle or first:K (K >= 1); ValueError otherwise."""
+    v = str(value).strip().lower()
+    if v in ("one", "all", "cycle"):
+        return v
+    if v.startswith("first:") and v[6:].isdigit() and int(v[6:]) >= 1:
+        return f"first:{int(v[6:])}"
+    raise ValueError(f"train views {value!r}: expected one, all, cycle or first:K")
 
 
 @dataclass(frozen=True)
@@ -41,11 +51,29 @@ class ClipTables:
 
     @classmethod
     def of(cls, cache: Cache) -> ClipTables:
-        return cls(cache.labels().astype(np.int64), cache.clip_video().astype(np.int64),
-                   cache.clip_view().astype(np.int64))
+        return cls(clip_labels(cache), cache.clip_video().astype(np.int64), cache.clip_view().astype(np.int64))
 
     def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         return {"label": self.label[rows], "video": self.video[rows], "view": self.view[rows], "row": rows}
+
+
+def clip_labels(cache: Cache) -> np.ndarray:
+    """The class each clip trains as: its video's label, except that a horizontally flipped view of a class
+    with a flip partner (extract --flip-pairs; `clips/aug` records each view's flip) is labelled as the
+    partner, as DiST's SSv2 loader swaps 86<->87, 93<->94, 166<->167 when it flips."""
+    labels = cache.labels().astype(np.int64)
+    pairs = (cache.augment or {}).get("flip_pairs")
+    if not pairs:
+        return labels
+    import json
+    partner = np.arange(max(len(cache.classes), int(labels.max(initial=0)) + 1))
+    for a, b in pairs:
+        partner[a], partner[b] = b, a
+    aug = cache.root["clips/aug"][:]
+    flipped = np.array([bool(s) and json.loads(s)["flip"] for s in aug.tolist()], dtype=bool)
+    swap = flipped & (labels >= 0)
+    labels[swap] = partner[labels[swap]]
+    return labels
 
 
 def read_rows(cache: Cache, sel: Needs, rows) -> dict[str, np.ndarray]:
@@ -164,13 +192,21 @@ class Buffer:
 def select_rows(valid: np.ndarray, videos: np.ndarray, labels: np.ndarray, seed: int, epoch: int,
                 views: str = "one", train: bool = True) -> np.ndarray:
     """Rows an epoch uses. Evaluation: every valid row. Training: labelled rows; with views=one, one valid
-    view per video, drawn anew every epoch (the cache's augmented views, or its test views as jitter)."""
+    view per video, drawn anew every epoch (the cache's augmented views, or its test views as jitter);
+    first:K, the same from the video's first K views only (what a cache of K views would give: views are
+    drawn independently, so the first K of a larger cache are a K-view cache); cycle, view `epoch mod V` of
+    each video, so that every view is used once before any repeats (with as many views as epochs, what
+    online augmentation gives: a fresh view every epoch)."""
     rows = np.flatnonzero(valid if not train else valid & (labels >= 0))
     if not train or views == "all" or len(rows) == 0:
         return rows
     vids = videos[rows]
-    starts = np.flatnonzero(np.r_[True, vids[1:] != vids[:-1]])      # rows are grouped by video
+    starts = np.flatnonzero(np.r_[True, vids[1:] != vids[:-1]])      # rows are grouped by video, views in order
     counts = np.diff(np.r_[starts, len(rows)])
+    if views == "cycle":
+        return rows[starts + epoch % counts]
+    if views.startswith("first:"):
+        counts = np.minimum(counts, int(views[6:]))
     rng = np.random.default_rng([seed, epoch, 101])
     return rows[starts + rng.integers(0, counts)]
 
@@ -240,8 +276,7 @@ class FeatureSource:
     order and the batching are decided here (`plan`); subclasses only say how a buffer's batches are made."""
 
     def __init__(self, cache: Cache, selection: Needs, batch_size: int, seed: int = 0, train_views: str = "one"):
-        if train_views not in TRAIN_VIEWS_CHOICES:
-            raise ValueError(f"train_views must be one of {TRAIN_VIEWS_CHOICES}")
+        train_views = check_train_views(train_views)
         self.cache, self.selection = cache, selection
         self.batch_size, self.seed, self.train_views = batch_size, seed, train_views
         self.valid = cache.valid()

@@ -25,7 +25,7 @@ class RunFolder:
     @property
     def finished(self) -> bool:
         """A resumed run that has already trained for all its epochs."""
-        return self.resume_from is not None and self.resume_from["epoch"] >= self.cfg.epochs
+        return self.resume_from is not None and self.resume_from["epoch"] >= planned(self.resume_from)
 
     def check_cache(self, train_cache: Cache) -> None:
         """A resumed run must train on the cache it started on."""
@@ -41,6 +41,11 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
 
 
+def planned(ck: dict) -> int:
+    """The epochs a checkpoint's run trains (checkpoints before `--epochs auto` hold only the setting)."""
+    return int(ck.get("epochs") or ck["train_config"]["epochs"])
+
+
 def open_run_folder(out: str | Path, cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> RunFolder:
     """Decide what a new run does with `out`: continue its run (`resume`, with the same result-changing
     settings), replace it (`overwrite`), or refuse in one line (TrainError); a folder that is not a
@@ -49,7 +54,7 @@ def open_run_folder(out: str | Path, cfg: TrainConfig, resume: bool = False, ove
     if (path / CHECKPOINT).is_file() and not overwrite:
         ck = load_checkpoint(path)
         if not resume:
-            raise TrainError(f"{out} already holds a run (epoch {ck['epoch']} of {ck['train_config']['epochs']}); "
+            raise TrainError(f"{out} already holds a run (epoch {ck['epoch']} of {planned(ck)}); "
                              f"--resume to continue it, --overwrite to start over, or another --out")
         old = ck["train_config"]
         diffs = [f"{k}: {old.get(k)!r} vs {getattr(cfg, k)!r}" for k in TrainConfig.RESULT_KEYS

@@ -67,12 +67,13 @@ class TrainedAdapter:
 
     def evaluate(self, cache, batch_size: int = 64, device: str = "auto", precision: str = "auto",
                  in_memory: str = "auto", read_workers: int = 2, allow_incomplete: bool = False,
-                 keep_logits: bool = False, progress=None) -> dict:
+                 keep_logits: bool = False, progress=None, view_average: str | None = None) -> dict:
         """The multi-view test protocol on `cache` (a path or an open Cache, checked to fit first; an
         unfinished cache, or one being written, is refused unless `allow_incomplete`): top-1 and top-5 per
         video, per-class accuracy, the confusion matrix, and what was evaluated (`coverage`: the cache's
         videos, those evaluated, failed at extraction, unwritten). `keep_logits`: also the per-clip and
-        per-video logits (`logits`, with the cache's video ids). `progress(n)`: called with each batch's clips."""
+        per-video logits (`logits`, with the cache's video ids). `progress(n)`: called with each batch's clips.
+        `view_average`: logit or prob (default: the setting the adapter was trained with, else logit)."""
         cache = cache if isinstance(cache, Cache) else open_cache(cache)
         self.check(cache)
         cov = check_cache_use(cache, allow_incomplete)
@@ -82,7 +83,9 @@ class TrainedAdapter:
         prec = resolve_precision(precision, dev, gpu_auto="bf16")
         src = CachedSource(cache, self.needs, batch_size, in_memory=in_memory, workers=read_workers)
         try:
-            result = evaluate(self.model.to(dev), src, dev, prec, self.spec, cache.classes, progress, keep_logits)
+            view_average = view_average or self.checkpoint["train_config"].get("view_average", "logit")
+            result = evaluate(self.model.to(dev), src, dev, prec, self.spec, cache.classes, progress, keep_logits,
+                              view_average)
         finally:
             src.close()
         if keep_logits:
