@@ -400,7 +400,7 @@ class ShardFile:
         return np.all(rows == self.fill_value, axis=1)
 
 
-_stage = threading.local()       # each writing thread's staging buffer
+_stage = threading.local()       # each writing thread's two staging buffers
 _refuses_direct: set[int] = set()  # st_dev of filesystems that refused O_DIRECT
 
 
