@@ -1,6 +1,6 @@
 """`--sections adapters`: every adapter trained on cached features of two differently generated temporal
 data sets, with the settings docs/adapters.md recommends for a set of this size (`cachefeat train`'s
-defaults: --epochs auto, i.e. at least 1,000 optimiser steps), several seeds, held-out val top-1.
+defaults: --epochs auto, i.e. at least 1,000 optimiser steps), seed 0, held-out val top-1.
 
     shapes  cachefeat.synth "shapes": 8 classes (4 time-reversed pairs: moving right/left, down/up,
             growing/shrinking, warm-to-cool/cool-to-warm), 24 training and 24 val videos per class,
@@ -17,7 +17,7 @@ tokens, 8 frames, pixels 32 px at 2x the frames (for dist). Classes that are eac
 the same frames, so the frame-averaging probe sits near chance inside each pair.
 
 Goals (issue 19): on each set, madapter, evl and dist each reach >= temporal - 0.05 and >= probe + 0.3
-(means over the seeds).
+(seed 0; means when more seeds are given).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ EXTRACT = ["--model", MODEL, "--pretrained", "none", "--layers", "all", "--token
 # the recommended settings for a small set: train's defaults, plus what the cache asks for (TCA needs the
 # full patch grid; these caches pool it to 2x2)
 ADAPTERS = {"probe": {}, "temporal": {}, "evl": {"tca": False}, "dist": {}, "madapter": {}}
-SEEDS = (0, 1)
+SEEDS = (0,)    # one seed: the five adapters on both sets take ~1.5 h of 2 cores (evl and dist ~20 min a run)
 GOAL_VS_TEMPORAL, GOAL_VS_PROBE = -0.05, 0.3
 CHECKED = ("madapter", "evl", "dist")
 
