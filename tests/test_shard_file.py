@@ -275,3 +275,21 @@ def test_a_filesystem_refusing_o_direct_gets_buffered_writes(tmp_path, monkeypat
     _zarr_and_direct(tmp_path, data, "zstd:3", "float32")
     assert _shard_files(tmp_path / "direct") == _shard_files(tmp_path / "zarr")
     assert os.stat(tmp_path).st_dev in shard_file._refuses_direct
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_its_own_file_writer_threads():
+    """A child forked after shards were written (a replacement worker, a user's own fork) has none of the
+    parent's threads: the pool it inherits would queue work forever, so it starts its own."""
+    from cachefeat.store import writer
+    parent_pool = writer._file_writers()
+    assert parent_pool.submit(lambda: 1).result() == 1
+    pid = os.fork()
+    if pid == 0:                                                      # the child: report through the exit code
+        try:
+            pool = writer._file_writers()
+            os._exit(0 if pool is not parent_pool and pool.submit(lambda: 7).result(timeout=30) == 7 else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

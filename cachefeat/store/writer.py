@@ -349,6 +349,15 @@ def _file_writers() -> ThreadPoolExecutor:
     return _FILE_WRITERS
 
 
+def _forget_file_writers() -> None:
+    global _FILE_WRITERS
+    _FILE_WRITERS = None
+
+
+# a forked child has none of the parent's threads: its pool would take work and never run it
+os.register_at_fork(after_in_child=_forget_file_writers)
+
+
 def record_again(cache: Cache) -> None:
     """Write every finished shard's checksum record from what it holds now. For `cachefeat import`, which
     encodes the chunks again (a gzip chunk stores the second it was written, so its bytes and checksum
