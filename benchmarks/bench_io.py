@@ -38,7 +38,7 @@ from cachefeat.extract.plan import ExtractSettings, plan
 from cachefeat.extract.video import DecodeRequest
 from cachefeat.specs import SamplingSpec, ViewSpec
 from cachefeat.store import DEFAULT_CODEC, ShardData, open_for_writing, write_shard
-from cachefeat.store.shard_file import fsync_dir
+from cachefeat.store.shard_file import DIRECT_ALIGN, fsync_dir
 
 from common import WORK, Mode, synth_data
 
@@ -229,7 +229,7 @@ def _alternate(folder, store, seconds, fsync: bool) -> dict[str, float]:
 
 def _aligned_copy(a: np.ndarray) -> np.ndarray:
     """`a`'s bytes in page-aligned memory padded to a whole page, as O_DIRECT wants them."""
-    size = -(-a.nbytes // 4096) * 4096
+    size = -(-a.nbytes // DIRECT_ALIGN) * DIRECT_ALIGN
     buf = np.frombuffer(mmap.mmap(-1, size), np.uint8)
     buf[:a.nbytes] = a.reshape(-1).view(np.uint8)
     return buf

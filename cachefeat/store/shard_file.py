@@ -15,8 +15,7 @@ chain (bytes -> compressor -> crc32c), chunks equal to the fill value left out a
 then the index and its checksum, written to a temporary file renamed over the shard file. A durable write
 (fsync, the default) goes around the page cache with O_DIRECT through reusable aligned staging buffers:
 its bytes must reach the disk before the shard counts anyway, and through the page cache every shard of a
-multi-TB extraction would first take fresh pages and evict everything else (on the test VM buffered
-writes swung by a factor of five from one shard to the next). Filesystems that refuse O_DIRECT (some
+multi-TB extraction would first take fresh pages and evict everything else. Filesystems that refuse O_DIRECT (some
 network and FUSE mounts) get the buffered `os.writev` stream, as does `--no-fsync`.
 zarr's own write path spent its time per chunk (a scan against the fill value, copies in the checksum
 codec and the shard assembly, an event-loop round trip): 381-401 MiB/s on the H100 node whatever the
