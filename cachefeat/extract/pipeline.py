@@ -366,6 +366,7 @@ class ShardExtractor:
         # the largest magnitude the cache's dtype holds: a float16 cache would store larger values as Inf
         self.value_limit = 65504.0 if layout.dtype == "float16" else torch.finfo(torch.float32).max
         self.buffers = _RowBuffers(layout, pinned=self.copy_stream is not None)   # kept across run() calls
+        self._awaiting: dict[int, _ShardState] = {}     # run()'s requests in flight -> their shard
 
     # -- forward
     def _views(self, res: DecodeResult) -> tuple[torch.Tensor, np.ndarray | None]:
@@ -396,6 +397,7 @@ class ShardExtractor:
         bad = torch.zeros(len(slots), dtype=torch.bool, device=out["embed"].device)
         for feats in out.values():    # frames not storable: their videos fail at the end of the shard
             bad |= _unstorable(feats, self.value_limit)
+            self._feed_decoders()
         st.finite_checks.append((slots, bad))
         if self.steps is not None:   # int8: value = int8 * step
             targets = [(n, torch.round(f.float() / self.steps[n]).clamp_(-127, 127)) for n, f in targets]
@@ -404,6 +406,7 @@ class ShardExtractor:
         # on the CPU the copies are memory-bound: one thread, not threads waiting on busy decoder processes
         with torch.cuda.stream(self.copy_stream) if gpu else cpu_threads(1):
             for name, feats in targets:
+                self._feed_decoders()
                 if gpu:
                     feats.record_stream(self.copy_stream)    # not reused by the next forward until copied
                 flat = st.rows[name].reshape(-1, *feats.shape[1:])
@@ -439,6 +442,13 @@ class ShardExtractor:
             self.media_seconds_done += self.unit_seconds(u)
             self.videos_done += u.rows.stop == self.layout.first_clips[u.video + 1]
         self.on_progress(sum(len(u.rows) for u in units))
+
+    def _feed_decoders(self) -> None:
+        """Between the steps of a batch: results taken, idle decode workers given their next requests. A
+        worker holds DEPTH requests, fewer frames than a batch: on a CPU the batch's checks and copies took
+        longer than decoding them, and workers fed only between batches sat idle (the io benchmark's
+        free-backbone pipeline: docs/performance.md)."""
+        self._take_decoded(self._awaiting, timeout=0)
 
     def _take_decoded(self, by_key: dict, timeout: float) -> None:
         """Hand the decoded units that are ready to their shards (waiting up to `timeout` s for one); the
@@ -479,6 +489,7 @@ class ShardExtractor:
         exhausted = False
         open_shards: deque[_ShardState] = deque()
         by_key: dict[int, _ShardState] = {}        # submitted requests -> their shard
+        self._awaiting = by_key
         T = self.layout.frames
         try:
             while True:
