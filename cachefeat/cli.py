@@ -462,9 +462,12 @@ def worker_report(stats) -> str:
     ran = [w for w in stats.workers if w.host]
     hosts = sorted({w.host for w in ran})
     devices = sorted({w.device for w in ran})
-    line = (f"{len(ran)} workers on {len(hosts)} node{'s' * (len(hosts) != 1)} ({', '.join(hosts)}), "
-            f"device {', '.join(devices)}, {ran[0].decode_workers if ran else 0} decode processes each, "
-            f"the first ready after {stats.ready_seconds:.1f} s")
+    line = (f"{len(ran)} worker{'s' * (len(ran) != 1)} on {len(hosts)} node{'s' * (len(hosts) != 1)} "
+            f"({', '.join(hosts)}), device {', '.join(devices)}, {ran[0].decode_workers if ran else 0} decode "
+            f"processes each, the first ready after {stats.ready_seconds:.1f} s")
+    late = len(stats.workers) - len(ran)     # still starting when the others had finished every shard
+    if late:
+        line += f"; {late} more not ready before the work was done"
     if stats.worker_deaths:
         line += (f"; {stats.worker_deaths} died, {stats.shards_requeued} of their shards redone by others, "
                  f"{stats.replacements} replaced")

@@ -1,6 +1,7 @@
 """`cachefeat extract --workers N`: Ray actors writing whole shards give the single-process cache, even when
 one of them is killed mid-run. Real Ray (the session's local runtime), real processes, real signals."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,7 +104,8 @@ def test_cli_starts_ray_quietly_and_stops_it(tmp_path, synth_medium, reference):
     output = proc.communicate()[0]
     assert proc.returncode == 0, output
     assert_caches_equal(reference, out)
-    assert "2 workers on 1 node" in output
+    # both workers, unless one was still starting when the other had done every shard (a fast machine)
+    assert re.search(r"2 workers on 1 node|1 worker on 1 node .*; 1 more not ready before the work was done", output)
     text = [s.strip() for s in output.replace("\r", "\n").splitlines() if s.strip()]
     bars = [s for s in text if "clip/s" in s or "clips/s]" in s or s.startswith("extract:")]
     others = [s for s in text if s not in bars]
