@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import open_clip
+import pytest
 import torch
 
 from cachefeat.store import open_cache
@@ -90,15 +91,70 @@ def test_a_chunk_deleted_from_its_shard_file_is_reported_and_repaired(synth_smal
 
 
 def test_the_storable_check_finds_nan_inf_and_float16_overflow_per_frame():
-    from cachefeat.extract.pipeline import _unstorable
-    f32max = torch.finfo(torch.float32).max
-    feats = torch.randn(6, 3, 5)
+    from cachefeat.extract.pipeline import _nonfinite
+    feats = torch.randn(7, 3, 5)
     feats[1, 2, 4] = float("nan")
     feats[2, 0, 0] = float("inf")
     feats[3, 1, 1] = -float("inf")
     feats[4, 0, 3] = 7e4                                  # finite, but Inf once stored as float16
-    assert _unstorable(feats, f32max).tolist() == [False, True, True, True, False, False]
-    assert _unstorable(feats, 65504.0).tolist() == [False, True, True, True, True, False]
-    half = feats.clone()
-    half[4, 0, 3] = 0
-    assert _unstorable(half.half(), f32max).tolist() == [False, True, True, True, False, False]   # GPU outputs
+    feats[5, 2, 2] = -65504.0                             # float16's largest magnitude: stored as it is
+    feats[6, 1, 0] = -float("nan")
+    assert _nonfinite(feats).tolist() == [False, True, True, True, False, False, True]
+    assert _nonfinite(feats.half()).tolist() == [False, True, True, True, True, False, True]
+    assert _nonfinite(feats.bfloat16()).tolist() == [False, True, True, True, False, False, True]   # GPU outputs
+
+
+def _frames_of(path, frames: int) -> np.ndarray:
+    """The frames the pipeline's decoders hand the backbone for a video (default sampling, one view)."""
+    from cachefeat.extract.backbone import load_backbone
+    from cachefeat.extract.video import DecodeRequest, decode_video
+    from cachefeat.specs import SamplingSpec, ViewSpec
+    prep = load_backbone(TINY, "none", "cpu").preprocessing
+    res = decode_video(DecodeRequest(0, str(path), frames, SamplingSpec(), ViewSpec(), prep))
+    assert res.ok, res.error
+    return res.pixels.reshape(-1, *res.pixels.shape[-3:])
+
+
+@pytest.mark.parametrize("dtype,piece_bytes", [("float16", 1), ("float16", None), ("int8", 1), ("float32", 5000)])
+def test_only_the_videos_with_frames_the_cache_cannot_hold_fail(synth_small, tmp_path, monkeypatch, dtype,
+                                                                piece_bytes):
+    """Features are stored and checked a piece of frames at a time (PIECE_BYTES; 1: one frame per piece):
+    a frame of one video with an Inf in one layer's tokens, and (float16) a frame of another whose class
+    token exceeds float16's range, fail exactly those two videos; every other video is stored as without
+    them (int8: the Inf is not in the steps either, as the video is among those they are calibrated on)."""
+    from cachefeat.extract import pipeline
+    from cachefeat.extract.backbone import Backbone
+    from cachefeat.extract.manifest import load_manifest
+    if piece_bytes is not None:
+        monkeypatch.setattr(pipeline, "PIECE_BYTES", piece_bytes)
+    manifest = synth_small / "train.txt"
+    args = ("--frames", "2", "--shard-size", "5", "--batch-size", "3", "--layers", "last:2", "--tokens", "all",
+            "--dtype", dtype)
+    run_cli(*tiny_extract_args(manifest, tmp_path / "ref.zarr", *args))
+    videos = load_manifest(manifest).videos
+    inf_video, big_video = 4, 7                        # in the middle of shards, their frames split over batches
+    failed = [inf_video, big_video] if dtype == "float16" else [inf_video]    # 7e4: float16's Inf
+    marks = {int(f.astype(np.int64).sum()): kind for v, kind in zip(failed, ("inf", "big"))
+             for f in _frames_of(videos[v].path, 2)[1:]}    # their second frames
+    real = Backbone.features
+
+    def marked(self, pixels, layers, tokens):
+        out = real(self, pixels, layers, tokens)
+        with torch.inference_mode():                   # as the backbone made them
+            for i, f in enumerate(pixels):
+                kind = marks.get(int(f.to(torch.int64).sum()))
+                if kind == "inf":
+                    out["tokens"][i, 1, 3, 5] = float("inf")
+                elif kind == "big":
+                    out["cls"][i, 0, 2] = 7e4
+        return out
+    monkeypatch.setattr(Backbone, "features", marked)
+    run_cli(*tiny_extract_args(manifest, tmp_path / "c.zarr", *args))
+    c, ref = open_cache(tmp_path / "c.zarr"), open_cache(tmp_path / "ref.zarr")
+    assert [f["video"] for f in c.failures()] == failed
+    assert {f["stage"] for f in c.failures()} == {"backbone"}
+    keep = np.setdiff1d(np.arange(len(videos)), failed)
+    for name in ref.layout.feature_arrays():
+        got, want = c.root[name][:], ref.root[name][:]
+        assert np.array_equal(got[keep], want[keep]), name
+        assert not got[failed].any(), name

@@ -81,9 +81,10 @@ def calibrate_int8(p: Plan, backbone: Backbone, pool: DecodePool, batch_size: in
         frames = pixels.reshape(-1, *pixels.shape[2:])
         for b in range(0, len(frames), batch_size):
             out = backbone.features(torch.from_numpy(frames[b:b + batch_size]), layers, tokens)
-            found = {"embed": out["embed"].abs().amax(0), "cls": out["cls"].abs().amax(0)}
+            out = {k: v.float().nan_to_num(0.0, 0.0, 0.0).abs() for k, v in out.items()}   # a video with NaN or
+            found = {"embed": out["embed"].amax(0), "cls": out["cls"].amax(0)}  # Inf fails; its finite values count
             if "tokens" in out:
-                per_layer = out["tokens"].abs().amax(dim=(0, 2))  # (L, D)
+                per_layer = out["tokens"].amax(dim=(0, 2))  # (L, D)
                 found.update({f"tokens/{l}": per_layer[i] for i, l in enumerate(layers)})
             for k, m in found.items():
                 m = m.float().cpu()
@@ -131,13 +132,21 @@ class _RowBuffers:
             self.free.setdefault(len(rows["clips/valid"]), []).append(rows)
 
 
-def _unstorable(feats: torch.Tensor, limit: float) -> torch.Tensor:
-    """Per frame (first dimension): does it hold NaN, Inf or a magnitude beyond `limit`? Two reductions that
-    propagate NaN and allocate nothing of the input's size; torch.isfinite builds several input-sized
-    temporaries (167 vs 10 ms per 64 ViT-B/16 last:4 frames on this CPU, measured), more than the copy
-    of the features into the shard costs."""
-    flat = feats.flatten(1)
-    return ~((flat.amax(1).float() <= limit) & (flat.amin(1).float() >= -limit))
+_BITS = {torch.float16: (torch.int16, 0x7FFF, 0x7C00), torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+         torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000)}   # integer view, all but the sign, exponent all ones
+
+
+def _nonfinite(values: torch.Tensor) -> torch.Tensor:
+    """Per frame (first dimension): does it hold NaN or Inf? Read as integers: a value is NaN or Inf when its
+    exponent bits are all ones. One masked copy and one reduction that allocate only the mask's size (a
+    float16 piece of rows still in the CPU's cache); torch.isfinite builds several temporaries, and amax with
+    amin on the float32 features read them twice more from memory."""
+    itype, magnitude, exponent = _BITS[values.dtype]
+    return (values.view(itype).flatten(1) & magnitude).amax(1) >= exponent
+
+
+PIECE_BYTES = 1 << 20   # CPU: features stored and checked a piece at a time, the piece still in the CPU's cache
+                        # for its check (2 MiB of L2 here): 0.17 vs 0.26 ms per ViT-B/16 last:4 frame, measured
 
 
 REQUEST_FRAMES = 32     # fps sampling: frames per decode request (whole windows, at least one): what a decode
@@ -363,8 +372,7 @@ class ShardExtractor:
         self.steps = ({k: torch.from_numpy(store.quant_step(k)).to(dev) for k in layout.feature_arrays()}
                       if layout.dtype == "int8" else None)
         self.copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
-        # the largest magnitude the cache's dtype holds: a float16 cache would store larger values as Inf
-        self.value_limit = 65504.0 if layout.dtype == "float16" else torch.finfo(torch.float32).max
+        self.dtype = getattr(torch, layout.dtype)       # the feature arrays' dtype
         self.buffers = _RowBuffers(layout, pinned=self.copy_stream is not None)   # kept across run() calls
         self._awaiting: dict[int, _ShardState] = {}     # run()'s requests in flight -> their shard
 
@@ -395,25 +403,43 @@ class ShardExtractor:
         if "tokens" in out:
             targets += [(f"tokens/{layer}", out["tokens"][:, li]) for li, layer in enumerate(self.layers)]
         bad = torch.zeros(len(slots), dtype=torch.bool, device=out["embed"].device)
-        for feats in out.values():    # frames not storable: their videos fail at the end of the shard
-            bad |= _unstorable(feats, self.value_limit)
-            self._feed_decoders()
-        st.finite_checks.append((slots, bad))
-        if self.steps is not None:   # int8: value = int8 * step
-            targets = [(n, torch.round(f.float() / self.steps[n]).clamp_(-127, 127)) for n, f in targets]
-        if gpu:
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.backbone.device))
-        # on the CPU the copies are memory-bound: one thread, not threads waiting on busy decoder processes
-        with torch.cuda.stream(self.copy_stream) if gpu else cpu_threads(1):
+        if gpu:   # converted and checked on the device, then copied to the host as stored, on the side stream
+            stored = []
             for name, feats in targets:
-                self._feed_decoders()
-                if gpu:
-                    feats.record_stream(self.copy_stream)    # not reused by the next forward until copied
-                flat = st.rows[name].reshape(-1, *feats.shape[1:])
-                for start, stop, at in runs:   # one conversion to the storage dtype, straight into place
-                    torch.from_numpy(flat[start:stop]).copy_(feats[at:at + stop - start], non_blocking=gpu)
-            if gpu:
+                values, b = self._stored(name, feats)
+                stored.append((name, values))
+                bad |= b
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.backbone.device))
+            with torch.cuda.stream(self.copy_stream):
+                for name, values in stored:
+                    values.record_stream(self.copy_stream)    # not reused by the next forward until copied
+                    flat = st.rows[name].reshape(-1, *values.shape[1:])
+                    for start, stop, at in runs:
+                        torch.from_numpy(flat[start:stop]).copy_(values[at:at + stop - start], non_blocking=True)
                 st.copied = self.copy_stream.record_event()
+        else:     # converted straight into place a piece at a time, each checked while still in the CPU's cache;
+            with cpu_threads(1):   # memory-bound: one thread, not threads that wait on busy decoder processes
+                for name, feats in targets:
+                    self._feed_decoders()
+                    flat = st.rows[name].reshape(-1, *feats.shape[1:])
+                    piece = max(1, PIECE_BYTES // flat[0].nbytes)
+                    for start, stop, at in runs:
+                        for r in range(start, stop, piece):
+                            i, j = at + r - start, at + min(stop, r + piece) - start
+                            bad[i:j] |= self._stored(name, feats[i:j], torch.from_numpy(flat[r:r + j - i]))[1]
+        st.finite_checks.append((slots, bad))     # frames the cache cannot hold: their videos fail with the shard
+
+    def _stored(self, name: str, feats: torch.Tensor, out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features as the cache stores them (written into `out` when given), and per frame whether the cache
+        cannot hold them: NaN or Inf, which includes values beyond float16's range in a float16 cache (they
+        convert to Inf). int8 caches quantize with the steps fixed when the store was created (value = int8 *
+        step) and check the features before, as an Inf would clamp to +-127."""
+        if self.steps is not None:
+            values = torch.round(feats.float() / self.steps[name]).clamp_(-127, 127)
+            return (out.copy_(values) if out is not None else values.to(torch.int8)), _nonfinite(feats)
+        values = out.copy_(feats) if out is not None else feats.to(self.dtype)
+        return values, _nonfinite(values)
 
     def _request(self, u: _Unit) -> DecodeRequest:
         e, v = self.videos[u.video], u.video
