@@ -13,9 +13,14 @@
     writer_efficiency     = writer MiB/s / raw write MiB/s                               (goal >= 0.8)
     io_ceiling_efficiency = free-backbone frames/s / min(decoders alone, writer alone)   (goal >= 0.8)
 
-Each ceiling runs for `seconds` after a warm-up, looping its inputs; writer and raw writes alternate, so
-drift hits both alike, and the rounds before files start being deleted (fresh pages for every file, not
-the steady state) are not counted. The model geometry is ViT-B/16's (12 blocks, 196 patch tokens, width 768) with
+Each ceiling runs for `seconds` after a warm-up, looping its inputs. Writer and raw writes alternate shard
+by shard, so drift hits both alike, and the rounds before files start being deleted (fresh pages for every
+file, not the steady state) are not counted. The decoders alone and the free-backbone pipeline alternate
+in ROUNDS rounds on the same decode processes. The pipeline is timed from the first shard it finishes in a
+round to its last, counting the frames of the shards after the first: its filling up is left out, and
+what the decoders are ahead when the first shard is written they lack while the last one is, so this is
+the steady rate (the whole run's time would also count filling and draining, which the decoders' ceiling
+does not). The model geometry is ViT-B/16's (12 blocks, 196 patch tokens, width 768) with
 `--layers last:4 --tokens all`, what EVL-style caches hold; the weights are never used.
 """
 from __future__ import annotations
@@ -105,23 +110,29 @@ def run(mode: Mode, log=print, seconds: float | None = None) -> dict:
         f"(writer {out['writer_mib_s']:.0f} vs {out['writer_mib_s_no_fsync']:.0f} MiB/s without)")
     writer_fps = out["writer_mib_s"] * 2 ** 20 / frame_bytes
 
-    # the decoders alone, then the whole pipeline with the free backbone
-    decode_fps = _decoders(videos, bb, mode.frames, workers, seconds)
-    log(f"  decoders alone ({workers} workers): {decode_fps:.0f} frames/s; writer alone {writer_fps:.0f} frames/s")
-    free = _free_pipeline(folder, videos, bb, settings, workers, decode_fps, seconds, log)
+    # the decoders alone and the whole pipeline with the free backbone, in alternating rounds
+    free = _decoders_and_pipeline(folder, videos, bb, settings, workers, seconds, log)
+    decode_fps = free["decoders_frames_per_s"]
     ceiling = min(decode_fps, writer_fps)
     out.update({"decoders_frames_per_s": decode_fps, "writer_frames_per_s": writer_fps,
                 "free_backbone_frames_per_s": free["frames_per_s"], "free_backbone_bottleneck": free["bottleneck"],
+                "free_backbone_round_efficiencies": free["round_ratios"],
+                "decoders_cpu_ms_per_frame": free["decoders_cpu_ms_per_frame"],
+                "free_backbone_decoders_cpu_ms_per_frame": free["decoders_in_pipeline_cpu_ms_per_frame"],
+                "free_backbone_process_cpu_ms_per_frame": free["pipeline_process_cpu_ms_per_frame"],
                 "free_backbone_cpu_ms_per_frame": free["cpu_ms_per_frame"],
                 "free_backbone_cores_busy": free["cores_busy"],
                 "cores": len(os.sched_getaffinity(0)),
                 "limiting_side": "decoding" if decode_fps <= writer_fps else "writing",
                 "io_ceiling_efficiency": free["frames_per_s"] / ceiling})
+    log(f"  decoders alone ({workers} workers): {decode_fps:.0f} frames/s, {free['decoders_cpu_ms_per_frame']:.2f} "
+        f"ms of CPU per frame; writer alone {writer_fps:.0f} frames/s")
     log(f"  free-backbone pipeline: {free['frames_per_s']:.0f} frames/s ({free['frames']} frames); "
         f"io ceiling efficiency {out['io_ceiling_efficiency']:.2f} against {out['limiting_side']} "
         f"(pipeline time: {free['bottleneck']}); it used {free['cpu_ms_per_frame']:.2f} ms of CPU per frame "
-        f"({free['cores_busy']:.2f} of {out['cores']} cores busy): at most "
-        f"{1000 * out['cores'] / free['cpu_ms_per_frame']:.0f} frames/s on this machine's cores")
+        f"(decoders {free['decoders_in_pipeline_cpu_ms_per_frame']:.2f}, the pipeline's process "
+        f"{free['pipeline_process_cpu_ms_per_frame']:.2f}; {free['cores_busy']:.2f} of {out['cores']} cores busy): "
+        f"at most {1000 * out['cores'] / free['cpu_ms_per_frame']:.0f} frames/s on this machine's cores")
     shutil.rmtree(folder, ignore_errors=True)
     return out
 
@@ -235,62 +246,101 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
     return buf
 
 
-def _decoders(videos, bb, frames, workers, seconds) -> float:
-    """Frames/s of the decode workers alone, the video list looped for `seconds` after a warm-up."""
-    with DecodePool(workers) as pool:
-        for v in videos[:workers]:                                     # warm-up: every worker started
-            pool.submit(DecodeRequest(0, v.path, frames, SamplingSpec(), ViewSpec(), bb.preprocessing))
-        for _ in videos[:workers]:
-            pool.get()
-        done, i, t0 = 0, 0, time.perf_counter()
-        while True:
-            while pool.in_flight < DEPTH * workers:
-                v = videos[i % len(videos)]
-                pool.submit(DecodeRequest(i, v.path, frames, SamplingSpec(), ViewSpec(), bb.preprocessing))
-                i += 1
-            res = pool.get()
-            done += bool(res is not None and res.ok)
-            if time.perf_counter() - t0 >= seconds:
-                elapsed = time.perf_counter() - t0
-                while pool.in_flight:
-                    pool.get()
-                return done * frames / elapsed
+ROUNDS = 3    # decoders alone and the pipeline alternate, so drift in the machine's speed hits both alike
 
 
-def _free_pipeline(folder, videos, bb, settings, workers, decode_fps, seconds, log) -> dict:
-    """The real pipeline (ShardExtractor over a real store) with the free backbone, on enough videos to run
-    about `seconds` at the decoders' rate, after four warm-up shards; shard files are deleted WINDOW shards
-    behind, as in the writer's measurement, so both meet the same disk."""
+def _decoders_and_pipeline(folder, videos, bb, settings, workers, seconds, log) -> dict:
+    """The decode workers alone and the whole pipeline with the free backbone, in ROUNDS alternating rounds
+    of `seconds` / ROUNDS each, on one pool of decode workers (the same processes), after a warm-up of four
+    shards (until the shard buffers are reused). Both at steady state: the decoders fed DEPTH requests per
+    worker, the video list looped, the requests still in flight when time is up not counted; the pipeline
+    from the first shard it finishes in a round to its last (see the module's doc). Shard files are deleted
+    WINDOW shards behind, as in the writer's measurement, so both meet the same disk."""
     frames = settings.frames
     p = plan(settings, _manifest(videos, 64), bb)
-    warmup = 4 * p.layout.shard_videos          # until the shard buffers are reused: the steady state
-    n = warmup + max(64, int(decode_fps * seconds / frames))
+    most = 1.5 * 1000 * workers * seconds / ROUNDS / frames   # videos a round takes at 1000 frames/s per worker
+    n = 4 * p.layout.shard_videos + ROUNDS * max(3 * p.layout.shard_videos, int(most))   # (a spare half)
     manifest = _manifest(videos, n)
     p = plan(settings, manifest, bb)
     store_path = folder / "pipeline.zarr"
+    shutil.rmtree(store_path, ignore_errors=True)
+    done: list[tuple[int, float, dict]] = []          # finished shards: (shard, time, CPU seconds by side)
     with DecodePool(workers) as pool, open_for_writing(store_path, p.meta, p.layout, manifest.videos,
                                                        settings.codec, log=lambda *a: None) as store:
-        big = [n for n, (shape, _) in store.layout.row_arrays().items() if shape]
+        layout = store.layout
+        big = [n for n, (shape, _) in layout.row_arrays().items() if shape]
 
-        def forget(shard):   # the same disk use as the writer's measurement: a window of WINDOW shards
-            for n in big:
+        def on_shard_done(shard):
+            done.append((shard, time.perf_counter(), _cpu_seconds(pool)))
+            for name in big:
                 if shard >= WINDOW:
-                    store.cache.shard_file(n).path(shard - WINDOW).unlink(missing_ok=True)
+                    store.cache.shard_file(name).path(shard - WINDOW).unlink(missing_ok=True)
 
-        ex = ShardExtractor(store.cache, bb, manifest.videos, pool, batch_size=64, on_shard_done=forget)
-        ex.run(store.todo[:4])                                          # warm-up: four shards
-        cpu0 = _cpu_seconds(pool)
-        stats = ex.run(store.todo[4:])
-        cpu = _cpu_seconds(pool) - cpu0
-    return {"frames": stats.frames, "frames_per_s": stats.frames / stats.seconds, "bottleneck": stats.bottleneck(),
-            "cpu_ms_per_frame": 1000 * cpu / stats.frames, "cores_busy": cpu / stats.seconds}
+        ex = ShardExtractor(store.cache, bb, manifest.videos, pool, batch_size=64, on_shard_done=on_shard_done)
+        todo = list(store.todo)
+        ex.run(todo[:4])                                                 # warm-up
+        todo = todo[4:]
+        dec = {"frames": 0, "seconds": 0.0, "cpu": 0.0}
+        pipe = {"frames": 0, "seconds": 0.0, "cpu": {"decoders": 0.0, "pipeline": 0.0}, "bottleneck": []}
+        ratios = []
+        for r in range(ROUNDS):
+            d = _decoders(pool, videos, bb, frames, seconds / ROUNDS)
+            for k in dec:
+                dec[k] += d[k]
+            # the pipeline: about as many shards as the decoders' rate fills `seconds` / ROUNDS with
+            count = max(3, round(d["frames"] / d["seconds"] * seconds / ROUNDS / (layout.shard_rows * frames)))
+            if count > len(todo):
+                raise RuntimeError("the benchmark's manifest is too short for the decoders' rate")
+            shards, todo = todo[:count], todo[count:]
+            done.clear()
+            stats = ex.run(shards)
+            assert stats.failed_videos == 0 and len(done) == len(shards), "the benchmark's videos must all decode"
+            (_, t0, cpu0), (_, t1, cpu1) = done[0], done[-1]
+            got = sum(len(layout.shard_rows_range(s)) for s, _, _ in done[1:]) * frames
+            pipe["frames"] += got
+            pipe["seconds"] += t1 - t0
+            for k in pipe["cpu"]:
+                pipe["cpu"][k] += cpu1[k] - cpu0[k]
+            pipe["bottleneck"].append(stats.bottleneck())
+            ratios.append((got / (t1 - t0)) / (d["frames"] / d["seconds"]))
+            log(f"    round {r + 1}: decoders alone {d['frames'] / d['seconds']:.0f} frames/s, pipeline "
+                f"{got / (t1 - t0):.0f} frames/s ({len(done) - 1} shards): {ratios[-1]:.2f}")
+    return {"decoders_frames_per_s": dec["frames"] / dec["seconds"],
+            "decoders_cpu_ms_per_frame": 1000 * dec["cpu"] / dec["frames"],
+            "frames": pipe["frames"], "frames_per_s": pipe["frames"] / pipe["seconds"],
+            "bottleneck": pipe["bottleneck"][-1], "round_ratios": ratios,
+            "decoders_in_pipeline_cpu_ms_per_frame": 1000 * pipe["cpu"]["decoders"] / pipe["frames"],
+            "pipeline_process_cpu_ms_per_frame": 1000 * pipe["cpu"]["pipeline"] / pipe["frames"],
+            "cpu_ms_per_frame": 1000 * sum(pipe["cpu"].values()) / pipe["frames"],
+            "cores_busy": sum(pipe["cpu"].values()) / pipe["seconds"]}
 
 
-def _cpu_seconds(pool) -> float:
-    """CPU seconds used so far by this process (every thread) and the pool's decode workers."""
+def _decoders(pool, videos, bb, frames, seconds) -> dict:
+    """The decode workers alone: frames decoded in `seconds` with every worker fed DEPTH requests, the video
+    list looped, and the workers' CPU seconds meanwhile; the requests in flight at the end are not counted."""
+    workers = len(pool.pids)
+    done, i = 0, 0
+    t0, cpu0 = time.perf_counter(), _cpu_seconds(pool)["decoders"]
+    while True:
+        while pool.in_flight < DEPTH * workers:
+            v = videos[i % len(videos)]
+            pool.submit(DecodeRequest(i, v.path, frames, SamplingSpec(), ViewSpec(), bb.preprocessing))
+            i += 1
+        res = pool.get()
+        done += bool(res is not None and res.ok)
+        if time.perf_counter() - t0 >= seconds:
+            elapsed, cpu = time.perf_counter() - t0, _cpu_seconds(pool)["decoders"] - cpu0
+            while pool.in_flight:
+                pool.get()
+            return {"frames": done * frames, "seconds": elapsed, "cpu": cpu}
+
+
+def _cpu_seconds(pool) -> dict[str, float]:
+    """CPU seconds used so far by the pool's decode workers and by this process (every thread: the
+    pipeline's main thread and the writer's)."""
     import psutil
-    total = 0.0
-    for proc in [psutil.Process(), *(psutil.Process(pid) for pid in pool.pids)]:
+
+    def used(proc):
         t = proc.cpu_times()
-        total += t.user + t.system
-    return total
+        return t.user + t.system
+    return {"decoders": sum(used(psutil.Process(pid)) for pid in pool.pids), "pipeline": used(psutil.Process())}

@@ -98,8 +98,15 @@ def report(results: dict) -> str:
                 lines.append(f"| writer alone, {what} (vs raw write {r[f'raw_write_mib_s{key}']:.0f} MiB/s) | "
                              f"{r[f'writer_mib_s{key}']:.0f} MiB/s | {fmt_ratio(r[f'writer_efficiency{key}'])} | "
                              f"for comparison |")
+        if "free_backbone_round_efficiencies" in r:
+            lines.append(f"| free-backbone pipeline, round by round (decoders alone and the pipeline alternate) | | "
+                         f"{', '.join(fmt_ratio(x) for x in r['free_backbone_round_efficiencies'])} | |")
         if "free_backbone_cpu_ms_per_frame" in r:
-            lines.append(f"| CPU the free-backbone pipeline used (decoders, main thread, writer) | "
+            split = (f" (decoders {r['free_backbone_decoders_cpu_ms_per_frame']:.2f}, alone "
+                     f"{r['decoders_cpu_ms_per_frame']:.2f}; the pipeline's process "
+                     f"{r['free_backbone_process_cpu_ms_per_frame']:.2f})"
+                     if "decoders_cpu_ms_per_frame" in r else " (decoders, main thread, writer)")
+            lines.append(f"| CPU the free-backbone pipeline used{split} | "
                          f"{r['free_backbone_cpu_ms_per_frame']:.2f} ms per frame: at most "
                          f"{1000 * r['cores'] / r['free_backbone_cpu_ms_per_frame']:.0f} frames/s on {r['cores']} "
                          f"cores | | |")

@@ -72,3 +72,30 @@ def test_the_long_section_reports_both_lengths_and_their_ratios():
     lg = kept["sections"]["long"]
     assert lg["per_length"]["60"]["samples"] == 3600 and lg["per_length"]["10"]["samples"] == 600
     assert all(lg["ratios"][k]["ratio"] <= lg["ratios"][k]["goal"] for k in ("peak_mib", "decode_worker_mib"))
+
+
+def test_the_io_section_alternates_decoders_and_pipeline_at_steady_state(synth_small, tmp_path):
+    """The io section's decoders-alone and free-backbone rounds, on the tiny ViT's shapes and the test videos
+    (the real section takes minutes on ViT-B/16's: its kept result is benchmarks/results/vm-20261202-io-7.json):
+    every round measures both, the pipeline's frames are those of the shards finished after the round's
+    first, and the report shows the rounds."""
+    import json
+
+    import bench_io
+    from run import report
+
+    from cachefeat.extract.manifest import load_manifest
+    from cachefeat.extract.plan import ExtractSettings
+    videos = load_manifest(synth_small / "train.txt").videos
+    real = load_backbone(TINY, "none", "cpu")
+    bb = bench_io.FreeBackbone(**{f: getattr(real, f) for f in real.__dataclass_fields__})
+    settings = ExtractSettings(model=TINY, layers="last:2", tokens="all", frames=2, text=False, shard_size=8)
+    lines = []
+    res = bench_io._decoders_and_pipeline(tmp_path, videos, bb, settings, 1, 1.5, lines.append)
+    assert len(res["round_ratios"]) == bench_io.ROUNDS == len(lines)
+    assert res["frames"] > 0 and res["frames"] % (8 * 2) == 0          # whole shards of 8 clips of 2 frames
+    assert res["decoders_frames_per_s"] > 0 and res["decoders_cpu_ms_per_frame"] > 0
+    assert res["cpu_ms_per_frame"] == pytest.approx(res["decoders_in_pipeline_cpu_ms_per_frame"]
+                                                    + res["pipeline_process_cpu_ms_per_frame"])
+    kept = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/vm-20261202-io-7.json").read_text())
+    assert "round by round" in report(kept) and "alone 1.58; the pipeline's process 0.81" in report(kept)
