@@ -81,8 +81,9 @@ def calibrate_int8(p: Plan, backbone: Backbone, pool: DecodePool, batch_size: in
         frames = pixels.reshape(-1, *pixels.shape[2:])
         for b in range(0, len(frames), batch_size):
             out = backbone.features(torch.from_numpy(frames[b:b + batch_size]), layers, tokens)
-            out = {k: v.float().nan_to_num(0.0, 0.0, 0.0).abs() for k, v in out.items()}   # a video with NaN or
-            found = {"embed": out["embed"].amax(0), "cls": out["cls"].amax(0)}  # Inf fails; its finite values count
+            # NaN or Inf would spoil a whole channel's step; a video that has them fails, its finite values count
+            out = {k: v.float().nan_to_num(0.0, 0.0, 0.0).abs() for k, v in out.items()}
+            found = {"embed": out["embed"].amax(0), "cls": out["cls"].amax(0)}
             if "tokens" in out:
                 per_layer = out["tokens"].amax(dim=(0, 2))  # (L, D)
                 found.update({f"tokens/{l}": per_layer[i] for i, l in enumerate(layers)})
@@ -392,7 +393,8 @@ class ShardExtractor:
         """One backbone batch, its features put straight into their rows of the shard (`slots`: flat
         row * T + t positions, in order; consecutive but for the gaps of failed videos). On a GPU nothing
         here waits: the copies to the host run on a side stream into page-locked rows, and the writer waits
-        for the shard's last copy (`st.copied`) before it writes; on the CPU the same code copies at once."""
+        for the shard's last copy (`st.copied`) before it writes; on the CPU they are converted into place at
+        once. Either way _stored makes the stored values and finds the frames the cache cannot hold."""
         gpu = self.copy_stream is not None
         if gpu and x.device.type == "cpu":
             x = x.pin_memory()

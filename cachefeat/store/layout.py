@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 
+import crc32c
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
@@ -276,11 +277,17 @@ def table_checksum(data: np.ndarray) -> int:
     """CRC32C of a table's contents (numbers as little-endian bytes, strings as their JSON list), recorded
     in the metadata when the store is created: a chunk of a table deleted (it reads as the fill value) or
     replaced shows as a different checksum."""
-    import google_crc32c
     data = np.asarray(data)
     raw = (json.dumps(data.tolist()).encode() if data.dtype.kind in "UOT"
            else np.ascontiguousarray(data, data.dtype.newbyteorder("<")).tobytes())
-    return google_crc32c.value(raw)
+    return crc32c_of(raw)
+
+
+def crc32c_of(data, value: int = 0) -> int:
+    """CRC32C of `data` (extending `value`): the checksum of zarr's crc32c codec, of shard indexes and of
+    the tables. Computed without holding the GIL: google_crc32c (zarr's) holds it, so the writer threads
+    checksummed one at a time, and every other Python thread of stage one waited while they did."""
+    return crc32c.crc32c(data, value, gil_release_mode=1)
 
 _DIMS = {"embed": ("clip", "frame", "channel"), "cls": ("clip", "frame", "layer", "channel"),
          "tokens": ("clip", "frame", "token", "channel"), "pixels": ("clip", "frame", "y", "x", "rgb"),

@@ -40,10 +40,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
-import crc32c
 import numpy as np
 
-from .layout import NOT_STORED
+from .layout import NOT_STORED, crc32c_of
 
 MISSING = 2 ** 64 - 1           # offset and length of a chunk absent from a shard
 COALESCE_GAP = 1 << 16          # read two chunk ranges at once when fewer bytes than this lie between them
@@ -59,13 +58,6 @@ class ShardFileError(Exception):
 class NotAsRecorded(ShardFileError):
     """Intact chunks that are not the ones the shard's checksum record lists: copied or moved from another
     place, or deleted. zarr cannot tell (it reads them as data or as the fill value), so no fallback."""
-
-
-def _crc32c(data, value: int = 0) -> int:
-    """CRC32C of `data` (extending `value`), without holding the GIL: google_crc32c (zarr's) holds it, so
-    the writer threads checksummed one at a time, and every other Python thread of stage one (the
-    pipeline's, the disk threads) waited while they did."""
-    return crc32c.crc32c(data, value, gil_release_mode=1)
 
 
 @dataclass(frozen=True)
@@ -250,7 +242,7 @@ class ShardFile:
 
     def _stored_crc(self, blob) -> int:
         """The checksum a chunk's crc32c codec stored (without that codec: the CRC32C of its bytes)."""
-        return int.from_bytes(bytes(blob[-4:]), "little") if self.chunk_crc else _crc32c(blob)
+        return int.from_bytes(bytes(blob[-4:]), "little") if self.chunk_crc else crc32c_of(blob)
 
     def _check_record(self, path: Path, shard: int, rows: np.ndarray, found: np.ndarray,
                       expect: np.ndarray) -> None:
@@ -276,7 +268,7 @@ class ShardFile:
             for r in np.flatnonzero(index[:, 0] != MISSING).tolist():
                 off, n = int(index[r, 0]), int(index[r, 1])
                 out[r] = (int.from_bytes(os.pread(fd, 4, off + n - 4), "little") if self.chunk_crc
-                          else _crc32c(os.pread(fd, n, off)))
+                          else crc32c_of(os.pread(fd, n, off)))
         finally:
             os.close(fd)
         return out
@@ -291,7 +283,7 @@ class ShardFile:
         raw = os.pread(fd, size, file_size - size if self.index_at_end else 0)
         if self.index_crc:
             raw, stored = raw[:-4], int.from_bytes(raw[-4:], "little")     # bytes: crc32c takes them as is
-            if _crc32c(raw) != stored:
+            if crc32c_of(raw) != stored:
                 raise ShardFileError(f"{path}: the shard index fails its checksum")
         index = np.frombuffer(raw, "<u8").reshape(n, 2)
         limit = file_size - size if self.index_at_end else file_size     # offsets count from the file's start
@@ -324,7 +316,7 @@ class ShardFile:
 
     def _decode(self, blob: np.ndarray, path: Path, row: int) -> np.ndarray:
         if self.chunk_crc:
-            if len(blob) < 4 or _crc32c(blob[:-4]) != int.from_bytes(blob[-4:].tobytes(), "little"):
+            if len(blob) < 4 or crc32c_of(blob[:-4]) != int.from_bytes(blob[-4:].tobytes(), "little"):
                 raise ShardFileError(f"{path}: chunk {row} fails its checksum")
             blob = blob[:-4]
         try:
@@ -366,7 +358,7 @@ class ShardFile:
             index[keep, 0] += index_size
         index_bytes = index.tobytes()
         if self.index_crc:
-            index_bytes += _crc32c(index_bytes).to_bytes(4, "little")
+            index_bytes += crc32c_of(index_bytes).to_bytes(4, "little")
         head, tail = (b"", index_bytes) if self.index_at_end else (index_bytes, b"")
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):    # left by a writer killed mid-write
@@ -417,7 +409,7 @@ def _write_new_file(path: Path, head: bytes, blobs: list, crc_in_file: bool, tai
                 if e.errno != errno.EINVAL:                 # EINVAL: O_DIRECT or its alignment refused here
                     raise
                 _refuses_direct.add(dev)
-    crcs = [_crc32c(b) for b in blobs]
+    crcs = [crc32c_of(b) for b in blobs]
     parts = [head] if head else []
     for blob, crc in zip(blobs, crcs):
         parts.append(blob)
@@ -480,7 +472,7 @@ def _write_direct(path: Path, head: bytes, blobs: list, crc_in_file: bool, tail:
                 piece = stages[cur][fill:fill + k]
                 piece[...] = src[pos:pos + k]
                 if crc is not None:
-                    crc = _crc32c(piece, crc)
+                    crc = crc32c_of(piece, crc)
                 fill, pos = fill + k, pos + k
                 if fill == size:
                     send(size)
