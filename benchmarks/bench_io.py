@@ -281,7 +281,7 @@ def _decoders_and_pipeline(folder, videos, bb, settings, workers, seconds, log) 
         ex.run(todo[:4])                                                 # warm-up
         todo = todo[4:]
         dec = {"frames": 0, "seconds": 0.0, "cpu": 0.0}
-        pipe = {"frames": 0, "seconds": 0.0, "cpu": {"decoders": 0.0, "pipeline": 0.0}, "bottleneck": []}
+        pipe = {"frames": 0, "seconds": 0.0, "cpu": {"decoders": 0.0, "pipeline": 0.0}}
         ratios = []
         for r in range(ROUNDS):
             d = _decoders(pool, videos, bb, frames, seconds / ROUNDS)
@@ -301,14 +301,13 @@ def _decoders_and_pipeline(folder, videos, bb, settings, workers, seconds, log) 
             pipe["seconds"] += t1 - t0
             for k in pipe["cpu"]:
                 pipe["cpu"][k] += cpu1[k] - cpu0[k]
-            pipe["bottleneck"].append(stats.bottleneck())
             ratios.append((got / (t1 - t0)) / (d["frames"] / d["seconds"]))
             log(f"    round {r + 1}: decoders alone {d['frames'] / d['seconds']:.0f} frames/s, pipeline "
                 f"{got / (t1 - t0):.0f} frames/s ({len(done) - 1} shards): {ratios[-1]:.2f}")
     return {"decoders_frames_per_s": dec["frames"] / dec["seconds"],
             "decoders_cpu_ms_per_frame": 1000 * dec["cpu"] / dec["frames"],
             "frames": pipe["frames"], "frames_per_s": pipe["frames"] / pipe["seconds"],
-            "bottleneck": pipe["bottleneck"][-1], "round_ratios": ratios,
+            "bottleneck": stats.bottleneck(), "round_ratios": ratios,      # (the last round's)
             "decoders_in_pipeline_cpu_ms_per_frame": 1000 * pipe["cpu"]["decoders"] / pipe["frames"],
             "pipeline_process_cpu_ms_per_frame": 1000 * pipe["cpu"]["pipeline"] / pipe["frames"],
             "cpu_ms_per_frame": 1000 * sum(pipe["cpu"].values()) / pipe["frames"],

@@ -147,7 +147,7 @@ def _nonfinite(values: torch.Tensor) -> torch.Tensor:
 
 
 PIECE_BYTES = 1 << 20   # CPU: features stored and checked a piece at a time, the piece still in the CPU's cache
-                        # for its check (2 MiB of L2 here): 0.17 vs 0.26 ms per ViT-B/16 last:4 frame, measured
+                        # (2 MiB of L2 here) for its check
 
 
 REQUEST_FRAMES = 32     # fps sampling: frames per decode request (whole windows, at least one): what a decode
@@ -375,7 +375,7 @@ class ShardExtractor:
         self.copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self.dtype = getattr(torch, layout.dtype)       # the feature arrays' dtype
         self.buffers = _RowBuffers(layout, pinned=self.copy_stream is not None)   # kept across run() calls
-        self._awaiting: dict[int, _ShardState] = {}     # run()'s requests in flight -> their shard
+        self._awaiting: dict[int, _ShardState] = {}     # run()'s submitted requests -> their shard
 
     # -- forward
     def _views(self, res: DecodeResult) -> tuple[torch.Tensor, np.ndarray | None]:
@@ -422,7 +422,7 @@ class ShardExtractor:
         else:     # converted straight into place a piece at a time, each checked while still in the CPU's cache;
             with cpu_threads(1):   # memory-bound: one thread, not threads that wait on busy decoder processes
                 for name, feats in targets:
-                    self._feed_decoders()
+                    self._take_decoded()
                     flat = st.rows[name].reshape(-1, *feats.shape[1:])
                     piece = max(1, PIECE_BYTES // flat[0].nbytes)
                     for start, stop, at in runs:
@@ -471,18 +471,13 @@ class ShardExtractor:
             self.videos_done += u.rows.stop == self.layout.first_clips[u.video + 1]
         self.on_progress(sum(len(u.rows) for u in units))
 
-    def _feed_decoders(self) -> None:
-        """Between the steps of a batch: results taken, idle decode workers given their next requests. A
-        worker holds DEPTH requests, fewer frames than a batch: on a CPU the batch's checks and copies took
-        longer than decoding them, and workers fed only between batches sat idle (the io benchmark's
-        free-backbone pipeline: docs/performance.md)."""
-        self._take_decoded(self._awaiting, timeout=0)
-
-    def _take_decoded(self, by_key: dict, timeout: float) -> None:
+    def _take_decoded(self, timeout: float = 0) -> None:
         """Hand the decoded units that are ready to their shards (waiting up to `timeout` s for one); the
-        pool gives its idle workers their next requests meanwhile."""
+        pool gives its idle workers their next requests meanwhile. Also called between the steps of a batch:
+        a worker holds DEPTH requests, fewer frames than a batch, and on a CPU workers fed only between
+        batches sat idle while the batch's checks and copies ran."""
         while (res := self.pool.get(timeout=timeout)) is not None:
-            st = by_key.pop(res.key, None)
+            st = self._awaiting.pop(res.key, None)
             if st is not None:
                 st.results[res.key] = res
             timeout = 0
@@ -516,8 +511,7 @@ class ShardExtractor:
         it = iter(shards)
         exhausted = False
         open_shards: deque[_ShardState] = deque()
-        by_key: dict[int, _ShardState] = {}        # submitted requests -> their shard
-        self._awaiting = by_key
+        self._awaiting = {}
         T = self.layout.frames
         try:
             while True:
@@ -543,7 +537,7 @@ class ShardExtractor:
                     if entry.problem:
                         st.results[u.key] = DecodeResult(u.key, stage="manifest", error=entry.problem)
                     else:
-                        by_key[u.key] = st
+                        self._awaiting[u.key] = st
                         self.pool.submit(self._request(u))
                 if not open_shards:
                     break
@@ -551,7 +545,7 @@ class ShardExtractor:
                 head = open_shards[0]
                 taken = head.take_ready(T, self._views)
                 while head.pending >= self.batch_size or (head.resolved and head.pending):
-                    self._take_decoded(by_key, timeout=0)     # idle decoders get work before each batch
+                    self._take_decoded()     # idle decoders get work before each batch
                     pixels, slots = head.pop_batch(self.batch_size)
                     tf = time.perf_counter()
                     self._forward(head, pixels, slots)
@@ -568,7 +562,7 @@ class ShardExtractor:
                             writes.put(item, timeout=0.01)
                             break
                         except Full:
-                            self._take_decoded(by_key, timeout=0)
+                            self._take_decoded()
                     stats.wait_write_s += time.perf_counter() - tw
                     stats.shards += 1
                     stats.clips += int(head.valid.sum())
@@ -584,7 +578,7 @@ class ShardExtractor:
                     continue
                 # 3. wait for the next decoded video
                 td = time.perf_counter()
-                self._take_decoded(by_key, timeout=1.0)
+                self._take_decoded(timeout=1.0)
                 stats.wait_decode_s += time.perf_counter() - td
         finally:
             tw = time.perf_counter()
