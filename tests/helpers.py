@@ -78,3 +78,34 @@ def on_contract(res, codes, what, foreseen=True) -> str:
     assert len(err) == 1, f"{what}: {len(err)} lines on stderr:\n{res.stderr}"
     assert not foreseen or "unexpected" not in err[0], f"{what}: {err[0]}"
     return err[0]
+
+
+def tree_state(root) -> dict[str, tuple]:
+    """Every entry under `root` (links not followed) -> (kind, size, mtime_ns, sha256 of a file's bytes): what a
+    security test lists before and after running hostile input, to show nothing there was written, deleted or
+    followed."""
+    import hashlib
+    import os
+    root = Path(root)
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            if p.is_symlink():
+                state[str(p.relative_to(root))] = ("link", os.readlink(p))
+            elif p.is_dir():
+                state[str(p.relative_to(root))] = ("dir",)
+            else:
+                state[str(p.relative_to(root))] = ("file", st.st_size, st.st_mtime_ns,
+                                                   hashlib.sha256(p.read_bytes()).hexdigest())
+    return state
+
+
+def make_sentinel(tmp_path) -> Path:
+    """A folder with a few files and a subfolder that hostile input will try to reach (via `..`, links, paths)."""
+    s = Path(tmp_path) / "sentinel"
+    (s / "sub").mkdir(parents=True, exist_ok=True)
+    (s / "precious.txt").write_text("do not touch\n")
+    (s / "sub" / "data.bin").write_bytes(bytes(range(256)))
+    return s
