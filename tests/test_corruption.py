@@ -128,14 +128,15 @@ def test_damage_is_found_refused_and_repaired(world, tmp_path, kind):
 
 def test_edited_metadata_is_refused_on_open(world, tmp_path):
     """A value of the metadata changed by hand (here a class name): the metadata no longer matches its
-    fingerprint, so the arrays may not be what it says; every reader refuses it in one line."""
+    fingerprint, so the arrays may not be what it says; every reader refuses it in one line, as input it
+    cannot use (exit 2: metadata is not data a re-extraction mends)."""
     cache = tmp_path / "c.zarr"
     shutil.copytree(world["ref"], cache)
     zj = json.loads((cache / "zarr.json").read_text())
     zj["attributes"]["cachefeat"]["classes"][0] = "renamed"
     (cache / "zarr.json").write_text(json.dumps(zj))
     for args in (["verify", cache], ["info", cache], ["train", "--cache", cache, "--out", tmp_path / "run"]):
-        line = on_contract(invoke(*args), {1}, args[0])
+        line = on_contract(invoke(*args), {2}, args[0])
         assert "metadata was edited" in line, line
     with pytest.raises(Exception, match="metadata was edited"):
         open_cache(cache)

@@ -4,6 +4,8 @@ export). Both stages call it; it imports nothing from stage one (cachefeat.extra
 
     layout.py      array shapes, codecs, metadata fingerprints (docs/cache-format.md)
     writer.py      open_for_writing (lock, create or resume, repair, shards left), write_shard
+    validate.py    what a store must be before it is read: the one check of a cache from elsewhere
+    confine.py     every file opened, written or deleted lies in the store, never through a link
     reader.py      open_cache -> Cache: metadata, progress, arrays as NumPy
     shard_file.py  feature rows decoded straight from the shard files (checksums checked)
     lock.py        one writer per store
@@ -19,6 +21,7 @@ from .layout import (
     CacheDamaged,
     CacheError,
     Layout,
+    UnsafeStore,
     content_fingerprint,
     diff_meta,
     feature_fingerprint,
@@ -30,5 +33,5 @@ from .verify import VerifyReport, verify
 from .writer import ShardData, StoreWriter, open_for_writing, write_shard
 
 __all__ = ["CODEC_HELP", "DEFAULT_CODEC", "FAILED", "OK", "PENDING", "Cache", "CacheDamaged", "CacheError", "Layout",
-           "ShardData", "StoreLock", "StoreWriter", "VerifyReport", "content_fingerprint", "diff_meta",
+           "ShardData", "StoreLock", "StoreWriter", "UnsafeStore", "VerifyReport", "content_fingerprint", "diff_meta",
            "feature_fingerprint", "open_cache", "open_for_writing", "parse_codec", "verify", "write_shard"]

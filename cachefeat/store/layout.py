@@ -42,8 +42,15 @@ class CacheError(Exception):
 
 
 class CacheDamaged(CacheError, Damaged):
-    """A store whose data or metadata is damaged (exit status 1); the message names what is damaged and
-    the command that repairs it."""
+    """A store whose data is damaged (exit status 1); the message names what is damaged and the command that
+    repairs it."""
+
+
+class UnsafeStore(CacheError):
+    """A store cachefeat does not open as it is (exit status 2): metadata that is not what cachefeat writes
+    (crafted, edited or damaged zarr.json documents and attributes, sizes no file backs), or a link or a
+    special file where a file should be (store.validate, store.confine). Never taken for damage a re-extraction
+    mends, and never followed."""
 
 
 # ------------------------------------------------------------------------------------------- codecs

@@ -13,10 +13,12 @@ it locked is still the one at the path, and starts again if not.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import time
 import weakref
 from pathlib import Path
@@ -25,6 +27,7 @@ from .layout import LOCK_NAME, CacheError
 
 _HELD: weakref.WeakSet[StoreLock] = weakref.WeakSet()
 _RETRY_SECONDS = 0.05   # a reader's momentary shared lock (active_holder) must not refuse a writer
+_NOTE_BYTES = 4096      # the holder's note is ~80 bytes: no more is read
 
 
 class StoreLock:
@@ -42,12 +45,24 @@ class StoreLock:
         return self._fd is not None
 
     def holder(self) -> dict | None:
-        """What the lock file says of its (current or last) holder: host, pid, since; None if unreadable."""
+        """What the lock file says of its (current or last) holder: host, pid, since; None if unreadable (a
+        link, a FIFO, or more than a note: the file may come with a cache from elsewhere)."""
         try:
-            h = json.loads(self.path.read_text())
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            h = json.loads(os.read(fd, _NOTE_BYTES).decode())
         except (OSError, ValueError):
             return None
-        return h if isinstance(h, dict) else None
+        finally:
+            os.close(fd)
+        if not isinstance(h, dict):
+            return None
+        return {k: h[k] if type(h[k]) is int else "".join(c for c in str(h[k])[:100] if c.isprintable())
+                for k in ("host", "pid", "since") if k in h}    # shown in messages: no escapes, no long text
 
     def active_holder(self) -> dict | None:
         """The holder's note ({} if not written yet) when another process, or another StoreLock of this one,
@@ -55,8 +70,8 @@ class StoreLock:
         if self._fd is not None:
             return None
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:   # no lock file (or one this user may not read: it cannot be a writer of ours)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:   # no lock file (or one this user may not read, or a link: it cannot be a writer of ours)
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -79,11 +94,19 @@ class StoreLock:
             raise CacheError(f"cannot create {store}: {e.strerror or e}; choose another --out") from None
         deadline = time.monotonic() + _RETRY_SECONDS
         while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:    # never through a link, and never a FIFO (a lock file may come with a cache from elsewhere)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
             except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise CacheError(f"{self.path} is a symbolic link; cachefeat writes nothing through it: remove "
+                                     f"it, or choose another --out") from None
                 raise CacheError(f"cannot write in {store} ({e.strerror or e}); choose another --out, or make it "
                                  f"writable") from None
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:   # a hard link: truncating it would reach its twin
+                os.close(fd)
+                raise CacheError(f"{self.path} is not a plain file of its own (a FIFO, a device, or a hard link); "
+                                 f"cachefeat writes nothing through it: remove it, or choose another --out")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -7,24 +7,20 @@ import os
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from ..fmt import ranges
 from ..specs import PixelSpec, TokenSpec, ViewSpec
+from .confine import open_inside, refusal
 from .layout import (
-    ATTR,
     CLIP_TABLES,
-    CREATING,
     FAILED,
     NO_RECORD,
     NOT_STORED,
     RECORD,
-    SCHEMA_VERSION,
     SHARD_VIDEO_TABLES,
     CacheDamaged,
     CacheError,
-    Layout,
-    content_fingerprint,
+    UnsafeStore,
     feature_fingerprint,
     per_clip_chunks,
     record_slots,
@@ -32,6 +28,7 @@ from .layout import (
 )
 from .lock import StoreLock
 from .shard_file import NotAsRecorded, ShardFile, ShardFileError
+from .validate import open_store
 
 
 class Cache:
@@ -41,53 +38,16 @@ class Cache:
 
     def __init__(self, path: str | os.PathLike, mode: str = "r"):
         self.path = Path(path)
-        if not (self.path / "zarr.json").is_file():
-            raise CacheError(f"{path} is not a cachefeat cache (no Zarr v3 store there)")
-        try:
-            self.root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        try:       # every claim of the metadata checked against the files before anything is read (validate.py)
+            opened = open_store(self.path, mode)
         except PermissionError as e:
             raise CacheError(f"{path} cannot be opened: {e.strerror or e}") from None
-        except Exception as e:
-            raise CacheDamaged(f"{path}: its zarr.json is damaged ({_first_line(e)}); {_RESTORE}") from None
-        meta = self.root.attrs.get(ATTR)
-        if not isinstance(meta, dict):
-            raise CacheError(f"{path} is a Zarr store but not a cachefeat cache (no '{ATTR}' metadata)")
-        problem = _meta_problem(meta)
-        if problem:
-            raise CacheDamaged(f"{path}: its metadata is damaged ({problem}); {_RESTORE}")
-        if "fingerprint" in meta and meta["fingerprint"] != content_fingerprint(meta):
-            raise CacheDamaged(f"{path}: its metadata was edited or damaged (it no longer matches its fingerprint, "
-                               f"so the arrays may not be what it describes); {_RESTORE}")
-        if meta["schema_version"] > SCHEMA_VERSION:
-            raise CacheError(f"{path} has cache schema {meta['schema_version']}, newer than this cachefeat "
-                             f"understands ({SCHEMA_VERSION}); upgrade cachefeat")
-        self.meta = meta
-        try:
-            counts = None
-            if meta["layout"].get("windowed") and not self.root.attrs.get(CREATING):
-                counts = self.root["videos/num_clips"][:]
-            self.layout = Layout.from_dict(meta["layout"], clip_counts=counts)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CacheDamaged(f"{path}: its metadata is damaged (layout: {_first_line(e)}); "
-                               f"{_RESTORE}") from None
-        except Exception as e:   # zarr: videos/num_clips cannot be read
-            raise CacheDamaged(f"{path}: videos/num_clips cannot be read ({_first_line(e)}); {_RESTORE}") from None
-        recorded = meta["layout"].get("clip_counts_sha256")
-        if counts is not None and self.layout.to_dict()["clip_counts_sha256"] != recorded:
-            raise CacheDamaged(f"{path}: videos/num_clips is not what the layout recorded (a chunk deleted or "
-                               f"replaced); {_RESTORE}")
+        self.root, self.meta, self.layout = opened.root, opened.meta, opened.layout
+        self.real = opened.real                 # the folder itself: every file read is checked to lie in it
         self._shard_files: dict[str, ShardFile | None] = {}
         self._records: dict[int, np.ndarray] = {}
         # caches made before checksum records (and table checksums) have none: chunk places are not checked
-        self.has_records = "table_checksums" in meta
-        if not self.root.attrs.get(CREATING):   # (a store being created has not all its arrays yet)
-            # the tables every reader needs; a feature array an adapter does not read may be left out of a copy
-            missing = [n for n in (*self.layout.video_tables(), *CLIP_TABLES, "clips/valid", "progress",
-                                   *([RECORD] if self.has_records else []))
-                       if not (self.path / n / "zarr.json").is_file()]
-            if missing:
-                raise CacheDamaged(f"{path}: array{'s' * (len(missing) > 1)} {', '.join(missing[:4])} "
-                                   f"{'are' if len(missing) > 1 else 'is'} missing; {_RESTORE}")
+        self.has_records = "table_checksums" in self.meta
 
     # -- what it holds
     @property
@@ -157,11 +117,15 @@ class Cache:
         prog = self.root["progress"]
         try:
             return prog[:] == 1
+        except UnsafeStore:
+            raise
         except Exception:
             out = np.zeros(prog.shape[0], bool)
             for s in range(prog.shape[0]):
                 try:
                     out[s] = prog[s] == 1
+                except UnsafeStore:
+                    raise
                 except Exception:
                     pass
             return out
@@ -210,7 +174,22 @@ class Cache:
         if recorded is not None and table_checksum(data) != recorded:
             raise CacheDamaged(f"{self.path}: table {name} is not what was written when the cache was made (a chunk "
                                f"was deleted or replaced); run the same `cachefeat extract` with --repair")
+        problem = self._table_problem(name, data)
+        if problem:      # intact bytes (their checksum matches) that no cachefeat wrote: used as indices, refused
+            raise refusal(self.path, f"table {name} {problem}")
         return data
+
+    def _table_problem(self, name: str, data: np.ndarray) -> str | None:
+        """What makes a table's values impossible: clips/video and clips/view follow from the layout, labels
+        lie in -1 .. classes - 1."""
+        if name in ("clips/video", "clips/view"):
+            derived = self.layout.clip_video() if name == "clips/video" else self.layout.clip_view()
+            return None if np.array_equal(data, derived) else "is not what the layout gives"
+        if name in ("clips/label", "videos/label") and len(data):
+            top = len(self.classes) - 1 if self.classes else np.iinfo(np.int32).max
+            if data.min() < -1 or data.max() > top:
+                return f"holds labels {int(data.min())}..{int(data.max())} for {len(self.classes)} classes"
+        return None
 
     def failures(self) -> list[dict]:
         """Videos that could not be extracted (in finished shards), with the stage and the reason. In a
@@ -234,9 +213,10 @@ class Cache:
         paths, ids = (self.root[f"videos/{k}"][:] for k in ("path", "id"))
         out = []
         for i in bad:
-            why = str(errs[i]) if status[i] == FAILED else reasons[int(i)]
+            why = _printable(str(errs[i]) if status[i] == FAILED else reasons[int(i)], 1000)
             stage, _, msg = why.partition(": ")
-            out.append({"video": int(i), "id": str(ids[i]), "path": str(paths[i]), "stage": stage, "error": msg})
+            out.append({"video": int(i), "id": _printable(str(ids[i])), "path": _printable(str(paths[i])),
+                        "stage": stage[:40], "error": msg})
         return out
 
     # -- checksum records (layout.RECORD)
@@ -247,6 +227,8 @@ class Cache:
         if shard not in self._records:
             try:
                 rec = np.asarray(self.root[RECORD][shard], np.int64)
+            except UnsafeStore:
+                raise
             except Exception:               # the record's own chunk is damaged: as good as none
                 rec = np.full(self.root[RECORD].shape[1], NO_RECORD, np.int64)
             if (rec == NO_RECORD).all():
@@ -279,15 +261,15 @@ class Cache:
         """The checksum a table chunk's crc32c codec stored (its last four bytes); NOT_STORED when the chunk
         is left out, NO_RECORD when it is too short to hold one."""
         arr = self.root[name]
-        path = self.path / name / arr.metadata.encode_chunk_key(coords)
         try:
-            with open(path, "rb") as f:       # the chunk's crc32c codec stored its last four bytes
-                f.seek(-4, os.SEEK_END)
-                return int.from_bytes(f.read(4), "little")
+            fd = open_inside(self.real, os.path.join(self.real, name, arr.metadata.encode_chunk_key(coords)))
         except FileNotFoundError:
             return NOT_STORED
-        except OSError:                     # shorter than a checksum: cannot match any record
-            return NO_RECORD
+        try:                                # the chunk's crc32c codec stored its last four bytes
+            size = os.fstat(fd).st_size
+            return int.from_bytes(os.pread(fd, 4, size - 4), "little") if size >= 4 else NO_RECORD
+        finally:
+            os.close(fd)
 
     def record_problems(self, features: bool = False) -> dict[int, str]:
         """Shards whose flag and record disagree, and finished shards whose per-clip and per-video tables
@@ -334,6 +316,8 @@ class Cache:
         arr = self.root[name]
         try:
             return arr[rows] if cols is None else arr[(rows, *cols)]
+        except UnsafeStore:
+            raise
         except Exception as e:
             bad = self.unreadable_rows(name, rows)
             where = f"clips {ranges(bad)}" if bad else f"rows {rows}"
@@ -377,7 +361,7 @@ class Cache:
     def shard_file(self, name: str) -> ShardFile | None:
         """The shard files of array `name`, read and written straight (None: a layout left to zarr)."""
         if name not in self._shard_files:
-            self._shard_files[name] = ShardFile.open(self.path / name)
+            self._shard_files[name] = ShardFile.open(os.path.join(self.real, name), self.real)
         return self._shard_files[name]
 
     def unreadable_rows(self, name: str, rows=slice(None)) -> list[int]:
@@ -388,6 +372,8 @@ class Cache:
         for r in np.atleast_1d(idx):
             try:
                 arr[int(r)]
+            except UnsafeStore:
+                raise
             except Exception:
                 bad.append(int(r))
         return bad
@@ -439,10 +425,11 @@ class Cache:
                 "bytes_per_frame_on_disk": round(disk / frames, 1) if frames else None}
 
     def disk_bytes(self) -> int:
+        """Bytes of the store's files (a link is not followed: its own size)."""
         total = 0
-        for dirpath, _, files in os.walk(self.path):
+        for dirpath, _, files in os.walk(self.real):
             for f in files:
-                total += os.path.getsize(os.path.join(dirpath, f))
+                total += os.lstat(os.path.join(dirpath, f)).st_size
         return total
 
     def feature_bytes_raw(self) -> int:
@@ -451,27 +438,13 @@ class Cache:
         return int(self.done_rows().sum()) * per_clip
 
 
-_RESTORE = ("restore it from a copy (or `cachefeat import` an HDF5 export of it), or delete it and run the same "
-            "`cachefeat extract` again")
-# the metadata every reader relies on: key -> the type it must have
-_REQUIRED_META = {"schema_version": int, "model": dict, "layout": dict, "sampling": dict, "preprocessing": dict,
-                  "tokens": dict, "views": dict, "frames": int}
-_REQUIRED_MODEL = ("name", "pretrained")
-
-
-def _meta_problem(meta: dict) -> str | None:
-    """What is wrong with a cache's metadata, in a few words, or None."""
-    for key, kind in _REQUIRED_META.items():
-        if key not in meta:
-            return f"no {key!r} key"
-        if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
-            return f"{key!r} is a {type(meta[key]).__name__}, not a {kind.__name__}"
-    missing = [k for k in _REQUIRED_MODEL if k not in meta["model"]]
-    if missing:
-        return f"'model' has no {missing[0]!r}"
-    if not isinstance(meta.get("classes") or [], list):
-        return "'classes' is not a list"
-    return None
+def _printable(text: str, limit: int = 4096) -> str:
+    """A string of the cache as `info` and the reports show it: control characters (a terminal's escape
+    sequences, line breaks) escaped, at most `limit` characters (a cache from elsewhere may hold anything)."""
+    if text.isprintable() and len(text) <= limit:
+        return text
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _first_line(e: BaseException) -> str:

@@ -29,10 +29,10 @@ that fails a check raises `ShardFileError`; the cache then reads through zarr, w
 from __future__ import annotations
 
 import errno
-import json
 import mmap
 import os
 import threading
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,7 +42,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .confine import check_folders, open_inside, read_json, real_root
 from .layout import NOT_STORED, crc32c_of
+from .validate import MAX_ARRAY_DOC
 
 MISSING = 2 ** 64 - 1           # offset and length of a chunk absent from a shard
 COALESCE_GAP = 1 << 16          # read two chunk ranges at once when fewer bytes than this lie between them
@@ -62,7 +64,9 @@ class NotAsRecorded(ShardFileError):
 
 @dataclass(frozen=True)
 class Compressor:
-    """A bytes-to-bytes compressor of zarr's codec list, as the numcodecs object zarr itself builds for it."""
+    """A bytes-to-bytes compressor of zarr's codec list, as the numcodecs object zarr itself builds for it.
+    `decode(blob, out)` fills the uint8 array `out` exactly, or raises: the size a compressed frame claims is
+    checked against the chunk's before anything is decompressed (a crafted frame cannot make it allocate)."""
     encode: Callable
     decode: Callable
     raw_bytes: bool           # encode takes the chunk as uint8 (blosc, as zarr passes it), not typed
@@ -75,11 +79,23 @@ def _compressor(codec: dict, itemsize: int) -> Compressor | None:
     if name == "zstd":
         from numcodecs import Zstd
         z = Zstd.from_config({"level": cfg.get("level", 0), "checksum": cfg.get("checksum", False)})
-        return Compressor(z.encode, z.decode, False)
+
+        def unzstd(blob, out):
+            if _zstd_content_size(blob) != out.nbytes:
+                raise ValueError(f"a zstd frame of {_zstd_content_size(blob)} bytes for a chunk of {out.nbytes}")
+            z.decode(blob, out)
+        return Compressor(z.encode, unzstd, False)
     if name == "gzip":
         from numcodecs import GZip
         g = GZip(cfg.get("level", 5))
-        return Compressor(g.encode, g.decode, False)
+
+        def gunzip(blob, out):
+            d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            data = d.decompress(memoryview(blob), out.nbytes)     # never more than the chunk's bytes
+            if len(data) != out.nbytes or not d.eof or d.unconsumed_tail:
+                raise ValueError(f"gzip data of another size than the chunk's {out.nbytes} bytes")
+            out[...] = np.frombuffer(data, np.uint8)
+        return Compressor(g.encode, gunzip, False)
     if name == "blosc":                       # blosc frames carry their own settings
         import numcodecs
         from numcodecs import Blosc
@@ -91,8 +107,28 @@ def _compressor(codec: dict, itemsize: int) -> Compressor | None:
         if tuple(int(x) for x in numcodecs.__version__.split(".")[:2]) >= (0, 16):   # as zarr's BloscCodec
             config["typesize"] = cfg.get("typesize", itemsize)
         b = Blosc.from_config(config)
-        return Compressor(b.encode, b.decode, True)
+
+        def unblosc(blob, out):
+            if len(blob) < 16 or int.from_bytes(bytes(blob[4:8]), "little") != out.nbytes:
+                raise ValueError(f"a blosc frame of another size than the chunk's {out.nbytes} bytes")
+            b.decode(blob, out)
+        return Compressor(b.encode, unblosc, True)
     return None
+
+
+def _zstd_content_size(blob) -> int | None:
+    """The decompressed size a zstd frame's header states (RFC 8878, 3.1.1.1), or None when it states none."""
+    head = bytes(blob[:18])
+    if len(head) < 6 or head[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    flags = head[4]
+    single = (flags >> 5) & 1
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[flags & 3]
+    size = (single, 2, 4, 8)[flags >> 6]
+    if not size or len(head) < pos + size:
+        return None
+    value = int.from_bytes(head[pos:pos + size], "little")
+    return value + 256 if size == 2 else value
 
 
 def _parse_chain(codecs: list, itemsize: int = 1) -> tuple[str, Compressor | None, bool] | None:
@@ -133,22 +169,25 @@ class ShardFile:
     chunk_crc: bool
     index_crc: bool
     index_at_end: bool
+    root: str                       # the store's real folder: every file read or written lies in it (confine.py)
 
     @classmethod
-    def open(cls, folder: str | os.PathLike) -> ShardFile | None:
-        """The reader for the array stored in `folder`, or None when its layout is not one this reads."""
+    def open(cls, folder: str | os.PathLike, root: str | None = None) -> ShardFile | None:
+        """The reader for the array stored in `folder` (in the store whose real folder is `root`; default:
+        `folder` itself), or None when its layout is not one this reads."""
         folder = Path(folder)
+        root = real_root(folder) if root is None else root
         try:
-            meta = json.loads((folder / "zarr.json").read_text())
-        except (OSError, ValueError):
+            meta = read_json(root, folder / "zarr.json", MAX_ARRAY_DOC)
+        except OSError:
             return None
         try:
-            return cls._from_meta(folder, meta)
-        except (KeyError, TypeError, ValueError, IndexError):
+            return cls._from_meta(folder, meta, root)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
             return None
 
     @classmethod
-    def _from_meta(cls, folder: Path, meta: dict) -> ShardFile | None:
+    def _from_meta(cls, folder: Path, meta: dict, root: str) -> ShardFile | None:
         shape = tuple(meta["shape"])
         codecs = meta["codecs"]
         keys = meta.get("chunk_key_encoding", {})
@@ -174,7 +213,7 @@ class ShardFile:
         if isinstance(fill, bool) or not isinstance(fill, (int, float)):   # "NaN", hex strings...: zarr's job
             return None
         return cls(folder, shape, dtype, shard[0], chunk, fill, compressor, chunk_crc,
-                   index[2], cfg.get("index_location", "end") == "end")
+                   index[2], cfg.get("index_location", "end") == "end", root)
 
     @cached_property
     def chunk_nbytes(self) -> int:
@@ -213,7 +252,7 @@ class ShardFile:
         path = self.path(shard)
         wanted = np.unique(local)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_inside(self.root, path)
         except FileNotFoundError:            # no chunk of this shard was ever stored
             if expect is not None:
                 self._check_record(path, shard, wanted, np.full(len(wanted), NOT_STORED), expect)
@@ -232,7 +271,7 @@ class ShardFile:
             self._check_record(path, shard, wanted, found, expect)
         slot = {int(r): int(p) for p, r in zip(where[::-1], local[::-1])}     # first position of each row
         for row, blob in zip(wanted[present].tolist(), blobs):
-            out[slot[row]] = self._decode(blob, path, row)
+            self._decode(blob, path, row, out[slot[row]])
         for row in wanted[~present].tolist():
             out[slot[row]] = self.fill_value
         if len(slot) < len(local):                                           # repeated rows
@@ -260,7 +299,7 @@ class ShardFile:
         out = np.full(self.shard_rows, NOT_STORED, np.int64)
         path = self.path(shard)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_inside(self.root, path)
         except FileNotFoundError:
             return out
         try:
@@ -314,18 +353,27 @@ class ShardFile:
             i = j + 1
         return blobs
 
-    def _decode(self, blob: np.ndarray, path: Path, row: int) -> np.ndarray:
+    def _decode(self, blob: np.ndarray, path: Path, row: int, dest: np.ndarray) -> None:
+        """Decode one chunk into `dest` (its row of the output), straight where the byte order is the
+        machine's; never more bytes than a chunk holds (Compressor.decode)."""
         if self.chunk_crc:
             if len(blob) < 4 or crc32c_of(blob[:-4]) != int.from_bytes(blob[-4:].tobytes(), "little"):
                 raise ShardFileError(f"{path}: chunk {row} fails its checksum")
             blob = blob[:-4]
-        try:
-            raw = self.compressor.decode(blob) if self.compressor is not None else blob
-        except Exception as e:               # the codec's own error for a damaged frame
-            raise ShardFileError(f"{path}: chunk {row} does not decompress ({e})") from None
-        if memoryview(raw).nbytes != self.chunk_nbytes:
-            raise ShardFileError(f"{path}: chunk {row} decodes to the wrong size")
-        return np.frombuffer(raw, self.dtype).reshape(self.shape[1:])
+        target = dest if dest.dtype == self.dtype and dest.flags.c_contiguous else np.empty(self.shape[1:],
+                                                                                            self.dtype)
+        raw = target.reshape(-1).view(np.uint8)
+        if self.compressor is None:
+            if len(blob) != raw.nbytes:
+                raise ShardFileError(f"{path}: chunk {row} decodes to the wrong size")
+            raw[...] = blob
+        else:
+            try:
+                self.compressor.decode(blob, raw)
+            except Exception as e:           # the codec's own error for a damaged frame, or a size that differs
+                raise ShardFileError(f"{path}: chunk {row} does not decompress ({e})") from None
+        if target is not dest:
+            dest[...] = target
 
     # -- writing
     def write(self, shard: int, data: np.ndarray, fsync: bool = True) -> Written:
@@ -360,6 +408,7 @@ class ShardFile:
         if self.index_crc:
             index_bytes += crc32c_of(index_bytes).to_bytes(4, "little")
         head, tail = (b"", index_bytes) if self.index_at_end else (index_bytes, b"")
+        check_folders(self.root, path.parent)                    # nothing written through a link
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):    # left by a writer killed mid-write
             stale.unlink(missing_ok=True)
@@ -409,6 +458,7 @@ def _write_new_file(path: Path, head: bytes, blobs: list, crc_in_file: bool, tai
                 if e.errno != errno.EINVAL:                 # EINVAL: O_DIRECT or its alignment refused here
                     raise
                 _refuses_direct.add(dev)
+                path.unlink(missing_ok=True)                # (it may have been created): made again below
     crcs = [crc32c_of(b) for b in blobs]
     parts = [head] if head else []
     for blob, crc in zip(blobs, crcs):
@@ -417,7 +467,7 @@ def _write_new_file(path: Path, head: bytes, blobs: list, crc_in_file: bool, tai
             parts.append(crc.to_bytes(4, "little"))
     if tail:
         parts.append(tail)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)   # a new file, never a link
     try:
         total = 0
         for i in range(0, len(parts), IOV_MAX):
@@ -450,7 +500,7 @@ def _write_direct(path: Path, head: bytes, blobs: list, crc_in_file: bool, tail:
     writing: list[Future | None] = [None, None]     # each buffer's write in flight
     cur = fill = offset = 0
     crcs: list[int] = []
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_DIRECT, 0o644)
     try:
         def send(nbytes: int) -> None:
             nonlocal cur, fill, offset
@@ -499,7 +549,7 @@ def _write_direct(path: Path, head: bytes, blobs: list, crc_in_file: bool, tail:
         os.close(fd)
         raise
     os.close(fd)
-    fd = os.open(path, os.O_WRONLY)          # the partial last page, through the page cache
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)     # the partial last page, through the page cache
     try:
         _pwrite_all(fd, memoryview(rest), offset)
         os.fsync(fd)                         # the whole file: fsync is per file, not per descriptor

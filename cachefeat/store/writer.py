@@ -8,19 +8,17 @@ how it lands.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync as zarr_sync
 
+from .confine import open_group, open_inside, read_json, real_root, remove_inside
 from .layout import (
     _DIMS,
     ATTR,
@@ -32,6 +30,7 @@ from .layout import (
     SHARD_VIDEO_TABLES,
     CacheError,
     Layout,
+    UnsafeStore,
     content_fingerprint,
     diff_meta,
     parse_codec,
@@ -41,7 +40,13 @@ from .layout import (
 from .lock import StoreLock
 from .reader import Cache
 from .shard_file import fsync_dir
+from .validate import MAX_ROOT_DOC
 from .verify import verify
+
+# what a store's folder holds (the first component of every node's name, the lock): a folder with anything
+# else is not one cachefeat made, and is never deleted as an unfinished creation
+STORE_ENTRIES = frozenset({"zarr.json", LOCK_NAME, "embed", "cls", "tokens", "pixels", "clips", "videos", "progress",
+                           RECORD, "text", "quant"})
 
 
 # ------------------------------------------------------------------------------------------- life cycle
@@ -103,7 +108,7 @@ def _create_or_resume(path: Path, meta: dict, layout: Layout, videos: list, code
                       repair: bool, extras, timeline=None) -> Cache:
     if path.exists() and is_unfinished_creation(path):
         remove_store(path)  # killed while creating it: nothing in it is data yet
-    is_cache = (path / "zarr.json").is_file()
+    is_cache = os.path.lexists(path / "zarr.json")
     if repair and not is_cache:
         raise CacheError(f"--repair: there is no cache at {path} to repair")
     if path.is_file():
@@ -112,7 +117,7 @@ def _create_or_resume(path: Path, meta: dict, layout: Layout, videos: list, code
         raise CacheError(f"{path} exists and is not a cachefeat cache; choose another --out "
                          f"(--overwrite only replaces a cachefeat cache)")
     if is_cache and overwrite:
-        Cache(path)  # refuses to delete a Zarr store that is not ours
+        Cache(path)  # refuses to delete a Zarr store that is not ours, or one cachefeat did not write
         remove_store(path)
     elif is_cache:
         old = Cache(path, mode="r+")
@@ -156,6 +161,8 @@ def _repair_tables(cache: Cache, videos: list, extras, log, timeline=None) -> No
     for name in names:
         try:
             cache.table(name)
+        except UnsafeStore:      # not damage: a cache cachefeat did not write is not "repaired"
+            raise
         except Exception:
             bad.append(name)
     if not bad:
@@ -185,11 +192,15 @@ def reset_shards(cache: Cache, shards) -> None:
 
 
 def remove_store(path: Path) -> None:
-    """Delete a store's contents, keeping the lock file this process holds."""
-    for child in path.iterdir():
-        if child.name == LOCK_NAME:
-            continue
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    """Delete a store's contents, keeping the lock file this process holds: only what lies in its folder (a
+    link is removed as a link; a store reached through a link is not deleted at all)."""
+    if path.is_symlink():
+        raise CacheError(f"{path} is a symbolic link (to {os.path.realpath(path)}); cachefeat deletes nothing "
+                         f"through a link: give the folder itself as --out")
+    root = real_root(path)
+    for child in os.listdir(root):
+        if child != LOCK_NAME:
+            remove_inside(root, os.path.join(root, child))
 
 
 # ------------------------------------------------------------------------------------------- creation
@@ -202,7 +213,7 @@ def create_store(path: str | os.PathLike, meta: dict, layout: Layout, videos: li
     compressors = parse_codec(codec)
     # mode "a", not "w": the folder may already hold this writer's lock file, which "w" would delete;
     # the caller has made sure no other store content is there
-    root = zarr.open_group(str(path), mode="a", zarr_format=3)
+    root = open_group(path, mode="a")
     root.attrs[CREATING] = True   # replaced by the metadata once every array exists (see is_unfinished_creation)
     C, rows = layout.num_clips, layout.shard_rows
     for name, (shape, dtype) in layout.row_arrays().items():
@@ -265,16 +276,21 @@ def is_unfinished_creation(path: str | os.PathLike) -> bool:
     """A store whose creation was interrupted: our marker but no metadata yet (or an empty group with
     nothing else in the folder but our lock). Safe to remove and create again."""
     p = Path(path)
+    if p.is_symlink() or not p.is_dir():
+        return False
     try:
-        group = json.loads((p / "zarr.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        entries = {e.name: e.is_symlink() for e in os.scandir(p)}
+        group = read_json(real_root(p), p / "zarr.json", MAX_ROOT_DOC)
+    except (OSError, CacheError):
+        return False
+    if set(entries) - STORE_ENTRIES or any(entries.values()):   # something cachefeat never puts there
         return False
     attrs = group.get("attributes") or {}
-    if ATTR in attrs:
+    if not isinstance(attrs, dict) or ATTR in attrs:
         return False
-    if attrs.get(CREATING):
+    if attrs.get(CREATING) is True:
         return True
-    return not attrs and {c.name for c in p.iterdir()} <= {"zarr.json", LOCK_NAME}
+    return not attrs and set(entries) <= {"zarr.json", LOCK_NAME}
 
 
 # ------------------------------------------------------------------------------------------- shards
@@ -373,9 +389,10 @@ def _fsync_chunk(arr, index: int) -> None:
     """Put the stored object holding the `index`-th block of rows of a zarr array, and its directory entry,
     on the disk (a chunk of only the fill value is not stored: nothing to do)."""
     coords = (index,) + (0,) * (arr.ndim - 1)
-    path = Path(arr.store_path.store.root) / arr.path / arr.metadata.encode_chunk_key(coords)
+    root = str(arr.store_path.store.root)
+    path = Path(root) / arr.path / arr.metadata.encode_chunk_key(coords)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_inside(root, path)
     except FileNotFoundError:
         return
     try:
