@@ -4,6 +4,7 @@ is the reader of record, and names the damaged clips when bytes fail their check
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -425,11 +426,17 @@ class Cache:
                 "bytes_per_frame_on_disk": round(disk / frames, 1) if frames else None}
 
     def disk_bytes(self) -> int:
-        """Bytes of the store's files (a link is not followed: its own size)."""
+        """Bytes of the store's files. Every file is listed here anyway: a link among them (never followed) is
+        refused, as reading it would be."""
         total = 0
-        for dirpath, _, files in os.walk(self.real):
-            for f in files:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
+        for dirpath, dirs, files in os.walk(self.real):
+            for f in dirs + files:
+                st = os.lstat(os.path.join(dirpath, f))
+                if stat.S_ISLNK(st.st_mode):
+                    rel = os.path.relpath(os.path.join(dirpath, f), self.real)
+                    raise refusal(self.path, f"{rel} is a symbolic link (cachefeat never writes links)")
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
         return total
 
     def feature_bytes_raw(self) -> int:

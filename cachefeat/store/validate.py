@@ -478,6 +478,8 @@ def _video_list_on_disk(real: str, arrays: dict[str, ArrayDoc], num_videos) -> N
         try:
             with os.scandir(os.path.join(real, name, "c")) as it:
                 for e in it:
+                    if e.is_symlink():
+                        raise _Bad(f"{name}/c/{e.name} is a symbolic link (cachefeat never writes links)")
                     if e.name.isdigit() and int(e.name) < n:
                         present.add(int(e.name))
         except (FileNotFoundError, NotADirectoryError):
