@@ -31,18 +31,19 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import stat
 import threading
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from .confine import check_folders, open_inside, read_json, real_root
+from .confine import check_folders, open_inside, read_json, real_root, refusal
 from .layout import NOT_STORED, crc32c_of
 from .validate import MAX_ARRAY_DOC
 
@@ -65,7 +66,7 @@ class NotAsRecorded(ShardFileError):
 @dataclass(frozen=True)
 class Compressor:
     """A bytes-to-bytes compressor of zarr's codec list, as the numcodecs object zarr itself builds for it.
-    `decode(blob, out)` fills the uint8 array `out` exactly, or raises: the size a compressed frame claims is
+    `decode(blob, nbytes)` returns the chunk's `nbytes` bytes, or raises: the size a compressed frame claims is
     checked against the chunk's before anything is decompressed (a crafted frame cannot make it allocate)."""
     encode: Callable
     decode: Callable
@@ -80,21 +81,21 @@ def _compressor(codec: dict, itemsize: int) -> Compressor | None:
         from numcodecs import Zstd
         z = Zstd.from_config({"level": cfg.get("level", 0), "checksum": cfg.get("checksum", False)})
 
-        def unzstd(blob, out):
-            if _zstd_content_size(blob) != out.nbytes:
-                raise ValueError(f"a zstd frame of {_zstd_content_size(blob)} bytes for a chunk of {out.nbytes}")
-            z.decode(blob, out)
+        def unzstd(blob, nbytes):
+            if _zstd_content_size(blob) != nbytes:    # numcodecs allocates what the frame says it holds
+                raise ValueError(f"a zstd frame of {_zstd_content_size(blob)} bytes for a chunk of {nbytes}")
+            return z.decode(blob)
         return Compressor(z.encode, unzstd, False)
     if name == "gzip":
         from numcodecs import GZip
         g = GZip(cfg.get("level", 5))
 
-        def gunzip(blob, out):
+        def gunzip(blob, nbytes):
             d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-            data = d.decompress(memoryview(blob), out.nbytes)     # never more than the chunk's bytes
-            if len(data) != out.nbytes or not d.eof or d.unconsumed_tail:
-                raise ValueError(f"gzip data of another size than the chunk's {out.nbytes} bytes")
-            out[...] = np.frombuffer(data, np.uint8)
+            data = d.decompress(memoryview(blob), nbytes)         # never more than the chunk's bytes
+            if len(data) != nbytes or not d.eof or d.unconsumed_tail:
+                raise ValueError(f"gzip data of another size than the chunk's {nbytes} bytes")
+            return data
         return Compressor(g.encode, gunzip, False)
     if name == "blosc":                       # blosc frames carry their own settings
         import numcodecs
@@ -108,10 +109,10 @@ def _compressor(codec: dict, itemsize: int) -> Compressor | None:
             config["typesize"] = cfg.get("typesize", itemsize)
         b = Blosc.from_config(config)
 
-        def unblosc(blob, out):
-            if len(blob) < 16 or int.from_bytes(bytes(blob[4:8]), "little") != out.nbytes:
-                raise ValueError(f"a blosc frame of another size than the chunk's {out.nbytes} bytes")
-            b.decode(blob, out)
+        def unblosc(blob, nbytes):
+            if len(blob) < 16 or int.from_bytes(bytes(blob[4:8]), "little") != nbytes:   # what it allocates
+                raise ValueError(f"a blosc frame of another size than the chunk's {nbytes} bytes")
+            return b.decode(blob)
         return Compressor(b.encode, unblosc, True)
     return None
 
@@ -170,6 +171,7 @@ class ShardFile:
     index_crc: bool
     index_at_end: bool
     root: str                       # the store's real folder: every file read or written lies in it (confine.py)
+    _inside: set = field(default_factory=set, compare=False, repr=False)   # shards whose file open_inside passed
 
     @classmethod
     def open(cls, folder: str | os.PathLike, root: str | None = None) -> ShardFile | None:
@@ -252,7 +254,7 @@ class ShardFile:
         path = self.path(shard)
         wanted = np.unique(local)
         try:
-            fd = open_inside(self.root, path)
+            fd = self._open(shard, path)
         except FileNotFoundError:            # no chunk of this shard was ever stored
             if expect is not None:
                 self._check_record(path, shard, wanted, np.full(len(wanted), NOT_STORED), expect)
@@ -271,13 +273,28 @@ class ShardFile:
             self._check_record(path, shard, wanted, found, expect)
         slot = {int(r): int(p) for p, r in zip(where[::-1], local[::-1])}     # first position of each row
         for row, blob in zip(wanted[present].tolist(), blobs):
-            self._decode(blob, path, row, out[slot[row]])
+            out[slot[row]] = self._decode(blob, path, row)
         for row in wanted[~present].tolist():
             out[slot[row]] = self.fill_value
         if len(slot) < len(local):                                           # repeated rows
             for pos, row in zip(where.tolist(), local.tolist()):
                 if slot[row] != pos:
                     out[pos] = out[slot[row]]
+
+    def _open(self, shard: int, path: Path) -> int:
+        """The shard file, read-only: through open_inside the first time (no link, a regular file inside the
+        store), then with O_NOFOLLOW alone, which spares the hot path two system calls per file (the folders
+        on its way were inside the store; a cache is not rebuilt under its reader)."""
+        if shard in self._inside:
+            try:
+                return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise
+            except OSError:                  # a link now, or unreadable: open_inside says which
+                pass
+        fd = open_inside(self.root, path)
+        self._inside.add(shard)
+        return fd
 
     def _stored_crc(self, blob) -> int:
         """The checksum a chunk's crc32c codec stored (without that codec: the CRC32C of its bytes)."""
@@ -299,7 +316,7 @@ class ShardFile:
         out = np.full(self.shard_rows, NOT_STORED, np.int64)
         path = self.path(shard)
         try:
-            fd = open_inside(self.root, path)
+            fd = self._open(shard, path)
         except FileNotFoundError:
             return out
         try:
@@ -316,7 +333,10 @@ class ShardFile:
         """(shard_rows, 2) uint64 (offset, nbytes) of each chunk of the shard file."""
         n = self.shard_rows
         size = n * 16 + (4 if self.index_crc else 0)
-        file_size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):     # (open_inside checked it once; a file is not replaced under a reader)
+            raise refusal(self.root, f"{path} is not a regular file")
+        file_size = st.st_size
         if file_size < size:
             raise ShardFileError(f"{path}: {file_size} bytes, shorter than its index ({size} bytes)")
         raw = os.pread(fd, size, file_size - size if self.index_at_end else 0)
@@ -353,27 +373,18 @@ class ShardFile:
             i = j + 1
         return blobs
 
-    def _decode(self, blob: np.ndarray, path: Path, row: int, dest: np.ndarray) -> None:
-        """Decode one chunk into `dest` (its row of the output), straight where the byte order is the
-        machine's; never more bytes than a chunk holds (Compressor.decode)."""
+    def _decode(self, blob: np.ndarray, path: Path, row: int) -> np.ndarray:
         if self.chunk_crc:
             if len(blob) < 4 or crc32c_of(blob[:-4]) != int.from_bytes(blob[-4:].tobytes(), "little"):
                 raise ShardFileError(f"{path}: chunk {row} fails its checksum")
             blob = blob[:-4]
-        target = dest if dest.dtype == self.dtype and dest.flags.c_contiguous else np.empty(self.shape[1:],
-                                                                                            self.dtype)
-        raw = target.reshape(-1).view(np.uint8)
-        if self.compressor is None:
-            if len(blob) != raw.nbytes:
-                raise ShardFileError(f"{path}: chunk {row} decodes to the wrong size")
-            raw[...] = blob
-        else:
-            try:
-                self.compressor.decode(blob, raw)
-            except Exception as e:           # the codec's own error for a damaged frame, or a size that differs
-                raise ShardFileError(f"{path}: chunk {row} does not decompress ({e})") from None
-        if target is not dest:
-            dest[...] = target
+        try:       # never more bytes than a chunk holds (Compressor.decode)
+            raw = self.compressor.decode(blob, self.chunk_nbytes) if self.compressor is not None else blob
+        except Exception as e:               # the codec's own error for a damaged frame, or a size that differs
+            raise ShardFileError(f"{path}: chunk {row} does not decompress ({e})") from None
+        if memoryview(raw).nbytes != self.chunk_nbytes:
+            raise ShardFileError(f"{path}: chunk {row} decodes to the wrong size")
+        return np.frombuffer(raw, self.dtype).reshape(self.shape[1:])
 
     # -- writing
     def write(self, shard: int, data: np.ndarray, fsync: bool = True) -> Written:
