@@ -167,9 +167,10 @@ class StoreLock:
         self.release()
 
     def __del__(self):
+        # a finalizer must not raise; the explicit release() of __exit__ is where failures are reported
         try:
             self.release()
-        except Exception:
+        except Exception:  # nosec B110
             pass
 
 

@@ -127,7 +127,7 @@ class Cache:
                     out[s] = prog[s] == 1
                 except UnsafeStore:
                     raise
-                except Exception:
+                except Exception:  # nosec B110 - an unreadable progress entry counts as unfinished; verify names it
                     pass
             return out
 
