@@ -254,6 +254,10 @@ def _shard_size(ctx, param, value):
               help="Weights: an open_clip tag (openai, laion2b_s34b_b88k, ...) or for timm:NAME a timm tag "
                    "(lvd142m, augreg_in21k, ...), a checkpoint file, or none for random weights from --seed. "
                    "Tags trained with QuickGELU (openai) select the QuickGELU model.")
+@click.option("--trust-pretrained", is_flag=True,
+              help="Load a --pretrained file that needs a full unpickle (a TorchScript archive such as OpenAI's "
+                   "original CLIP .pt, a pickled module). This RUNS ANY CODE THE FILE HOLDS: only for files you "
+                   "trust. Without it such files are refused; safetensors and plain state dicts need no trust.")
 @click.option("--quick-gelu/--no-quick-gelu", default=None,
               help="Force QuickGELU on or off (default: from the pretrained tag). Needed for OpenAI checkpoint files.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights when --pretrained none.")
@@ -353,9 +357,9 @@ def _shard_size(ctx, param, value):
               help="Write even when the estimated cache size exceeds the free space of --out's file system "
                    "(e.g. when the codec compresses well).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def extract(input, out, fmt, video_root, classes_file, split, model, pretrained, quick_gelu, seed, layers, tokens,
-            frames, sampling, window_stride, frame_rate, views, dtype, pixels, aug_views, aug_scale, aug_ratio,
-            no_flip, color_jitter, randaugment, flip_pairs, aug_seed,
+def extract(input, out, fmt, video_root, classes_file, split, model, pretrained, trust_pretrained, quick_gelu, seed,
+            layers, tokens, frames, sampling, window_stride, frame_rate, views, dtype, pixels, aug_views, aug_scale,
+            aug_ratio, no_flip, color_jitter, randaugment, flip_pairs, aug_seed,
             text_template, no_text, codec, batch_size, shard_size, device, precision, decode_workers, workers, address,
             decode_timeout, reader, preprocess, no_fsync, overwrite, repair, dry_run, strict, max_failed_fraction,
             ignore_free_space, quiet):
@@ -391,11 +395,14 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
                            flip_pairs, list(manifest.classes or []) or None)
     settings = ExtractSettings(model=model, pretrained=pretrained, layers=layers, tokens=tokens, frames=frames,
                                sampling=sampling, views=views, dtype=dtype, codec=codec, shard_size=shard_size,
-                               seed=seed, quick_gelu=quick_gelu, device=device, precision=precision,
-                               pixels=pixels, augment=augment, text=not no_text, text_template=text_template)
+                               seed=seed, quick_gelu=quick_gelu, trust_pretrained=trust_pretrained, device=device,
+                               precision=precision, pixels=pixels, augment=augment, text=not no_text,
+                               text_template=text_template)
     if dry_run:
         click.echo(dry_run_report(settings, manifest))
         return
+    if trust_pretrained and Path(pretrained).is_file():
+        click.echo(f"--trust-pretrained: {pretrained} is loaded in full if it needs it, running any code it holds")
     click.echo(check_free_space(estimate_size(settings, manifest), out, ignore_free_space).describe())
     if workers > 1 or address:
         stats = _extract_on_ray(manifest, out, settings, workers, address, batch_size, decode_workers,

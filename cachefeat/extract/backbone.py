@@ -19,6 +19,11 @@ selects the QuickGELU variant of the model, or the features would be wrong), a l
 `hf-hub:` or `local-dir:` model name; for `timm:NAME[.TAG]`, a timm pretrained tag (`--pretrained lvd142m`)
 or a checkpoint file (state dict, or Google's .npz); `none` for random weights drawn from a fixed seed (so
 every process, and every resumed run, builds the same network). The weights' SHA-256 goes into the metadata.
+
+A checkpoint file is read here, never by the libraries, and without running code from it (`read_weights`):
+safetensors as they are, a torch.save state dict through torch.load(weights_only=True), .npz without pickled
+arrays. A file that needs a full unpickle (TorchScript archives such as OpenAI's original CLIP .pt, pickled
+modules) is refused unless the caller trusts it (`trust=True`, the CLI's --trust-pretrained).
 """
 from __future__ import annotations
 
@@ -26,7 +31,9 @@ import difflib
 import hashlib
 import logging
 import os
+import pickle  # for its exception class: what torch.load(weights_only=True) refuses
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -581,19 +588,21 @@ def pool_patches(patches: torch.Tensor, grid: tuple[int, int], out_grid: tuple[i
 # ------------------------------------------------------------------------------------------- loading
 def load_backbone(model: str, pretrained: str | None = "none", device: str = "auto", precision: str = "auto",
                   seed: int = 0, quick_gelu: bool | None = None, cache_dir: str | None = None,
-                  cls: str | None = None) -> Backbone:
+                  cls: str | None = None, trust_pretrained: bool = False) -> Backbone:
     """Build a frozen backbone. open_clip names: `pretrained` a tag (e.g. openai, laion2b_s34b_b88k), a
     checkpoint path, or none/None for random weights from `seed`; names may be hf-hub:ORG/REPO or
     local-dir:PATH. `timm:ARCH[.TAG]`: `pretrained` a timm tag of ARCH, a checkpoint path, or none. `cls`:
-    what `cls` holds (default: the tower's own choice, see the module doc)."""
+    what `cls` holds (default: the tower's own choice, see the module doc). `trust_pretrained`: a checkpoint
+    file that needs a full unpickle is loaded (running any code it holds) instead of refused (read_weights)."""
     register_model_configs()
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev, gpu_auto="fp16")
     pre = "none" if pretrained in (None, "", "none", "None") else pretrained
     if model.startswith(TIMM):
-        whole, tower, name, prep, qg, seeded = _load_timm(model, pre, seed, cache_dir)
+        whole, tower, name, prep, qg, seeded = _load_timm(model, pre, seed, cache_dir, trust_pretrained)
     else:
-        whole, tower, name, prep, qg, seeded = _load_open_clip(model, pre, seed, quick_gelu, cache_dir)
+        whole, tower, name, prep, qg, seeded = _load_open_clip(model, pre, seed, quick_gelu, cache_dir,
+                                                               trust_pretrained)
     whole.eval().requires_grad_(False)
     digest = weights_digest(tower.module)
     tower.module.to(dev)
@@ -613,29 +622,171 @@ def _quiet_build(build, name: str, pre: str, remote: bool):
         raise
     except Exception as e:
         where = "its pretrained weights" if remote else "it"
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise BackboneError(f"could not build {name} with {where}: {type(e).__name__}: {msg}"
-                            + (" (no network? pass a local checkpoint path to --pretrained)" if pre != "none" else "")
-                            ) from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        msg = " ".join(lines[:2])[:300] if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+        hint = "" if pre == "none" else (" (weights for another model?)" if os.path.isfile(pre) else
+                                         " (no network? pass a local checkpoint path to --pretrained)")
+        raise BackboneError(f"could not build {name} with {where}: {type(e).__name__}: {msg}{hint}") from None
     finally:
         logging.getLogger().setLevel(prev)
 
 
-def _load_open_clip(model: str, pre: str, seed: int, quick_gelu: bool | None, cache_dir: str | None):
+# ------------------------------------------------------------------------------------------- weights files
+TRUST_FLAG = "--trust-pretrained"
+# where a checkpoint dict keeps its state dict, first match wins: open_clip's training checkpoints, and timm's
+# (the EMA weights first, as timm's own loader takes them)
+OPEN_CLIP_CONTAINERS = ("state_dict",)
+TIMM_CONTAINERS = ("state_dict_ema", "model_ema", "state_dict", "model")
+_JIT_NOT_WEIGHTS = ("input_resolution", "context_length", "vocab_size")   # OpenAI's TorchScript CLIP attributes
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")                             # DDP and torch.compile
+
+
+def _file_kind(path: str) -> str | None:
+    """"torchscript" (a TorchScript archive: it holds code), "torch" (a torch.save file: a zip archive, or a
+    legacy file, which starts with a pickle), or None (neither)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"
+        return "torch" if any(n.endswith("/data.pkl") for n in names) else None
+    with open(path, "rb") as f:
+        return "torch" if f.read(1) == b"\x80" else None
+
+
+def _needs_trust(path: str, what: str) -> BackboneError:
+    return BackboneError(f"--pretrained {path}: {what}, which only a full unpickle can load, and that runs any code "
+                         f"the file holds; pass {TRUST_FLAG} if you trust the file, or load it once where you trust "
+                         f"it and save its state dict as .safetensors")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def read_weights(path: str, trust: bool = False, containers: tuple[str, ...] = OPEN_CLIP_CONTAINERS
+                 ) -> dict[str, torch.Tensor]:
+    """The tensors of a local weights file, on the CPU, read without running code from it: .safetensors as
+    they are; a torch.save file through torch.load(weights_only=True) (a checkpoint dict's first entry of
+    `containers` that holds a dict is the state dict; DDP/compile prefixes are removed). A file that needs a
+    full unpickle (a TorchScript archive, a pickled module, any object torch's restricted unpickler refuses)
+    raises BackboneError naming --trust-pretrained, unless `trust`: it is then loaded in full, as open_clip
+    and timm would, which runs whatever code it holds. `.npz` files: check_npz."""
+    where = f"--pretrained {path}"
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise BackboneError(f"{where}: not a readable safetensors file ({_first_line(e)})") from None
+    kind = _file_kind(path)
+    if kind is None:
+        raise BackboneError(f"{where}: not a weights file (expected .safetensors, a torch.save state dict or .npz)")
+    ckpt = None
+    if kind == "torch":
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            if not trust:
+                raise _needs_trust(path, "it holds pickled objects besides tensors (a pickled module?)") from None
+        except Exception as e:   # a damaged or cut-off archive: torch raises RuntimeError, EOFError, ...
+            raise BackboneError(f"{where}: cannot be read as a torch.save file ({_first_line(e)})") from None
+    elif not trust:
+        raise _needs_trust(path, "it is a TorchScript archive (such as OpenAI's original CLIP .pt files)")
+    if ckpt is None:   # trusted by the caller: the libraries' own full load
+        try:
+            if kind == "torchscript":
+                ckpt = torch.jit.load(path, map_location="cpu")
+            else:
+                ckpt = torch.load(path, map_location="cpu", weights_only=False)  # nosec B614 - the user passed --trust-pretrained
+        except Exception as e:
+            raise BackboneError(f"{where}: cannot be loaded, even in full ({_first_line(e)})") from None
+    if isinstance(ckpt, nn.Module):
+        ckpt = ckpt.state_dict()
+        for key in _JIT_NOT_WEIGHTS if kind == "torchscript" else ():
+            ckpt.pop(key, None)
+    if isinstance(ckpt, dict):
+        ckpt = next((ckpt[k] for k in containers if isinstance(ckpt.get(k), dict)), ckpt)
+    if not isinstance(ckpt, dict) or not ckpt or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt.items()):
+        raise BackboneError(f"{where}: holds no state dict (a mapping of parameter names to tensors"
+                            + (f", or one under {' or '.join(repr(k) for k in containers)})" if containers else ")"))
+    out = {}
+    for k, v in ckpt.items():
+        while k.startswith(_WRAPPER_PREFIXES):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def check_npz(path: str) -> None:
+    """Refuse an .npz that is not one, or whose arrays would need unpickling (object arrays): every array is
+    read with allow_pickle=False. The libraries' own .npz loaders (Google's big_vision / JAX layout) then read
+    it, also without pickle."""
+    try:
+        with np.load(path, allow_pickle=False) as w:
+            if not isinstance(w, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an .npz archive")
+            for k in w.files:
+                w[k]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:   # object arrays: ValueError
+        raise BackboneError(f"--pretrained {path}: not an .npz of plain arrays ({_first_line(e)})") from None
+
+
+def _open_clip_weights(model, path: str, state: dict | None) -> None:
+    """Load weights read by read_weights into an open_clip model as open_clip.load_checkpoint does (its
+    steps after reading the file, the same in open_clip 2.32 to 3.3); state None: an .npz checked by
+    check_npz, through open_clip's big_vision converter."""
+    if state is None:
+        from open_clip.convert import load_big_vision_weights
+        load_big_vision_weights(model, path)
+        return
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+    state = convert_state_dict(model, state)
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    for key in ("logit_scale", "logit_bias"):
+        if key in state and getattr(model, key, None) is not None and getattr(model, key).ndim != state[key].ndim:
+            state[key] = state[key].reshape(getattr(model, key).shape)
+    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None and "logit_scale" in state:
+        state["logit_bias"] = torch.zeros_like(state["logit_scale"])
+    # a TorchScript archive also holds the model's non-persistent buffers (attn_mask): not weights
+    transient = {n for n, _ in model.named_buffers()} - model.state_dict().keys()
+    state = {k: v for k, v in state.items() if k not in transient}
+    position_ids = "text.transformer.embeddings.position_ids"
+    if position_ids in state and not hasattr(model, position_ids):
+        del state[position_ids]
+    resize_pos_embed(state, model)
+    resize_text_pos_embed(state, model)
+    model.load_state_dict(state, strict=True)
+
+
+def _load_open_clip(model: str, pre: str, seed: int, quick_gelu: bool | None, cache_dir: str | None,
+                    trust: bool = False):
     import open_clip
     name = resolve_model_name(model)
     force_qg = bool(quick_gelu)
     schema = name.startswith(("hf-hub:", "local-dir:"))
+    is_file = not schema and pre != "none" and os.path.isfile(pre)
     if not schema:
         if open_clip_tower(name) is None:
             raise _not_a_vit(name)
-        if pre != "none" and not os.path.isfile(pre):
+        if pre != "none" and not is_file:
             tags = open_clip.list_pretrained_tags_by_model(name)
             if pre not in tags:
                 raise BackboneError(f"--pretrained {pre!r} is neither a file nor a known tag for {name}; "
                                     f"tags: {', '.join(tags) or 'none'}")
             if quick_gelu is None:
                 name, force_qg = _pick_quickgelu(name, pre)
+    state = None
+    if is_file:   # read here, not by open_clip: see read_weights
+        if pre.endswith(".npz"):
+            check_npz(pre)
+        else:
+            state = read_weights(pre, trust, OPEN_CLIP_CONTAINERS)
     kwargs = dict(force_quick_gelu=force_qg, device="cpu", precision="fp32")
     if cache_dir:
         kwargs["cache_dir"] = cache_dir
@@ -643,8 +794,12 @@ def _load_open_clip(model: str, pre: str, seed: int, quick_gelu: bool | None, ca
     def build():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            if schema:
-                return open_clip.create_model(name, **kwargs)
+            if schema:   # open_clip reads a local-dir: checkpoint with torch.load(weights_only=True): its
+                return open_clip.create_model(name, **kwargs)   # default (load_weights_only in 2.32)
+            if is_file:
+                clip = open_clip.create_model(name, pretrained=None, **kwargs)
+                _open_clip_weights(clip, pre, state)
+                return clip
             return open_clip.create_model(name, pretrained=None if pre == "none" else pre,
                                           require_pretrained=pre != "none", **kwargs)
 
@@ -661,7 +816,7 @@ def _create_timm(arch_tag: str, **kwargs):
     return timm.create_model(arch_tag, num_classes=0, **kwargs)
 
 
-def _load_timm(model: str, pre: str, seed: int, cache_dir: str | None):
+def _load_timm(model: str, pre: str, seed: int, cache_dir: str | None, trust: bool = False):
     """`timm:ARCH[.TAG]` -> the timm model (classifier removed: the embedding is its pre-logits features)."""
     from timm.data import resolve_model_data_config
     register_model_configs()
@@ -669,9 +824,13 @@ def _load_timm(model: str, pre: str, seed: int, cache_dir: str | None):
     name = _timm_name(model, None if pre == "none" or is_file else pre)
     arch_tag = name[len(TIMM):]
     kwargs = {}
-    if is_file:       # the tag's data config, weights from the file (.npz: Google's format, timm's own loader)
-        kwargs = dict(pretrained=True, pretrained_cfg_overlay=dict(file=os.path.abspath(pre),
-                                                                   custom_load=pre.endswith(".npz")))
+    if is_file:       # the tag's data config, weights from the file through timm's filter (read here: read_weights)
+        if pre.endswith(".npz"):    # Google's format: timm's own loader of it
+            check_npz(pre)
+            overlay = dict(file=os.path.abspath(pre), custom_load=True)
+        else:
+            overlay = dict(state_dict=read_weights(pre, trust, TIMM_CONTAINERS))
+        kwargs = dict(pretrained=True, pretrained_cfg_overlay=overlay)
     elif pre != "none":
         kwargs = dict(pretrained=True, cache_dir=cache_dir) if cache_dir else dict(pretrained=True)
 
@@ -681,6 +840,9 @@ def _load_timm(model: str, pre: str, seed: int, cache_dir: str | None):
             return _create_timm(arch_tag, **kwargs)
 
     net = _quiet_build(build, name, pre, remote=pre != "none")
+    for cfg in (getattr(net, "pretrained_cfg", None), getattr(net, "default_cfg", None)):
+        if isinstance(cfg, dict):
+            cfg.pop("state_dict", None)     # timm keeps the overlay: a second copy of the weights
     tower = TimmViT(net, None)
     prep = Preprocessing.from_timm(resolve_model_data_config(net))
     return net, tower, name, prep, False, pre == "none"

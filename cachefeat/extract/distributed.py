@@ -152,7 +152,7 @@ class ExtractWorker:
         where = f"worker {self.id} on {host} (pid {pid})"
         cache = open_store_for_worker(out, fingerprint, where)
         bb = load_backbone(settings.model, settings.pretrained, device, settings.precision, seed=settings.seed,
-                           quick_gelu=settings.quick_gelu)
+                           quick_gelu=settings.quick_gelu, trust_pretrained=settings.trust_pretrained)
         if bb.weights_sha256 != weights_sha256:
             raise WorkerSetupError(f"{where} built {settings.model} with weights {bb.weights_sha256[:12]}, but the "
                                    f"cache was planned with {weights_sha256[:12]}: different weights files or "
@@ -275,7 +275,7 @@ def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSe
         # the driver never runs the backbone: it builds it on CPU for the plan and the reference weights
         # hash, with the precision the workers will compute in (part of the cache's identity)
         bb = load_backbone(settings.model, settings.pretrained, "cpu", "fp32", seed=settings.seed,
-                           quick_gelu=settings.quick_gelu)
+                           quick_gelu=settings.quick_gelu, trust_pretrained=settings.trust_pretrained)
         bb = replace(bb, precision=resolve_precision(settings.precision, torch.device(device), gpu_auto="fp16"))
         p = plan(settings, manifest, bb)
         weights_sha256 = bb.weights_sha256

