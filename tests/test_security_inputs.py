@@ -6,9 +6,12 @@ non-text manifests are refused in one line with exit status 2; a manifest never 
 delete anything (a sentinel folder it points into stays the same)."""
 from __future__ import annotations
 
+import json
+import shutil
 import warnings
 from pathlib import Path
 
+import h5py
 import numpy as np
 import open_clip
 import pytest
@@ -20,7 +23,7 @@ from cachefeat.extract.backbone import BackboneError, load_backbone, register_mo
 from cachefeat.store import open_cache
 
 from conftest import TINY, run_cli, tiny_extract_args
-from helpers import invoke, on_contract
+from helpers import invoke, make_sentinel, on_contract, tree_state
 
 TIMM_TINY = "timm:cachefeat_tiny_vit"
 
@@ -145,3 +148,91 @@ def test_files_that_are_not_weights_are_one_line(tmp_path, videos):
                            (2,), name, foreseen=False)   # torch's own words may say "unexpected EOF"
         assert says in line and "Error: --pretrained" in line, line
     assert not (tmp_path / "o.zarr").exists()
+
+
+# ------------------------------------------------------------------------------------------- HDF5 import
+@pytest.fixture(scope="module")
+def export(videos, tmp_path_factory) -> Path:
+    """An HDF5 export of a tiny cache of two videos (import of it works: test_exchange.py)."""
+    d = tmp_path_factory.mktemp("h5")
+    run_cli(*tiny_extract_args(videos, d / "c.zarr", "--frames", "2", "--no-text"))
+    run_cli("export", d / "c.zarr", d / "c.h5", "--format", "hdf5", "-q")
+    return d / "c.h5"
+
+
+def _replace(f, name: str, make) -> None:
+    """Put `make(f, name)` where dataset `name` was, with the attributes (its Zarr document) it had."""
+    attrs = dict(f[name].attrs)
+    del f[name]
+    make(f, name)
+    for k, v in attrs.items():
+        f[name].attrs[k] = v
+
+
+def _link(f, name: str, link) -> None:
+    del f[name]
+    f[name] = link
+
+
+def _with_shape(f, name, shape):
+    """Dataset `name` replaced by an unwritten chunked one of `shape`, its Zarr document saying the same."""
+    doc = json.loads(f[name].attrs["zarr_json"])
+    doc["shape"] = list(shape)
+    dtype = f[name].dtype
+    _replace(f, name, lambda f, n: f.create_dataset(n, shape=shape, dtype=dtype, chunks=(1024,) * len(shape)))
+    f[name].attrs["zarr_json"] = json.dumps(doc)
+
+
+HOSTILE_HDF5 = {
+    # each: (what it does to the export, with the sentinel folder's path; what the refusal says)
+    "external link": (lambda f, s: _link(f, "videos/label", h5py.ExternalLink(str(s / "other.h5"), "/label")),
+                      "is an external link"),
+    "soft link": (lambda f, s: _link(f, "videos/label", h5py.SoftLink("/videos/num_frames")),
+                  "is a SoftLink to /videos/num_frames"),
+    "soft link to a group": (lambda f, s: f.__setitem__("alias", h5py.SoftLink("/videos")), "is a SoftLink"),
+    "external raw storage": (lambda f, s: _replace(f, "videos/label", lambda f, n: f.create_dataset(
+        n, shape=(2,), dtype="int64", external=[(str(s / "sub" / "data.bin"), 0, 16)])), "external files"),
+    "virtual dataset": (lambda f, s: _replace(f, "videos/label", lambda f, n: f.create_virtual_dataset(
+        n, _layout(s))), "is a virtual dataset"),
+    "hard link twice": (lambda f, s: f.__setitem__("again", f["videos/label"]), "second name of another node"),
+    "2^30 values, none stored": (lambda f, s: _with_shape(f, "videos/label", (2 ** 30,)), "claims 4294967296 bytes"),
+    "10^15 rows": (lambda f, s: _with_shape(f, "videos/label", (10 ** 15,)), "Zarr metadata is not what cachefeat"),
+    "compound dtype": (lambda f, s: _replace(f, "videos/label", lambda f, n: f.create_dataset(
+        n, shape=(2,), dtype=[("a", "i4"), ("b", "f4")])), "has dtype"),
+    "object references": (lambda f, s: _replace(f, "videos/label", lambda f, n: f.create_dataset(
+        n, shape=(2,), dtype=h5py.ref_dtype)), "has dtype"),
+    "fixed-length strings": (lambda f, s: _replace(f, "videos/path", lambda f, n: f.create_dataset(
+        n, data=np.array([b"a", b"b"], dtype="S1"))), "strings; an export writes variable-length UTF-8 only"),
+    "metadata not a document": (lambda f, s: f["videos/label"].attrs.__setitem__("zarr_json", "[1, 2]"),
+                                "is not a Zarr metadata document"),
+    "mark not an object": (lambda f, s: f.attrs.__setitem__("cachefeat_export", "[]"), "is no export"),
+}
+
+
+def _layout(sentinel: Path):
+    """A virtual layout reading the dataset of the sentinel's other.h5."""
+    layout = h5py.VirtualLayout(shape=(2,), dtype="int64")
+    layout[:] = h5py.VirtualSource(str(sentinel / "other.h5"), "label", shape=(2,))
+    return layout
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_HDF5))
+def test_hostile_hdf5_is_refused_before_anything_is_read(export, tmp_path, case):
+    sentinel = make_sentinel(tmp_path)
+    with h5py.File(sentinel / "other.h5", "w") as g:    # what a link or a virtual dataset would read
+        g["label"] = np.arange(2, dtype="int64")
+    h5 = Path(shutil.copy(export, tmp_path / "hostile.h5"))
+    edit, says = HOSTILE_HDF5[case]
+    with h5py.File(h5, "r+") as f:
+        edit(f, sentinel)
+    before = tree_state(sentinel)
+    out = tmp_path / "imported.zarr"
+    line = on_contract(invoke("import", h5, "--out", out), (2,), case)
+    assert says in line, line
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+    assert tree_state(sentinel) == before
+
+
+def test_the_untouched_export_imports(export, tmp_path):
+    run_cli("import", export, "--out", tmp_path / "good.zarr")
+    assert open_cache(tmp_path / "good.zarr").num_videos == 2

@@ -39,6 +39,7 @@ from ..fmt import ranges
 from .layout import ATTR, SCHEMA_VERSION, CacheDamaged, CacheError
 from .lock import StoreLock
 from .reader import Cache, open_cache
+from .validate import MAX_NODES, _array, _Bad  # _array: the checks a cache's array documents get when it is opened
 from .writer import record_again
 
 EXPORT_VERSION = 1
@@ -352,19 +353,29 @@ def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -
         except (KeyError, TypeError, ValueError):
             raise ExchangeError(f"{src} is an HDF5 file but not a cachefeat export "
                                 f"(no '{HDF5_MARK}' attribute)") from None
-        if mark.get("format") != HDF5_FORMAT or int(mark.get("version", 0)) > EXPORT_VERSION:
-            raise ExchangeError(f"{src} is a {mark.get('format')} export version {mark.get('version')}; this cachefeat "
-                                f"reads {HDF5_FORMAT} up to version {EXPORT_VERSION}")
-        groups, datasets = [], []
-        f.visititems(lambda n, o: (datasets if isinstance(o, h5py.Dataset) else groups).append(n))
+        version = mark.get("version", 0) if isinstance(mark, dict) else None
+        if not isinstance(mark, dict) or mark.get("format") != HDF5_FORMAT or type(version) is not int \
+                or version > EXPORT_VERSION:
+            said = f"a {mark.get('format')} export version {version}" if isinstance(mark, dict) else "no export"
+            raise ExchangeError(f"{src} is {said}; this cachefeat reads {HDF5_FORMAT} up to version "
+                                f"{EXPORT_VERSION}")
+        groups, datasets = _hdf5_nodes(src, f)
         bad = [n for n in [*groups, *datasets] if any(p in ("", ".", "..") for p in n.split("/"))]
         if bad:
             raise ExchangeError(f"{src}: node name {bad[0]!r} cannot be a path inside a store")
         docs = {"": _read_node_doc(src, f, "")}
         docs.update({n: _read_node_doc(src, f[n], n) for n in [*groups, *datasets]})
+        for name in groups:
+            if json.loads(docs[name]).get("node_type") != "group":
+                raise ExchangeError(f"{src}: /{name} is an HDF5 group but its Zarr metadata is not a group's")
+        for name in datasets:     # shapes, dtypes and sizes, before anything is written or read
+            _check_dataset(src, name, f[name], json.loads(docs[name]))
         meta = (json.loads(docs[""]).get("attributes") or {}).get(ATTR)
         if not isinstance(meta, dict) or "layout" not in meta:
             raise ExchangeError(f"{src} holds no cachefeat metadata ('{ATTR}' attribute of /); not a cache export")
+        if type(meta.get("schema_version", 0)) is not int:
+            raise ExchangeError(f"{src}: schema_version {meta['schema_version']!r} of its cachefeat metadata is not "
+                                f"a whole number")
         if meta.get("schema_version", 0) > SCHEMA_VERSION:
             raise ExchangeError(f"{src} holds a cache of schema {meta['schema_version']}, newer than this cachefeat "
                                 f"understands ({SCHEMA_VERSION}); upgrade cachefeat")
@@ -385,13 +396,8 @@ def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -
                     raise ExchangeError(f"{src}: this zarr cannot read the metadata of /{name} ({e})") from None
             with _bar(total, "import", progress) as bar:
                 for name in datasets:
-                    ds, a = f[name], nodes[name]
+                    ds, a = f[name], nodes[name]     # both checked by _check_dataset
                     string = h5py.check_string_dtype(ds.dtype) is not None
-                    if (not isinstance(a, zarr.Array) or ds.shape != a.shape or (string != _is_str(a.dtype))
-                            or (not string and ds.dtype != a.dtype)):
-                        says = f"{a.dtype} {a.shape}" if isinstance(a, zarr.Array) else "a group"
-                        raise ExchangeError(f"{src}: dataset /{name} is {ds.dtype} {ds.shape} but its Zarr metadata "
-                                            f"says {says} (edited after export?)")
                     for sl in _row_blocks(a.shape, _outer_rows(a), _row_bytes(a.shape, a.dtype)):
                         try:
                             block = ds.asstr()[sl] if string else ds[sl]
@@ -422,6 +428,83 @@ def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -
     return stats
 
 
+# An HDF5 file is input like a cache: it may have been crafted to make the import read other files (links,
+# external storage, virtual datasets: refused, the export writes none) or allocate what no file backs.
+_MAX_EXPANSION = 1100      # deflate expands stored bytes at most ~1032 times (lzf far less): no filter gives more
+
+
+def _hdf5_nodes(src: Path, f) -> tuple[list[str], list[str]]:
+    """(groups, datasets) of the file, reached through hard links only: an external link or a soft link (the
+    export writes neither) is refused before anything it names is opened, as is a node reached twice."""
+    import h5py
+    groups, datasets, seen = [], [], set()
+    todo = [("", f)]
+    while todo:
+        prefix, group = todo.pop()
+        for key in group:        # the link names, nothing resolved yet
+            name = f"{prefix}{key}"
+            link = group.get(key, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                raise ExchangeError(f"{src}: /{name} is an external link to {link.filename}:{link.path}; refused "
+                                    f"(it makes the import read another file, and an export holds no links)")
+            if not isinstance(link, h5py.HardLink):
+                where = f" to {link.path}" if isinstance(link, h5py.SoftLink) else ""
+                raise ExchangeError(f"{src}: /{name} is a {type(link).__name__}{where}, not a node; refused (an "
+                                    f"export holds no links)")
+            node = group[key]
+            if node.id in seen:
+                raise ExchangeError(f"{src}: /{name} is a second name of another node; refused (an export writes "
+                                    f"each node once)")
+            seen.add(node.id)
+            if len(seen) > MAX_NODES:
+                raise ExchangeError(f"{src} holds more than {MAX_NODES} groups and datasets; not a cache export")
+            if isinstance(node, h5py.Dataset):
+                datasets.append(name)
+            elif isinstance(node, h5py.Group):
+                groups.append(name)
+                todo.append((name + "/", node))
+            else:
+                raise ExchangeError(f"{src}: /{name} is a {type(node).__name__}, not a group or dataset")
+    return sorted(groups, key=_natural), sorted(datasets, key=_natural)
+
+
+def _check_dataset(src: Path, name: str, ds, doc: dict) -> None:
+    """Refuse a dataset that is not what the import copies, before any of it is read: data in other files
+    (external raw storage, a virtual dataset), a dtype other than the numbers and UTF-8 strings the export
+    writes, a Zarr document cachefeat would not open (validate's checks of an array: shape, chunks, dtype,
+    codecs, within its bounds) or that disagrees with the dataset, or more values than its stored bytes can
+    hold after any filter."""
+    import h5py
+    where = f"{src}: dataset /{name}"
+    if ds.is_virtual:
+        files = sorted({v.file_name for v in ds.virtual_sources()})
+        raise ExchangeError(f"{where} is a virtual dataset (its data is in {', '.join(files[:2]) or 'other files'})"
+                            f"; refused (an export holds its data itself)")
+    if ds.external:
+        raise ExchangeError(f"{where} keeps its data in external files ({ds.external[0][0]!r}, ...); refused (an "
+                            f"export holds its data itself)")
+    string = h5py.check_string_dtype(ds.dtype)
+    if string is not None and (string.encoding != "utf-8" or string.length is not None):
+        raise ExchangeError(f"{where} holds {ds.dtype} strings; an export writes variable-length UTF-8 only")
+    if string is None and (ds.dtype.kind not in "biuf" or ds.dtype.fields or ds.dtype.shape):
+        raise ExchangeError(f"{where} has dtype {ds.dtype}, not one an export writes (numbers or UTF-8 strings)")
+    if not isinstance(doc, dict) or doc.get("node_type") != "array":
+        raise ExchangeError(f"{where}: its Zarr metadata is not an array's")
+    try:
+        want = _array(name, doc)
+    except _Bad as e:
+        raise ExchangeError(f"{where}: its Zarr metadata is not what cachefeat writes ({e})") from None
+    if ds.shape != want.shape or (string is not None) != (want.data_type == "string") or (
+            string is None and ds.dtype != np.dtype(want.data_type)):
+        raise ExchangeError(f"{where} is {ds.dtype} {ds.shape} but its Zarr metadata says {want.data_type} "
+                            f"{want.shape} (edited after export?)")
+    claimed = ds.size * (16 if string is not None else ds.dtype.itemsize)    # strings: their 16-byte references
+    stored = ds.id.get_storage_size()
+    if claimed > _MAX_EXPANSION * stored + 4096:
+        raise ExchangeError(f"{where} claims {claimed} bytes of values but stores {stored}, more than any filter "
+                            f"expands to (chunks never written, or a crafted shape); export the cache again")
+
+
 def _read_node_doc(src: Path, h5obj, name: str) -> str:
     """The node's zarr.json text; refuses a node whose HDF5 attributes no longer match it."""
     where = "/" + name
@@ -431,6 +514,8 @@ def _read_node_doc(src: Path, h5obj, name: str) -> str:
     except (KeyError, TypeError, ValueError):
         raise ExchangeError(f"{src}: {where} has no '{ZARR_JSON}' attribute "
                             f"(not written by cachefeat export)") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("attributes") or {}, dict):
+        raise ExchangeError(f"{src}: the '{ZARR_JSON}' attribute of {where} is not a Zarr metadata document")
     attributes = doc.get("attributes") or {}
     for key in h5obj.attrs:
         if key in _RESERVED:
@@ -454,7 +539,8 @@ def safe_stems(ids: list[str]) -> list[str]:
         s = re.sub(r"[^\w.\-]", "_", vid.replace("/", "__").replace("\\", "__"))
         s = re.sub(r"^[.\-]", "_", s) or "_"
         if len(s.encode()) > 160:
-            s = s.encode()[:160].decode(errors="ignore") + "-" + hashlib.sha1(vid.encode()).hexdigest()[:12]
+            digest = hashlib.sha1(vid.encode(), usedforsecurity=False).hexdigest()[:12]   # a name, not a seal
+            s = s.encode()[:160].decode(errors="ignore") + "-" + digest
         stem = s if s.casefold() not in taken else f"{s}-{row}"
         k = 1
         while stem.casefold() in taken:
