@@ -236,3 +236,66 @@ def test_hostile_hdf5_is_refused_before_anything_is_read(export, tmp_path, case)
 def test_the_untouched_export_imports(export, tmp_path):
     run_cli("import", export, "--out", tmp_path / "good.zarr")
     assert open_cache(tmp_path / "good.zarr").num_videos == 2
+
+
+# ------------------------------------------------------------------------------------------- manifests
+def _not_text_cases(tmp_path: Path, video: str) -> dict[str, tuple[bytes, str]]:
+    """name -> (file bytes, what the refusal says): each a list manifest, a Kinetics CSV or a class list."""
+    header = b"label,youtube_id,time_start,time_end,split\n"
+    quoted = b'a,"' + (b"x" * 60000 + b"\n") * 3 + b'",0,10,train\n'   # a CSV field past csv's limit, short lines
+    rng = np.random.default_rng(1)
+    return {
+        "list.txt": (f"{video} 0\n".encode() + b"x" * (70 << 10) + b" 1\n", "line 2 is longer than 65536 bytes"),
+        "nul.txt": (f"{video} 0\n{video} 1\n".encode() + b"a\x00b 1\n", "line 3 holds a NUL byte"),
+        "control.txt": (f"{video} 0\n".encode() + b"\x1b[2J 1\n", "line 2 holds the control character 0x1b"),
+        "random.txt": (rng.bytes(1 << 16), "line"),
+        "random-no-nul.txt": (bytes(b for b in rng.bytes(1 << 16) if b), "line"),
+        "long.csv": (header + b"a," + b"y" * (70 << 10) + b",0,10,train\n", "line 2 is longer than 65536 bytes"),
+        "nul.csv": (header + b"a,abc\x00,0,10,train\n", "line 2 holds a NUL byte"),
+        "quoted.csv": (header + quoted, "not a CSV row"),
+        "random.csv": (rng.bytes(1 << 16), "line"),
+        "classes.txt": (b"a\n" + b"b" * (70 << 10) + b"\n", "line 2 is longer than 65536 bytes"),
+    }
+
+
+def test_manifests_that_are_not_text_are_one_line(tmp_path, videos):
+    video = videos.read_text().split()[0]
+    for name, (data, says) in _not_text_cases(tmp_path, video).items():
+        f = tmp_path / name
+        f.write_bytes(data)
+        args = (tiny_extract_args(videos, tmp_path / "o.zarr", "--classes", f) if name == "classes.txt" else
+                tiny_extract_args(f, tmp_path / "o.zarr"))
+        line = on_contract(invoke(*args), (2,), name)
+        assert str(f) in line and says in line, f"{name}: {line}"
+        assert not (tmp_path / "o.zarr").exists()
+
+
+def test_a_manifest_never_writes_or_deletes(tmp_path, videos):
+    """Rows pointing into a sentinel folder (its files, the folder itself, `../` paths from the manifest's
+    folder, a Kinetics id climbing out of the video root) are read as inputs and fail as videos; extract,
+    its resume and --overwrite leave the sentinel as it was."""
+    sentinel = make_sentinel(tmp_path)
+    (sentinel / "clip.mp4").write_bytes(b"not a video")
+    (sentinel / "linked.mp4").symlink_to(sentinel / "precious.txt")
+    work = tmp_path / "work" / "lists"
+    work.mkdir(parents=True)
+    real = videos.read_text().splitlines()[0]
+    rows = [real, f"{sentinel / 'precious.txt'} 0", f"{sentinel / 'sub'} 1", "../../sentinel/sub/data.bin 0",
+            "../../sentinel/clip.mp4 1", f"{sentinel / 'linked.mp4'} 0", "../../sentinel/gone.mp4 1"]
+    (work / "list.txt").write_text("\n".join(rows) + "\n")
+    (work / "k.csv").write_text("label,youtube_id,time_start,time_end,split\n"
+                                "a,../../sentinel/precious,0,10,train\nb,../../sentinel/sub/data,0,10,train\n"
+                                f"a,{'z' * 60000},0,10,train\n")              # a name no file system holds
+    before = tree_state(sentinel)
+    out = tmp_path / "out" / "c.zarr"
+    for extra in ([], [], ["--overwrite"]):                  # extract, resume, replace
+        res = invoke(*tiny_extract_args(work / "list.txt", out, "--frames", "2", "--no-text", *extra))
+        assert res.exit_code == 0, res.output
+        assert tree_state(sentinel) == before
+    failed = {f["path"] for f in open_cache(out).failures()}
+    assert {str(sentinel / "precious.txt"), str(work / "../../sentinel/sub/data.bin")} <= failed
+    res = invoke(*tiny_extract_args(work / "k.csv", tmp_path / "out" / "k.zarr", "--frames", "2", "--no-text"))
+    assert "no valid clips: 3 of 3 videos failed" in on_contract(res, (1,), "k.csv")   # all rows are failures
+    assert tree_state(sentinel) == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c.zarr", "k.zarr"]    # --out alone written
+    assert sorted(p.name for p in work.iterdir()) == ["k.csv", "list.txt"]

@@ -20,6 +20,11 @@ The class list comes from --classes (a text file, one name per line, or a JSON l
 {name: index} map as SSv2's labels.json) or else from the labels found, sorted. Train and eval caches
 must share one class list; pass the same --classes to both when a split may lack a class.
 
+A manifest is input from elsewhere like any file: its paths stay what it says (it may point anywhere on
+purpose; they are only read, never written or deleted), but a file that is not text (a NUL byte, bytes that
+are not UTF-8, control characters, a line longer than MAX_LINE, more than MAX_TEXT bytes) is refused in one
+line naming the file and the line.
+
 Nothing is dropped silently: a video that cannot be used as listed (label not in the class list, the same
 file listed twice) keeps its row and carries a `problem`, which extraction records as a failure.
 """
@@ -29,12 +34,16 @@ import csv
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts", ".3gp")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")   # frame folders (as video.IMAGE_EXTENSIONS)
 FORMATS = ("auto", "folder", "list", "kinetics", "ssv2")
+MAX_LINE = 64 << 10        # bytes of one line of a list, CSV or class list (Kinetics' longest: ~150)
+MAX_TEXT = 1 << 30         # bytes of a manifest (Kinetics-700's train CSV: ~30 MB)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")   # no text file holds these (TAB, LF, CR are text)
 
 
 class ManifestError(ValueError):
@@ -65,7 +74,7 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise ManifestError(f"--classes {path}: no such file")
-    text = _decode(p, p.read_bytes(), f"--classes {path}")
+    text = _decode(p, _read(p, f"--classes {path}"), f"--classes {path}", lines=p.suffix != ".json")
     if p.suffix == ".json":
         try:
             data = json.loads(text)
@@ -171,7 +180,7 @@ def _folder(path: Path, root: Path, split):
 
 
 def _text_list(path: Path, root: Path, split):
-    raw = path.read_bytes()
+    raw = _read(path)
     rows = []
     for line in _decode(path, raw).splitlines():
         line = line.strip()
@@ -191,17 +200,44 @@ def _text_list(path: Path, root: Path, split):
     return rows, _sha(raw)
 
 
-def _decode(path: Path, raw: bytes, what: str | None = None) -> str:
-    """A manifest's text: UTF-8 (with or without a byte-order mark), else one line saying where it is not."""
+def _read(path: Path, what: str | None = None) -> bytes:
+    """A manifest's bytes, refused unread when there are more than any manifest has."""
+    size = path.stat().st_size
+    if size > MAX_TEXT:
+        raise ManifestError(f"{what or path}: {size} bytes, more than a manifest holds ({MAX_TEXT >> 20} MiB at "
+                            f"most): not a text file")
+    return path.read_bytes()
+
+
+def _decode(path: Path, raw: bytes, what: str | None = None, lines: bool = True) -> str:
+    """A manifest's text: UTF-8 (with or without a byte-order mark) without NUL bytes or other control
+    characters, each line (`lines`) at most MAX_LINE bytes; else one line saying where it is not."""
+    what = what or str(path)
     if b"\x00" in raw:
         line = raw[:raw.index(b"\x00")].count(b"\n") + 1
-        raise ManifestError(f"{what or path}: line {line} holds a NUL byte: not a text file")
+        raise ManifestError(f"{what}: line {line} holds a NUL byte: not a text file")
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise ManifestError(f"{what or path}: line {line} is not UTF-8 text (byte {raw[e.start]:#04x}); save the "
+        raise ManifestError(f"{what}: line {line} is not UTF-8 text (byte {raw[e.start]:#04x}); save the "
                             f"file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    bad = _CONTROL.search(text)
+    if bad:
+        line = text[:bad.start()].count("\n") + 1
+        raise ManifestError(f"{what}: line {line} holds the control character {ord(bad.group()):#04x}: not a text "
+                            f"file")
+    start, line = 0, 1
+    while lines:
+        end = raw.find(b"\n", start)
+        end = len(raw) if end < 0 else end
+        if end - start > MAX_LINE:
+            raise ManifestError(f"{what}: line {line} is longer than {MAX_LINE} bytes: not a manifest line (a "
+                                f"binary file?)")
+        if end == len(raw):
+            break
+        start, line = end + 1, line + 1
+    return text
 
 
 def _looks_like_video(token: str) -> bool:
@@ -209,8 +245,16 @@ def _looks_like_video(token: str) -> bool:
 
 
 def _kinetics(path: Path, root: Path, split):
-    raw = path.read_bytes()
+    raw = _read(path)
     reader = csv.DictReader(_decode(path, raw).splitlines())
+    try:
+        rows = _kinetics_rows(path, root, split, reader)
+    except csv.Error as e:     # a quoted field running over many lines, past csv's field size limit
+        raise ManifestError(f"{path}, line {reader.line_num}: not a CSV row ({e})") from None
+    return rows, _sha(raw + (split or "").encode())
+
+
+def _kinetics_rows(path: Path, root: Path, split, reader: csv.DictReader) -> list:
     need = {"youtube_id", "time_start", "time_end"}
     if not reader.fieldnames or not need <= set(reader.fieldnames):
         raise ManifestError(f"{path}: a Kinetics CSV needs the columns label,youtube_id,time_start,time_end,split "
@@ -226,11 +270,11 @@ def _kinetics(path: Path, root: Path, split):
                                 f"(found {r['time_start']!r}, {r['time_end']!r})") from None
         label = r.get("label") or None
         rows.append((str(_find_video(root, stem, label)), label, stem))
-    return rows, _sha(raw + (split or "").encode())
+    return rows
 
 
 def _ssv2(path: Path, root: Path, split):
-    raw = path.read_bytes()
+    raw = _read(path)    # JSON: one line may hold it all; json.loads refuses NUL bytes and binary
     try:
         items = json.loads(raw)
     except ValueError as e:   # not JSON, or not UTF-8/16/32
@@ -255,10 +299,13 @@ def _find_video(root: Path, stem: str, label: str | None, exts=VIDEO_EXTENSIONS)
     the .mp4 path when none exists (it is then recorded as missing, not dropped)."""
     folders = [root] + ([root / label, root / label.replace(" ", "_")] if label else [])
     for folder in folders:
-        for ext in exts:
-            p = folder / f"{stem}{ext}"
-            if p.exists():
-                return p
-        if (folder / stem).is_dir():
-            return folder / stem
+        try:
+            for ext in exts:
+                p = folder / f"{stem}{ext}"
+                if p.exists():
+                    return p
+            if (folder / stem).is_dir():
+                return folder / stem
+        except OSError:      # a name no file system holds (too long): not there
+            continue
     return folders[-1] / f"{stem}{exts[0]}"
