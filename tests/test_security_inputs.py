@@ -140,10 +140,12 @@ def test_files_that_are_not_weights_are_one_line(tmp_path, videos):
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
     torch.save([1, 2, 3], tmp_path / "list.pt")
     (tmp_path / "x.npz").write_bytes(b"PK not really")
+    with open(tmp_path / "one-array.npz", "wb") as f:
+        np.save(f, np.zeros(3))
     for name, says in [("random.pt", "not a weights file"), ("cut.pt", "not a weights file"),
                        ("half.pt", "not a weights file"), ("half-legacy.pt", "cannot be read as a torch.save file"),
                        ("bad.safetensors", "not a readable safetensors file"), ("list.pt", "holds no state dict"),
-                       ("x.npz", "not an .npz of plain arrays")]:
+                       ("x.npz", "not an .npz of plain arrays"), ("one-array.npz", "a single array")]:
         line = on_contract(invoke(*tiny_extract_args(videos, tmp_path / "o.zarr", "--pretrained", tmp_path / name)),
                            (2,), name, foreseen=False)   # torch's own words may say "unexpected EOF"
         assert says in line and "Error: --pretrained" in line, line

@@ -726,9 +726,10 @@ def check_npz(path: str) -> None:
     read with allow_pickle=False. The libraries' own .npz loaders (Google's big_vision / JAX layout) then read
     it, also without pickle."""
     try:
-        with np.load(path, allow_pickle=False) as w:
-            if not isinstance(w, np.lib.npyio.NpzFile):
-                raise ValueError("a single array, not an .npz archive")
+        w = np.load(path, allow_pickle=False)
+        if not isinstance(w, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive")
+        with w:
             for k in w.files:
                 w[k]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:   # object arrays: ValueError
