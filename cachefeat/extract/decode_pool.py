@@ -20,14 +20,21 @@ worker: when a worker is killed (timeout) or dies (crash) mid-write, nothing is 
 its replacement reuses it; the pool unlinks the slots when it closes. A result larger than the slot, or a
 machine whose /dev/shm is too small for slots, goes through the pipe as before.
 
-workers=0 decodes inline in the calling process: no isolation and no timeout, for debugging only.
+Each worker runs under a memory limit (RLIMIT_DATA: its heap and private mappings; the shared slots are not
+counted): `memory_limit` bytes, by default CACHEFEAT_DECODE_MEMORY GiB (8; 0 = none). A decoder that blows up
+(a crafted file, a decoder bug) fails its allocation inside that worker: the video is recorded as a `memory`
+failure, or as a `crash` if the decoder aborts, and no other process runs short.
+
+workers=0 decodes inline in the calling process: no isolation, no timeout and no memory limit, for debugging only.
 """
 from __future__ import annotations
 
 import ctypes
 import multiprocessing as mp
 import os
+import resource
 import signal
+import stat
 import sys
 import threading
 import time
@@ -46,6 +53,48 @@ SLOT_BYTES = 64 << 20    # per slot: a clip's eight 1080p frames fit (6 MiB each
 DEPTH = 4                # requests (and slots) per worker: a 64-frame batch of 8-frame clips is 8 videos, so a
                          # worker gets about half a batch ahead while the pipeline's thread runs one
 _ARRAYS = ("pixels", "small", "decoded")   # the DecodeResult fields that travel through a slot
+MEMORY_ENV = "CACHEFEAT_DECODE_MEMORY"
+DEFAULT_MEMORY_GIB = 8.0   # a worker decoding 4K video peaks near 1.2 GiB; a 2-core allotment runs one worker
+# POSIX shared memory: on Linux, shm_open(name) is this folder's file of that name. The slots are created by
+# SharedMemory (a random name, O_CREAT | O_EXCL, mode 0600), so nobody else can own or predict one.
+SHM_DIR = "/dev/shm"  # nosec B108: where Linux keeps POSIX shared memory; slot files are made O_EXCL, 0600
+
+
+def memory_limit_from_env() -> int | None:
+    """The decode workers' memory limit in bytes from CACHEFEAT_DECODE_MEMORY (GiB; 0: no limit)."""
+    raw = os.environ.get(MEMORY_ENV, "").strip()
+    try:
+        gib = float(raw) if raw else DEFAULT_MEMORY_GIB
+    except ValueError:
+        raise ValueError(f"{MEMORY_ENV}={raw!r}: give the decode workers' memory limit in GiB (0: none)") from None
+    if not gib >= 0 or gib == float("inf"):
+        raise ValueError(f"{MEMORY_ENV}={raw!r}: give the decode workers' memory limit in GiB (0: none)")
+    return int(gib * 2**30) or None
+
+
+def _limit_memory(limit: int | None) -> None:
+    """RLIMIT_DATA of this (worker) process: malloc and mmap past it fail, in this process only."""
+    if not limit:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def _open_slot(name: str):
+    """Map a slot the pool created: its own file only (no link followed, a regular file of this user)."""
+    import mmap
+    if "/" in name.lstrip("/") or name.strip("/") in ("", ".", ".."):
+        raise ValueError(f"not a shared-memory slot name: {name!r}")
+    fd = os.open(os.path.join(SHM_DIR, name.lstrip("/")), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise PermissionError(f"shared-memory slot {name} is not a private file of this user")
+        return mmap.mmap(fd, 0)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -97,17 +146,15 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="cachefeat-parent-watch", daemon=True).start()
 
 
-def _worker_main(conn, parent: int | None = None, slot_names: tuple[str, ...] = ()) -> None:
+def _worker_main(conn, parent: int | None = None, slot_names: tuple[str, ...] = (),
+                 memory_limit: int | None = None) -> None:
     if parent is not None:
         _die_with_parent(parent)
     # Workers never handle Ctrl-C themselves: the parent decides when the run stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    slots = []
-    for name in slot_names:   # mapped by hand: SharedMemory would register them with the resource tracker again
-        import mmap
-        fd = os.open(f"/dev/shm/{name.lstrip('/')}", os.O_RDWR)
-        slots.append(mmap.mmap(fd, 0))
-        os.close(fd)
+    # mapped by hand: SharedMemory would register them with the resource tracker again
+    slots = [_open_slot(name) for name in slot_names]
+    _limit_memory(memory_limit)
     try:
         conn.send(_READY)
     except (BrokenPipeError, OSError):
@@ -135,7 +182,7 @@ def _slot_bytes(workers: int) -> int:
     """The slot size: SLOT_BYTES, less where /dev/shm is small (a container's default is 64 MiB); 0 (no
     slots, frames through the pipe) when a quarter of its free space cannot give each worker 8 MiB."""
     try:
-        st = os.statvfs("/dev/shm")
+        st = os.statvfs(SHM_DIR)
     except OSError:
         return 0
     size = min(SLOT_BYTES, st.f_bavail * st.f_frsize // 4 // max(workers, 1))
@@ -143,11 +190,11 @@ def _slot_bytes(workers: int) -> int:
 
 
 class _Worker:
-    def __init__(self, ctx, slots: list[shared_memory.SharedMemory]):
+    def __init__(self, ctx, slots: list[shared_memory.SharedMemory], memory_limit: int | None = None):
         self.conn, child = ctx.Pipe()
         self.slots = slots
-        self.proc = ctx.Process(target=_worker_main, args=(child, os.getpid(), tuple(s.name for s in slots)),
-                                daemon=True, name="cachefeat-decode")
+        self.proc = ctx.Process(target=_worker_main, daemon=True, name="cachefeat-decode",
+                                args=(child, os.getpid(), tuple(s.name for s in slots), memory_limit))
         self.proc.start()
         child.close()
         self.sent: deque[DecodeRequest] = deque()    # in order: the first it decodes (its clock: `started`),
@@ -177,8 +224,13 @@ class _Worker:
         self.started = time.monotonic()
 
     def take_ready(self) -> None:
-        """Consume the worker's ready message; a request sent meanwhile starts its clock now."""
-        assert self.conn.recv() == _READY
+        """Consume the worker's ready message; a request sent meanwhile starts its clock now. Anything else
+        first is a broken worker: killed, and an OSError, which the pool handles as the worker's death."""
+        msg = self.conn.recv()
+        if msg != _READY:
+            self.proc.kill()
+            self.proc.join(timeout=5)
+            raise OSError(f"decode worker {self.proc.pid} sent {type(msg).__name__} before reporting ready; killed")
         self.ready = True
         self.started = time.monotonic()
 
@@ -190,8 +242,11 @@ class _Worker:
 
 
 class DecodePool:
-    def __init__(self, workers: int = 2, timeout: float = 60.0, start_method: str = "spawn"):
+    def __init__(self, workers: int = 2, timeout: float = 60.0, start_method: str = "spawn",
+                 memory_limit: int | None = None):
         self.timeout = float(timeout)
+        # bytes per worker; None: CACHEFEAT_DECODE_MEMORY (DEFAULT_MEMORY_GIB unset); 0: no limit
+        self.memory_limit = memory_limit_from_env() if memory_limit is None else (memory_limit or None)
         self._queue: deque[DecodeRequest] = deque()
         self._ready: deque[DecodeResult] = deque()
         self._ctx = mp.get_context(start_method)
@@ -201,7 +256,7 @@ class DecodePool:
         self._workers = []
         self.restarts = 0
         try:
-            self._workers += [_Worker(self._ctx, self._slots[i]) for i in range(max(0, workers))]
+            self._workers += [_Worker(self._ctx, self._slots[i], self.memory_limit) for i in range(max(0, workers))]
             self._wait_ready(self._workers)
         except BaseException:    # no worker and no slot outlives a pool that could not start
             self.close()
@@ -321,7 +376,8 @@ class DecodePool:
     def _replace(self, w: _Worker) -> None:
         w.kill()
         i = self._workers.index(w)
-        self._workers[i] = _Worker(self._ctx, w.slots)   # the slots are the pool's: the replacement reuses them
+        # the slots are the pool's: the replacement reuses them
+        self._workers[i] = _Worker(self._ctx, w.slots, self.memory_limit)
         self.restarts += 1
 
     # -- lifetime

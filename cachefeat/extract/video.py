@@ -12,6 +12,12 @@ FrameFolderReader whatever the reader asked for.
 decode_video() never raises: it returns a DecodeResult whose `error`/`stage` say what went wrong, so one bad
 file is recorded and the extraction goes on. This module imports neither torch nor open_clip: it runs in
 light worker processes (decode_pool.py).
+
+Video files are untrusted input: what a header claims (frame size, frame count, duration) is checked against
+bounds no real video reaches (MAX_SIDE, MAX_PIXELS, MAX_FRAMES, MAX_SECONDS) before anything is allocated
+for it, and each decoded frame's size before it is converted; such a file fails with stage `header`. What is
+allocated follows the sampler (the clip's frames), never the claimed count. A decode that still runs out of
+memory (the workers' memory limit, decode_pool.py) fails with stage `memory`.
 """
 from __future__ import annotations
 
@@ -26,12 +32,43 @@ from .sampling import clip_indices, pixel_indices, window_samples
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SEEK_GAP = 10.0      # seconds: fps sampling seeks to a sample this far past the decoder's position
+# Bounds on what a header may claim: far past any real video (8K UHD is 7680x4320 = 33 M pixels; a week of
+# 60 fps video is 36 M frames), far below what would exhaust a worker's memory or the cache's size.
+MAX_SIDE = 16384
+MAX_PIXELS = 1 << 26
+MAX_FRAMES = 1 << 26
+MAX_SECONDS = 7 * 24 * 3600.0
 
 
 class DecodeError(Exception):
     def __init__(self, stage: str, message: str):
         super().__init__(f"{stage}: {message}")
         self.stage, self.message = stage, message
+
+
+def check_frame_size(width: int, height: int, what: str = "the header claims") -> None:
+    """DecodeError (stage `header`) for a frame size no real video has: before anything of that size exists."""
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE and width * height <= MAX_PIXELS):
+        raise DecodeError("header", f"{what} frames of {width}x{height} pixels; cachefeat decodes at most "
+                                    f"{MAX_SIDE} a side and {MAX_PIXELS / 1e6:.0f} million pixels")
+
+
+def check_length(frames: int = 0, seconds: float = 0.0) -> None:
+    """DecodeError (stage `header`) for a frame count or duration no real video has (a lying header)."""
+    if frames > MAX_FRAMES:
+        raise DecodeError("header", f"the header claims {frames} frames; cachefeat decodes at most {MAX_FRAMES}")
+    if not seconds <= MAX_SECONDS:   # NaN too
+        raise DecodeError("header", f"the header claims {seconds:.6g} s of video; cachefeat decodes at most "
+                                    f"{MAX_SECONDS:g} s (a week)")
+
+
+def _check_stream(container, stream) -> None:
+    """The claims of a PyAV stream's header: its frame size (when the header gives one), count and duration."""
+    cc = stream.codec_context
+    if cc.width or cc.height:
+        check_frame_size(cc.width, cc.height)
+    seconds = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else 0.0
+    check_length(max(stream.frames, 0), max(seconds, (container.duration or 0) / 1e6))
 
 
 class ShortStream(Exception):
@@ -52,7 +89,17 @@ class DecordReader:
         self.num_frames = len(self._vr)
 
     def get(self, indices: np.ndarray) -> np.ndarray:
-        return self._vr.get_batch([int(i) for i in indices]).asnumpy()
+        # decord says nothing of the frame size before decoding: one frame first, its size checked, so a
+        # lying stream costs one frame, not a batch of them
+        idx = [int(i) for i in indices]
+        first = self._vr.get_batch(idx[:1]).asnumpy()
+        check_frame_size(first.shape[2], first.shape[1], "the stream decodes to")
+        if len(idx) == 1:
+            return first
+        out = np.empty((len(idx), *first.shape[1:]), first.dtype)
+        out[0] = first[0]
+        out[1:] = self._vr.get_batch(idx[1:]).asnumpy()
+        return out
 
     def times(self, indices: np.ndarray) -> np.ndarray:
         return self._vr.get_frame_timestamp([int(i) for i in indices])[:, 0].astype(np.float64)
@@ -74,6 +121,7 @@ class PyAVReader:
             if not container.streams.video:
                 raise DecodeError("open", "the file has no video stream")
             stream = container.streams.video[0]
+            _check_stream(container, stream)
             n = stream.frames
             if n <= 0 and count:  # not in the header: count packets that carry a frame
                 n = sum(1 for p in container.demux(stream) if p.size > 0)
@@ -91,6 +139,7 @@ class PyAVReader:
             for i, frame in enumerate(container.decode(stream)):
                 last = i
                 if i in wanted:
+                    check_frame_size(frame.width, frame.height, "the stream decodes to")
                     got[i] = frame.to_ndarray(format="rgb24")
                     self._times[i] = np.nan if frame.time is None else float(frame.time)
                 if i >= wanted[-1]:
@@ -117,6 +166,7 @@ class PyAVReader:
 
         def take(i: int, frame, ft: float) -> None:
             if not ids or ids[-1] != frame.pts:
+                check_frame_size(frame.width, frame.height, "the stream decodes to")
                 frames.append(frame.to_ndarray(format="rgb24"))
                 ids.append(frame.pts)
                 stamps.append(ft)
@@ -284,6 +334,10 @@ def probe(path: str, frame_rate: float | None = None) -> Probe:
     errors = []
     try:
         return _probe_pyav(path)
+    except DecodeError as e:
+        if e.stage == "header":   # a lying header: no other reader's opinion makes it plan that much
+            raise
+        errors.append(f"pyav: {e.message}")
     except Exception as e:
         errors.append(f"pyav: {_first_line(e)}")
     try:
@@ -291,6 +345,8 @@ def probe(path: str, frame_rate: float | None = None) -> Probe:
         vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         first, last = vr.get_frame_timestamp([0, len(vr) - 1]).astype(np.float64)
         return Probe(float(first[0]), float(last[1] - first[0]))
+    except DecodeError:
+        raise
     except Exception as e:
         errors.append(f"decord: {type(e).__name__}: {_first_line(e)}")
     raise DecodeError("open", "; ".join(errors))
@@ -302,6 +358,7 @@ def _probe_pyav(path: str) -> Probe:
         if not c.streams.video:
             raise DecodeError("open", "the file has no video stream")
         s = c.streams.video[0]
+        _check_stream(c, s)
         tb = s.time_base
         start = float(s.start_time * tb) if s.start_time is not None else 0.0
         if s.duration:
@@ -335,10 +392,13 @@ def open_video(path: str, reader: str = "auto", frame_rate: float | None = None,
             # fps sampling reads by time: PyAV need not count the frames of a header without the count (a
             # pass over the whole file for every request)
             r = PyAVReader(path, count=False) if name == "pyav" and windowed else READERS[name](path)
+            check_length(r.num_frames)
             if r.num_frames < 1 and not (windowed and name == "pyav"):
                 raise DecodeError("empty", "the video has no frames")
             return r
         except DecodeError as e:
+            if e.stage == "header":     # a lying header is refused whatever another reader would make of it
+                raise
             errors.append(f"{name}: {e.message}")
             if e.stage == "empty" and name == order[-1]:
                 raise DecodeError("empty", "; ".join(errors)) from None
@@ -414,7 +474,8 @@ class DecodeResult:
     augment: list | None = None           # per view: the augmentation parameters drawn
     num_frames: int = 0
     reader: str = ""
-    stage: str | None = None              # where it failed: missing/open/empty/decode/preprocess/timeout/crash
+    stage: str | None = None              # where it failed: missing/open/header/empty/decode/memory/preprocess/
+                                          # timeout/crash
     error: str | None = None
     seconds: float = 0.0
 
@@ -444,12 +505,23 @@ def decode_video(req: DecodeRequest) -> DecodeResult:
                 return decode(PyAVReader(req.path, count=False) if other == "pyav" else READERS[other](req.path), req)
             except DecodeError as e2:
                 raise DecodeError(e2.stage, f"{e.message}; {other}: {e2.message}") from None
+            except MemoryError:
+                raise
             except Exception as e2:
                 raise DecodeError("decode", f"{e.message}; {other}: {type(e2).__name__}: {_first_line(e2)}") from None
     except DecodeError as e:
         return DecodeResult(req.key, stage=e.stage, error=e.message)
+    except MemoryError as e:   # the worker's memory limit (decode_pool.py) or the machine's
+        return DecodeResult(req.key, stage="memory", error=f"decoding needs more memory than a decode worker may "
+                                                           f"use{_memory_limit()}: {_first_line(e)}")
     except Exception as e:  # a failure nobody anticipated is still recorded, not raised
         return DecodeResult(req.key, stage="decode", error=f"{type(e).__name__}: {_first_line(e)}")
+
+
+def _memory_limit() -> str:
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    return "" if soft == resource.RLIM_INFINITY else f" ({soft / 2**30:.3g} GiB, CACHEFEAT_DECODE_MEMORY)"
 
 
 def _view_frames(req: DecodeRequest, n: int) -> list[tuple[np.ndarray, np.ndarray | None, np.random.Generator | None]]:
@@ -478,7 +550,7 @@ def _decode_with(reader, req: DecodeRequest) -> DecodeResult:
             break
         except ShortStream as e:  # truncated: the frames that decode are the video
             n = e.frames
-        except DecodeError:
+        except (DecodeError, MemoryError):
             raise
         except Exception as e:  # decord.DECORDError, av.error.*: the reader's own types
             raise DecodeError("decode", f"{reader.name}: {type(e).__name__}: {_first_line(e)}") from None
@@ -540,7 +612,7 @@ def _decode_windows(reader, req: DecodeRequest) -> DecodeResult:
     ks = np.unique(k)
     try:
         got = reader.frames_at(req.start + ks / s.fps)
-    except DecodeError:
+    except (DecodeError, MemoryError):
         raise
     except Exception as e:  # decord.DECORDError, av.error.*: the reader's own types
         raise DecodeError("decode", f"{reader.name}: {type(e).__name__}: {_first_line(e)}") from None
