@@ -645,8 +645,11 @@ def _file_kind(path: str) -> str | None:
     """"torchscript" (a TorchScript archive: it holds code), "torch" (a torch.save file: a zip archive, or a
     legacy file, which starts with a pickle), or None (neither)."""
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            return None
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
             return "torchscript"
         return "torch" if any(n.endswith("/data.pkl") for n in names) else None
