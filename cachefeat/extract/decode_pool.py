@@ -354,9 +354,7 @@ class DecodePool:
                         pass  # died mid-send: treated as a crash below
                 if w.conn in ready or w.proc.sentinel in ready:
                     if w.request is not None and not w.proc.is_alive():
-                        code = w.proc.exitcode
-                        why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-                        self._fail(w, "crash", f"the decoder process died ({why})")
+                        self._fail(w, "crash", f"the decoder process died ({self._death(w.proc.exitcode)})")
                 elif w.request is not None and w.ready and time.monotonic() - w.started > self.limit(w.request):
                     self._fail(w, "timeout", f"decoding took longer than {self.limit(w.request):g} s and was killed")
                 elif w.request is not None and not w.ready and time.monotonic() - w.started > _START_TIMEOUT:
@@ -365,6 +363,18 @@ class DecodePool:
             if deadline is not None and time.monotonic() >= deadline and not self._ready:
                 return None
         return self._ready.popleft()
+
+    def _death(self, code: int | None) -> str:
+        if code is None or code >= 0:
+            return f"exit code {code}"
+        try:
+            why = f"signal {-code}, {signal.Signals(-code).name}"
+        except ValueError:
+            why = f"signal {-code}"
+        if self.memory_limit and -code in (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS):
+            # a C++ decoder whose allocation fails under RLIMIT_DATA aborts (std::bad_alloc)
+            why += f"; it may have run out of its {self.memory_limit / 2**30:.3g} GiB memory limit ({MEMORY_ENV})"
+        return why
 
     def _fail(self, w: _Worker, stage: str, message: str) -> None:
         req = w.sent.popleft()
