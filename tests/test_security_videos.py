@@ -191,3 +191,11 @@ def test_a_header_that_lies_is_refused_before_anything_is_allocated_for_it(tmp_p
     # decord counts the frames it indexes, ignoring the claim: its 4 real frames decode, nothing more
     res = decode_video(req(lying, reader="decord"))
     assert res.ok and res.num_frames == 4
+    # an fps extraction plans one window for it (not 10^9 / 12 seconds' worth), and records the refusal
+    good_video(tmp_path / "good.mp4", frames=24, size=48)
+    (tmp_path / "list.txt").write_text("lying.avi 0\ngood.mp4 1\n")
+    run_cli(*tiny_extract_args(tmp_path / "list.txt", tmp_path / "c.zarr", "--sampling", "fps:4", "--frames", "2"))
+    c = open_cache(tmp_path / "c.zarr")
+    [f] = c.failures()
+    assert f["video"] == 0 and f["stage"] == "header" and "claims 1000000000 frames" in f["error"], f
+    assert c.layout.clip_video().tolist().count(0) == 1 and c.valid()[c.layout.clip_video() == 1].all()
