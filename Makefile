@@ -2,15 +2,20 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# optional extras to install besides the tests' (pyproject.toml), e.g. `make install EXTRAS=siglip`
+EXTRAS ?=
 
 .PHONY: install demo ablate-demo test bench bench-full clean
 
-install: $(VENV)/.installed
+comma := ,
+STAMP := $(VENV)/.installed$(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
 
-$(VENV)/.installed: pyproject.toml
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test$(if $(EXTRAS),$(comma)$(EXTRAS))]'
 	touch $@
 
 demo: install
@@ -22,6 +27,7 @@ ablate-demo: demo
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/bandit -c pyproject.toml -r cachefeat benchmarks
 	$(BIN)/python -m pytest -q
 
 bench: install

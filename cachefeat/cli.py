@@ -590,11 +590,13 @@ def models(show_all, timm_pattern):
         rows = [[f"timm:{arch}", ", ".join(tags) or "-"] for arch, tags in timm_models(timm_pattern)]
         click.echo(table(rows, ["--model", "--pretrained tags"]) if rows else f"no timm ViT matches {timm_pattern!r}")
         return
-    rows = [[f.name, f.example, f.cls, f.prefix, "yes" if f.text else "no", f.tca] for f in FAMILIES]
+    rows = [[f.name, f.example, f.cls, f.prefix, "yes" if f.text else "no", f.tca, f.extras] for f in FAMILIES]
     click.echo(table(rows, ["family", "recommended (--model ... --pretrained ...)", "cls holds", "prefix tokens",
-                            "text tower", "evl tca"]))
+                            "text tower", "evl tca", "extras"]))
     click.echo("text tower: class-name text embeddings, zeroshot and dist head=text; temporal, evl, madapter, dist "
-               "and probe work on every family (docs/backbones.md)\n")
+               "and probe work on every family (docs/backbones.md)\n"
+               "extras: pip install 'cachefeat[EXTRA]' (make install EXTRAS=EXTRA); without it, extract with "
+               "--no-text\n")
     click.echo(f"{'open_clip model':30s} {'family':24s} pretrained tags")
     for name, family, tags in config_family(show_all):
         click.echo(f"{name:30s} {family:24s} {', '.join(tags) or '-'}")

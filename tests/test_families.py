@@ -307,5 +307,6 @@ def test_models_lists_the_families_and_their_options():
         assert family in out
     assert "ViT-B-16-SigLIP2" in out and "EVA02-B-16" in out and "PE-Core-B-16" in out
     assert "ViT-L-14-CLIPA" in out and "RN50 " not in out
+    assert "siglip (text tokenizer)" in out and "cachefeat[EXTRA]" in out   # the extras a family needs
     out = run_cli("models", "--timm", "*reg4_dinov2").output
     assert "timm:vit_small_patch14_reg4_dinov2" in out and "lvd142m" in out

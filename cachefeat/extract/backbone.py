@@ -71,13 +71,14 @@ class Family:
     prefix: str           # prefix tokens besides the class token
     text: bool            # a text tower: class-name embeddings, zeroshot, dist head=text
     tca: str              # EVL's temporal cross-attention (q/k rebuilt from the frozen blocks)
+    extras: str = "-"     # the pip extra of cachefeat it needs beyond the base install, and for what
 
 
 FAMILIES = (
     Family("open_clip ViT", "ViT-B-16 --pretrained laion2b_s34b_b88k", "class token (CLIPA: mean patch token)",
            "-", True, "yes"),
     Family("SigLIP / SigLIP2", "ViT-B-16-SigLIP2 --pretrained webli", "mean patch token (no class token)",
-           "-", True, "yes"),
+           "-", True, "yes", "siglip (text tokenizer)"),
     Family("EVA02-CLIP", "EVA02-B-16 --pretrained merged2b_s8b_b131k", "class token", "-", True,
            "yes (rotary q/k)"),
     Family("PE-Core", "PE-Core-B-16 --pretrained meta", "class token", "-", True, "yes (rotary q/k)"),
@@ -527,10 +528,15 @@ class Backbone:
         if getattr(self, "_tokenizer", None) is None:
             try:
                 self._tokenizer = open_clip.get_tokenizer(self.name)
-            except Exception as e:   # SigLIP's and others' tokenizers need transformers and the Hugging Face hub
+            except ModuleNotFoundError as e:   # SigLIP's and others' Hugging Face tokenizers need transformers
+                raise BackboneError(f"the text tokenizer of {self.name} needs the package {e.name}: pip install "
+                                    f"'cachefeat[siglip]' (or make install EXTRAS=siglip), or extract with --no-text "
+                                    f"(no class-name embeddings)") from None
+            except Exception as e:   # e.g. offline, with the tokenizer not in the Hugging Face cache
                 raise BackboneError(f"could not load the text tokenizer of {self.name}: {type(e).__name__}: "
-                                    f"{str(e).splitlines()[0] if str(e) else ''} (--no-text extracts without "
-                                    f"class-name embeddings)") from None
+                                    f"{str(e).splitlines()[0] if str(e) else ''} (offline: HF_HUB_OFFLINE=1 with "
+                                    f"the tokenizer in the Hugging Face cache, see docs/backbones.md; --no-text "
+                                    f"extracts without class-name embeddings)") from None
         return self._tokenizer
 
     @torch.inference_mode()
