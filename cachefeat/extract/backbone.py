@@ -31,7 +31,7 @@ import difflib
 import hashlib
 import logging
 import os
-import pickle  # for its exception class: what torch.load(weights_only=True) refuses
+import pickle  # nosec B403 - only for its exception class: what torch.load(weights_only=True) refuses
 import re
 import zipfile
 from dataclasses import dataclass
@@ -50,7 +50,7 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
 TIMM = "timm:"
-CLASS_TOKEN = "class token"
+CLASS_TOKEN = "class token"   # nosec B105 - the name of a token of a ViT, not a password
 MEAN_PATCH = "mean patch token"
 CLS_CHOICES = (CLASS_TOKEN, MEAN_PATCH)
 # timm modules whose models are ViTs this tool taps (blocks over one token sequence, forward_intermediates
