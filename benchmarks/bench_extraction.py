@@ -35,10 +35,25 @@ TAPS_FULL = [("all", "all"), ("last:4", "all"), ("all", "cls")]
 TAPS_SKIPPED = {("ViT-L/14", "all", "all")}
 
 
+# what the section's docs table (run.py's report) needs; `run.py --smoke` checks every one is returned
+KEYS = (
+    '*.device',
+    '*.extract_frames_per_s',
+    '*.bare_frames_per_s',
+    '*.efficiency',
+    '*.decode_only_frames_per_s',
+    '*.written_mib_per_s',
+    '*.time_shares',
+    '*.taps_over_plain',
+    '*.naive_frames_per_s',
+    '*.extract_over_naive',
+)
+
+
 def run(mode: Mode, log=print) -> dict:
     out = {}
     # Kinetics videos are usually stored at 340x256; the quick mode keeps the demo's small frames
-    size = 256 if mode.full else 96
+    size = 256 if mode.full else 32 if mode.smoke else 96
     data = synth_data(f"extract-data-{size}", classes=6, videos_per_class=max(2, math.ceil(mode.videos / 6 / 0.75) + 1),
                       size=size)   # the train split holds 75% of the videos
     manifest = load_manifest(data / "train.txt", classes=str(data / "classes.txt"))
@@ -60,7 +75,8 @@ def _one_model(model: str, manifest, mode: Mode, log, layer_spec: str, token_spe
     # at most ~4 GB written per configuration: token-heavy caches get fewer videos
     frame_bytes = 2 * bb.width * len(layers) * (1 + tokens.num_patch_tokens)
     manifest = copy.copy(manifest)
-    manifest.videos = manifest.videos[: max(24, min(mode.videos, int(4e9 // (frame_bytes * mode.frames))))]
+    least = mode.videos if mode.smoke else 24
+    manifest.videos = manifest.videos[: max(least, min(mode.videos, int(4e9 // (frame_bytes * mode.frames))))]
 
     # 1. end to end: the real command's pipeline, into a fresh store
     store = WORK / f"bench-{model.replace('/', '-')}.zarr"

@@ -27,13 +27,43 @@ def settings(mode) -> dict:
     """The caches are the reading section's (same model, layers, tokens and training videos)."""
     r = reading_settings(mode)
     st = {"model": r["model"], "layers": r["layers"], "tokens": "all", "frames": r["frames"], "seeds": [0, 1, 2],
-          "epochs": 30, "threads": r["threads"]}
+          "epochs": 2 if mode.smoke else 30, "threads": r["threads"]}
     st["opts"] = {"dim": 256, "depth": 2} if mode.full else {"dim": 128, "depth": 2}
+    if mode.smoke:
+        st.update(seeds=[0, 1], opts={"dim": 16, "depth": 1})
     return st
 
 
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# what the section's docs table (run.py's report) needs; `run.py --smoke` checks every one is returned
+KEYS = (
+    'model',
+    'layers',
+    'tokens',
+    'frames',
+    'adapter_opts',
+    'epochs',
+    'float16_mean_top1',
+    'int8_mean_top1',
+    'mean_diff',
+    'seeds',
+    'per_seed_diff',
+    'verdict',
+    'val_videos',
+    'points_per_video',
+    'size_ratio',
+    'same_weights_mean_diff',
+    'same_weights_agreement',
+    'dtypes.float16.top1',
+    'dtypes.float16.bytes_train',
+    'dtypes.float16.bytes_per_frame_on_disk',
+    'dtypes.int8.top1',
+    'dtypes.int8.bytes_train',
+    'dtypes.int8.bytes_per_frame_on_disk',
+)
 
 
 def run(mode, log=print) -> dict:

@@ -45,7 +45,7 @@ from cachefeat.specs import SamplingSpec, ViewSpec
 from cachefeat.store import DEFAULT_CODEC, ShardData, open_for_writing, write_shard
 from cachefeat.store.shard_file import DIRECT_ALIGN, fsync_dir
 
-from common import WORK, Mode, synth_data
+from common import TINY, WORK, Mode, synth_data
 
 MODEL, LAYERS, TOKENS = "ViT-B/16", "last:4", "all"
 GOAL = 0.8
@@ -69,16 +69,37 @@ class FreeBackbone(Backbone):
         return {k: v[:n] for k, v in self._out.items()}
 
 
+# what the section's docs table (run.py's report) needs; `run.py --smoke` checks every one is returned
+KEYS = (
+    'codec',
+    'raw_write_mib_s',
+    'writer_mib_s',
+    'writer_efficiency',
+    'limiting_side',
+    'decoders_frames_per_s',
+    'writer_frames_per_s',
+    'free_backbone_frames_per_s',
+    'io_ceiling_efficiency',
+    'shard_clips',
+    'free_backbone_round_efficiencies',
+    'free_backbone_cpu_ms_per_frame',
+    'cores',
+)
+
+
 def run(mode: Mode, log=print, seconds: float | None = None) -> dict:
-    seconds = seconds or (30.0 if mode.full else 15.0)
-    data = synth_data("extract-data-96", classes=6, videos_per_class=4, size=96)
+    seconds = seconds or (30.0 if mode.full else 0.3 if mode.smoke else 15.0)
+    data = synth_data("extract-data-32" if mode.smoke else "extract-data-96", classes=6, videos_per_class=4,
+                      size=32 if mode.smoke else 96)
     videos = load_manifest(data / "train.txt", classes=str(data / "classes.txt")).videos
-    real = load_backbone(MODEL, "none", "cpu")
+    # smoke: the tiny ViT's shapes in shards of 8 clips (ViT-B/16's shards are 148 MiB each)
+    model, shard = (TINY, {"shard_size": 8}) if mode.smoke else (MODEL, {})
+    real = load_backbone(model, "none", "cpu")
     bb = FreeBackbone(**{f: getattr(real, f) for f in real.__dataclass_fields__})
-    settings = ExtractSettings(model=MODEL, layers=LAYERS, tokens=TOKENS, frames=mode.frames, text=False,
-                               codec=DEFAULT_CODEC)
+    settings = ExtractSettings(model=model, layers=LAYERS, tokens=TOKENS, frames=mode.frames, text=False,
+                               codec=DEFAULT_CODEC, **shard)
     workers = default_workers() if not mode.full else mode.decode_workers
-    out = {"model": MODEL, "layers": LAYERS, "tokens": TOKENS, "codec": DEFAULT_CODEC, "seconds": seconds,
+    out = {"model": model, "layers": LAYERS, "tokens": TOKENS, "codec": DEFAULT_CODEC, "seconds": seconds,
            "decode_workers": workers, "frames_per_clip": mode.frames}
 
     # the writer and the disk, on shards of this layout
@@ -89,11 +110,12 @@ def run(mode: Mode, log=print, seconds: float | None = None) -> dict:
     frame_bytes = sum(p.layout.bytes_per_clip().values()) / p.layout.frames
     out["bytes_per_frame"] = frame_bytes
     out["shard_clips"] = p.layout.shard_rows
-    log(f"[io] {MODEL} layers {LAYERS} tokens {TOKENS}: {frame_bytes / 2 ** 20:.2f} MiB per frame, shards of "
+    log(f"[io] {model} layers {LAYERS} tokens {TOKENS}: {frame_bytes / 2 ** 20:.2f} MiB per frame, shards of "
         f"{p.layout.shard_rows} clips, codec {DEFAULT_CODEC}, {seconds:.0f} s per ceiling")
     variants = ((DEFAULT_CODEC, True, ""), (DEFAULT_CODEC, False, "_no_fsync"), ("zstd:3", True, "_zstd3"))
     for codec, fsync, key in variants:
-        rates = _writer_and_raw(folder, replace(settings, codec=codec), p, seconds / 2, fsync)
+        rates = _writer_and_raw(folder, replace(settings, codec=codec), p, seconds / 2, fsync,
+                                room=100 if mode.smoke else 1000)
         writer, raw = rates["writer"], max(v for k, v in rates.items() if k != "writer")
         out[f"writer_mib_s{key}"], out[f"raw_write_mib_s{key}"] = writer, raw
         out[f"raw_write_buffered_mib_s{key}"] = rates["raw"]
@@ -159,7 +181,7 @@ def _shard_data(layout, shard: int, rng) -> ShardData:
                                    "videos/error": np.array([""] * k, dtype=str)})
 
 
-def _writer_and_raw(folder, settings, p, seconds, fsync: bool) -> dict[str, float]:
+def _writer_and_raw(folder, settings, p, seconds, fsync: bool, room: int = 1000) -> dict[str, float]:
     """MiB/s of the big arrays' uncompressed bytes, keyed writer, raw and (with fsync) raw_direct: write_shard
     vs a plain os.write of the same bytes (buffered; with fsync also O_DIRECT), in rotating rounds of one
     shard each, until each has run `seconds`; medians of the steady rounds. Every side
@@ -168,7 +190,7 @@ def _writer_and_raw(folder, settings, p, seconds, fsync: bool) -> dict[str, floa
     timed)."""
     store_path = folder / f"writer-{settings.codec}.zarr"
     shutil.rmtree(store_path, ignore_errors=True)
-    layout = replace(p.layout, num_videos=p.layout.shard_videos * 1000)      # room for 1000 distinct shards
+    layout = replace(p.layout, num_videos=p.layout.shard_videos * room)      # room for `room` distinct shards
     videos = (p.manifest.videos * (-(-layout.num_videos // len(p.manifest.videos))))[:layout.num_videos]
     with open_for_writing(store_path, p.meta, layout, videos, settings.codec, log=lambda *a: None) as writer:
         return _alternate(folder, writer.cache, seconds, fsync)

@@ -53,11 +53,11 @@ def make_video(path: Path, minutes: float, fps: int = FPS, size: tuple[int, int]
     return path
 
 
-def one_length(work: Path, minutes: float, log=print) -> dict:
+def one_length(work: Path, minutes: float, log=print, size: tuple[int, int] = SIZE) -> dict:
     from bench_scale import run_step
 
     from cachefeat.store import open_cache
-    video = make_video(work / f"video-{minutes:g}min.mp4", minutes)
+    video = make_video(work / f"video-{minutes:g}min.mp4", minutes, size=size)
     manifest = work / f"list-{minutes:g}.txt"
     manifest.write_text(f"{video.name}\n")
     cache = work / f"cache-{minutes:g}.zarr"
@@ -73,7 +73,7 @@ def one_length(work: Path, minutes: float, log=print) -> dict:
            "windows": int(c.num_clips), "valid_windows": int(c.valid().sum()), "samples": int(real.sum()),
            "video_hours": hours, "video_frames": int(c.read("videos/num_frames")[0]),
            "video_bytes": video.stat().st_size,
-           "decoded_video_mib": int(c.read("videos/num_frames")[0]) * SIZE[0] * SIZE[1] * 3 / 2 ** 20,
+           "decoded_video_mib": int(c.read("videos/num_frames")[0]) * size[0] * size[1] * 3 / 2 ** 20,
            "hours_of_video_per_hour": hours * 3600 / r["seconds"]}
     log(f"  {minutes:g} min: {out['samples']} samples in {out['windows']} windows, {r['seconds']:.1f} s "
         f"({out['hours_of_video_per_hour']:.0f} h of video per hour), peak RSS {r['peak_mib']:.0f} MiB, "
@@ -81,13 +81,41 @@ def one_length(work: Path, minutes: float, log=print) -> dict:
     return out
 
 
+# what the section's docs table (run.py's report) needs; `run.py --smoke` checks every one is returned
+KEYS = (
+    'minutes',
+    'size',
+    'fps',
+    'extract_args',
+    'memory_what',
+    'ratios.seconds_per_video_hour.ratio',
+    'per_length.*.minutes',
+    'per_length.*.peak_mib',
+    'per_length.*.decode_worker_mib',
+    'per_length.*.samples',
+    'per_length.*.valid_windows',
+    'per_length.*.windows',
+    'per_length.*.seconds',
+    'per_length.*.hours_of_video_per_hour',
+    'per_length.*.decoded_video_mib',
+    'ratios.peak_mib.ratio',
+    'ratios.peak_mib.goal',
+    'ratios.peak_mib.margin',
+    'ratios.decode_worker_mib.ratio',
+    'ratios.decode_worker_mib.goal',
+    'ratios.decode_worker_mib.margin',
+)
+
+
 def run(mode, log=print, minutes=MINUTES, work: Path | None = None) -> dict:
     from common import WORK
+    smoke = mode is not None and mode.smoke      # a 0.5- and a 1-minute video of 64x48: the code path, seconds
+    minutes, size = ((0.5, 1) if smoke else minutes), ((64, 48) if smoke else SIZE)
     work = Path(work or WORK / "long")
     work.mkdir(parents=True, exist_ok=True)
-    log(f"[long] one video of {' and '.join(f'{m:g}' for m in minutes)} minutes ({SIZE[0]}x{SIZE[1]}, {FPS} "
+    log(f"[long] one video of {' and '.join(f'{m:g}' for m in minutes)} minutes ({size[0]}x{size[1]}, {FPS} "
         f"frames/s), `cachefeat extract {' '.join(EXTRACT)}`, each a process of its own")
-    per = {f"{m:g}": one_length(work, m, log) for m in minutes}
+    per = {f"{m:g}": one_length(work, m, log, size) for m in minutes}
     short, long_ = per[f"{minutes[0]:g}"], per[f"{minutes[-1]:g}"]
     ratios = {}
     for key in ("peak_mib", "decode_worker_mib"):
@@ -95,7 +123,7 @@ def run(mode, log=print, minutes=MINUTES, work: Path | None = None) -> dict:
         ratios[key] = {"ratio": ratio, "goal": RSS_GOAL, "margin": None if ratio is None else RSS_GOAL - ratio}
     ratios["seconds_per_video_hour"] = {"ratio": (long_["seconds"] / long_["video_hours"]) /
                                         (short["seconds"] / short["video_hours"]), "goal": None, "margin": None}
-    return {"minutes": list(minutes), "size": list(SIZE), "fps": FPS, "model": MODEL, "extract_args": " ".join(EXTRACT),
+    return {"minutes": list(minutes), "size": list(size), "fps": FPS, "model": MODEL, "extract_args": " ".join(EXTRACT),
             "memory_what": "VmHWM of the extract process, written as it exits; decode worker: its largest child "
                            "process, VmHWM sampled from /proc every 0.25 s",
             "per_length": per, "ratios": ratios}

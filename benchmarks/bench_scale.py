@@ -264,12 +264,32 @@ def compare(small: dict, large: dict) -> dict:
     return out
 
 
+# what the section's docs table (run.py's report) needs; `run.py --smoke` checks every one is returned
+KEYS = (
+    'classes',
+    'sizes',
+    'model',
+    'extract_args',
+    'train_args',
+    'eval_args',
+    'memory_what',
+    'per_size.*.clips',
+    'per_size.*.steps.*.ms_per_clip',
+    'per_size.*.steps.*.peak_mib',
+    'ratios.*.time_per_clip_ratio',
+    'ratios.*.time_margin',
+    'ratios.*.rss_ratio',
+    'ratios.*.rss_margin',
+)
+
+
 def run(mode, log=print, sizes=None, work: Path | None = None) -> dict:
     from common import WORK
-    sizes = list(sizes or SIZES)
+    smoke = mode is not None and mode.smoke      # 8 and 16 clips from 8 source videos: every step, seconds
+    sizes = list(sizes or ((8, 16) if smoke else SIZES))
     work = Path(work or WORK / "scale")
     work.mkdir(parents=True, exist_ok=True)
-    sources = source_videos(work)
+    sources = source_videos(work, 8) if smoke else source_videos(work)
     log(f"[scale] {CLASSES} classes, {sizes} clips ({len(sources)} synthetic videos reused as distinct files), "
         f"{MODEL}: extract -> train streamed -> eval -> 2-config ablation, each a `cachefeat` process")
     results = {}

@@ -21,7 +21,7 @@ from cachefeat.specs import ViewSpec, parse_layers, parse_tokens
 from cachefeat.store import Layout, open_cache, parse_codec
 from cachefeat.store.shard_file import ShardFile
 
-from common import WORK, Mode, synth_data
+from common import TINY, WORK, Mode, synth_data
 
 K400_FRAMES = 240_000 * 8     # Kinetics-400 train, 8 frames per clip, one view
 CODECS = ["none", "zstd:1", "zstd:3", "zstd:9", "blosc-lz4", "blosc-zstd:1", "blosc-zstd:3", "blosc-zstd:5", "gzip:1"]
@@ -45,10 +45,10 @@ def bytes_per_frame(mode: Mode) -> list[dict]:
 
 def codecs(mode: Mode, log=print) -> dict:
     """Write the same real token arrays with each codec; ratio, write and read throughput."""
-    model = "ViT-B/16"
+    model = TINY if mode.smoke else "ViT-B/16"
     data = synth_data("extract-data", classes=6, videos_per_class=max(2, mode.videos // 6 + 1))
     manifest = load_manifest(data / "train.txt", classes=str(data / "classes.txt"))
-    manifest.videos = manifest.videos[: (8 if not mode.full else 64)]
+    manifest.videos = manifest.videos[: (mode.videos if mode.smoke else 8 if not mode.full else 64)]
     src = WORK / f"codec-src-{len(manifest.videos)}.zarr"     # named by its size: a stale one is never reused
     if not (src / "zarr.json").exists() or not open_cache(src).complete:
         shutil.rmtree(src, ignore_errors=True)
@@ -113,6 +113,20 @@ def codecs(mode: Mode, log=print) -> dict:
             f"(shard files {per_clip_bytes / direct_clip_s / mib:7.1f})")
     shutil.rmtree(WORK / "codec-test.zarr", ignore_errors=True)
     return {"model": model, "raw_mib": raw / 2**20, "codecs": results}
+
+
+# what the section's docs table (run.py's report) needs; `run.py --smoke` checks every one is returned
+KEYS = (
+    'bytes_per_frame',
+    'codecs.model',
+    'codecs.raw_mib',
+    'codecs.codecs.*.ratio',
+    'codecs.codecs.*.write_mib_s',
+    'codecs.codecs.*.read_mib_s',
+    'codecs.codecs.*.direct_read_mib_s',
+    'codecs.codecs.*.random_clip_read_mib_s',
+    'codecs.codecs.*.direct_random_clip_read_mib_s',
+)
 
 
 def run(mode: Mode, log=print) -> dict:

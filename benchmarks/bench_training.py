@@ -32,6 +32,8 @@ NUM_CLASSES = 10
 
 
 def settings(mode) -> dict:
+    if mode.smoke:
+        return {"models": ["cachefeat-tiny-ViT"], "clips": 2, "frames": 2, "rounds": 1, "threads": 1}
     if mode.full:
         return {"models": ["ViT-B/16", "ViT-L/14"], "clips": 8, "frames": 8, "rounds": 10, "threads": 0}
     # ViT-B/32 on 2 busy CPU cores runs ~3 frames/s forward: a small batch keeps this section to minutes.
@@ -144,6 +146,22 @@ def _is_oom(e: BaseException) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- the section
+# what the section's docs table (run.py's report) needs; `run.py --smoke` checks every one is returned
+KEYS = (
+    '*.device',
+    '*.adapter',
+    '*.adapter_opts',
+    '*.clips_per_step',
+    '*.frames',
+    '*.precision',
+    '*.variants.*.ms_per_step',
+    '*.variants.*.peak_mib',
+    '*.variants.*.time_over_cached',
+    '*.variants.*.memory_over_cached',
+    '*.variants.*.trainable_params',
+)
+
+
 def run(mode, log=print) -> dict:
     from common import interleaved
     st = settings(mode)

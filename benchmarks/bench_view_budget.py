@@ -11,7 +11,8 @@ cache), then the same adapter trains with
                           epochs trained), what running the frozen backbone on freshly augmented clips gives
     none                  a cache of the plain centre view (no augmentation), for reference
 
-with `cachefeat train`'s defaults (--epochs auto) and several seeds; val top-1 on the 128 held-out videos.
+with `cachefeat train`'s defaults (--epochs auto) and seeds 0-2 (`run.py --seeds N`: mean and 95% t-interval);
+val top-1 on the 128 held-out videos.
 The augmentation is EVL's RandAugment (rand-m7-n4-mstd0.5-inc1) with a random-resized crop (0.4-1), TSN
 temporal jitter and flips that swap "moving right" and "moving left" (--flip-pairs).
 
@@ -28,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import WORK
+from common import TINY, WORK, fmt_mean_ci, mean_ci
 
 KS = (1, 2, 4, 8, 16)
 SEEDS = (0, 1, 2)
@@ -43,13 +44,13 @@ K400_VIDEOS = 240_000
 PER_VIEW_B16 = {"evl cache (last:5, all tokens)": 8 * 5 * 197 * 768 * 2, "CLS cache (all 12 blocks)": 8 * 12 * 768 * 2}
 
 
-def _extract(manifest: Path, out: Path, *extra, log=print) -> None:
+def _extract(manifest: Path, out: Path, *extra, log=print, args=EXTRACT) -> None:
     from bench_adapters import _complete
     if (out / "zarr.json").is_file() and _complete(out):
         return
     t0 = time.time()
     # no --overwrite: an interrupted extraction resumes with its unfinished shards
-    subprocess.run([sys.executable, "-m", "cachefeat", "extract", str(manifest), "--out", str(out), *EXTRACT, *extra],
+    subprocess.run([sys.executable, "-m", "cachefeat", "extract", str(manifest), "--out", str(out), *args, *extra],
                    check=True, stdout=subprocess.DEVNULL)
     log(f"  extracted {out.name} in {time.time() - t0:.0f} s")
 
@@ -58,39 +59,68 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def run(mode, log=print, ks=KS, seeds=SEEDS, work: Path = WORK) -> dict:
-    from bench_adapters import data_set, train_one
+# what the section's docs table (run.py's report) needs; `run.py --smoke` checks every one is returned
+KEYS = (
+    'model',
+    'train_videos',
+    'val_videos',
+    'epochs',
+    'kmax',
+    'seeds',
+    'recovered_at',
+    'measured_bytes_per_view_per_video',
+    'variants.*.views',
+    'variants.*.top1',
+    'variants.*.mean_top1',
+    'variants.*.ci95',
+    'variants.*.bytes_per_video',
+    'variants.*.k400_tb',
+)
+
+
+def run(mode, log=print, ks=KS, seeds=None, work: Path = WORK) -> dict:
+    from bench_adapters import SMOKE_TRAIN, data_set, seeds_of, train_one
 
     from cachefeat.store import open_cache
     from cachefeat.train.config import TrainConfig, planned_epochs
-    data = data_set("shapes", work)
+    seeds = seeds_of(mode, seeds) if mode is not None or seeds is not None else SEEDS
+    smoke = mode is not None and mode.smoke
+    # smoke: the adapters section's two-class set, the tiny ViT at 2 frames, K = 1, 2 over 2 epochs
+    args = [*EXTRACT[:EXTRACT.index("--frames")], "--frames", "2", "--batch-size", "8", "--decode-workers", "1",
+            "--quiet"] if smoke else EXTRACT
+    ks = (1, 2) if smoke else ks
+    data = data_set("smoke" if smoke else "shapes", work)
     (work / "shapes-flip-pairs.txt").write_text("moving right\tmoving left\n")
     n_train = len((data / "train.txt").read_text().split())  // 2
     steps = -(-n_train // TrainConfig.batch_size)
-    epochs = planned_epochs(0, TrainConfig.min_steps, steps)
+    epochs = 2 if smoke else planned_epochs(0, TrainConfig.min_steps, steps)
+    settings = {**SMOKE_TRAIN, "epochs": epochs} if smoke else {}
     kmax = max(max(ks), epochs)
     log(f"[view_budget] shapes set, {n_train} training videos: {epochs} epochs of {steps} steps (auto); a cache of "
         f"{kmax} views per video")
     caches = {"aug": work / f"budget-aug{kmax}.zarr", "plain": work / "budget-plain.zarr",
               "val": work / "budget-val.zarr"}
     _extract(data / "train.txt", caches["aug"], "--aug-views", str(kmax), *AUG, "--flip-pairs",
-             str(work / "shapes-flip-pairs.txt"), log=log)
-    _extract(data / "train.txt", caches["plain"], log=log)
-    _extract(data / "val.txt", caches["val"], log=log)
+             str(work / "shapes-flip-pairs.txt"), log=log, args=args)
+    _extract(data / "train.txt", caches["plain"], log=log, args=args)
+    _extract(data / "val.txt", caches["val"], log=log, args=args)
     views_bytes = _du(caches["aug"])
     per_view_video = views_bytes / (kmax * n_train)
     variants = {f"K={k}": ("aug", f"first:{k}", k) for k in ks}
     variants["online"] = ("aug", "cycle", epochs)
     variants["none"] = ("plain", "one", 1)
-    res = {"model": MODEL, "adapter": ADAPTER, "adapter_opts": ADAPTER_OPTS, "augmentation": " ".join(AUG) +
+    res = {"model": TINY if smoke else MODEL, "adapter": ADAPTER, "adapter_opts": ADAPTER_OPTS,
+           "augmentation": " ".join(AUG) +
            " --flip-pairs (moving right <-> moving left), TSN temporal jitter", "train_videos": n_train,
            "val_videos": int(open_cache(caches["val"]).valid().sum()), "epochs": epochs, "kmax": kmax,
            "seeds": list(seeds), "measured_bytes_per_view_per_video": per_view_video, "variants": {}}
     for name, (cache, views, k) in variants.items():
-        runs = [train_one(ADAPTER, ADAPTER_OPTS, caches[cache], caches["val"], seed, train_views=views)
+        runs = [train_one(ADAPTER, ADAPTER_OPTS, caches[cache], caches["val"], seed, train_views=views, **settings)
                 for seed in seeds]
         top = [r["top1"] for r in runs]
-        res["variants"][name] = {"views": k, "train_views": views, "top1": top, "mean_top1": statistics.mean(top),
+        ci = mean_ci(top)
+        res["variants"][name] = {"views": k, "train_views": views, "top1": top, "mean_top1": ci["mean"],
+                                 "ci95": ci["ci95"], "half_width": ci["half_width"],
                                  "std_top1": statistics.pstdev(top), "train_top1": [r["train_top1"] for r in runs],
                                  "bytes_per_video": k * per_view_video,
                                  "k400_tb": {n: k * b * K400_VIDEOS / 1e12 for n, b in PER_VIEW_B16.items()}}
@@ -142,14 +172,15 @@ def report(r: dict) -> list[str]:
     lines = [f"### View budget ({r['adapter']} on {r['model']} features of the shapes set: {r['train_videos']} "
              f"training / {r['val_videos']} val videos, {r['epochs']} epochs, seeds {r['seeds']}; "
              f"{r['augmentation']})", "",
-             "| training views | val top-1 (mean +- std) | per seed | train top-1 | bytes per video (this cache) | "
+             "| training views | val top-1 (mean, 95% interval) +- std | per seed | train top-1 | "
+             "bytes per video (this cache) | "
              + " | ".join(f"K400 TB, {n}" for n in names) + " |", "|---|---|---|---|---|" + "---|" * len(names)]
     for name, v in r["variants"].items():
         if name == "online":   # nothing cached: the backbone runs on a fresh view every epoch
             cost = [f"none cached; the backbone runs every epoch ({r['epochs']} x the extraction)"] + [""] * len(names)
         else:
             cost = [f"{v['bytes_per_video'] / 1024:.1f} KiB"] + [f"{v['k400_tb'][n]:.2f}" for n in names]
-        lines.append(f"| {name} | {v['mean_top1']:.3f} +- {v['std_top1']:.3f} | "
+        lines.append(f"| {name} | {fmt_mean_ci(v)} +- {v['std_top1']:.3f} | "
                      f"{', '.join(f'{t:.3f}' for t in v['top1'])} | {statistics.mean(v['train_top1']):.3f} | "
                      + " | ".join(cost) + " |")
     rec = r.get("recovered_at")

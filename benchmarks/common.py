@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
-WORK = ROOT / "work"
+# CACHEFEAT_BENCH_WORK: another work folder (the smoke test's tmp folder), read once when this is imported
+WORK = Path(os.environ.get("CACHEFEAT_BENCH_WORK") or ROOT / "work")
 RESULTS = ROOT / "results"
+TINY = "cachefeat-tiny-ViT"
 
 
 @dataclass
@@ -32,11 +34,15 @@ class Mode:
     frames: int
     batch_size: int
     decode_workers: int
+    smoke: bool = False        # toy sizes, seconds per section: the sections' code paths, not their figures
+    seeds: int = 3             # seeds per setting in the accuracy sections (adapters, madapter, view_budget)
 
     @classmethod
-    def create(cls, full: bool, device: str = "auto") -> Mode:
+    def create(cls, full: bool, device: str = "auto", smoke: bool = False) -> Mode:
         dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
         cores = os.cpu_count() or 2
+        if smoke:
+            return cls(False, dev, [TINY], 4, 2, 4, 1, smoke=True)
         if full:
             return cls(True, dev, ["ViT-B/16", "ViT-L/14"], 384, 8, 64, max(1, min(14, cores - 2)))
         return cls(False, dev, ["ViT-B/32"], 16, 8, 32, max(1, cores - 1))
@@ -89,6 +95,53 @@ def interleaved(fns: dict, rounds: int, device="cpu") -> dict[str, float]:
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# two-sided 95% quantiles of Student's t by degrees of freedom (scipy is not a dependency); beyond 30, 1.96
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+       25: 2.060, 30: 2.042}
+
+
+def mean_ci(values) -> dict:
+    """Mean and 95% t-interval of per-seed values (one value: no interval)."""
+    v = [float(x) for x in values]
+    m = statistics.mean(v)
+    if len(v) < 2:
+        return {"mean": m, "ci95": None, "half_width": None, "n": len(v)}
+    df = len(v) - 1
+    t = T95.get(df) or (T95[max(k for k in T95 if k <= df)] if df <= 30 else 1.96)
+    h = t * statistics.stdev(v) / len(v) ** 0.5
+    return {"mean": m, "ci95": [m - h, m + h], "half_width": h, "n": len(v)}
+
+
+def fmt_mean_ci(x: dict) -> str:
+    """'0.812 (0.790-0.834)' from a result holding mean_top1 and ci95."""
+    ci = x.get("ci95")
+    return f"{x['mean_top1']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+
+
+def check_keys(result: dict, keys, section: str) -> list[str]:
+    """The dotted key paths of `keys` missing from `result` ('*' stands for every entry of a dict)."""
+    missing = []
+
+    def walk(node, parts, where):
+        if not parts:
+            return
+        head, rest = parts[0], parts[1:]
+        if head == "*":
+            if not isinstance(node, dict) or not node:
+                missing.append(f"{section}: {where or '.'} has no entries")
+                return
+            for k, v in node.items():
+                walk(v, rest, f"{where}.{k}" if where else k)
+        elif not isinstance(node, dict) or head not in node:
+            missing.append(f"{section}: {where + '.' if where else ''}{head}")
+        else:
+            walk(node[head], rest, f"{where}.{head}" if where else head)
+    for key in keys:
+        walk(result, key.split("."), "")
+    return missing
 
 
 def fmt_ratio(x: float | None) -> str:

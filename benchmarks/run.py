@@ -3,6 +3,9 @@
     python benchmarks/run.py            quick CPU mode (a few minutes; small data, ViT-B/32)
     python benchmarks/run.py --full     GPU mode: ViT-B/16 and ViT-L/14 at their real sizes
     python benchmarks/run.py --sections extraction,storage
+    python benchmarks/run.py --smoke    every section at toy sizes (seconds each): its code path and the keys
+                                        its docs table needs (KEYS in each bench_*.py); writes no result file
+    python benchmarks/run.py compare OLD.json NEW.json [--threshold 0.15]
 
 Sections: io (stage one's I/O path against its ceilings: writer vs raw disk write, decoders, the pipeline
 with a free backbone), extraction, storage, reading (cache read efficiency), training (cost per step: cached,
@@ -16,21 +19,23 @@ views K, against online augmentation, and the storage each K costs). scale takes
 a few (it writes the videos once) and the accuracy sections (adapters, madapter, view_budget) an hour or
 more each, so only `--sections NAME` runs them; the default is every other section.
 
-Writes benchmarks/results/<host>-<date>[-full].json and prints Markdown tables; every figure is a ratio of
-two measurements taken in this one run, side by side (peak memory per training variant in a process of its
-own). A goal that is missed is printed with the shortfall.
+Writes benchmarks/results/<host>-<date>[-full].json, its log beside it (.log), and prints Markdown tables;
+every figure is a ratio of two measurements taken in this one run, side by side (peak memory per training
+variant in a process of its own). A goal that is missed is printed with the shortfall.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, WORK, Mode, fmt_ratio, machine  # noqa: E402
+from common import RESULTS, WORK, Mode, check_keys, fmt_ratio, machine  # noqa: E402
 
 SECTIONS = ["io", "extraction", "storage", "reading", "training", "ablation", "int8", "scale", "long", "adapters",
             "madapter", "view_budget"]
@@ -42,38 +47,127 @@ DEFAULT_SECTIONS = [s for s in SECTIONS if s not in SLOW_SECTIONS]
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        return compare_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="GPU mode with real model sizes (ViT-B/16, ViT-L/14)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every section at toy sizes: checks each runs and returns its KEYS; no result file")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
-                    help=f"comma list of {', '.join(SECTIONS)} (default: all but {', '.join(SLOW_SECTIONS)})")
-    ap.add_argument("--out", type=Path, help="result JSON path (default benchmarks/results/<host>-<date>.json)")
+    ap.add_argument("--sections", help=f"comma list of {', '.join(SECTIONS)} (default: all but "
+                                       f"{', '.join(SLOW_SECTIONS)}; with --smoke, all)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per setting in the accuracy sections (default 3)")
+    ap.add_argument("--out", type=Path, help="result JSON path (default benchmarks/results/<host>-<date>.json; "
+                                             "with --smoke, none)")
     args = ap.parse_args(argv)
     import torch
     torch.manual_seed(0)
-    mode = Mode.create(args.full, args.device)
+    mode = Mode.create(args.full, args.device, smoke=args.smoke)
+    mode.seeds = 2 if args.smoke and "--seeds" not in argv else args.seeds
     WORK.mkdir(parents=True, exist_ok=True)
-    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    wanted = [s.strip() for s in (args.sections or ",".join(SECTIONS if args.smoke else DEFAULT_SECTIONS)).split(",")
+              if s.strip()]
     unknown = set(wanted) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     info = machine()
-    print(f"cachefeat benchmarks ({'full' if mode.full else 'quick'} mode) on {info['host']}: "
-          f"{info.get('gpu', info['processor'])}, {info['cpu_count']} CPU cores, torch {info['torch']}, "
-          f"device {mode.device}")
+    kind = "smoke" if mode.smoke else "full" if mode.full else "quick"
+    out = args.out
+    if out is None and not mode.smoke:
+        out = RESULTS / f"{info['host']}-{time.strftime('%Y%m%d')}{'-full' if mode.full else ''}.json"
+    lines = []
+
+    def log(*a):
+        print(*a, flush=True)
+        lines.append(" ".join(str(x) for x in a))
+    log(f"cachefeat benchmarks ({kind} mode) on {info['host']}: {info.get('gpu', info['processor'])}, "
+        f"{info['cpu_count']} CPU cores, torch {info['torch']}, device {mode.device}")
     t0 = time.time()
-    results = {"machine": info, "mode": "full" if mode.full else "quick", "device": mode.device,
-               "date": time.strftime("%Y-%m-%d %H:%M"), "sections": {}}
+    results = {"machine": info, "mode": kind, "device": mode.device, "date": time.strftime("%Y-%m-%d %H:%M"),
+               "sections": {}}
+    failed = []
     for name in wanted:
         module = __import__(f"bench_{name}")
-        results["sections"][name] = module.run(mode, log=print)
+        if not mode.smoke:
+            results["sections"][name] = module.run(mode, log=log)
+            continue
+        t1 = time.time()
+        try:
+            res = module.run(mode, log=log)
+            report({"sections": {name: res}})     # the tables render from it
+        except Exception:
+            failed.append(f"{name}: {traceback.format_exc().strip().splitlines()[-1]}")
+            traceback.print_exc()
+            continue
+        missing = check_keys(res, module.KEYS, name)
+        failed += missing
+        log(f"[smoke] {name}: {time.time() - t1:.1f} s, " + ("keys missing" if missing else "every key present"))
+        results["sections"][name] = res
     results["seconds"] = round(time.time() - t0, 1)
-    out = args.out or RESULTS / f"{info['host']}-{time.strftime('%Y%m%d')}{'-full' if mode.full else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=float))
-    print()
-    print(report(results))
-    print(f"\nresults: {out} ({results['seconds']:.0f} s)")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2, default=float))
+    log()
+    log(report(results))
+    log(f"\nresults: {out or 'not written (smoke)'} ({results['seconds']:.0f} s)")
+    if out is not None:
+        out.with_suffix(".log").write_text("\n".join(lines) + "\n")
+    if failed:
+        print("smoke: failed sections: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def figures(node, prefix: str = "") -> dict[str, float]:
+    """Every numeric figure of a result, by dotted path (booleans are not figures)."""
+    out = {}
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.update(figures(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out.update(figures(v, f"{prefix}[{i}]"))
+    elif isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node):
+        out[prefix] = float(node)
+    return out
+
+
+def compare(old: dict, new: dict, threshold: float = 0.15) -> tuple[list[str], int]:
+    """A table of every numeric figure both results hold (under sections), the new / old ratio, and a flag
+    where it moved by more than `threshold` either way; and how many were flagged."""
+    a, b = figures(old.get("sections", old)), figures(new.get("sections", new))
+    shared = [k for k in a if k in b]
+    lines = [f"| figure | old | new | new / old | moved > {threshold:.0%} |", "|---|---|---|---|---|"]
+    flagged = 0
+    for k in shared:
+        x, y = a[k], b[k]
+        ratio = y / x if x else (1.0 if y == x else None)
+        moved = ratio is None or abs(ratio - 1) > threshold
+        flagged += moved
+        lines.append(f"| {k} | {x:.4g} | {y:.4g} | {'n/a' if ratio is None else f'{ratio:.3f}'} | "
+                     f"{'**moved**' if moved else ''} |")
+    lines.append(f"\n{len(shared)} shared figures, {flagged} moved by more than {threshold:.0%}; "
+                 f"{len(set(a) - set(b))} only in the old, {len(set(b) - set(a))} only in the new")
+    return lines, flagged
+
+
+def compare_main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="run.py compare", description="every figure two result files share, side "
+                                 "by side, with the ratio; moves beyond the threshold flagged")
+    ap.add_argument("old", type=Path)
+    ap.add_argument("new", type=Path)
+    ap.add_argument("--threshold", type=float, default=0.15, help="flag |new / old - 1| above this (default 0.15)")
+    args = ap.parse_args(argv)
+    try:
+        old, new = (json.loads(p.read_text()) for p in (args.old, args.new))
+    except (OSError, ValueError) as e:
+        print(f"run.py compare: cannot read a result file: {e}", file=sys.stderr)
+        return 2
+    head = [f"old: {args.old} ({old.get('date', '?')}, {old.get('mode', '?')} mode)",
+            f"new: {args.new} ({new.get('date', '?')}, {new.get('mode', '?')} mode)", ""]
+    lines, _ = compare(old, new, args.threshold)
+    print("\n".join(head + lines))
     return 0
 
 

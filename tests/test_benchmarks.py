@@ -99,3 +99,87 @@ def test_the_io_section_alternates_decoders_and_pipeline_at_steady_state(synth_s
                                                     + res["pipeline_process_cpu_ms_per_frame"])
     kept = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/vm-20261202-io-7.json").read_text())
     assert "round by round" in report(kept) and "alone 1.58; the pipeline's process 0.81" in report(kept)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """`run.py --smoke` once, in a process of its own, its work folder a tmp folder: every section at toy sizes
+    (~2 minutes on 2 busy cores); the result folder listed before and after."""
+    import os
+    import subprocess
+    repo = Path(__file__).resolve().parents[1]
+    results = repo / "benchmarks" / "results"
+    before = sorted(p.name for p in results.iterdir())
+    env = {**os.environ, "CACHEFEAT_BENCH_WORK": str(tmp_path_factory.mktemp("bench-work"))}
+    res = subprocess.run([sys.executable, str(repo / "benchmarks" / "run.py"), "--smoke"], capture_output=True,
+                         text=True, env=env, timeout=900)
+    return res, before, sorted(p.name for p in results.iterdir())
+
+
+def _sections():
+    from run import SECTIONS
+    return SECTIONS
+
+
+@pytest.mark.parametrize("section", _sections())
+def test_smoke_runs_every_section(smoke_run, section):
+    """Each section runs its real code path at toy sizes, returns every key of its KEYS (what its docs table
+    needs) and its table renders; the smoke run writes nothing under benchmarks/results/."""
+    res, before, after = smoke_run
+    assert f"[smoke] {section}: " in res.stdout, res.stderr[-3000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith(f"[smoke] {section}: "))
+    assert line.endswith("every key present"), (line, res.stderr[-3000:])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert before == after and "not written (smoke)" in res.stdout
+
+
+def test_smoke_checks_the_keys_a_section_declares():
+    """A result missing a declared key (or holding no entries where '*' asks for them) is named."""
+    from common import check_keys
+    keys = ("a", "b.c", "d.*.e")
+    assert check_keys({"a": 1, "b": {"c": 2}, "d": {"x": {"e": 3}, "y": {"e": 4}}}, keys, "s") == []
+    assert check_keys({"b": {}, "d": {"x": {"e": 3}, "y": {}}}, keys, "s") == ["s: a", "s: b.c", "s: d.y.e"]
+    assert check_keys({"a": 1, "b": {"c": 2}, "d": {}}, keys, "s") == ["s: d has no entries"]
+
+
+def test_mean_ci_is_the_t_interval():
+    """The 95% t-interval of three seeds (t = 4.303 at 2 degrees of freedom); one seed has none."""
+    import statistics
+
+    from common import mean_ci
+    v = [0.81, 0.86, 0.81]
+    r = mean_ci(v)
+    h = 4.303 * statistics.stdev(v) / 3 ** 0.5
+    assert r["mean"] == pytest.approx(statistics.mean(v)) and r["half_width"] == pytest.approx(h)
+    assert r["ci95"] == pytest.approx([r["mean"] - h, r["mean"] + h]) and r["n"] == 3
+    assert mean_ci([0.5])["ci95"] is None
+    assert mean_ci([1.0] * 40)["half_width"] == 0
+
+
+def test_compare_prints_every_shared_figure_with_its_ratio_and_flags_moves(tmp_path, capsys):
+    """`run.py compare OLD NEW`: shared numeric figures side by side with new / old, flagged beyond the
+    threshold; figures in one file only are counted, strings and booleans are not figures."""
+    import json
+
+    from run import main
+    old = {"date": "2026-11-23", "mode": "quick", "sections": {
+        "training": {"ViT-B/32": {"variants": {"online": {"time_over_cached": 4.0, "ms_per_step": 100},
+                                               "cached": {"ms_per_step": 25}}, "device": "cpu"}},
+        "reading": {"efficiency": 0.9, "only_old": 1.0, "verdict": "met", "ok": True}}}
+    new = {"date": "2026-12-06", "mode": "quick", "sections": {
+        "training": {"ViT-B/32": {"variants": {"online": {"time_over_cached": 2.8, "ms_per_step": 98},
+                                               "cached": {"ms_per_step": 35}}, "device": "cpu"}},
+        "reading": {"efficiency": 0.95, "verdict": "met", "ok": True, "only_new": [1, 2]}}}
+    a, b = tmp_path / "old.json", tmp_path / "new.json"
+    a.write_text(json.dumps(old))
+    b.write_text(json.dumps(new))
+    assert main(["compare", str(a), str(b)]) == 0
+    rows = {x.split(" | ")[0].strip("| "): x for x in capsys.readouterr().out.splitlines() if x.startswith("| ")}
+    assert "| 4 | 2.8 | 0.700 | **moved** |" in rows["training.ViT-B/32.variants.online.time_over_cached"]
+    assert rows["training.ViT-B/32.variants.cached.ms_per_step"].endswith("| 1.400 | **moved** |")
+    assert rows["training.ViT-B/32.variants.online.ms_per_step"].endswith("| 0.980 |  |")
+    assert rows["reading.efficiency"].endswith("| 1.056 |  |")
+    assert not any(k.startswith(("reading.only", "reading.ok", "reading.verdict")) for k in rows)
+    assert main(["compare", str(a), str(b), "--threshold", "0.5"]) == 0
+    assert "**moved**" not in capsys.readouterr().out
+    assert main(["compare", str(a), str(tmp_path / "missing.json")]) == 2
