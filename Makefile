@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # optional extras to install besides the tests' (pyproject.toml), e.g. `make install EXTRAS=siglip`
 EXTRAS ?=
 
-.PHONY: install demo ablate-demo test bench bench-full clean
+.PHONY: install demo ablate-demo test bench bench-full gpu-check clean
 
 comma := ,
 STAMP := $(VENV)/.installed$(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
@@ -35,6 +35,11 @@ bench: install
 
 bench-full: install
 	$(BIN)/python benchmarks/run.py --full
+
+# GPU acceptance (docs/gpu-check.md): no install step, so it runs where the project is not pip-installed
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) demo runs ablations benchmarks/work .pytest_cache
