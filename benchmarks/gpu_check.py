@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -48,8 +49,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WHEELS = HERE / "gpu-wheels"
-CORE_MODULES = ("torch", "numpy", "zarr", "numcodecs", "crc32c", "av", "open_clip", "timm", "click", "yaml",
-                "psutil", "tqdm", "PIL")
+CORE_MODULES = ("torch", "numpy", "zarr", "numcodecs", "crc32c", "google_crc32c", "donfig", "av", "open_clip",
+                "timm", "click", "yaml", "psutil", "tqdm", "PIL", "h5py")
 
 
 # ------------------------------------------------------------------------------------------- sys.path
@@ -60,7 +61,8 @@ def _vendored_site() -> Path | None:
     if not wheels:
         return None
     key = "-".join(f"{w.name}:{w.stat().st_size}" for w in wheels)
-    site = Path(tempfile.gettempdir()) / f"cachefeat-gpu-site-{abs(hash(key)) % 10 ** 10}"   # stable per run
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]        # the same wheels: the same folder, unpacked once
+    site = Path(tempfile.gettempdir()) / f"cachefeat-gpu-site-{digest}"
     mark = site / ".unpacked"
     if not mark.is_file() or mark.read_text() != key:
         shutil.rmtree(site, ignore_errors=True)
