@@ -1,6 +1,8 @@
 """What only a GPU can show: extraction under fp16/bf16 autocast computes the fp32 features within
-reduced-precision error, and stage two trains with mixed precision to a checkpoint a CPU can use.
-Skipped on machines without CUDA (CI has none); run on a GPU machine with `pytest tests/test_gpu.py`."""
+reduced-precision error, the GPU crop and the page-locked copies change nothing, stage two's batches reach
+the GPU unchanged (from pageable and page-locked memory, on a side stream), and stage two trains under
+fp16 and bf16 autocast to a checkpoint a CPU can use. Skipped on machines without CUDA (CI has none); run
+on a GPU machine with `pytest tests/test_gpu.py` (`make gpu-check` runs it first)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +12,8 @@ import pytest
 import torch
 
 from cachefeat import open_cache
+from cachefeat.train import TrainConfig, load_adapter, open_run
+from cachefeat.train.evaluate import to_device
 
 from conftest import run_cli, tiny_extract_args
 
@@ -59,3 +63,48 @@ def test_gpu_crops_and_asynchronous_copies_change_nothing(synth_small, tmp_path)
         a, b = open_cache(caches["workers"]), open_cache(caches["device"])
         for name in a.layout.row_arrays():
             assert np.array_equal(a.read(name), b.read(name)), (dtype, name)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gpu_training_under_amp_gives_a_checkpoint_that_evaluates_on_cpu(stage2_caches, tmp_path, precision):
+    """Training under each autocast precision (fp16 with its gradient scaler) stays finite, and the checkpoint
+    read back through the public loader on the CPU holds CPU weights whose logits agree with the same
+    adapter's on the GPU (fp32 logits both sides; TF32 matmuls, if enabled, are the only difference)."""
+    run = tmp_path / f"run-{precision}"
+    run_cli("train", "--cache", stage2_caches["train"], "--adapter", "evl", "--adapter-opt", "layers=2",
+            "--adapter-opt", "tca=false", "--epochs", "2", "--batch-size", "16", "--device", "cuda",
+            "--precision", precision, "--out", run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["precision"] == precision and np.isfinite(summary["final"]["train_loss"])
+    cpu, gpu = load_adapter(run, device="cpu"), load_adapter(run, device="cuda")
+    assert all(p.device.type == "cpu" for p in cpu.model.parameters())
+    ds = cpu.dataset(stage2_caches["val"], in_memory="yes")
+    batch = ds.gather(ds.rows[:16])
+    with torch.no_grad():
+        a, b = cpu.logits(batch).float(), gpu.logits(batch).float().cpu()
+    assert torch.isfinite(a).all()
+    assert (a - b).abs().max() <= 1e-2 * max(1.0, float(a.abs().max()))
+
+
+def test_gpu_reader_batches_reach_the_gpu_unchanged_from_pageable_and_page_locked_memory(stage2_caches):
+    """Stage two's batches copied to the GPU as training does (to_device: non-blocking from pageable arrays)
+    and from page-locked copies on a side stream are bit-for-bit the CPU's tensors."""
+    r = open_run(TrainConfig(adapter="evl", adapter_opts={"layers": 2, "tca": False}, epochs=1, batch_size=16,
+                             device="cuda", in_memory="yes"), str(stage2_caches["train"]))
+    dev = torch.device("cuda")
+    stream = torch.cuda.Stream()
+    checked = 0
+    for batch in r.train_source.batches(0, train=True):
+        want = to_device(batch, torch.device("cpu"), r.spec)
+        plain = to_device(batch, dev, r.spec)
+        pinned = {k: torch.as_tensor(v).pin_memory() for k, v in batch.items() if k in ("cls", "tokens", "pixels")}
+        assert all(t.is_pinned() for t in pinned.values())
+        with torch.cuda.stream(stream):
+            side = to_device(pinned, dev, r.spec)
+        torch.cuda.current_stream().wait_stream(stream)
+        for k, v in want.items():
+            assert plain[k].device.type == "cuda" and side[k].device.type == "cuda"
+            assert torch.equal(plain[k].cpu(), v), k
+            assert torch.equal(side[k].cpu(), v), k
+        checked += 1
+    assert checked >= 2
