@@ -54,20 +54,34 @@ CORE_MODULES = ("torch", "numpy", "zarr", "numcodecs", "crc32c", "google_crc32c"
 
 
 # ------------------------------------------------------------------------------------------- sys.path
+def _wheel_modules(z: zipfile.ZipFile) -> set[str]:
+    """The top-level importable names a wheel holds (its folders and modules, not its metadata or libs)."""
+    tops = {n.split("/", 1)[0] for n in z.namelist()}
+    return {t.split(".", 1)[0] for t in tops if "." not in t or t.endswith((".py", ".so"))}
+
+
 def _vendored_site() -> Path | None:
-    """Unpack the wheels of benchmarks/gpu-wheels/ (once per set of wheels) into a folder under the temp
-    dir and return it; None when there are none. A wheel is a zip of what goes into site-packages."""
+    """Unpack the wheels of benchmarks/gpu-wheels/ that this Python lacks (any of its modules not
+    importable) into a folder under the temp dir, once per such set, and return it; None when none is
+    needed. Only what is missing goes there, so PYTHONPATH (which comes before site-packages in a
+    subprocess) shadows nothing installed. A wheel is a zip of what goes into site-packages."""
+    import importlib.util
     wheels = sorted(WHEELS.glob("*.whl")) if WHEELS.is_dir() else []
-    if not wheels:
+    needed = []
+    for w in wheels:
+        with zipfile.ZipFile(w) as z:
+            if any(importlib.util.find_spec(m) is None for m in _wheel_modules(z)):
+                needed.append(w)
+    if not needed:
         return None
-    key = "-".join(f"{w.name}:{w.stat().st_size}" for w in wheels)
+    key = "-".join(f"{w.name}:{w.stat().st_size}" for w in needed)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]        # the same wheels: the same folder, unpacked once
     site = Path(tempfile.gettempdir()) / f"cachefeat-gpu-site-{digest}"
     mark = site / ".unpacked"
     if not mark.is_file() or mark.read_text() != key:
         shutil.rmtree(site, ignore_errors=True)
         site.mkdir(parents=True)
-        for w in wheels:
+        for w in needed:
             with zipfile.ZipFile(w) as z:
                 for name in z.namelist():          # our own downloads, still: nothing outside the folder
                     if name.startswith("/") or ".." in Path(name).parts:
@@ -282,7 +296,9 @@ def step_stage_one(sz: Sizes, data: Path, work: Path, log: Log) -> dict:
                         "clips": n, "bytes_per_frame": frame_bytes, "pipeline_frames_per_s": pipe_fps,
                         "pipeline_bottleneck": stats.bottleneck(), "forward_frames_per_s": forward_fps,
                         "decoders_frames_per_s": decode_fps, "writer_frames_per_s": writer_fps,
-                        "writer_mib_s": writer_mib, "limiting_ceiling": limit, "efficiency": eff, "goal": 0.9}
+                        "writer_mib_s": writer_mib, "limiting_ceiling": limit, "efficiency": eff, "goal": 0.9,
+                        # the decoders alone crop in the workers (PIL); the pipeline on a GPU crops on the device
+                        "decoders_crop": "workers"}
             log(f"  {key}: pipeline {pipe_fps:.0f} frames/s; ceilings: forward {forward_fps:.0f}, decoders "
                 f"{decode_fps:.0f}, writer {writer_fps:.0f} ({writer_mib:.0f} MiB/s of {frame_bytes / 2 ** 20:.2f} "
                 f"MiB/frame): efficiency {eff:.2f} against {limit} (pipeline time: {stats.bottleneck()})")
