@@ -813,8 +813,11 @@ def main(argv=None) -> int:
 
 
 def _git_version() -> str:
+    git = shutil.which("git")        # a full path (bandit B607); no git on the machine: "unknown"
+    if git is None:
+        return "unknown"
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True,
+        return subprocess.run([git, "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True,
                               timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
