@@ -748,7 +748,7 @@ def _parse_adapter_opts(items) -> dict:
                    "HEAD:6379` on the others; auto = the cluster of this node) instead of starting Ray here. The "
                    "caches and --out must then be on storage every node sees at the same path.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
-              help="Run folder (e.g. runs/NAME): checkpoint.pt, metrics.jsonl, summary.json, curves.png.")
+              help="Run folder (e.g. runs/NAME): checkpoint/, metrics.jsonl, summary.json, curves.png.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same settings).")
 @click.option("--overwrite", is_flag=True,
               help="Replace the run in --out instead of refusing (only once every other check has passed).")
@@ -830,8 +830,8 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
             final = result.history[-1] if result.history else {}
     except TrainDiverged as e:
         raise click.ClickException(str(e)) from None
-    best = " checkpoint_best.pt," if (Path(out) / "checkpoint_best.pt").is_file() else ""
-    msg = f"wrote {out}: checkpoint.pt,{best} metrics.jsonl, summary.json, curves.png"
+    best = " checkpoint_best/," if (Path(out) / "checkpoint_best").is_dir() else ""
+    msg = f"wrote {out}: checkpoint/,{best} metrics.jsonl, summary.json, curves.png"
     if final.get("val_top1") is not None:
         msg += f"; val top-1 {100 * final['val_top1']:.1f}%, top-5 {100 * final['val_top5']:.1f}%"
     click.echo(msg)
@@ -936,8 +936,8 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
 # ------------------------------------------------------------------------------------------- eval
 @cli.command("eval")
 @click.option("--checkpoint", "-c", required=True, type=click.Path(exists=True),
-              help="A run folder written by cachefeat train (its last checkpoint), or a checkpoint file such as "
-                   "RUN/checkpoint_best.pt.")
+              help="A run folder written by cachefeat train (its last checkpoint), or a checkpoint folder such as "
+                   "RUN/checkpoint_best.")
 @click.option("--cache", required=True, type=click.Path(exists=True, file_okay=False),
               help="The cache to evaluate on (same backbone, preprocessing and class list as the training cache).")
 @click.option("--out", type=click.Path(file_okay=False),
@@ -1025,7 +1025,7 @@ def _progress_bar(desc: str, unit: str, off: bool, total: int | None = None):
 @cli.command()
 @click.argument("videos", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--checkpoint", "-c", required=True, type=click.Path(exists=True),
-              help="A run folder written by cachefeat train, or its checkpoint.pt.")
+              help="A run folder written by cachefeat train, or one of its checkpoint folders.")
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1), help="Classes to show per video.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (backbone and adapter).")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
@@ -1097,6 +1097,31 @@ def compare(runs, as_json):
     if has_rev:
         click.echo("reversal pairs: how often the true class outscores its time-reversed partner "
                    "(50% = blind to frame order)")
+
+
+# ------------------------------------------------------------------------------------------- checkpoint
+@cli.group("checkpoint")
+def checkpoint_group():
+    """Trained adapters' checkpoints: convert those of cachefeat before 2026-12-06 (docs/security.md)."""
+
+
+@checkpoint_group.command("migrate")
+@click.argument("old", type=click.Path(exists=True))
+@click.argument("new", type=click.Path(file_okay=False))
+@click.option("--trust", is_flag=True,
+              help="Unpickle OLD in full. This runs any code the file holds: only for a file you made yourself. "
+                   "Without it, migrate reads only the data types of the old format, and refuses anything else.")
+def checkpoint_migrate(old, new, trust):
+    """Convert OLD, a checkpoint file of the old pickle format (RUN/checkpoint.pt; or a run folder: its
+    checkpoint.pt and checkpoint_best.pt), into the run folder NEW in today's format, which holds data only
+    (NEW/checkpoint). Every file is checked before anything is written; a checkpoint in NEW is never replaced.
+
+    Example: cachefeat checkpoint migrate runs/old/checkpoint.pt runs/old-migrated
+    """
+    from .train.migrate import migrate
+
+    for src, dst, ck in migrate(old, new, trust, warn=lambda line: click.echo(line, err=True)):
+        click.echo(f"migrated {src} -> {dst} ({ck['adapter']}, epoch {ck['epoch']})")
 
 
 # ------------------------------------------------------------------------------------------- adapters

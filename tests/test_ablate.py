@@ -54,7 +54,7 @@ def test_an_ablation_of_four_trials_ranks_temporal_adapters_above_the_probe(stag
     assert len(table) == 5 and "val top-1" in table[0] and "peak RSS" in table[0] and rows[0]["trial"] in table[1]
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     # best/ is the best trial's run folder, with a checkpoint that eval accepts
-    assert (out / "best" / "checkpoint.pt").is_file() and (out / "trials" / rows[0]["trial"] / "train.log").is_file()
+    assert (out / "best" / "checkpoint").is_dir() and (out / "trials" / rows[0]["trial"] / "train.log").is_file()
     ev = json.loads(run_cli("eval", "--checkpoint", out / "best", "--cache", stage2_caches["val"], "--json").output)
     assert ev["adapter"] == "temporal" and ev["top1"] == pytest.approx(top1[0], abs=1e-4)
     again = run_cli("ablate", spec, "--out", out, ok=False)
@@ -133,7 +133,7 @@ def test_random_search_with_asha_runs_every_sample(stage2_caches, tmp_path, ray_
                                                  else f"stopped early (ASHA) after {ran} of 4 epochs")
         # (a stopped trial may finish the epoch it was in before Tune stops it)
         assert len((out / "trials" / r["trial"] / "metrics.jsonl").read_text().splitlines()) >= ran
-    assert (out / "best" / "checkpoint.pt").is_file()
+    assert (out / "best" / "checkpoint").is_dir()
 
 
 def test_a_failing_trial_is_a_row_with_its_error_and_the_command_exits_1(stage2_caches, tmp_path, ray_session):
@@ -149,4 +149,4 @@ def test_a_failing_trial_is_a_row_with_its_error_and_the_command_exits_1(stage2_
     assert [r["status"] for r in rows][0] == "done"
     assert rows[1]["status"].startswith("error: DeviceError: --precision fp16 needs a GPU"), rows[1]["status"]
     assert "fp16 needs a GPU" in (out / "trials" / rows[1]["trial"] / "train.log").read_text()
-    assert (out / "best" / "checkpoint.pt").is_file() and (out / "results.md").is_file()
+    assert (out / "best" / "checkpoint").is_dir() and (out / "results.md").is_file()

@@ -6,6 +6,7 @@ none may be an "unexpected" error (each is caught where it arises and explained)
 shows the traceback; an unforeseen error is one line naming its type; Ctrl-C is 130."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -271,16 +272,32 @@ def test_malformed_recipes_specs_and_config_files_are_one_line_exit_2(world, tmp
 
 
 # ------------------------------------------------------------------------------------------- checkpoints, runs
+def _rewrite_state(ckdir: Path, state: dict) -> None:
+    """Replace a checkpoint's state.json, with a manifest whose size and digest match (as anyone can write)."""
+    data = json.dumps(state).encode()
+    (ckdir / "state.json").write_bytes(data)
+    manifest = json.loads((ckdir / "manifest.json").read_text())
+    manifest["files"]["state.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckdir / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_bad_checkpoints_and_run_folders_are_one_line(world, tmp_path):
     (tmp_path / "text.pt").write_text("hello")
     (tmp_path / "pickle.pt").write_bytes(b"\x80\x04K\x01.")
     flipped = tmp_path / "flipped"
     shutil.copytree(world["run"], flipped)
-    b = bytearray((flipped / "checkpoint.pt").read_bytes())
+    weights = flipped / "checkpoint" / "model.safetensors"
+    b = bytearray(weights.read_bytes())
     b[len(b) // 2] ^= 0x01
-    (flipped / "checkpoint.pt").write_bytes(b)
+    weights.write_bytes(b)
+    no_manifest = tmp_path / "no-manifest"
+    shutil.copytree(world["run"], no_manifest)
+    (no_manifest / "checkpoint" / "manifest.json").unlink()
+    bad_state = tmp_path / "bad-state"     # valid JSON with the right digest, but not a checkpoint's state
+    shutil.copytree(world["run"], bad_state)
+    _rewrite_state(bad_state / "checkpoint", {"format": "cachefeat-checkpoint", "epoch": "one"})
     cases = {"text": (tmp_path / "text.pt", 2), "pickle": (tmp_path / "pickle.pt", 2), "flipped": (flipped, 1),
-             "empty-folder": (tmp_path, 2)}
+             "no-manifest": (no_manifest, 1), "bad-state": (bad_state, 2), "empty-folder": (tmp_path, 2)}
     for name, (ck, code) in cases.items():
         for args in (["eval", "--checkpoint", ck, "--cache", world["cache"], "--out", tmp_path / "e"],
                      ["predict", "--checkpoint", ck, tmp_path / "none.mp4"]):
@@ -352,7 +369,7 @@ def test_ctrl_c_is_130_with_how_to_continue(world, tmp_path):
     proc = cli_subprocess("train", "--cache", world["cache"], "--adapter", "probe", "--epochs", "100000",
                           "--batch-size", "4", "--threads", "1", "--out", out)
     deadline = time.monotonic() + 120
-    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+    while not (out / "checkpoint").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)

@@ -126,12 +126,12 @@ def test_eval_json_and_text_at_many_classes(wide, tmp_path):
     assert len(text.splitlines()) <= 5 and "per-class accuracy over 4 classes with videos (of 10000)" in text
     # the best epoch's checkpoint is kept beside the last, and evaluates like any checkpoint
     summary = json.loads((d / "run" / "summary.json").read_text())
-    assert summary["files"]["best_checkpoint"] == "checkpoint_best.pt"
+    assert summary["files"]["best_checkpoint"] == "checkpoint_best"
     from cachefeat.train import load_checkpoint
-    best = load_checkpoint(d / "run" / "checkpoint_best.pt")
+    best = load_checkpoint(d / "run" / "checkpoint_best")
     assert best["epoch"] == summary["best_epoch"]
     assert best["history"][-1]["val_top1"] == summary["best_val_top1"]
-    run_cli("eval", "--checkpoint", d / "run" / "checkpoint_best.pt", "--cache", d / "cache.zarr", "--json",
+    run_cli("eval", "--checkpoint", d / "run" / "checkpoint_best", "--cache", d / "cache.zarr", "--json",
             "--out", tmp_path / "c")
 
 

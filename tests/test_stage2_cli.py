@@ -44,7 +44,7 @@ def test_every_adapter_trains_and_evaluates_from_the_cli(trained, stage2_caches)
         metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
         assert [m["epoch"] for m in metrics] == list(range(1, epochs + 1)) and summary["epochs"] == epochs
         assert {"train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr"} <= metrics[-1].keys()
-        assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG" and (run / "checkpoint.pt").is_file()
+        assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG" and (run / "checkpoint" / "manifest.json").is_file()
         # eval: the 3 views of each of the 60 val videos averaged, fractions, per class, confusion matrix
         assert ev["videos"] == 60 and ev["clips"] == 180 and ev["views"] == 3
         assert 0 <= ev["top1"] <= ev["top5"] <= 1 and ev["trainable_params"] == summary["trainable_params"]

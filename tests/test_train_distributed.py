@@ -31,7 +31,7 @@ def test_two_workers_train_like_one_process_and_write_the_same_run_folder(stage2
     lines = res.output.splitlines()
     assert "read by 2 data-parallel workers" in lines[1]
     assert [l.split()[1] for l in lines if l.startswith("epoch")] == ["1/3", "2/3", "3/3"]   # rank 0's lines
-    assert lines[-1].startswith(f"wrote {two}: checkpoint.pt")
+    assert lines[-1].startswith(f"wrote {two}: checkpoint/")
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     a, b = load_checkpoint(one), load_checkpoint(two)
     assert a.keys() == b.keys() and b["epoch"] == 3

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from cachefeat.train import load_checkpoint, save_atomic
+from cachefeat.train import load_checkpoint, save_checkpoint
 
 from conftest import cli_subprocess, run_cli
 
@@ -82,15 +82,17 @@ def test_a_sigkilled_training_resumes_to_the_same_result(stage2_caches, tmp_path
     proc.stdout.close()
     killed_at = load_checkpoint(cut)["epoch"]
     assert 2 <= killed_at < int(epochs) and not (cut / "summary.json").exists()
-    whole = (cut / "checkpoint.pt").read_bytes()
-    (cut / "checkpoint.pt.tmp").write_bytes(whole[: len(whole) // 2])   # a write cut short
+    import shutil
+    shutil.copytree(cut / "checkpoint", cut / "checkpoint.tmp")      # a write cut short
+    whole = (cut / "checkpoint.tmp" / "model.safetensors").read_bytes()
+    (cut / "checkpoint.tmp" / "model.safetensors").write_bytes(whole[: len(whole) // 2])
 
     res = run_cli(*args, "--out", cut, ok=False)      # neither --resume nor --overwrite: refused
     assert "--resume to continue it" in _one_error_line(res)
     res = run_cli(*args, "--out", cut, "--resume")
     assert f"resuming {cut} after epoch {killed_at} of {epochs}" in res.output
     assert f"epoch {killed_at + 1:>3}/{epochs}" in res.output and "epoch   1/" not in res.output
-    assert not (cut / "checkpoint.pt.tmp").exists()   # replaced by the next checkpoint, then renamed away
+    assert not (cut / "checkpoint.tmp").exists()   # replaced by the next checkpoint, then renamed away
 
     run_cli(*args, "--out", tmp_path / "straight")
     a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(cut)
@@ -106,67 +108,97 @@ def test_a_sigkilled_training_resumes_to_the_same_result(stage2_caches, tmp_path
     assert ha == hb and len(ha) == int(epochs)
 
 
-def test_checkpoints_are_replaced_atomically(tmp_path):
-    """A write that dies part-way (here: pickling fails after some bytes went out) leaves the previous
-    checkpoint intact and readable; only the temp file is partial."""
-    path = tmp_path / "checkpoint.pt"
-    save_atomic({"format": "cachefeat-checkpoint", "epoch": 1, "w": torch.ones(1000)}, path)
-    before = path.read_bytes()
+def test_checkpoints_are_replaced_atomically(stage2_caches, tmp_path, monkeypatch):
+    """A write that dies at any step (each fsync, rename and removal of the folder swap, in turn) leaves one
+    whole checkpoint that loads: the previous one, or the new one once it is renamed in place; the next
+    write leaves no checkpoint.tmp or checkpoint.old behind."""
+    import shutil
+    out = tmp_path / "run"
+    run_cli(*_train_args(stage2_caches["train"], "--epochs", "1", "--out", out, "--quiet"))
+    ck = load_checkpoint(out)
+    newer = {**ck, "epoch": 2}
 
-    class Boom:
-        def __reduce__(self):
-            raise OSError("disk full")
-    with pytest.raises(OSError, match="disk full"):
-        save_atomic({"format": "cachefeat-checkpoint", "epoch": 2, "w": torch.zeros(1000), "z": Boom()}, path)
-    assert path.read_bytes() == before and load_checkpoint(path)["epoch"] == 1
+    class Killed(BaseException):
+        pass
+
+    real = {"fsync": os.fsync, "replace": os.replace, "rmtree": shutil.rmtree}
+    for k in range(1, 20):
+        calls = []
+
+        def step(name, *args, _calls=calls, _k=k, **kw):
+            _calls.append(name)
+            if len(_calls) == _k:
+                raise Killed
+            return real[name](*args, **kw)
+        for name in real:
+            monkeypatch.setattr(os if name != "rmtree" else shutil, name, lambda *a, _n=name, **kw: step(_n, *a, **kw))
+        try:
+            save_checkpoint(newer, out / "checkpoint")
+            finished = True
+        except Killed:
+            finished = False
+        monkeypatch.undo()
+        assert load_checkpoint(out)["epoch"] in (1, 2), k
+        save_checkpoint(ck, out / "checkpoint")
+        assert load_checkpoint(out)["epoch"] == 1
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+        if finished:
+            break
+    assert finished and k > 5
 
 
 def test_every_flipped_byte_of_a_checkpoint_is_refused(stage2_caches, tmp_path):
-    """Issue 17: 12 of 41 single-byte flips of checkpoint.pt loaded silently with changed weights. A
-    checkpoint now carries the SHA-256 and length of its contents: a flip anywhere (each header byte, ~400
-    positions spread over the body, the last 64 bytes; two flips each) and a file cut short are refused with
-    CheckpointDamaged, and eval, predict and train --resume exit 1 in one line naming the file."""
+    """Issue 17, in the checkpoint format of issue 28: a flip anywhere in manifest.json, and in ~400 positions
+    of each of model.safetensors and state.json (two flips each), and a file cut short, are refused; in the
+    two data files with CheckpointDamaged. eval, predict and train --resume exit 1 in one line naming it."""
+    from cachefeat.train import TrainError
     from cachefeat.train.checkpoint import CheckpointDamaged
     out = tmp_path / "run"
     run_cli(*_train_args(stage2_caches["train"], "--epochs", "1", "--out", out, "--quiet"))
-    path = out / "checkpoint.pt"
-    whole = path.read_bytes()
-    n, header = len(whole), whole.index(b"\n") + 1
-    assert whole.startswith(b"cachefeat-checkpoint sha256:") and load_checkpoint(out)["epoch"] == 1
-    positions = sorted(set(range(header)) | set(range(header, n, max(1, n // 400))) | set(range(n - 64, n)))
+    ckdir = out / "checkpoint"
     refused = 0
-    for i in positions:
-        for mask in (0xFF, 0x01):
-            flipped = bytearray(whole)
-            flipped[i] ^= mask
-            path.write_bytes(flipped)
-            with pytest.raises(CheckpointDamaged, match=f"{path} is damaged"):
+    for name in ("manifest.json", "model.safetensors", "state.json"):
+        path = ckdir / name
+        whole = path.read_bytes()
+        n = len(whole)
+        positions = range(n) if name == "manifest.json" else sorted(set(range(0, n, max(1, n // 400)))
+                                                                    | set(range(n - 64, n)))
+        for i in positions:
+            for mask in (0xFF, 0x01):
+                flipped = bytearray(whole)
+                flipped[i] ^= mask
+                path.write_bytes(flipped)
+                with pytest.raises(TrainError if name == "manifest.json" else CheckpointDamaged):
+                    load_checkpoint(out)
+                refused += 1
+        for cut in (0, n // 2, n - 2):   # (n - 1 would drop only the final newline of the JSON)
+            path.write_bytes(whole[:cut])
+            with pytest.raises(TrainError):
                 load_checkpoint(out)
-            refused += 1
-    for cut in (header - 1, header, n // 2, n - 1):
-        path.write_bytes(whole[:cut])
-        with pytest.raises(CheckpointDamaged):
-            load_checkpoint(path)
-    assert refused == 2 * len(positions) and len(positions) > 500
+        path.write_bytes(whole)
+    assert refused > 1000
+    weights = ckdir / "model.safetensors"
+    whole = weights.read_bytes()
     flipped = bytearray(whole)
-    flipped[n // 2] ^= 0x10
-    path.write_bytes(flipped)
+    flipped[len(whole) // 2] ^= 0x10
+    weights.write_bytes(flipped)
     for args in (["eval", "--checkpoint", out, "--cache", stage2_caches["val"]],
                  ["predict", "--checkpoint", out, stage2_caches["data"] / "val" / "x.mp4"],
                  _train_args(stage2_caches["train"], "--epochs", "2", "--out", out, "--resume")):
         line = _one_error_line(run_cli(*args, ok=False), status=1)
-        assert f"{path} is damaged: its contents do not match their SHA-256 digest" in line, line
+        assert f"{ckdir} is damaged: its model.safetensors does not match its SHA-256" in line, line
         assert "train the run again" in line
-    path.write_bytes(whole)
+    weights.write_bytes(whole)
     assert load_checkpoint(out)["epoch"] == 1
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again(stage2_caches, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "checkpoint.pt.tmp").write_bytes(b"\x80\x02partial")
+    (out / "checkpoint.tmp").mkdir()
+    (out / "checkpoint.tmp" / "model.safetensors").write_bytes(b"partial")
     run_cli(*_train_args(stage2_caches["train"], "--epochs", "1", "--out", out, "--quiet"))
-    assert load_checkpoint(out)["epoch"] == 1 and not (out / "checkpoint.pt.tmp").exists()
+    assert load_checkpoint(out)["epoch"] == 1 and not (out / "checkpoint.tmp").exists()
 
 
 # ------------------------------------------------------------------------------------------- bad usage
@@ -232,10 +264,10 @@ def test_runs_and_caches_leave_pictures_linked_from_their_json(stage2_caches, tm
     run_cli(*_train_args(stage2_caches["train"], "--val-cache", stage2_caches["val"], "--epochs", "2", "--out", run,
                          "--quiet"))
     s = json.loads((run / "summary.json").read_text())
-    assert s["files"] == {"checkpoint": "checkpoint.pt", "metrics": "metrics.jsonl", "curves_png": "curves.png",
-                          "best_checkpoint": "checkpoint_best.pt"}
+    assert s["files"] == {"checkpoint": "checkpoint", "metrics": "metrics.jsonl", "curves_png": "curves.png",
+                          "best_checkpoint": "checkpoint_best"}
     for f in s["files"].values():
-        assert (run / f).is_file()
+        assert (run / f).exists()
     _valid_png(run / s["files"]["curves_png"])
 
     run_cli("eval", "--checkpoint", run, "--cache", stage2_caches["val"])

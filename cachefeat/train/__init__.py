@@ -18,7 +18,7 @@ Names load on first use, so that reading TrainConfig's defaults (the CLI does at
 """
 _LAZY = {
     "adapter_from_checkpoint": "checkpoint", "check_fits": "checkpoint", "load_checkpoint": "checkpoint",
-    "save_atomic": "checkpoint",
+    "save_checkpoint": "checkpoint",
     "TrainConfig": "config", "TrainDiverged": "config", "TrainError": "config", "read_config_file": "config",
     "Part": "loop", "Run": "loop", "cpu_threads": "loop", "lr_at": "loop", "mix": "loop", "open_run": "loop",
     "param_groups": "loop", "train": "loop",

@@ -629,8 +629,9 @@ def write_results(out: Path, rows: list[Row], spec: AblationSpec, wall: float) -
     lines.append("")
     (out / "results.md").write_text("\n".join(lines))
     plot_results(out / "results.png", rows)
+    from .checkpoint import CHECKPOINT
     best = next((r for r in rows
-                 if r.val_top1 is not None and (out / "trials" / r.name / "checkpoint.pt").is_file()), None)
+                 if r.val_top1 is not None and (out / "trials" / r.name / CHECKPOINT).is_dir()), None)
     if (out / "best").exists():
         shutil.rmtree(out / "best")
     if best is not None:

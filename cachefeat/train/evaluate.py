@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..devices import autocast
+from .checkpoint import run_folder
 from .config import TrainError
 
 
@@ -329,7 +330,7 @@ def _write_json(path: Path, obj: dict) -> None:
 def report_dir(checkpoint: str | Path, cache: str | Path, out: str | Path | None = None) -> Path:
     """Where `eval` writes its report: `out`, else RUN/eval-<cache name>. An earlier eval's folder is
     replaced (its figures are a function of checkpoint and cache); anything else is refused."""
-    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    run_dir = run_folder(checkpoint)
     out_dir = Path(out) if out else run_dir / f"eval-{Path(cache).name.removesuffix('.zarr')}"
     if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "metrics.json").is_file()):
         raise TrainError(f"--out {out_dir} exists and is not the output of an earlier cachefeat eval; "

@@ -29,7 +29,8 @@ from .checkpoint import (
     CHECKPOINT,
     check_fits,
     checkpoint_state,
-    save_atomic,
+    error_line,
+    save_checkpoint,
     write_json_atomic,
     write_metrics,
 )
@@ -286,7 +287,7 @@ def _all_sum(sums: dict, keys: tuple[str, ...], device) -> dict:
 def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, log=print, part: Part = Part(),
           on_epoch=None) -> TrainResult:
     """Train `run.model` on `run.train_source`, evaluating on `run.val_source` after every epoch. With `out`,
-    writes checkpoint.pt (every epoch, atomically), metrics.jsonl, summary.json and curves.png there.
+    writes checkpoint/ (every epoch, atomically), metrics.jsonl, summary.json and curves.png there.
     `resume`: a checkpoint of this run to continue from. `part`: this worker's share of a data-parallel run
     (a process group must be initialised; cachefeat.train_distributed does that through Ray Train).
     `on_epoch(record)`: called after every epoch's checkpoint (an ablation reports to Ray Tune there)."""
@@ -317,9 +318,13 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
     step_losses: list[float] = []
     start_epoch, seconds = 0, 0.0
     if resume is not None:
-        model.load_state_dict(resume["state_dict"])
-        opt.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
+        try:
+            model.load_state_dict(resume["state_dict"])
+            opt.load_state_dict(resume["optimizer"])
+            scaler.load_state_dict(resume["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:   # a checkpoint of another run, or crafted
+            raise TrainError(f"--resume: the checkpoint in {out} does not fit this run ({error_line(e)}); "
+                             f"--overwrite to start over") from None
         start_epoch, history, seconds = resume["epoch"], list(resume["history"]), resume.get("train_seconds", 0.0)
         log(f"resuming {out} after epoch {start_epoch} of {epochs}")
 
@@ -354,9 +359,9 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
             history.append(record)
             if out is not None:
                 state = checkpoint_state(run, model, opt, scaler, epoch + 1, history, seconds)
-                save_atomic(state, out / CHECKPOINT)
+                save_checkpoint(state, out / CHECKPOINT)
                 if _best_so_far(history):       # the best val top-1 yet: kept beside the last checkpoint
-                    save_atomic(state, out / BEST_CHECKPOINT)
+                    save_checkpoint(state, out / BEST_CHECKPOINT)
                 write_metrics(out, history)
             if main:
                 log(_epoch_line(record, epochs))   # after the checkpoint: a reported epoch survives a crash
@@ -377,7 +382,7 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
     if out is not None:
         # the run folder's files, relative to it: what a reader of summary.json opens next
         summary["files"] = {"checkpoint": CHECKPOINT, "metrics": "metrics.jsonl", "curves_png": "curves.png"}
-        if (out / BEST_CHECKPOINT).is_file():
+        if (out / BEST_CHECKPOINT).is_dir():
             summary["files"]["best_checkpoint"] = BEST_CHECKPOINT
         if history:
             plot_curves(out / "curves.png", history)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import Damaged
 from ..store import Cache
-from .checkpoint import CHECKPOINT, load_checkpoint
+from .checkpoint import CHECKPOINT, LEGACY, find_checkpoint, load_checkpoint
 from .config import TrainConfig, TrainError
 
 
@@ -51,7 +51,9 @@ def open_run_folder(out: str | Path, cfg: TrainConfig, resume: bool = False, ove
     settings), replace it (`overwrite`), or refuse in one line (TrainError); a folder that is not a
     cachefeat run is never replaced."""
     path = Path(out)
-    if (path / CHECKPOINT).is_file() and not overwrite:
+    # a run folder holds its checkpoint, or one of the old format (which load_checkpoint refuses, naming migrate)
+    is_run = path.is_dir() and (find_checkpoint(path) is not None or (path / LEGACY[CHECKPOINT]).is_file())
+    if is_run and not overwrite:
         ck = load_checkpoint(path)
         if not resume:
             raise TrainError(f"{out} already holds a run (epoch {ck['epoch']} of {planned(ck)}); "
@@ -64,7 +66,7 @@ def open_run_folder(out: str | Path, cfg: TrainConfig, resume: bool = False, ove
                              f"use the same settings, or --overwrite")
         return RunFolder(path, cfg, ck, replace=False)
     if path.exists() and any(path.iterdir()):
-        if not (path / CHECKPOINT).is_file() and any(p.suffix != ".tmp" for p in path.iterdir()):
+        if not is_run and any(p.suffix != ".tmp" for p in path.iterdir()):
             raise TrainError(f"{out} exists and is not a cachefeat run; choose another --out")
         return RunFolder(path, cfg, None, replace=True)
     return RunFolder(path, cfg, None, replace=False)
