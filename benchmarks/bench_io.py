@@ -316,7 +316,8 @@ def _decoders_and_pipeline(folder, videos, bb, settings, workers, seconds, log) 
             shards, todo = todo[:count], todo[count:]
             done.clear()
             stats = ex.run(shards)
-            assert stats.failed_videos == 0 and len(done) == len(shards), "the benchmark's videos must all decode"
+            if stats.failed_videos or len(done) != len(shards):
+                raise RuntimeError("the benchmark's videos must all decode")
             (_, t0, cpu0), (_, t1, cpu1) = done[0], done[-1]
             got = sum(len(layout.shard_rows_range(s)) for s, _, _ in done[1:]) * frames
             pipe["frames"] += got

@@ -78,7 +78,7 @@ def make_cache(mode, name: str, split: str, model: str, layers: str, tokens: str
         try:
             if open_cache(out).complete:
                 return out, None
-        except Exception:
+        except Exception:  # nosec B110 - a damaged or older cache from an earlier run is rebuilt below
             pass
     shutil.rmtree(out, ignore_errors=True)
     manifest = load_manifest(data / f"{split}.txt", classes=str(data / "classes.txt"))
