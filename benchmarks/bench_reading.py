@@ -78,7 +78,8 @@ def make_cache(mode, name: str, split: str, model: str, layers: str, tokens: str
         try:
             if open_cache(out).complete:
                 return out, None
-        except Exception:  # nosec B110 - a damaged or older cache from an earlier run is rebuilt below
+        # B110: a damaged or older cache from an earlier run is rebuilt below
+        except Exception:  # nosec B110
             pass
     shutil.rmtree(out, ignore_errors=True)
     manifest = load_manifest(data / f"{split}.txt", classes=str(data / "classes.txt"))

@@ -31,7 +31,7 @@ import difflib
 import hashlib
 import logging
 import os
-import pickle  # nosec B403 - only for its exception class: what torch.load(weights_only=True) refuses
+import pickle  # nosec B403
 import re
 import zipfile
 from dataclasses import dataclass
@@ -50,7 +50,8 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
 TIMM = "timm:"
-CLASS_TOKEN = "class token"   # nosec B105 - the name of a token of a ViT, not a password
+# B105: the name of a token of a ViT, not a password
+CLASS_TOKEN = "class token"  # nosec B105
 MEAN_PATCH = "mean patch token"
 CLS_CHOICES = (CLASS_TOKEN, MEAN_PATCH)
 # timm modules whose models are ViTs this tool taps (blocks over one token sequence, forward_intermediates
@@ -709,7 +710,8 @@ def read_weights(path: str, trust: bool = False, containers: tuple[str, ...] = O
             if kind == "torchscript":
                 ckpt = torch.jit.load(path, map_location="cpu")
             else:
-                ckpt = torch.load(path, map_location="cpu", weights_only=False)  # nosec B614 - the user passed --trust-pretrained
+                # B614: the user passed --trust-pretrained
+                ckpt = torch.load(path, map_location="cpu", weights_only=False)  # nosec B614
         except Exception as e:
             raise BackboneError(f"{where}: cannot be loaded, even in full ({_first_line(e)})") from None
     if isinstance(ckpt, nn.Module):

@@ -57,7 +57,8 @@ MEMORY_ENV = "CACHEFEAT_DECODE_MEMORY"
 DEFAULT_MEMORY_GIB = 8.0   # a worker decoding 4K video peaks near 1.2 GiB; a 2-core allotment runs one worker
 # POSIX shared memory: on Linux, shm_open(name) is this folder's file of that name. The slots are created by
 # SharedMemory (a random name, O_CREAT | O_EXCL, mode 0600), so nobody else can own or predict one.
-SHM_DIR = "/dev/shm"  # nosec B108: where Linux keeps POSIX shared memory; slot files are made O_EXCL, 0600
+# B108: where Linux keeps POSIX shared memory; slot files are made O_EXCL, 0600
+SHM_DIR = "/dev/shm"  # nosec B108
 
 
 def memory_limit_from_env() -> int | None:

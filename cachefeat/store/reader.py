@@ -127,7 +127,8 @@ class Cache:
                     out[s] = prog[s] == 1
                 except UnsafeStore:
                     raise
-                except Exception:  # nosec B110 - an unreadable progress entry counts as unfinished; verify names it
+                # B110: an unreadable progress entry counts as unfinished; verify names it
+                except Exception:  # nosec B110
                     pass
             return out
 

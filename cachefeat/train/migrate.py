@@ -13,7 +13,7 @@ import collections
 import hashlib
 import io
 import os
-import pickletools
+import pickletools  # nosec B403
 import re
 import zipfile
 from pathlib import Path
@@ -116,7 +116,8 @@ def read_v1(path: Path, trust: bool, warn) -> dict:
     if trust:
         warn(f"cachefeat checkpoint migrate: --trust: unpickling {path} in full, which runs any code it holds")
         try:
-            ck = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)  # nosec B614: --trust, the user's explicit choice, said on stderr
+            # B614: --trust, the user's explicit choice, said on stderr
+            ck = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)  # nosec B614
         except Exception as e:
             raise TrainError(f"{path} is not a readable checkpoint: {error_line(e)}") from None
     else:
