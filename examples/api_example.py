@@ -81,7 +81,7 @@ print("a batch of CLS:", tuple(next(iter(loader))["cls"].shape))
 # %%
 cfg = TrainConfig(adapter="temporal", adapter_opts={"dim": 32}, epochs=6, batch_size=8, lr=3e-3, warmup_epochs=1)
 run = open_run(cfg, work / "train.zarr", work / "val.zarr")
-# writes checkpoint.pt, metrics.jsonl, summary.json, curves.png
+# writes checkpoint/, metrics.jsonl, summary.json, curves.png
 result = train(run, work / "runs" / "temporal", log=print)
 print("files:", result.summary["files"])
 
