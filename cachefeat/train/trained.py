@@ -104,7 +104,7 @@ class TrainedAdapter:
 
 
 def load_adapter(run: str | os.PathLike, device: str = "cpu") -> TrainedAdapter:
-    """A trained adapter from a run folder written by `cachefeat train` (or its checkpoint.pt)."""
+    """A trained adapter from a run folder written by `cachefeat train` (or one of its checkpoint folders)."""
     ck = load_checkpoint(run)
     model, spec, needs = adapter_from_checkpoint(ck)
     return TrainedAdapter(model.to(device), spec, needs, list(ck["classes"]), ck, str(run))
