@@ -45,21 +45,24 @@ def test_missing_input_and_bad_manifest(tmp_path):
     assert res.exit_code == 2 and "no videos found" in res.output
 
 
-def _commands(group):
+def _commands(group, prefix=()):
+    """(words after `cachefeat`, command) of every command, those of groups such as `checkpoint` included."""
     for name, cmd in group.commands.items():
         if isinstance(cmd, click.Group):
-            yield from _commands(cmd)
+            assert cmd.help and len(cmd.help) > 20, f"`cachefeat {name}` has no help text"
+            yield from _commands(cmd, (*prefix, name))
         else:
-            yield name, cmd
+            yield (*prefix, name), cmd
 
 
 def test_every_command_and_option_is_documented():
-    for name, cmd in _commands(cli):
+    for words, cmd in _commands(cli):
+        name = " ".join(words)
         assert cmd.help and len(cmd.help) > 20, f"`cachefeat {name}` has no help text"
         for p in cmd.params:
             if isinstance(p, click.Option) and p.name not in ("help",):
                 assert p.help, f"`cachefeat {name} {p.opts[0]}` has no help text"
-        assert run_cli(name, "--help").exit_code == 0
+        assert run_cli(*words, "--help").exit_code == 0
 
 
 def test_synth_rejects_odd_class_count(tmp_path):
