@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import shutil
 import socket
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,18 @@ def machine() -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1)
     return info
+
+
+def git_describe() -> str:
+    """The code version a result file was made from: `git describe --always --dirty`, or "unknown"."""
+    git = shutil.which("git")        # a full path (bandit B607); no git on the machine: "unknown"
+    if git is None:
+        return "unknown"
+    try:
+        return subprocess.run([git, "describe", "--always", "--dirty"], cwd=ROOT.parent, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def synth_data(name: str, classes: int, videos_per_class: int, frames: int = 32, size: int = 96, seed: int = 0) -> Path:

@@ -746,6 +746,8 @@ def main(argv=None) -> int:
               f"machine with pip and carry benchmarks/gpu-wheels", file=sys.stderr)
         return 2
     import torch
+
+    from common import git_describe
     gpu = torch.cuda.is_available() and not args.cpu
     sz = Sizes.create(gpu)
     if not gpu:       # 2 shared cores: two torch threads waiting on each other made CPU timings erratic
@@ -757,7 +759,7 @@ def main(argv=None) -> int:
     log(f"gpu-check on {torch.cuda.get_device_name(0) if gpu else 'CPU'}" +
         ("" if gpu else " -- CPU MODE: no CUDA (or --cpu), every step at toy sizes, figures say nothing of a GPU"))
     res = {"mode": "gpu" if gpu else "cpu", "card": card, "date": when.isoformat(timespec="seconds"),
-           "code_version": _git_version(), "machine": _machine(gpu), "vendored_site": str(site) if site else None,
+           "git_describe": git_describe(), "machine": _machine(gpu), "vendored_site": str(site) if site else None,
            "sizes": {k: (v if not isinstance(v, dict) else {str(kk): vv for kk, vv in v.items()})
                      for k, v in sz.__dict__.items()},
            "steps": {}, "skips": {}}
@@ -810,17 +812,6 @@ def main(argv=None) -> int:
     print(f"wrote {stem}.json and .log")
     failed = [n for n, s in res["steps"].items() if "failed" in s]
     return 1 if failed else 0
-
-
-def _git_version() -> str:
-    git = shutil.which("git")        # a full path (bandit B607); no git on the machine: "unknown"
-    if git is None:
-        return "unknown"
-    try:
-        return subprocess.run([git, "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _machine(gpu: bool) -> dict:

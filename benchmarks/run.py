@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, WORK, Mode, check_keys, fmt_ratio, machine  # noqa: E402
+from common import RESULTS, WORK, Mode, check_keys, fmt_ratio, git_describe, machine  # noqa: E402
 
 SECTIONS = ["io", "extraction", "storage", "reading", "training", "ablation", "int8", "scale", "long", "adapters",
             "madapter", "view_budget"]
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         f"{info['cpu_count']} CPU cores, torch {info['torch']}, device {mode.device}")
     t0 = time.time()
     results = {"machine": info, "mode": kind, "device": mode.device, "date": time.strftime("%Y-%m-%d %H:%M"),
-               "sections": {}}
+               "git_describe": git_describe(), "sections": {}}
     failed = []
     for name in wanted:
         module = __import__(f"bench_{name}")
