@@ -130,8 +130,9 @@ def mean_ci(values) -> dict:
 
 
 def fmt_mean_ci(x: dict) -> str:
-    """'0.812 (0.790-0.834)' from a result holding mean_top1 and ci95."""
-    ci = x.get("ci95")
+    """'0.812 (0.790-0.834)' from a result holding mean_top1 and ci95 (files from before the intervals were
+    stored: the interval of their per-seed `top1` list)."""
+    ci = x.get("ci95") or (mean_ci(x["top1"])["ci95"] if len(x.get("top1") or []) > 1 else None)
     return f"{x['mean_top1']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
 
 

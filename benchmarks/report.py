@@ -288,8 +288,19 @@ def t_long(s: dict) -> list[str]:
     ])
 
 
+def accuracy_table(section: str):
+    """The accuracy sections' tables are the ones `run.py` prints (bench_<section>.report), less their heading:
+    one way to render them."""
+    def render_section(s: dict) -> list[str]:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        lines = __import__(f"bench_{section}").report(s[section])
+        return lines[2:] if lines and lines[0].startswith("#") else lines
+    return render_section
+
+
 TABLES = {"io": t_io, "extraction": t_extraction, "bytes": t_bytes, "storage": t_storage, "reading": t_reading,
-          "training": t_training, "ablation": t_ablation, "int8": t_int8, "scale": t_scale, "long": t_long}
+          "training": t_training, "ablation": t_ablation, "int8": t_int8, "scale": t_scale, "long": t_long,
+          **{name: accuracy_table(name) for name in ("adapters", "madapter", "view_budget")}}
 
 
 def render(name: str, file: str, results: Results) -> list[str] | str:
