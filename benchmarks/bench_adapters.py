@@ -155,6 +155,11 @@ def seeds_of(mode, seeds=None) -> tuple[int, ...]:
 
 
 def run(mode, log=print, sets=tuple(SETS), seeds=None, adapters=None, work: Path = WORK) -> dict:
+    if adapters is None and mode is not None and mode.adapters:
+        unknown = set(mode.adapters) - set(ADAPTERS)
+        if unknown:
+            raise SystemExit(f"adapters: unknown {sorted(unknown)}; choose from {', '.join(ADAPTERS)}")
+        adapters = {a: ADAPTERS[a] for a in mode.adapters}
     adapters = adapters or ADAPTERS
     seeds = seeds_of(mode, seeds)
     smoke = mode is not None and mode.smoke

@@ -38,6 +38,7 @@ class Mode:
     decode_workers: int
     smoke: bool = False        # toy sizes, seconds per section: the sections' code paths, not their figures
     seeds: int = 3             # seeds per setting in the accuracy sections (adapters, madapter, view_budget)
+    adapters: tuple[str, ...] = ()   # the adapters section's adapters (empty: all): run it in parts on 2 cores
 
     @classmethod
     def create(cls, full: bool, device: str = "auto", smoke: bool = False) -> Mode:

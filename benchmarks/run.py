@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", help=f"comma list of {', '.join(SECTIONS)} (default: all but "
                                        f"{', '.join(SLOW_SECTIONS)}; with --smoke, all)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per setting in the accuracy sections (default 3)")
+    ap.add_argument("--adapters", help="comma list: the adapters section trains only these (default: all; e.g. the "
+                                       "cheap ones first, evl and dist in another run)")
     ap.add_argument("--out", type=Path, help="result JSON path (default benchmarks/results/<host>-<date>.json; "
                                              "with --smoke, none)")
     args = ap.parse_args(argv)
@@ -65,6 +67,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     mode = Mode.create(args.full, args.device, smoke=args.smoke)
     mode.seeds = 2 if args.smoke and "--seeds" not in argv else args.seeds
+    mode.adapters = tuple(a.strip() for a in (args.adapters or "").split(",") if a.strip())
     WORK.mkdir(parents=True, exist_ok=True)
     wanted = [s.strip() for s in (args.sections or ",".join(SECTIONS if args.smoke else DEFAULT_SECTIONS)).split(",")
               if s.strip()]
