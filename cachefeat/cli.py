@@ -665,6 +665,20 @@ class _Epochs(click.ParamType):
 _EPOCHS = _Epochs()
 
 
+def _log_destinations(ctx, param, value):
+    from .train.tracking import TrackingError, parse_log
+    try:
+        return ",".join(parse_log(value)) or "none"
+    except TrackingError:
+        raise click.BadParameter(f"{value!r}: expected none, tensorboard, wandb or tensorboard,wandb") from None
+
+
+_LOG_HELP = ("Also log every epoch (losses, top-1/top-5, learning rate, step time, clips/s, reading MB/s) and the "
+             "run's config, cache fingerprint and backbone to TensorBoard, Weights & Biases (WANDB_MODE=offline: no "
+             "account), or both (tensorboard,wandb); optional extras: pip install 'cachefeat[tensorboard]' / "
+             "'cachefeat[wandb]'.")
+
+
 def _parse_adapter_opts(items) -> dict:
     out = {}
     for item in items:
@@ -747,6 +761,8 @@ def _parse_adapter_opts(items) -> dict:
               help="Run the workers on a running Ray cluster (`ray start --head` on one node, `ray start --address "
                    "HEAD:6379` on the others; auto = the cluster of this node) instead of starting Ray here. The "
                    "caches and --out must then be on storage every node sees at the same path.")
+@click.option("--log", default=_TD["log"], show_default=True, callback=_log_destinations,
+              help=_LOG_HELP + " Into --out: tensorboard/ (event files), wandb/ (the W&B run).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
               help="Run folder (e.g. runs/NAME): checkpoint/, metrics.jsonl, summary.json, curves.png.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same settings).")
@@ -791,6 +807,8 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
                 values[k] = v
     opts.update(_parse_adapter_opts(adapter_opt))
     cfg = TrainConfig(adapter_opts=opts, **values)
+    from .train.tracking import check as check_log
+    check_log(cfg.log)            # a missing extra: one line, before anything is written
     folder = open_run_folder(out, cfg, resume=resume, overwrite=overwrite)   # checks only: deletes nothing yet
     distributed = ray_workers > 1 or address
     # the checks of a single run, here in the driver; with --workers, nothing is loaded into RAM here
@@ -881,9 +899,13 @@ def _train_on_ray(cfg, cache, val_cache, out, resume, workers, address, log, all
 @click.option("--allow-incomplete", is_flag=True,
               help="Train and validate on caches whose extraction has not finished (or is still running): their "
                    "finished shards only.")
+@click.option("--log", default="none", show_default=True, callback=_log_destinations,
+              help=_LOG_HELP + " Into --out: tensorboard/<trial>/ per trial plus the HParams experiment (every "
+                   "trial's settings and final metrics, the best marked); wandb/ (one run per trial, grouped by "
+                   "the ablation's name).")
 @click.option("--check", is_flag=True, help="Only check the spec and its caches, list the trials' grid, and exit.")
 def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, max_concurrent, asha, num_samples,
-           address, overwrite, allow_incomplete, check):
+           address, overwrite, allow_incomplete, check, log):
     """Train many adapter configurations side by side on the same caches (Ray Tune), and rank them.
 
     SPEC is a YAML file: the caches, the training settings every trial shares, per-adapter settings, and the
@@ -909,6 +931,8 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
     if val_cache:
         s = dataclasses.replace(s, val_cache=val_cache)
     check_caches(s, allow_incomplete)
+    from .train.tracking import check as check_log
+    check_log(log)
     n = num_samples or s.num_samples
     if check:
         click.echo(f"{spec}: ok; {s.grid_size() * n} trials of adapters {', '.join(s.adapter_names())} "
@@ -918,7 +942,7 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
     from .ray_runtime import ClusterError, WorkerError
     try:
         rows = run_ablation(s, str(out_dir), gpus_per_trial, cpus_per_trial, max_concurrent, asha, num_samples,
-                            address, log=click.echo, allow_incomplete=allow_incomplete)
+                            address, log=click.echo, allow_incomplete=allow_incomplete, track=log)
     except ClusterError as e:
         raise click.UsageError(str(e)) from None
     except WorkerError as e:

@@ -45,7 +45,8 @@ TOP_KEYS = ("train-cache", "val-cache", "train", "adapters", "grid", "random", "
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 OPT = "adapter-opt."
 # TrainConfig settings a spec may set (the device is the trial's: from the resources Tune gives it)
-SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("adapter_opts", "device"))
+# (and where it logs: the ablation's --log)
+SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("adapter_opts", "device", "log"))
 
 
 class AblationError(ValueError):
@@ -355,17 +356,18 @@ def peak_memory() -> tuple[int, str]:
 
 
 def _run_trial(params: dict, spec: AblationSpec, out: str, cpus: float, gpus: float,
-               allow_incomplete: bool = False) -> None:
+               allow_incomplete: bool = False, track: str = "none") -> None:
     """One Tune trial: the normal training into OUT/trials/<name>, val top-1 reported after every epoch."""
     from ray import tune
 
     from .loop import cpu_threads, open_run, train
+    from .tracking import Where
     t0 = time.perf_counter()
     ctx = tune.get_context()
     name = trial_name(_trial_index(ctx.get_trial_id()), params)
     cfg = trial_config(spec, params)
     cfg = dataclasses.replace(cfg, device="cpu" if gpus == 0 else "cuda",
-                              threads=cfg.threads or max(1, int(cpus)))
+                              threads=cfg.threads or max(1, int(cpus)), log=track)
     run_dir = Path(out) / "trials" / name
     if run_dir.exists():            # a trial restarted by Tune starts over
         shutil.rmtree(run_dir)
@@ -388,7 +390,8 @@ def _run_trial(params: dict, spec: AblationSpec, out: str, cpus: float, gpus: fl
                              "epoch": rec["epoch"], "epochs": run.epochs, "params": params_n, "name": name,
                              "seconds": round(time.perf_counter() - t0, 2), "peak_memory": mem, "memory_kind": kind})
             with cpu_threads(cfg.threads):
-                train(run, run_dir, log=log, on_epoch=on_epoch)
+                # TensorBoard: OUT/tensorboard/<name>, beside the other trials (best/ copies no event files)
+                train(run, run_dir, log=log, on_epoch=on_epoch, log_to=Where(Path(out), name, Path(out).name))
         except Exception:
             import traceback
             log(traceback.format_exc())
@@ -480,7 +483,7 @@ def prepare_out_dir(out: str | Path, spec_path: str | Path, overwrite: bool = Fa
     if (out_dir / "results.csv").exists() or (out_dir / "trials").exists():
         if not overwrite:
             raise AblationError(f"{out_dir} already holds an ablation; --overwrite to replace it, or another --out")
-        for name in ("trials", "best", ".tune", "results.csv", "results.md", "results.png"):
+        for name in ("trials", "best", ".tune", "results.csv", "results.md", "results.png", "tensorboard", "wandb"):
             p = out_dir / name
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
@@ -493,11 +496,14 @@ def prepare_out_dir(out: str | Path, spec_path: str | Path, overwrite: bool = Fa
 
 def run_ablation(spec: AblationSpec, out: str, gpus_per_trial: float | None = None, cpus_per_trial: float = 1,
                  max_concurrent: int = 0, asha: bool = False, num_samples: int | None = None,
-                 address: str | None = None, log=print, allow_incomplete: bool = False) -> list[Row]:
+                 address: str | None = None, log=print, allow_incomplete: bool = False,
+                 track: str = "none") -> list[Row]:
     """Run every trial of `spec` with Ray Tune and write the results into `out` (see the module docstring).
-    `allow_incomplete`: the trials train on the finished shards of unfinished caches."""
+    `allow_incomplete`: the trials train on the finished shards of unfinished caches. `track`: where the
+    trials also log (TrainConfig.log); with tensorboard, the HParams experiment too (write_hparams)."""
     from ..ray_runtime import ClusterError, ray_runtime
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # no CSV/JSON/TensorBoard files per trial
+    # no CSV/JSON/TensorBoard files of Tune's per trial (--log tensorboard writes ours)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"   # the classic reporter: verbose=0 prints nothing
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1e9")
     from ray import tune
@@ -525,7 +531,7 @@ def run_ablation(spec: AblationSpec, out: str, gpus_per_trial: float | None = No
             + (", ASHA early stopping" if asha else "") + f"; runs in {out}/trials")
         trainable = tune.with_resources(
             tune.with_parameters(_run_trial, spec=spec, out=str(outp), cpus=cpus_per_trial, gpus=gpus_per_trial,
-                                 allow_incomplete=allow_incomplete),
+                                 allow_incomplete=allow_incomplete, track=track),
             {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
         scheduler = None
         if asha:
@@ -546,6 +552,9 @@ def run_ablation(spec: AblationSpec, out: str, gpus_per_trial: float | None = No
         wall = time.perf_counter() - t0
     rows = rows_from(grid, spec, asha)
     write_results(outp, rows, spec, wall)
+    from .tracking import parse_log
+    if "tensorboard" in parse_log(track):
+        write_hparams(outp, rows)
     return rows
 
 
@@ -629,13 +638,71 @@ def write_results(out: Path, rows: list[Row], spec: AblationSpec, wall: float) -
     lines.append("")
     (out / "results.md").write_text("\n".join(lines))
     plot_results(out / "results.png", rows)
-    from .checkpoint import CHECKPOINT
-    best = next((r for r in rows
-                 if r.val_top1 is not None and (out / "trials" / r.name / CHECKPOINT).is_dir()), None)
+    best = best_row(out, rows)
     if (out / "best").exists():
         shutil.rmtree(out / "best")
     if best is not None:
         shutil.copytree(out / "trials" / best.name, out / "best")
+
+
+def best_row(out: Path, rows: list[Row]) -> Row | None:
+    """The ablation's best trial: the highest val top-1 (rows are ranked) with a checkpoint."""
+    from .checkpoint import CHECKPOINT
+    return next((r for r in rows if r.val_top1 is not None and (out / "trials" / r.name / CHECKPOINT).is_dir()),
+                None)
+
+
+HPARAM_METRICS = ("hparams/val_top1", "hparams/val_top5", "hparams/trainable_params", "hparams/is_best")
+
+
+def write_hparams(out: Path, rows: list[Row]) -> None:
+    """TensorBoard's HParams dashboard for the ablation: the experiment (every varied setting, the metrics)
+    in OUT/tensorboard, and in each trial's run OUT/tensorboard/<trial> its settings, its final metrics and
+    whether it is the best trial (hparams/is_best 1), so the dashboard lists, sorts and filters the trials."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import metadata
+    from tensorboard.plugins.hparams.api_pb2 import Status
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    from .tracking import TB_DIR
+    keys = varied_keys(rows)
+    names = ["adapter"] + [k[len(OPT):] if k.startswith(OPT) else "options" if k == "adapter_opts" else k
+                           for k in keys]
+
+    def settings(r: Row) -> dict:
+        values = [r.config["adapter"]] + [_get(r, k) for k in keys]
+        return {n: v if isinstance(v, (bool, int, float, str)) else str(v)
+                for n, v in zip(names, values) if v is not None}
+    best = best_row(out, rows)
+    every = [settings(r) for r in rows]
+    union = {n: next(s[n] for s in every if n in s) for n in names if any(n in s for s in every)}
+    # the values each text or flag setting takes (numbers get the dashboard's range filter instead)
+    discrete = {n: sorted({s[n] for s in every if n in s}) for n, v in union.items()
+                if isinstance(v, (str, bool)) and all(type(s.get(n, v)) is type(v) for s in every)}
+    metrics = dict.fromkeys(HPARAM_METRICS, 0.0)
+    exp, _, _ = hparams(union, metrics, discrete)
+    with SummaryWriter(str(out / TB_DIR)) as w:
+        w.file_writer.add_summary(exp)
+        if best is not None:
+            w.add_text("ablation/best", f"{best.name}: val top-1 {_pct(best.val_top1)}, top-5 {_pct(best.val_top5)}")
+    for r, values in zip(rows, every):
+        _, start, _ = hparams(values, metrics)
+        status = Status.Value("STATUS_SUCCESS" if r.status == "done" else "STATUS_FAILURE" if
+                              r.status.startswith("error") else "STATUS_ABORTED")
+        end = HParamsPluginData(session_end_info=SessionEndInfo(status=status, end_time_secs=time.time()),
+                                version=metadata.PLUGIN_DATA_VERSION)
+        end = Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG, metadata=SummaryMetadata(
+            plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME,
+                                                   content=end.SerializeToString())))])
+        with SummaryWriter(str(out / TB_DIR / r.name)) as w:
+            w.file_writer.add_summary(start)
+            for tag, v in zip(HPARAM_METRICS, (r.val_top1, r.val_top5, r.trainable_params,
+                                                float(best is not None and r.name == best.name))):
+                if v is not None:
+                    w.add_scalar(tag, float(v), r.epochs_done)
+            w.file_writer.add_summary(end)
 
 
 def _cell(v) -> str:

@@ -56,6 +56,7 @@ class TrainConfig:
     in_memory: str = "auto"
     read_workers: int = 2            # streaming reader processes (when the cache is not held in RAM)
     threads: int = 0                 # CPU threads for the adapter; 0 = torch's default
+    log: str = "none"                # also log to tensorboard, wandb or tensorboard,wandb (tracking.py)
 
     # settings that change the result: a resumed run must keep them
     RESULT_KEYS = ("adapter", "adapter_opts", "epochs", "min_steps", "batch_size", "lr", "weight_decay",
@@ -86,7 +87,17 @@ _ALLOWED = {
     "train_views": (_train_views_ok, "one, all, cycle or first:K"), "view_average": ["logit", "prob"],
     "weight_decay_on": ["matrices", "all"],
     "in_memory": ["auto", "yes", "no"], "precision": ["auto", "fp32", "bf16", "fp16"],
+    "log": (lambda v: _log_ok(v), "none, tensorboard, wandb or tensorboard,wandb"),
 }
+
+
+def _log_ok(v: str) -> bool:
+    from .tracking import TrackingError, parse_log
+    try:
+        parse_log(v)
+    except TrackingError:
+        return False
+    return True
 
 
 def read_config_file(path: str | Path) -> dict:

@@ -38,6 +38,7 @@ from .config import TrainConfig, TrainDiverged, TrainError, planned_epochs
 from .coverage import check_cache_use
 from .evaluate import evaluate, to_device
 from .reader import CachedSource, FeatureSource
+from .tracking import Where, open_tracker
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -229,7 +230,10 @@ def train_epoch(run: Run, st: Step, epoch: int, part: Part = Part()) -> tuple[di
     torch.manual_seed(cfg.seed * 100_003 + epoch + 7_919 * part.rank)           # dropout draws
     rng = np.random.default_rng([cfg.seed, epoch, 303] + ([part.rank] if part.world > 1 else []))  # mixing
     loss_sum, correct, seen, lr, losses = 0.0, 0, 0, cfg.lr, []
+    nbytes, waited, t = 0, 0.0, time.perf_counter()    # what the reader delivered, and the time spent waiting
     for i, batch in enumerate(run.train_source.batches(epoch, train=True)):
+        waited += time.perf_counter() - t
+        nbytes += sum(v.nbytes for v in batch.values() if hasattr(v, "nbytes"))
         step = epoch * st.steps_per_epoch + i
         lr = lr_at(step, cfg, st.warmup, st.total_steps)
         for group in st.opt.param_groups:
@@ -255,7 +259,8 @@ def train_epoch(run: Run, st: Step, epoch: int, part: Part = Part()) -> tuple[di
         loss_sum += losses[-1] * len(labels)
         correct += int((logits.argmax(dim=-1) == labels).sum())
         seen += len(labels)
-    return {"loss": loss_sum, "correct": correct, "seen": seen, "lr": lr}, losses
+        t = time.perf_counter()
+    return {"loss": loss_sum, "correct": correct, "seen": seen, "lr": lr, "bytes": nbytes, "waited": waited}, losses
 
 
 class NonFiniteLoss(Exception):
@@ -285,12 +290,13 @@ def _all_sum(sums: dict, keys: tuple[str, ...], device) -> dict:
 
 
 def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, log=print, part: Part = Part(),
-          on_epoch=None) -> TrainResult:
+          on_epoch=None, log_to: Where | None = None) -> TrainResult:
     """Train `run.model` on `run.train_source`, evaluating on `run.val_source` after every epoch. With `out`,
     writes checkpoint/ (every epoch, atomically), metrics.jsonl, summary.json and curves.png there.
     `resume`: a checkpoint of this run to continue from. `part`: this worker's share of a data-parallel run
     (a process group must be initialised; cachefeat.train_distributed does that through Ray Train).
-    `on_epoch(record)`: called after every epoch's checkpoint (an ablation reports to Ray Tune there)."""
+    `on_epoch(record)`: called after every epoch's checkpoint (an ablation reports to Ray Tune there).
+    With `cfg.log` (tensorboard, wandb), every epoch also goes there (tracking.py): into `out`, or `log_to`."""
     cfg, model = run.cfg, run.model
     main = part.rank == 0
     out = Path(out) if out is not None and main else None
@@ -328,7 +334,10 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
         start_epoch, history, seconds = resume["epoch"], list(resume["history"]), resume.get("train_seconds", 0.0)
         log(f"resuming {out} after epoch {start_epoch} of {epochs}")
 
+    tracker = None
     try:
+        if main and (out is not None or log_to is not None):
+            tracker = open_tracker(cfg.log, log_to or Where(out), run, resumed=resume is not None)
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
             try:
@@ -337,7 +346,7 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
                 raise _diverged(f"the loss became {e.value}", epoch, run, out, epoch,
                                 f", step {e.step}/{steps_per_epoch}") from None
             if part.world > 1:
-                sums = _all_sum(sums, ("loss", "correct", "seen"), device)
+                sums = _all_sum(sums, ("loss", "correct", "seen", "bytes"), device)
             step_losses += losses
             epoch_seconds = time.perf_counter() - t0
             seconds += epoch_seconds
@@ -365,9 +374,15 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
                 write_metrics(out, history)
             if main:
                 log(_epoch_line(record, epochs))   # after the checkpoint: a reported epoch survives a crash
+            if tracker is not None:
+                tracker.epoch(record, {"step_seconds": epoch_seconds / max(1, steps_per_epoch),
+                                       "read_mb_per_s": sums["bytes"] / 1e6 / max(epoch_seconds, 1e-9),
+                                       "data_wait_fraction": sums["waited"] / max(epoch_seconds, 1e-9)})
             if on_epoch is not None:
                 on_epoch(record)
     except BaseException:
+        if tracker is not None:
+            tracker.close(None)
         if out is not None and out.is_dir() and not any(out.iterdir()):
             out.rmdir()   # a run that failed before its first checkpoint leaves no empty run folder behind
         raise
@@ -387,6 +402,8 @@ def train(run: Run, out: str | os.PathLike | None, resume: dict | None = None, l
         if history:
             plot_curves(out / "curves.png", history)
         write_json_atomic(out / "summary.json", summary)   # last: a run with a summary is complete
+    if tracker is not None:
+        tracker.close(summary)
     return TrainResult(history, step_losses, summary)
 
 
