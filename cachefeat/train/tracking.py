@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,21 @@ class Where:
         return self.root / TB_DIR / self.name if self.name else self.root / TB_DIR
 
 
+def _quiet_writer_thread() -> None:
+    """TensorBoard's writer thread re-raises a write error in its thread (a traceback on stderr) and hands it
+    to the next flush, where the Tracker warns once: its own report is silenced, other threads' are not."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    previous = threading.excepthook
+    if getattr(previous, "cachefeat_quiet", False):
+        return
+
+    def hook(args):
+        if not isinstance(args.thread, _AsyncWriterThread):
+            previous(args)
+    hook.cachefeat_quiet = True
+    threading.excepthook = hook
+
+
 def _warn(dest: str, e: BaseException) -> None:
     msg = " ".join(str(e).split())[:200]
     print(f"warning: --log {dest} stopped ({type(e).__name__}: {msg}); training goes on, metrics.jsonl has every "
@@ -94,6 +110,7 @@ class Tracker:
         try:
             if "tensorboard" in self.dests:
                 from torch.utils.tensorboard import SummaryWriter
+                _quiet_writer_thread()
                 self.tb = SummaryWriter(str(self.where.tensorboard))
                 if not resumed:
                     self.tb.add_text("run/config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
