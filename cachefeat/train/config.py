@@ -91,13 +91,16 @@ _ALLOWED = {
 }
 
 
+LOG_DESTINATIONS = ("tensorboard", "wandb")     # where tracking.py can send a run's metrics
+
+
+def log_names(value: str) -> set[str]:
+    """The destinations `value` names (`none`, or a comma list), lower-cased; unknown ones included."""
+    return {v.strip().lower() for v in str(value).split(",") if v.strip()} - {"none"}
+
+
 def _log_ok(v: str) -> bool:
-    from .tracking import TrackingError, parse_log
-    try:
-        parse_log(v)
-    except TrackingError:
-        return False
-    return True
+    return log_names(v) <= set(LOG_DESTINATIONS)
 
 
 def read_config_file(path: str | Path) -> dict:

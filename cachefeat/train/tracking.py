@@ -12,6 +12,7 @@ folder, a full disk, a dead W&B process) warns once on stderr and is dropped; tr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -19,9 +20,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TrainError
+from .config import LOG_DESTINATIONS, TrainError, log_names
 
-DESTINATIONS = ("tensorboard", "wandb")
+DESTINATIONS = LOG_DESTINATIONS
 TB_DIR, WANDB_DIR = "tensorboard", "wandb"
 # record key -> TensorBoard tag (also the W&B key): per epoch, step = the epoch number
 SCALARS = {"train_loss": "train/loss", "train_top1": "train/top1", "val_loss": "val/loss", "val_top1": "val/top1",
@@ -35,7 +36,7 @@ class TrackingError(TrainError):
 
 def parse_log(value: str) -> tuple[str, ...]:
     """`none`, `tensorboard`, `wandb` or both comma-separated -> the destinations, in DESTINATIONS order."""
-    names = {v.strip().lower() for v in str(value).split(",") if v.strip()} - {"none"}
+    names = log_names(value)
     bad = sorted(names - set(DESTINATIONS))
     if bad:
         raise TrackingError(f"--log {value}: unknown destination {bad[0]!r} (none, tensorboard, wandb, or "
@@ -152,10 +153,9 @@ class Tracker:
 
     def _drop_tb(self) -> None:
         tb, self.tb = self.tb, None
-        try:
+        # the writer already failed once and was reported: a second failure while closing it says nothing new
+        with contextlib.suppress(Exception):
             tb.close()
-        except Exception:   # noqa: BLE001 (the writer already failed once: nothing more to report)
-            pass
 
     def epoch(self, record: dict, perf: dict) -> None:
         """One epoch's record (metrics.jsonl's) and its timings (step_seconds, read_mb_per_s, data_wait_fraction)."""
