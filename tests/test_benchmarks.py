@@ -1,5 +1,6 @@
 """The training-cost benchmark's pieces on the tiny ViT (seconds): the inserted ST-Adapters start as the
 frozen backbone and are the only thing that trains, and every variant takes an optimizer step."""
+import json
 import sys
 from pathlib import Path
 
@@ -38,32 +39,9 @@ def test_every_training_cost_variant_takes_a_step(kind):
         assert v.trainable_params() > sum(p.numel() for p in v.adapter.parameters())
 
 
-@pytest.mark.slow
-def test_the_scale_section_runs_every_step_as_a_cachefeat_process_and_reports_ratios(tmp_path):
-    """`run.py --sections scale` at 40 and 80 clips (~2 minutes: ablate starts Ray twice): every step
-    completes, each has a time and its own process's peak memory, ablate's largest trial process is found,
-    and the report has a row per step."""
-    import bench_scale
-    from run import report
-    res = bench_scale.run(None, log=lambda *a: None, sizes=[40, 80], work=tmp_path)
-    for n in (40, 80):
-        r = res["per_size"][str(n)]
-        assert r["eval_videos"] == n
-        for step in bench_scale.STEPS:
-            assert r["steps"][step]["seconds"] > 0 and r["steps"][step]["peak_mib"] > 100, (n, step)
-        assert "ImplicitFunc" in r["steps"]["ablate_trial"]["process"]
-    assert set(res["ratios"]) == set(bench_scale.STEPS)
-    assert res["ratios"]["extract"]["rss_margin"] is None and res["ratios"]["train"]["rss_goal"] == 1.2
-    text = report({"sections": {"scale": res}})
-    assert "ablate: largest trial process" in text and text.count("| train (streamed) |") == 1
-    names = (tmp_path / "list-80.txt").read_text().splitlines()
-    assert len(set(line.split("\t")[0] for line in names)) == 80 and names[1].endswith("\taction 001")
-
-
 def test_the_long_section_reports_both_lengths_and_their_ratios():
     """The report of `run.py --sections long` from a result of its shape (the section itself takes minutes:
     its kept result is benchmarks/results/vm-20261201-long.json)."""
-    import json
 
     from run import report
     kept = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/vm-20261201-long.json").read_text())
@@ -79,8 +57,6 @@ def test_the_io_section_alternates_decoders_and_pipeline_at_steady_state(synth_s
     (the real section takes minutes on ViT-B/16's: its kept result is benchmarks/results/vm-20261202-io-7.json):
     every round measures both, the pipeline's frames are those of the shards finished after the round's
     first, and the report shows the rounds."""
-    import json
-
     import bench_io
     from run import report
 
@@ -103,22 +79,24 @@ def test_the_io_section_alternates_decoders_and_pipeline_at_steady_state(synth_s
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """`run.py --smoke` once, in a process of its own, its work folder a tmp folder: every section at toy sizes
-    (~2-3 minutes on 2 busy cores), and the result files it would have written had it not been a smoke run."""
+    """`run.py --smoke` once, in a process of its own, its work folder and result file in tmp folders: every
+    section at toy sizes (~3-4 minutes on 2 busy cores). Returns the finished process, the result files it
+    made under benchmarks/results/ (none, as it is a smoke run), its results (the --out JSON) and work folder."""
     import os
     import subprocess
     import time
     repo = Path(__file__).resolve().parents[1]
     results = repo / "benchmarks" / "results"
     t0 = time.time()
-    env = {**os.environ, "CACHEFEAT_BENCH_WORK": str(tmp_path_factory.mktemp("bench-work"))}
-    res = subprocess.run([sys.executable, str(repo / "benchmarks" / "run.py"), "--smoke"], capture_output=True,
-                         text=True, env=env, timeout=900)
+    work, out = tmp_path_factory.mktemp("bench-work"), tmp_path_factory.mktemp("bench-out") / "smoke.json"
+    env = {**os.environ, "CACHEFEAT_BENCH_WORK": str(work)}
+    res = subprocess.run([sys.executable, str(repo / "benchmarks" / "run.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=900)
     # what a run would have written (<host>-<date>...), made or changed during it (others may add other files)
     import socket
     ours = [p.name for p in results.glob(f"{socket.gethostname()}-{time.strftime('%Y%m%d')}*")
             if p.stat().st_mtime >= t0]
-    return res, ours
+    return res, ours, json.loads(out.read_text()) if out.is_file() else None, work
 
 
 def _sections():
@@ -130,12 +108,35 @@ def _sections():
 def test_smoke_runs_every_section(smoke_run, section):
     """Each section runs its real code path at toy sizes, returns every key of its KEYS (what its docs table
     needs) and its table renders; the smoke run writes nothing under benchmarks/results/."""
-    res, written = smoke_run
+    res, written, results, _ = smoke_run
     assert f"[smoke] {section}: " in res.stdout, res.stderr[-3000:]
     line = next(x for x in res.stdout.splitlines() if x.startswith(f"[smoke] {section}: "))
     assert line.endswith("every key present"), (line, res.stderr[-3000:])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert written == [] and "not written (smoke)" in res.stdout
+    assert written == [] and section in results["sections"]
+
+
+def test_the_scale_section_runs_every_step_as_a_cachefeat_process_and_reports_ratios(smoke_run):
+    """The smoke run's scale section (8 and 16 clips): every step completed, each has a time and its own
+    process's peak memory, ablate's largest trial process was found, and the report has a row per step."""
+    import bench_scale
+    from run import report
+    res, _, results, work = smoke_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    scale = results["sections"]["scale"]
+    for n in scale["sizes"]:
+        r = scale["per_size"][str(n)]
+        assert r["eval_videos"] == n
+        for step in bench_scale.STEPS:
+            assert r["steps"][step]["seconds"] > 0 and r["steps"][step]["peak_mib"] > 100, (n, step)
+        assert "ImplicitFunc" in r["steps"]["ablate_trial"]["process"]
+    assert set(scale["ratios"]) == set(bench_scale.STEPS)
+    assert scale["ratios"]["extract"]["rss_margin"] is None and scale["ratios"]["train"]["rss_goal"] == 1.2
+    text = report({"sections": {"scale": scale}})
+    assert "ablate: largest trial process" in text and text.count("| train (streamed) |") == 1
+    n = scale["sizes"][-1]
+    names = (work / "scale" / f"list-{n}.txt").read_text().splitlines()
+    assert len(set(line.split("\t")[0] for line in names)) == n and names[1].endswith("\taction 001")
 
 
 def test_smoke_checks_the_keys_a_section_declares():
@@ -164,8 +165,6 @@ def test_mean_ci_is_the_t_interval():
 def test_compare_prints_every_shared_figure_with_its_ratio_and_flags_moves(tmp_path, capsys):
     """`run.py compare OLD NEW`: shared numeric figures side by side with new / old, flagged beyond the
     threshold; figures in one file only are counted, strings and booleans are not figures."""
-    import json
-
     from run import main
     old = {"date": "2026-11-23", "mode": "quick", "sections": {
         "training": {"ViT-B/32": {"variants": {"online": {"time_over_cached": 4.0, "ms_per_step": 100},

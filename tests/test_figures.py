@@ -1,6 +1,7 @@
 """Figures generated, not typed: benchmarks/report.py checks every '<!-- fig FILE:KEY -->' figure in README.md
 and docs/ against the result file it names, and every generated table against what --write makes."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -25,19 +26,22 @@ def test_the_repositorys_readme_and_docs_match_their_result_files():
 
 def test_a_readme_figure_edited_by_hand_fails_naming_it(tmp_path):
     text = (ROOT / "README.md").read_text()
-    mark = "<!-- fig vm-20261202-io-7.json:io.writer_efficiency -->"
-    assert f"0.98{mark}" in text
+    # README's first plain decimal figure, whichever result file it names today
+    m = re.search(r"(?<![\d.,])(\d+)\.(\d+)(<!-- fig ([^ ]+?) -->)", text)
+    assert m, "README.md quotes no decimal figure with a '<!-- fig FILE:KEY -->' mark"
+    old, mark, ref = m.group(1) + "." + m.group(2), m.group(3), m.group(4)
+    last = int(m.group(2)[-1])
+    edited = m.group(1) + "." + m.group(2)[:-1] + str(last + 1 if last < 9 else last - 1)
     good, bad = tmp_path / "good" / "README.md", tmp_path / "bad" / "README.md"
     for p in (good, bad):
         p.parent.mkdir()
     good.write_text(text)
-    bad.write_text(text.replace(f"0.98{mark}", f"0.99{mark}", 1))
+    bad.write_text(text[:m.start()] + edited + mark + text[m.end():])
     assert report("--check", "--docs", good, "--results", RESULTS).returncode == 0
     res = report("--check", "--docs", bad, "--results", RESULTS)
-    line = next(i for i, x in enumerate(bad.read_text().splitlines(), 1) if f"0.99{mark}" in x)
+    line = text[:m.start()].count("\n") + 1
     assert res.returncode == 1
-    assert res.stdout.splitlines() == [
-        f"README.md:{line}: 0.99 (vm-20261202-io-7.json:io.writer_efficiency): the file says 0.98"]
+    assert res.stdout.splitlines() == [f"README.md:{line}: {edited} ({ref}): the file says {old}"]
 
 
 def test_the_rounding_rule_units_and_missing_figures(tmp_path):

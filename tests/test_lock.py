@@ -24,15 +24,15 @@ def _contend(store, barrier, results, done, release_first=False):
     """One process trying to take the lock at the barrier. The winner keeps it until the test has every
     answer, then dies holding it (os._exit: no release, no clean-up), leaving a lock file nobody holds."""
     lock = StoreLock(store)
-    barrier.wait()
     try:
+        barrier.wait()
         lock.acquire()
         won = True
-    except CacheError as e:
-        won = False
-        assert "being written by another cachefeat process" in str(e), str(e)
+    except BaseException as e:     # any answer but the expected refusal fails the test (and never hangs it)
+        refused = isinstance(e, CacheError) and "being written by another cachefeat process" in str(e)
+        won = False if refused else f"{type(e).__name__}: {e}"
     results.put((os.getpid(), won))
-    if won:
+    if won is True:
         done.wait(60)
     os._exit(0)
 
@@ -54,7 +54,7 @@ def _hold_forever(store):
 
 
 def _trial(store, release_race: bool) -> list[int]:
-    barrier = CTX.Barrier(CONTENDERS + release_race)
+    barrier = CTX.Barrier(CONTENDERS + release_race, timeout=60)
     results, done = CTX.SimpleQueue(), CTX.Event()
     procs = [CTX.Process(target=_contend, args=(store, barrier, results, done)) for _ in range(CONTENDERS)]
     if release_race:
@@ -63,13 +63,15 @@ def _trial(store, release_race: bool) -> list[int]:
         p.start()
     answers = [results.get() for _ in range(CONTENDERS)]
     done.set()
+    errors = [won for _, won in answers if isinstance(won, str)]
+    assert not errors, errors
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    return [pid for pid, won in answers if won]
+    return [pid for pid, won in answers if won is True]
 
 
-def test_200_concurrent_takeovers_of_a_dead_writers_lock_have_exactly_one_winner(tmp_path):
+def test_100_concurrent_takeovers_of_a_dead_writers_lock_have_exactly_one_winner(tmp_path):
     store = tmp_path / "c.zarr"
     # a writer that died holding the lock (SIGKILL): its file stays, naming it, and nobody holds it
     dead = CTX.Process(target=_hold_forever, args=(store,))
@@ -83,13 +85,13 @@ def test_200_concurrent_takeovers_of_a_dead_writers_lock_have_exactly_one_winner
     assert (store / "cachefeat.lock").exists() and StoreLock(store).active_holder() is None
 
     winners = []
-    for _ in range(200):
+    for _ in range(100):
         won = _trial(store, release_race=False)
         winners.append(len(won))
         if len(won) == 1:   # the winner died holding it: the next trial takes over its lock in turn
             assert json.loads((store / "cachefeat.lock").read_text())["pid"] == won[0]
             assert StoreLock(store).active_holder() is None
-    assert winners == [1] * 200, f"trials without exactly one winner: {sum(w != 1 for w in winners)}"
+    assert winners == [1] * 100, f"trials without exactly one winner: {sum(w != 1 for w in winners)}"
 
 
 def test_a_release_racing_with_newcomers_never_lets_two_hold_the_lock(tmp_path):

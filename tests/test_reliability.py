@@ -219,8 +219,15 @@ def test_interrupted_creation_is_redone(synth_small, tmp_path):
     g = zarr.open_group(str(out), mode="w")
     g.attrs["cachefeat_creating"] = True
     g.create_array("embed", shape=(3,), dtype="f2")
+    (out / "zarr.0123456789abcdef0123456789abcdef.partial").write_text("{")   # killed writing the metadata
     run_cli(*tiny_extract_args(synth_small / "val.txt", out, "--frames", "2"))
     assert open_cache(out).complete
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".partial") == []
+    first = tmp_path / "first.zarr"                 # killed before its first zarr.json was whole
+    first.mkdir()
+    (first / "zarr.fedcba9876543210fedcba9876543210.partial").write_text("")
+    run_cli(*tiny_extract_args(synth_small / "val.txt", first, "--frames", "2"))
+    assert open_cache(first).complete
 
 
 # ------------------------------------------------------------------------------------------- one writer

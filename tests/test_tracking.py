@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -111,7 +112,7 @@ def test_wandb_offline_run_holds_the_config_and_every_epoch(stage2_caches, tmp_p
     out = tmp_path / "run"
     _train(stage2_caches["train"], stage2_caches["val"], out, "--log", "wandb")
     (folder,) = (out / "wandb").glob("offline-run-*")
-    records = _wandb_records(next(folder.glob("run-*.wandb")))
+    records = _finished_wandb_records(next(folder.glob("run-*.wandb")))
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     config = {i.key: json.loads(i.value_json) for i in run.config.update}
     assert config["adapter"] == "probe" and config["epochs"] == EPOCHS and config["log"] == "wandb"
@@ -137,6 +138,17 @@ def _items(items) -> dict:
     return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
 
 
+def _finished_wandb_records(path, timeout: float = 120) -> list:
+    """The run file's records once its exit record is there: finish() returns when the run is over, but
+    wandb-core (its own process) may still be writing the file out on a busy machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def _wandb_records(path) -> list:
     """The Records of a .wandb file: W&B's transaction log (a 7-byte header, then LevelDB-log records in
     32 KiB blocks, each a wandb Record protobuf), decoded with wandb's own protobuf classes (wandb 0.31 ships
@@ -153,7 +165,7 @@ def _wandb_records(path) -> list:
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 and length == 0:
+        if (kind == 0 and length == 0) or pos + 7 + length > len(data):    # the end, or a record being written
             break
         part += data[pos + 7:pos + 7 + length]
         pos += 7 + length

@@ -103,6 +103,9 @@ class StoreLock:
                 raise CacheError(f"cannot write in {store} ({e.strerror or e}); choose another --out, or make it "
                                  f"writable") from None
             st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 0:     # its holder removed it as we opened it
+                os.close(fd)
+                continue
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:   # a hard link: truncating it would reach its twin
                 os.close(fd)
                 raise CacheError(f"{self.path} is not a plain file of its own (a FIFO, a device, or a hard link); "

@@ -9,6 +9,7 @@ how it lands.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
@@ -47,6 +48,9 @@ from .verify import verify
 # else is not one cachefeat made, and is never deleted as an unfinished creation
 STORE_ENTRIES = frozenset({"zarr.json", LOCK_NAME, "embed", "cls", "tokens", "pixels", "clips", "videos", "progress",
                            RECORD, "text", "quant"})
+# the temporary file zarr's LocalStore writes a zarr.json through (_atomic_write: `zarr.<uuid hex>.partial`,
+# renamed over zarr.json when whole): a process killed while writing the root's metadata leaves one behind
+ZARR_PARTIAL = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 
 
 # ------------------------------------------------------------------------------------------- life cycle
@@ -280,17 +284,21 @@ def is_unfinished_creation(path: str | os.PathLike) -> bool:
         return False
     try:
         entries = {e.name: e.is_symlink() for e in os.scandir(p)}
+        if "zarr.json" not in entries:      # killed while writing the very first zarr.json
+            partials = [name for name in entries if ZARR_PARTIAL.fullmatch(name)]
+            return bool(partials) and set(entries) <= {LOCK_NAME, *partials} and not any(entries.values())
         group = read_json(real_root(p), p / "zarr.json", MAX_ROOT_DOC)
     except (OSError, CacheError):
         return False
-    if set(entries) - STORE_ENTRIES or any(entries.values()):   # something cachefeat never puts there
+    unknown = {name for name in set(entries) - STORE_ENTRIES if not ZARR_PARTIAL.fullmatch(name)}
+    if unknown or any(entries.values()):   # something cachefeat (or zarr writing for it) never puts there
         return False
     attrs = group.get("attributes") or {}
     if not isinstance(attrs, dict) or ATTR in attrs:
         return False
     if attrs.get(CREATING) is True:
         return True
-    return not attrs and set(entries) <= {"zarr.json", LOCK_NAME}
+    return not attrs and all(name in ("zarr.json", LOCK_NAME) or ZARR_PARTIAL.fullmatch(name) for name in entries)
 
 
 # ------------------------------------------------------------------------------------------- shards
