@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -38,7 +39,8 @@ def _is(e: BaseException, names: frozenset) -> bool:
 _RESUME = {"extract": "run the same command again to resume", "train": "run the same command with --resume to "
            "continue from the last finished epoch", "run": "run the recipe again to continue",
            "ablate": "run it again with --overwrite (finished trials are in --out/trials)",
-           "export": "run it again with --overwrite", "import": "run it again with --overwrite"}
+           "export": "run it again with --overwrite", "import": "run it again with --overwrite",
+           "push": "run the same command again: it uploads only what is missing"}
 
 
 def _one_line(text: str) -> str:
@@ -110,6 +112,9 @@ class _Group(click.Group):
         except Exception as e:
             if debug:
                 raise
+            # when one of zarr's concurrent reads fails, asyncio logs the others' failures as the process
+            # exits ("Task exception was never retrieved", with a traceback): the one line below says it all
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             raise _as_click_error(e, ctx.invoked_subcommand or "") from None
 
 
@@ -127,6 +132,19 @@ def cli(debug):
 
 def main():
     cli(prog_name="cachefeat")
+
+
+class _CacheArg(click.Path):
+    """A cache to read: a path that exists (click.Path's checks), or an `s3://bucket/prefix` URL
+    (docs/object-storage.md), passed on as it is: the store checks it when it opens it."""
+
+    def __init__(self, **path_kw):
+        super().__init__(exists=True, **path_kw)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.startswith("s3://"):
+            return value
+        return super().convert(value, param, ctx)
 
 
 # ------------------------------------------------------------------------------------------- synth
@@ -483,13 +501,14 @@ def worker_report(stats) -> str:
 
 # ------------------------------------------------------------------------------------------- info
 @cli.command()
-@click.argument("cache", type=click.Path(exists=True))
+@click.argument("cache", type=_CacheArg())
 @click.option("--failures", "show_failures", is_flag=True, help="List every failed video with its stage and reason.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata and counts as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Also write a PNG of valid and failed videos per class and failures by stage to this path.")
 def info(cache, show_failures, as_json, plot_path):
-    """Show what a cache holds: model, layers, tokens, sampling, counts, size on disk.
+    """Show what a cache holds: model, layers, tokens, sampling, counts, size on disk. CACHE is a folder or
+    the s3://bucket/prefix URL of a pushed cache (docs/object-storage.md).
 
     Example: cachefeat info k400_train.zarr --failures
     """
@@ -690,9 +709,10 @@ def _parse_adapter_opts(items) -> dict:
 
 
 @cli.command()
-@click.option("--cache", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The training cache (a store written by cachefeat extract).")
-@click.option("--val-cache", type=click.Path(exists=True, file_okay=False),
+@click.option("--cache", required=True, type=_CacheArg(file_okay=False),
+              help="The training cache (a store written by cachefeat extract, or the s3://bucket/prefix URL "
+                   "of one uploaded with cachefeat push).")
+@click.option("--val-cache", type=_CacheArg(file_okay=False),
               help="A held-out cache evaluated after every epoch (same backbone, preprocessing and class list).")
 @click.option("--adapter", "-a", default=_TD["adapter"], show_default=True,
               help="Adapter to train: probe, temporal, evl, dist, madapter (`cachefeat adapters` lists them).")
@@ -811,6 +831,9 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
     check_log(cfg.log)            # a missing extra: one line, before anything is written
     folder = open_run_folder(out, cfg, resume=resume, overwrite=overwrite)   # checks only: deletes nothing yet
     distributed = ray_workers > 1 or address
+    if distributed and any(str(c).startswith("s3://") for c in (cache, val_cache) if c):
+        raise click.UsageError("--workers/--address with an s3:// cache is not supported yet (docs/object-storage.md): "
+                               "train in one process, or on a local copy of the cache")
     # the checks of a single run, here in the driver; with --workers, nothing is loaded into RAM here
     # (the device is checked here too, unless Ray's workers pick their own)
     run = open_run(replace(cfg, in_memory="no") if distributed else cfg, cache, val_cache, allow_incomplete,
@@ -828,7 +851,9 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
     if distributed:
         where = f"read by {ray_workers} data-parallel workers, each its slice of every batch"
     else:
-        where = "held in RAM" if src.dataset.in_memory else f"streamed by {cfg.read_workers} reader processes"
+        streams = getattr(src, "workers", cfg.read_workers)      # (0 for a cache in a bucket)
+        where = ("held in RAM" if src.dataset.in_memory else
+                 f"streamed by {streams} reader processes" if streams else "streamed by this process")
     log(f"reads {run.needs.describe()}; from {cache}: {n_train} training clips per epoch, "
         f"{human_bytes(src.dataset.nbytes())} {where}" + (f"; validates on {val_cache}" if val_cache else ""))
     for role, cov in run.coverage.items():
@@ -962,8 +987,9 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
 @click.option("--checkpoint", "-c", required=True, type=click.Path(exists=True),
               help="A run folder written by cachefeat train (its last checkpoint), or a checkpoint folder such as "
                    "RUN/checkpoint_best.")
-@click.option("--cache", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The cache to evaluate on (same backbone, preprocessing and class list as the training cache).")
+@click.option("--cache", required=True, type=_CacheArg(file_okay=False),
+              help="The cache to evaluate on (same backbone, preprocessing and class list as the training cache; "
+                   "a folder or an s3://bucket/prefix URL).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder for metrics.json, confusion.npz, logits.npz, per_class.csv and the figures "
                    "(default: RUN/eval-<cache name>).")
@@ -1202,19 +1228,21 @@ def zeroshot(cache_path, allow_incomplete, as_json):
 
 # ------------------------------------------------------------------------------------------- verify
 @cli.command()
-@click.argument("cache", type=click.Path(exists=True))
+@click.argument("cache", type=_CacheArg())
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(cache, as_json):
-    """Read every chunk of a cache, check its checksums and metadata, and list the clips to re-extract.
+    """Read every chunk of a cache (a folder, or an s3://bucket/prefix URL), check its checksums and metadata,
+    and list the clips to re-extract.
 
     Exit status 0 when the cache is sound, 1 when something is damaged. Damaged shards are mended with
-    `cachefeat extract <same arguments> --repair`.
+    `cachefeat extract <same arguments> --repair`; a damaged cache in a bucket (s3://...) by pushing it again
+    from a sound local copy (`cachefeat push`).
 
     Example: cachefeat verify k400_train.zarr
     """
     from tqdm import tqdm
 
-    from .store import open_cache
+    from .store import Cache, open_cache
     from .store import verify as run_verify
     c = open_cache(cache)
     with tqdm(total=int(c.shard_done().sum()), unit="shard", desc="verify", disable=as_json, leave=False) as bar:
@@ -1236,12 +1264,57 @@ def verify(cache, as_json):
             click.echo("  ok: every chunk reads, matches its checksum and is the one recorded at its place")
         elif not rep.fatal:
             vids = d["videos_to_reextract"]
-            todo = ([f"re-extract {len(d['clips_to_reextract'])} clips of {len(vids)} videos "
+            verb = "re-extract" if c.repair == Cache.repair else "restore"
+            todo = ([f"{verb} {len(d['clips_to_reextract'])} clips of {len(vids)} videos "
                      f"({', '.join(map(str, vids[:8]))}{', ...' if len(vids) > 8 else ''})"] if vids else []) + \
                    ([f"write {len(rep.tables)} tables again"] if rep.tables else [])
-            click.echo(f"  {' and '.join(todo)}: run the same `cachefeat extract` command with --repair")
+            how = ("run the same `cachefeat extract` command with --repair" if c.repair == Cache.repair
+                   else f"mend them with {c.repair}")
+            click.echo(f"  {' and '.join(todo)}: {how}")
     if not rep.ok:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.argument("url", metavar="s3://BUCKET/PREFIX")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def push(cache, url, quiet):
+    """Upload a finished local cache to an S3-compatible object store (Amazon S3, MinIO, Cloudflare R2, Ceph,
+    GCS's S3 API), where train, eval, info and verify read it by its URL.
+
+    Every file becomes one object (large ones in parts) with its CRC32C recorded on it and checked on arrival;
+    the data go first, the record of finished shards and the cache's root document last, so a push that is
+    cut off never reads as a complete cache. Running it again uploads only the objects that are missing or
+    differ, and deletes those the local cache no longer holds. The server and credentials come from the
+    AWS_* environment variables (AWS_ENDPOINT_URL for MinIO, R2, Ceph): docs/object-storage.md.
+
+    \b
+    Example:
+      AWS_ENDPOINT_URL=http://minio:9000 cachefeat push k400_val.zarr s3://features/k400/val.zarr
+      cachefeat eval --checkpoint runs/evl --cache s3://features/k400/val.zarr
+    """
+    from .store import open_cache
+    from .store.remote import parse_url
+    from .store.remote import push as run_push
+    loc = parse_url(url)
+    c = open_cache(cache)
+    if c.being_written_by() is not None:
+        raise click.UsageError(f"{cache} is being written by an extraction: push it once that has finished")
+    if not c.complete:
+        done = c.shard_done()
+        raise click.UsageError(f"{cache} is incomplete ({int(done.sum())} of {len(done)} shards written): finish it "
+                               f"with the same `cachefeat extract` command (it resumes), then push it")
+    with _progress_bar("push", "object", quiet) as bar:
+        def tick(n, total=None):
+            if total is not None:
+                bar.total = total
+                bar.refresh()
+            bar.update(n)
+        s = run_push(c, loc, progress=tick)
+    click.echo(f"pushed {cache} to {loc.url}: uploaded {s['uploaded']} objects ({human_bytes(s['bytes'])}), "
+               f"skipped {s['skipped']} unchanged, deleted {s['deleted']} the cache no longer holds")
+
 
 # ------------------------------------------------------------------------------------------- export / import
 @cli.command()

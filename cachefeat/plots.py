@@ -31,7 +31,7 @@ def cache_overview(cache: Cache, path: str | Path) -> Path:
     stages = Counter(f["stage"] for f in failures)
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.35 * n + 5) if n <= MAX_NAMED_CLASSES else 14, 4.5),
                              gridspec_kw={"width_ratios": [3, 1]})
-    title = f"{cache.path.name}: {int(valid.sum())} valid, {len(failures)} failed videos"
+    title = f"{Path(str(cache.path)).name}: {int(valid.sum())} valid, {len(failures)} failed videos"
     if n <= MAX_NAMED_CLASSES:      # one named bar per class
         x = np.arange(n)
         axes[0].bar(x, ok_counts, label="valid", color="#4C72B0")

@@ -3,8 +3,11 @@ count. Feature rows are decoded straight from the shard files (shard_file.py) wh
 is the reader of record, and names the damaged clips when bytes fail their checksum."""
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
+import threading
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +25,32 @@ from .layout import (
     CacheDamaged,
     CacheError,
     UnsafeStore,
+    crc32c_of,
     feature_fingerprint,
     per_clip_chunks,
     record_slots,
     table_checksum,
 )
 from .lock import StoreLock
-from .shard_file import NotAsRecorded, ShardFile, ShardFileError
-from .validate import open_store
+from .remote import (
+    IN_FLIGHT,
+    MAX_OBJECT,
+    Location,
+    RemoteError,
+    gather_tails,
+    get_bounded_async,
+    get_ranges,
+    is_remote,
+    list_objects,
+    parse_url,
+    run_sync,
+    zarr_store,
+)
+from .shard_file import MISSING, NotAsRecorded, ShardFile, ShardFileError
+from .validate import MAX_ARRAY_DOC, MAX_DEPTH, MAX_ROOT_DOC, open_store
+
+# errors that are not damage of the data read: passed on as they are, never reported as damaged clips
+NOT_DAMAGE = (UnsafeStore, RemoteError)
 
 
 class Cache:
@@ -37,13 +58,19 @@ class Cache:
     valid. Arrays are read lazily; `read` returns numpy arrays in the stored dtype."""
     direct_reads = True     # feature rows straight from the shard files (False: every read through zarr)
 
+    repair = "`cachefeat extract ... --repair`"     # what mends damaged shards
+
     def __init__(self, path: str | os.PathLike, mode: str = "r"):
         self.path = Path(path)
         try:       # every claim of the metadata checked against the files before anything is read (validate.py)
             opened = open_store(self.path, mode)
         except PermissionError as e:
             raise CacheError(f"{path} cannot be opened: {e.strerror or e}") from None
+        self._opened(opened)
+
+    def _opened(self, opened) -> None:
         self.root, self.meta, self.layout = opened.root, opened.meta, opened.layout
+        self.arrays = opened.arrays             # name -> its zarr.json as checked (validate.ArrayDoc)
         self.real = opened.real                 # the folder itself: every file read is checked to lie in it
         self._shard_files: dict[str, ShardFile | None] = {}
         self._records: dict[int, np.ndarray] = {}
@@ -118,14 +145,14 @@ class Cache:
         prog = self.root["progress"]
         try:
             return prog[:] == 1
-        except UnsafeStore:
+        except NOT_DAMAGE:
             raise
         except Exception:
             out = np.zeros(prog.shape[0], bool)
             for s in range(prog.shape[0]):
                 try:
                     out[s] = prog[s] == 1
-                except UnsafeStore:
+                except NOT_DAMAGE:
                     raise
                 # B110: an unreadable progress entry counts as unfinished; verify names it
                 except Exception:  # nosec B110
@@ -175,7 +202,7 @@ class Cache:
         recorded = (self.meta.get("table_checksums") or {}).get(name)
         if recorded is not None and table_checksum(data) != recorded:
             raise CacheDamaged(f"{self.path}: table {name} is not what was written when the cache was made (a chunk "
-                               f"was deleted or replaced); run the same `cachefeat extract` with --repair")
+                               f"was deleted or replaced); mend it with {self.repair}")
         problem = self._table_problem(name, data)
         if problem:      # intact bytes (their checksum matches) that no cachefeat wrote: used as indices, refused
             raise refusal(self.path, f"table {name} {problem}")
@@ -229,7 +256,7 @@ class Cache:
         if shard not in self._records:
             try:
                 rec = np.asarray(self.root[RECORD][shard], np.int64)
-            except UnsafeStore:
+            except NOT_DAMAGE:
                 raise
             except Exception:               # the record's own chunk is damaged: as good as none
                 rec = np.full(self.root[RECORD].shape[1], NO_RECORD, np.int64)
@@ -318,14 +345,13 @@ class Cache:
         arr = self.root[name]
         try:
             return arr[rows] if cols is None else arr[(rows, *cols)]
-        except UnsafeStore:
+        except NOT_DAMAGE:
             raise
         except Exception as e:
             bad = self.unreadable_rows(name, rows)
             where = f"clips {ranges(bad)}" if bad else f"rows {rows}"
-            raise CacheDamaged(f"{self.path}: array {name}, {where}: cannot be read ({_first_line(e)}); the data on "
-                               f"disk is damaged: run `cachefeat verify {self.path}`, then `cachefeat extract ... "
-                               f"--repair`") from None
+            raise CacheDamaged(f"{self.path}: array {name}, {where}: cannot be read ({_first_line(e)}); the data "
+                               f"stored is damaged: run `cachefeat verify {self.path}`, then {self.repair}") from None
 
     def _read_direct(self, name: str, rows) -> np.ndarray | None:
         """Rows of a sharded feature array decoded straight from its shard files (shard_file.py: the same
@@ -356,7 +382,7 @@ class Cache:
             return reader.read(rows, recorded if self.has_records else None)
         except NotAsRecorded as e:
             raise CacheDamaged(f"{self.path}: array {name}: {str(e).split(': ', 1)[-1]}; run `cachefeat verify "
-                               f"{self.path}`, then `cachefeat extract ... --repair`") from None
+                               f"{self.path}`, then {self.repair}") from None
         except (ShardFileError, OSError):
             return None
 
@@ -374,7 +400,7 @@ class Cache:
         for r in np.atleast_1d(idx):
             try:
                 arr[int(r)]
-            except UnsafeStore:
+            except NOT_DAMAGE:
                 raise
             except Exception:
                 bad.append(int(r))
@@ -426,6 +452,10 @@ class Cache:
                 "compression_ratio": round(raw / disk, 4) if disk else None,
                 "bytes_per_frame_on_disk": round(disk / frames, 1) if frames else None}
 
+    def has_array(self, name: str) -> bool:
+        """The array's zarr.json is there now."""
+        return (self.path / name / "zarr.json").is_file()
+
     def disk_bytes(self) -> int:
         """Bytes of the store's files. Every file is listed here anyway: a link among them (never followed) is
         refused, as reading it would be."""
@@ -461,6 +491,225 @@ def _first_line(e: BaseException) -> str:
 
 
 def open_cache(path: str | os.PathLike) -> Cache:
-    """Open a cachefeat cache for reading."""
+    """Open a cachefeat cache for reading: a folder, or an `s3://bucket/prefix` URL (RemoteCache)."""
+    if is_remote(path):
+        return RemoteCache(str(path))
     return Cache(path, mode="r")
 
+
+# ------------------------------------------------------------------------------------------- in a bucket
+class RemoteCache(Cache):
+    """A cache in an object store (store.remote), read only: checked at opening as a folder is (validate.py
+    runs on the bucket's zarr.json documents), tables and metadata through zarr's ObjectStore, feature rows
+    through ranged GETs of the shard objects (RemoteShardFile). A pushed cache has no writer."""
+
+    @property
+    def repair(self) -> str:
+        return f"`cachefeat push LOCAL_CACHE {self.path}` again from a sound local copy (it uploads what differs)"
+
+    def __init__(self, url: str):
+        self.location = parse_url(url)
+        self.path = self.location.url
+        self.objects = list_objects(self.location)      # key -> size, when opened
+        self._docs: dict[str, dict] = {}
+        self._tails: dict[str, dict] = {}               # array -> {chunk key: (last 4 bytes, size) or None}
+        self._opened(self._check())
+
+    def _check(self):
+        """open_store on a folder holding only the bucket's zarr.json documents and the entries of its video list
+        (what validate.py reads and lists), each document bounded in size, every key a plain relative name; the
+        zarr group it returns is then replaced by the bucket's own."""
+        import json
+        import tempfile
+
+        import zarr
+
+        url = self.path
+        if "zarr.json" not in self.objects:
+            if not self.objects:
+                raise CacheError(f"{url}: no cache there (no objects under that prefix; upload one with "
+                                 f"`cachefeat push LOCAL_CACHE {url}`)")
+            raise CacheError(f"{url} is not a complete cache: its root zarr.json is missing (a `cachefeat push` "
+                             f"that did not finish: run it again), or it is no Zarr v3 store")
+        docs, listed, small = [], [], []
+        for key in self.objects:
+            parts = key.split("/")
+            if any(p in ("", ".", "..") for p in parts) or len(parts) > 2 * MAX_DEPTH + 8:
+                raise refusal(url, f"an object is named {key!r}")
+            if parts[-1] == "zarr.json":
+                docs.append(key)
+            elif key.startswith(("videos/path/c/", "videos/id/c/")):
+                listed.append(key)
+            elif key.startswith("videos/num_clips/c/"):
+                small.append(key)                     # read by the check of a windowed cache
+        limits = {k: MAX_ROOT_DOC if k == "zarr.json" else MAX_ARRAY_DOC for k in docs} | {k: MAX_OBJECT for k in small}
+
+        async def fetch():
+            gate = asyncio.Semaphore(IN_FLIGHT)
+
+            async def one(key):
+                async with gate:
+                    return await get_bounded_async(self.location, key, limits[key])
+            return await asyncio.gather(*(one(k) for k in limits))
+        try:
+            blobs = dict(zip(limits, run_sync(fetch())))
+        except FileNotFoundError as e:                # gone since the listing
+            raise CacheError(f"{url}: {e}; the cache changed while it was opened (being pushed?)") from None
+        with tempfile.TemporaryDirectory(prefix="cachefeat-s3-") as mirror:
+            real = os.path.realpath(mirror)
+            try:
+                for key in listed + list(blobs):
+                    where = os.path.join(real, *key.split("/"))
+                    os.makedirs(os.path.dirname(where), exist_ok=True)
+                    with open(where, "xb") as f:
+                        f.write(blobs.get(key, b""))
+            except (OSError, ValueError):             # (a file where a folder must be, a NUL in a name)
+                raise refusal(url, "its keys do not form a tree of folders and files") from None
+            try:
+                opened = open_store(real, "r")
+            except CacheError as e:       # the messages name the bucket, not the folder of the check
+                raise type(e)(str(e).replace(real, url).replace(mirror, url)) from None
+        for key in docs:
+            if key != "zarr.json":
+                try:
+                    self._docs[key[: -len("/zarr.json")]] = json.loads(blobs[key])
+                except ValueError:
+                    pass                                # (refused by open_store already)
+        root = zarr.open_group(store=zarr_store(self.location, self._object_limit), mode="r", zarr_format=3)
+        return replace(opened, root=root, real=url)
+
+    def _object_limit(self, key: str) -> int:
+        """The most bytes object `key` may hold when zarr reads it whole: MAX_OBJECT, or for a chunk of an array
+        whose chunks (shards) are larger, what one can hold (uncompressed, plus its codecs' overhead)."""
+        name = key.rsplit("/c/", 1)[0] if "/c/" in key else None
+        doc = self._docs.get(name) if name else None
+        try:
+            shape = doc["chunk_grid"]["configuration"]["chunk_shape"]
+            nbytes = int(np.prod(shape, dtype=np.float64) * np.dtype(doc["data_type"]).itemsize)
+        except (TypeError, KeyError, ValueError):
+            return MAX_OBJECT
+        return max(MAX_OBJECT, 2 * nbytes + (1 << 20))
+
+    def being_written_by(self) -> dict | None:
+        return None       # push writes the progress flags and the root document last; no lock in a bucket
+
+    def _chunk_crc(self, name: str, coords: tuple) -> int:
+        """As Cache._chunk_crc; the last four bytes of every chunk of the array are fetched at once the first
+        time (the checks of a cache's records ask for all of them), what the objects hold when first asked."""
+        key = f"{name}/{self.root[name].metadata.encode_chunk_key(coords)}"
+        if name not in self._tails:
+            keys = [k for k in self.objects if k.startswith(f"{name}/c/")]
+            self._tails[name] = dict(zip(keys, run_sync(gather_tails(self.location, keys, 4))))
+        if key not in self._tails[name]:           # not there when the cache was opened
+            self._tails[name][key] = run_sync(gather_tails(self.location, [key], 4))[0]
+        got = self._tails[name][key]
+        if got is None:
+            return NOT_STORED
+        tail, size = got
+        return int.from_bytes(tail, "little") if size >= 4 else NO_RECORD
+
+    def shard_file(self, name: str) -> ShardFile | None:
+        if name not in self._shard_files:
+            doc = self._docs.get(name)
+            try:
+                found = None if doc is None else RemoteShardFile._from_meta(Path(name), doc, self.path)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+                found = None                        # (as ShardFile.open: a layout left to zarr)
+            if found is not None and found.index_at_end:      # (an index at the start: zarr reads it)
+                found = replace(found, location=self.location)
+            else:
+                found = None
+            self._shard_files[name] = found
+        return self._shard_files[name]
+
+    def has_array(self, name: str) -> bool:
+        return name in self.arrays
+
+    def disk_bytes(self) -> int:
+        """Bytes of the cache's objects (when it was opened)."""
+        return sum(self.objects.values())
+
+
+@dataclass(frozen=True)
+class RemoteShardFile(ShardFile):
+    """A shard file's array in a bucket: the same decoding (ShardFile), its bytes from ranged GETs. A read
+    fetches the indexes of every shard it touches at once (each kept: a pushed cache is not rewritten under its
+    reader), then every wanted chunk range at once, obstore coalescing neighbouring ranges."""
+    location: Location | None = None
+    _indexes: dict = field(default_factory=dict, compare=False, repr=False)
+    _local: threading.local = field(default_factory=threading.local, compare=False, repr=False)  # this read's bytes
+
+    @property
+    def _fetched(self) -> dict:
+        """shard -> (rows, present, blobs) fetched for the read in progress in this thread."""
+        if not hasattr(self._local, "fetched"):
+            self._local.fetched = {}
+        return self._local.fetched
+
+    def read(self, rows, recorded=None) -> np.ndarray:
+        idx = np.arange(*rows.indices(self.shape[0])) if isinstance(rows, slice) else np.asarray(rows, np.int64)
+        if idx.ndim == 1 and len(idx) and idx.min() >= 0 and idx.max() < self.shape[0]:
+            self._prefetch(idx)
+        try:
+            return super().read(rows, recorded)
+        finally:
+            self._fetched.clear()
+
+    def _load_indexes(self, shards) -> None:
+        """The indexes of `shards` not yet fetched, all at once (None: the shard has no object)."""
+        todo = [int(s) for s in shards if int(s) not in self._indexes]
+        if not todo:
+            return
+        tails = run_sync(gather_tails(self.location, [self._key(s) for s in todo], self.index_nbytes))
+        for s, got in zip(todo, tails):
+            self._indexes[s] = None if got is None else self._parse_index(got[0], got[1], self.path(s))
+
+    def _key(self, shard: int) -> str:
+        return self.path(shard).as_posix()
+
+    def _prefetch(self, rows: np.ndarray) -> None:
+        """The bytes of every chunk of `rows`, kept for this thread's read (_fetch)."""
+        shards = rows // self.shard_rows
+        self._load_indexes(np.unique(shards).tolist())
+        requests, which = [], []
+        for s in np.unique(shards).tolist():
+            index = self._indexes[s]
+            if index is None:
+                continue
+            wanted = np.unique(rows[shards == s] - s * self.shard_rows)
+            spans = index[wanted]
+            present = spans[:, 0] != MISSING
+            starts, sizes = spans[present, 0].astype(np.int64), spans[present, 1].astype(np.int64)
+            requests.append((self._key(s), starts.tolist(), (starts + sizes).tolist()))
+            which.append((s, wanted, present))
+        got = get_ranges(self.location, requests) if requests else []
+        for (s, wanted, present), blobs in zip(which, got):
+            self._fetched[s] = (wanted, present, [np.frombuffer(memoryview(b), np.uint8) for b in blobs])
+
+    def _fetch(self, shard: int, path: Path, wanted: np.ndarray):
+        if shard in self._fetched:
+            have, present, blobs = self._fetched[shard]
+            if np.array_equal(have, wanted):
+                return present, blobs
+        self._prefetch(shard * self.shard_rows + wanted)
+        if shard not in self._fetched:
+            raise FileNotFoundError(str(path))
+        _, present, blobs = self._fetched[shard]
+        return present, blobs
+
+    def chunk_checksums(self, shard: int) -> np.ndarray:
+        out = np.full(self.shard_rows, NOT_STORED, np.int64)
+        self._indexes.pop(shard, None)              # what the object holds now
+        self._load_indexes([shard])
+        index = self._indexes[shard]
+        if index is None:
+            return out
+        rows = np.flatnonzero(index[:, 0] != MISSING)
+        if not len(rows):
+            return out
+        ends = (index[rows, 0] + index[rows, 1]).astype(np.int64)
+        starts = ends - 4 if self.chunk_crc else index[rows, 0].astype(np.int64)
+        blobs = get_ranges(self.location, [(self._key(shard), starts.tolist(), ends.tolist())])[0]
+        for r, b in zip(rows.tolist(), blobs):
+            out[r] = int.from_bytes(bytes(b), "little") if self.chunk_crc else crc32c_of(memoryview(b))
+        return out

@@ -254,19 +254,12 @@ class ShardFile:
         path = self.path(shard)
         wanted = np.unique(local)
         try:
-            fd = self._open(shard, path)
+            present, blobs = self._fetch(shard, path, wanted)
         except FileNotFoundError:            # no chunk of this shard was ever stored
             if expect is not None:
                 self._check_record(path, shard, wanted, np.full(len(wanted), NOT_STORED), expect)
             out[where] = self.fill_value
             return
-        try:
-            index = self._index(fd, path)
-            spans = index[wanted]
-            present = spans[:, 0] != MISSING
-            blobs = self._read_ranges(fd, path, spans[present])
-        finally:
-            os.close(fd)
         if expect is not None:
             found = np.full(len(wanted), NOT_STORED)
             found[present] = [self._stored_crc(b) for b in blobs]
@@ -280,6 +273,19 @@ class ShardFile:
             for pos, row in zip(where.tolist(), local.tolist()):
                 if slot[row] != pos:
                     out[pos] = out[slot[row]]
+
+    def _fetch(self, shard: int, path: Path, wanted: np.ndarray) -> tuple[np.ndarray, list]:
+        """(present, blobs): which of the rows `wanted` (sorted, unique) the shard file stores, and the bytes of
+        their chunks; FileNotFoundError when the shard has no file. (The object store reader's ranged GETs
+        replace this: store.reader.RemoteShardFile.)"""
+        fd = self._open(shard, path)
+        try:
+            index = self._index(fd, path)
+            spans = index[wanted]
+            present = spans[:, 0] != MISSING
+            return present, self._read_ranges(fd, path, spans[present])
+        finally:
+            os.close(fd)
 
     def _open(self, shard: int, path: Path) -> int:
         """The shard file, read-only: through open_inside the first time (no link, a regular file inside the
@@ -331,15 +337,24 @@ class ShardFile:
 
     def _index(self, fd: int, path: Path) -> np.ndarray:
         """(shard_rows, 2) uint64 (offset, nbytes) of each chunk of the shard file."""
-        n = self.shard_rows
-        size = n * 16 + (4 if self.index_crc else 0)
+        size = self.index_nbytes
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):     # (open_inside checked it once; a file is not replaced under a reader)
             raise refusal(self.root, f"{path} is not a regular file")
         file_size = st.st_size
         if file_size < size:
             raise ShardFileError(f"{path}: {file_size} bytes, shorter than its index ({size} bytes)")
-        raw = os.pread(fd, size, file_size - size if self.index_at_end else 0)
+        return self._parse_index(os.pread(fd, size, file_size - size if self.index_at_end else 0), file_size, path)
+
+    @property
+    def index_nbytes(self) -> int:
+        return self.shard_rows * 16 + (4 if self.index_crc else 0)
+
+    def _parse_index(self, raw: bytes, file_size: int, path) -> np.ndarray:
+        """The index's bytes (`raw`, read from a file of `file_size` bytes) checked and parsed."""
+        n, size = self.shard_rows, self.index_nbytes
+        if len(raw) != size:
+            raise ShardFileError(f"{path}: {len(raw)} bytes of an index of {size}")
         if self.index_crc:
             raw, stored = raw[:-4], int.from_bytes(raw[-4:], "little")     # bytes: crc32c takes them as is
             if crc32c_of(raw) != stored:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..fmt import ranges
-from .layout import CLIP_TABLES, SHARD_VIDEO_TABLES, Layout, UnsafeStore, per_clip_chunks, record_slots
-from .reader import Cache
+from .layout import CLIP_TABLES, SHARD_VIDEO_TABLES, Layout, per_clip_chunks, record_slots
+from .reader import NOT_DAMAGE, Cache
 
 
 @dataclass
@@ -60,7 +60,7 @@ def verify(cache: Cache, progress=None) -> VerifyReport:
         rep.chunks_checked += _nchunks(cache.root[name])
         try:
             cache.table(name)
-        except UnsafeStore:
+        except NOT_DAMAGE:
             raise
         except Exception:
             rep.tables.append(name)
@@ -128,7 +128,7 @@ def _check_block(cache: Cache, name: str, sel: slice, rep: VerifyReport, shard: 
     rep.chunks_checked += -(-(sel.stop - sel.start) // arr.chunks[0])
     try:
         data = cache.read_stored(name, sel)     # the shard files, checksums included; else zarr
-    except UnsafeStore:
+    except NOT_DAMAGE:
         raise
     except Exception:
         bad = cache.unreadable_rows(name, sel) or list(range(sel.start, sel.stop))
@@ -153,14 +153,14 @@ def _check_metadata(cache: Cache, rep: VerifyReport) -> None:
     present: store.validate) and labels beyond the class list."""
     lay = cache.layout
     for name in [*lay.row_arrays(), *lay.video_tables(), *CLIP_TABLES, "progress"]:
-        if not (cache.path / name / "zarr.json").is_file():
+        if not cache.has_array(name):
             rep.fatal.append(f"array {name} is missing")
     classes = cache.classes
     try:
         labels = cache.root["videos/label"][:]
         if classes and labels.size and labels.max() >= len(classes):
             rep.fatal.append(f"labels go up to {labels.max()} but there are {len(classes)} classes")
-    except UnsafeStore:
+    except NOT_DAMAGE:
         raise
     except Exception:  # nosec B110
         pass  # an unreadable label table is reported with the tables
@@ -171,7 +171,7 @@ def _check_values(cache: Cache, rep: VerifyReport, done: np.ndarray) -> None:
     nothing was written there (or its chunk was deleted from the shard file, which then reads as zeros)."""
     try:
         valid = cache.root["clips/valid"][:] & cache.done_rows()
-    except UnsafeStore:
+    except NOT_DAMAGE:
         raise
     except Exception:
         return

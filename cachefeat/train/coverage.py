@@ -35,7 +35,9 @@ def check_cache_use(cache: Cache, allow_incomplete: bool = False) -> dict:
         s, what = next(iter(problems.items()))
         raise CacheDamaged(f"{cache.path}: shard {s} is damaged ({what}"
                            f"{f'; {len(problems) - 1} more shards too' if len(problems) > 1 else ''}); run "
-                           f"`cachefeat verify {cache.path}`, then the same `cachefeat extract` with --repair")
+                           f"`cachefeat verify {cache.path}`, then "
+                           + ("the same `cachefeat extract` with --repair" if cache.repair == Cache.repair
+                              else cache.repair))
     cov = coverage(cache)
     if allow_incomplete:
         return cov

@@ -318,6 +318,10 @@ class CachedSource(FeatureSource):
         super().__init__(cache, selection, batch_size, seed, train_views)
         self.dataset = CacheDataset(cache, selection, in_memory=in_memory, tables=self.tables)
         self.workers, self.prefetch = max(0, workers), max(1, prefetch)
+        if getattr(cache, "location", None) is not None:
+            # a cache in a bucket (store.RemoteCache) is read in this process, many requests in flight: its
+            # client (obstore's tokio runtime) does not survive the fork that starts reader processes
+            self.workers = 0
         self.buffer_shards = None if self.dataset.in_memory else max(1, buffer_shards)
         self._stream: _Stream | None = None
 

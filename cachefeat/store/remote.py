@@ -1,0 +1,445 @@
+"""A cache location in an object store: `s3://bucket/prefix` on Amazon S3 or any S3-compatible server
+(MinIO, Cloudflare R2, Ceph, Google Cloud Storage's S3 API), through obstore (Rust's object_store: async,
+many requests in flight, what zarr's own `zarr.storage.ObjectStore` uses; docs/object-storage.md says why).
+
+Configuration is the ecosystem's: obstore reads the AWS_* environment variables (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION, AWS_ENDPOINT_URL for
+MinIO/R2/Ceph, AWS_ALLOW_HTTP for a local http endpoint, AWS_SKIP_SIGNATURE for anonymous public buckets);
+without keys in the environment, the AWS config and credentials files (AWS_PROFILE) are read through boto3
+when it is installed.
+
+The bucket is untrusted input like a local cache: every object read whole has its size checked first
+(`get_bounded_async`), keys are plain names (no `.`, `..` or empty segment), and every error of the store is one
+line of the CacheError family: the server unreachable (exit status 1), wrong credentials or a missing bucket
+(bad input, 2). A missing object is FileNotFoundError, as a missing file is for the local reader.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import cached_property
+
+from ..errors import Failed
+from .confine import refusal
+from .layout import CacheError, crc32c_of
+
+SCHEME = "s3://"
+CRC_ATTR = "cachefeat-crc32c"         # user metadata of every object push writes: the CRC32C of its bytes
+MULTIPART_BYTES = 64 << 20            # objects larger than this go up in parts (S3: at most 10,000 parts)
+PART_BYTES = 16 << 20
+IN_FLIGHT = 16                        # requests at once (objects put, shard files read)
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def is_remote(path) -> bool:
+    return isinstance(path, str) and path.startswith(SCHEME)
+
+
+class RemoteError(CacheError):
+    """An object store that cannot be used as asked (bad input: exit status 2); one line naming the URL."""
+
+
+class RemoteUnreachable(RemoteError, Failed):
+    """The server cannot be reached or keeps failing (exit status 1): nothing was wrong with the input."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """`s3://bucket/prefix`: a bucket and the key prefix (no slash at either end) under which a cache lies."""
+    bucket: str
+    prefix: str
+
+    @property
+    def url(self) -> str:
+        return f"{SCHEME}{self.bucket}/{self.prefix}" if self.prefix else f"{SCHEME}{self.bucket}"
+
+    def __str__(self) -> str:
+        return self.url
+
+    @cached_property
+    def store(self):
+        """The obstore S3Store of the bucket, scoped to the prefix (keys are relative to it)."""
+        try:
+            from obstore.store import S3Store
+        except ImportError:
+            raise RemoteError(f"{self.url}: reading and writing object stores needs obstore: pip install "
+                              f"'cachefeat[s3]'") from None
+        kwargs = {}
+        if not os.environ.get("AWS_ACCESS_KEY_ID") and not _env_true("AWS_SKIP_SIGNATURE"):
+            provider = _profile_credentials()
+            if provider is not None:
+                kwargs["credential_provider"] = provider
+        if not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
+            kwargs["region"] = "us-east-1"      # S3's default; MinIO and moto accept any
+        try:
+            return S3Store(self.bucket, prefix=self.prefix or None, client_options=_client_options(),
+                           retry_config=_RETRY, **kwargs)
+        except Exception as e:
+            raise RemoteError(f"{self.url}: the object store is not configured right ({_first_line(e)})") from None
+
+
+def parse_url(url: str) -> Location:
+    """`s3://bucket[/prefix]` -> Location; RemoteError (exit 2) for anything else."""
+    if not is_remote(url):
+        raise RemoteError(f"{url}: not an s3:// URL")
+    bucket, _, prefix = url[len(SCHEME):].partition("/")
+    prefix = prefix.strip("/")
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise RemoteError(f"{url}: {bucket!r} is not a bucket name (3-63 lower-case letters, digits, dots, hyphens)")
+    if prefix and any(part in ("", ".", "..") or not part.isprintable() for part in prefix.split("/")):
+        raise RemoteError(f"{url}: the key prefix has an empty, '.' or '..' part")
+    require_obstore(url)
+    return Location(bucket, prefix)
+
+
+def require_obstore(url: str) -> None:
+    """RemoteError (one line, exit status 2) when obstore, an optional dependency, is not installed."""
+    try:
+        import obstore  # noqa: F401
+    except ImportError:
+        raise RemoteError(f"{url}: reading and writing object stores needs obstore: pip install "
+                          f"'cachefeat[s3]'") from None
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def _client_options() -> dict:
+    """Timeouts short enough that a dead server is one line in seconds, not minutes of waiting."""
+    out = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=120)}
+    if _env_true("AWS_ALLOW_HTTP"):
+        out["allow_http"] = True
+    return out
+
+
+_RETRY = {"max_retries": 3, "retry_timeout": timedelta(seconds=20),
+          "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2), "base": 2}}
+
+
+def _profile_credentials():
+    """Credentials of the AWS config and credentials files (profiles, SSO, assumed roles), through boto3 when it
+    is installed and finds any; None: obstore's own chain (instance and container metadata)."""
+    if not (os.environ.get("AWS_PROFILE") or os.path.exists(os.path.expanduser("~/.aws/credentials"))
+            or os.path.exists(os.path.expanduser("~/.aws/config"))):
+        return None
+    try:
+        import boto3
+        from obstore.auth.boto3 import Boto3CredentialProvider
+    except ImportError:
+        return None
+    session = boto3.Session()
+    return Boto3CredentialProvider(session) if session.get_credentials() is not None else None
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else type(e).__name__
+
+
+def remote_error(loc: Location, key: str, e: BaseException) -> Exception:
+    """An obstore error as one line of the CacheError family (a missing object: FileNotFoundError)."""
+    from obstore import exceptions as ox
+    text = str(e)
+    where = f"{loc.url}/{key}" if key else loc.url
+    if "NoSuchBucket" in text:
+        return RemoteError(f"{loc.url}: the bucket {loc.bucket!r} does not exist (check the URL and AWS_ENDPOINT_URL)")
+    if isinstance(e, (ox.PermissionDeniedError, ox.UnauthenticatedError)) or any(
+            code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403 Forbidden",
+                                      "ExpiredToken", "InvalidToken")):
+        return RemoteError(f"{where}: access denied: check the credentials (AWS_ACCESS_KEY_ID, "
+                           f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and the bucket's policy")
+    if isinstance(e, FileNotFoundError):
+        return FileNotFoundError(f"{where} does not exist")
+    if "invalid path" in text.lower() or "illegal character" in text.lower():     # a key such as a/../b
+        return refusal(loc.url, f"an object's name is no plain key ({_first_line(Exception(text))[:200]})")
+    if isinstance(e, (ox.GenericError, ox.BaseError, OSError, TimeoutError)):
+        return RemoteUnreachable(f"{where}: the object store failed ({_short_reason(text)}); check that the server "
+                                 f"at {os.environ.get('AWS_ENDPOINT_URL') or 'S3'} is up, then run the same command "
+                                 f"again")
+    return e
+
+
+def _short_reason(text: str) -> str:
+    for key in ("error sending request", "timed out", "Connection refused", "connection closed", "dns error"):
+        if key.lower() in text.lower():
+            return key.lower()
+    m = re.search(r"status code: (\d{3} [A-Za-z ]+)", text)
+    return m.group(1).strip() if m else _first_line(Exception(text))[:120]
+
+
+def run_sync(coro):
+    """Run a coroutine to its end from synchronous code (a thread of its own when a loop already runs here,
+    as in zarr's sync wrapper)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+# ------------------------------------------------------------------------------------------- reading
+async def get_bounded_async(loc: Location, key: str, limit: int) -> bytes:
+    """The whole object `key`, refused (CacheError) when it holds more than `limit` bytes: its size is known
+    from the response's head before its body is read."""
+    import obstore
+    try:
+        res = await obstore.get_async(loc.store, key)
+        size = res.meta["size"]
+        if size > limit:
+            raise refusal(loc.url, f"{key} is {size:,} bytes, more than any cache's ({limit:,})")
+        return bytes(await res.bytes_async())
+    except CacheError:
+        raise
+    except Exception as e:
+        raise remote_error(loc, key, e) from None
+
+
+async def get_tail_async(loc: Location, key: str, nbytes: int) -> tuple[bytes, int]:
+    """The last `nbytes` bytes of object `key` (all of it when it is shorter) and its size, in one request (a
+    shard file's index); FileNotFoundError when it does not exist."""
+    import obstore
+    try:
+        try:
+            res = await obstore.get_async(loc.store, key, options={"range": {"suffix": nbytes}})
+        except Exception as e:
+            if "partial" not in str(e).lower() and "InvalidRange" not in str(e):
+                raise
+            # an empty object has no last bytes: some servers answer a suffix range of it with all of it
+            # (200, not 206) or 416; its size says which
+            res = await obstore.get_async(loc.store, key, options={"head": True})
+            if int(res.meta["size"]) > nbytes:
+                raise
+            return (await get_bounded_async(loc, key, nbytes)), int(res.meta["size"])
+        data = bytes(await res.bytes_async())
+        if len(data) > nbytes:
+            raise refusal(loc.url, f"{key}: {len(data):,} bytes came back for its last {nbytes:,}")
+        return data, int(res.meta["size"])
+    except CacheError:
+        raise
+    except Exception as e:
+        raise remote_error(loc, key, e) from None
+
+
+async def gather_tails(loc: Location, keys: list[str], nbytes: int) -> list[tuple[bytes, int] | None]:
+    """get_tail of each key, IN_FLIGHT at once; None for an object that does not exist."""
+    gate = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(key):
+        async with gate:
+            try:
+                return await get_tail_async(loc, key, nbytes)
+            except FileNotFoundError:
+                return None
+    return await asyncio.gather(*(one(k) for k in keys))
+
+
+def get_ranges(loc: Location, requests: list[tuple[str, list[int], list[int]]]) -> list[list]:
+    """The byte ranges (starts, ends) of several objects, all at once: obstore coalesces the ranges of each
+    object that lie less than COALESCE apart into one request (as the local reader coalesces preads) and
+    keeps up to IN_FLIGHT objects' requests in flight. One list of buffers per request, in order."""
+    import obstore
+
+    async def one(key, starts, ends, gate):
+        async with gate:
+            try:
+                return await obstore.get_ranges_async(loc.store, key, starts=starts, ends=ends, coalesce=COALESCE)
+            except Exception as e:
+                raise remote_error(loc, key, e) from None
+
+    async def all_of():
+        gate = asyncio.Semaphore(IN_FLIGHT)
+        return await asyncio.gather(*(one(k, s, e, gate) for k, s, e in requests))
+    return run_sync(all_of())
+
+
+COALESCE = 1 << 16                    # as shard_file.COALESCE_GAP: what one more request costs in bytes, locally
+
+
+def list_objects(loc: Location, under: str = "") -> dict[str, int]:
+    """key (relative to the prefix) -> size of every object under `under`; RemoteError for a key that is no
+    plain relative name."""
+    import obstore
+    out = {}
+    try:
+        for batch in obstore.list(loc.store, prefix=under or None, chunk_size=1000):
+            for meta in batch:
+                out[meta["path"]] = int(meta["size"])      # relative to the store's prefix already
+    except Exception as e:
+        raise remote_error(loc, under, e) from None
+    return out
+
+
+# ------------------------------------------------------------------------------------------- writing
+def crc32c_file(path: str) -> int:
+    """CRC32C of a local file, read in pieces."""
+    crc = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            piece = f.read(8 << 20)
+            if not piece:
+                return crc
+            crc = crc32c_of(piece, crc)
+
+
+async def put_file_async(loc: Location, key: str, path: str, crc: int) -> None:
+    """Upload the local file `path` as object `key` (in parts when it is larger than MULTIPART_BYTES), with its
+    CRC32C recorded on the object, then check that the object now there has the file's size and that checksum:
+    the caller may count the object as written only after this returns."""
+    import obstore
+    size = os.path.getsize(path)
+    value = base64.b64encode(crc.to_bytes(4, "big")).decode()
+    try:
+        with open(path, "rb") as f:
+            await obstore.put_async(loc.store, key, f, attributes={CRC_ATTR: value},
+                                    use_multipart=size > MULTIPART_BYTES, chunk_size=PART_BYTES,
+                                    max_concurrency=4)
+        res = await obstore.get_async(loc.store, key, options={"head": True})
+    except Exception as e:
+        raise remote_error(loc, key, e) from None
+    if int(res.meta["size"]) != size or res.attributes.get(CRC_ATTR) != value:
+        raise RemoteUnreachable(f"{loc.url}/{key}: the object written is not the file's {size:,} bytes with CRC32C "
+                                f"{crc:08x}; run the same command again")
+
+
+def delete(loc: Location, keys: list[str]) -> None:
+    import obstore
+    if not keys:
+        return
+    try:
+        obstore.delete(loc.store, keys)
+    except Exception as e:
+        raise remote_error(loc, keys[0], e) from None
+
+
+# ------------------------------------------------------------------------------------------- zarr
+MAX_OBJECT = 256 << 20        # an object zarr reads whole (a document or a table chunk); shards are read in ranges
+
+
+def zarr_store(loc: Location, limit=None):
+    """The bucket as a read-only zarr store: zarr's ObjectStore, every object read whole bounded in size
+    (`limit(key)`, default MAX_OBJECT) and every error of the store one line (a missing object reads as
+    absent, as zarr expects)."""
+    from zarr.storage import ObjectStore
+    limit = limit or (lambda key: MAX_OBJECT)
+
+    class BucketStore(ObjectStore):
+        async def get(self, key, prototype, byte_range=None):
+            try:
+                if byte_range is None:
+                    return prototype.buffer.from_bytes(await get_bounded_async(loc, key, limit(key)))
+                return await super().get(key, prototype, byte_range)
+            except FileNotFoundError:
+                return None
+            except CacheError:
+                raise
+            except Exception as e:
+                raise remote_error(loc, key, e) from None
+
+        async def get_partial_values(self, prototype, key_ranges):
+            return await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges))
+
+    return BucketStore(loc.store, read_only=True)
+
+
+# ------------------------------------------------------------------------------------------- push
+COMMIT_LAST = ("shard_checksums/", "progress/")   # the record of finished shards: after every data object
+
+
+def push(local, loc: Location, progress=None) -> dict:
+    """Upload the finished local cache `local` (a store.Cache) to `loc`: every file as one object with its
+    CRC32C recorded and checked on arrival; the data first, then the shard records and progress flags, the root
+    zarr.json last, so a half-pushed cache never opens as complete (without its root document it is no cache
+    at all). Objects already there with the file's size and CRC32C are skipped (a re-run uploads only what is
+    missing or differs); objects of the cache that the local cache does not hold are deleted. A prefix holding
+    objects that are no part of a Zarr store's arrays is refused. `progress(n, total=None)`: objects done.
+    Returns {uploaded, skipped, deleted, bytes}."""
+    files = _cache_files(local)
+    remote = list_objects(loc)
+    # what a store at this prefix may hold: the local cache's folders, and those of the arrays and groups there
+    ours = {k.split("/", 1)[0] for k in files} | {k.split("/", 1)[0] for k in remote if k.endswith("zarr.json")}
+    foreign = sorted(k for k in remote if k not in files and k.split("/", 1)[0] not in ours)
+    if foreign:
+        raise RemoteError(f"{loc.url} holds objects that are no part of a cache (such as {foreign[0]!r}): push to a "
+                          f"prefix of its own")
+    if progress:
+        progress(0, total=len(files))
+    crcs = {}
+    for key, path in files.items():
+        crcs[key] = crc32c_file(path)
+    same = run_sync(_unchanged(loc, {k: crcs[k] for k, p in files.items() if remote.get(k) == os.path.getsize(p)}))
+    todo = [k for k in files if k not in same]
+    stale = sorted(k for k in remote if k not in files)
+    if (todo or stale) and "zarr.json" in remote and "zarr.json" not in todo:
+        todo.append("zarr.json")             # taken down first, put back last: never complete while mixed
+    if "zarr.json" in todo and "zarr.json" in remote:
+        delete(loc, ["zarr.json"])
+    data = [k for k in todo if k != "zarr.json" and not k.startswith(COMMIT_LAST)]
+    record = [k for k in todo if k.startswith(COMMIT_LAST[0])]
+    flags = [k for k in todo if k.startswith(COMMIT_LAST[1])]
+    done_bytes = 0
+
+    def tick(key):
+        nonlocal done_bytes
+        done_bytes += os.path.getsize(files[key])
+        if progress:
+            progress(1)
+    if progress:
+        progress(len(files) - len(todo))
+    for batch in (data, None, record, flags, ["zarr.json"] if "zarr.json" in todo else []):
+        if batch is None:                     # the data are all there: what the local cache no longer holds goes
+            delete(loc, stale)
+            continue
+        run_sync(_put_all(loc, [(k, files[k], crcs[k]) for k in batch], tick))
+    return {"uploaded": len(todo), "skipped": len(files) - len(todo), "deleted": len(stale), "bytes": done_bytes}
+
+
+def _cache_files(local) -> dict[str, str]:
+    """key -> path of every file of the local cache (its links refused by Cache.disk_bytes, which walks it
+    first); temporary files of a killed writer and the lock file are not the cache."""
+    local.disk_bytes()
+    if local.being_written_by() is not None:
+        raise CacheError(f"{local.path} is being written by an extraction: push it once that has finished")
+    out = {}
+    for dirpath, _, names in os.walk(local.real):
+        for name in names:
+            if name.endswith(".tmp") or name == "cachefeat.lock":
+                continue
+            path = os.path.join(dirpath, name)
+            out[os.path.relpath(path, local.real).replace(os.sep, "/")] = path
+    return out
+
+
+async def _unchanged(loc: Location, candidates: dict[str, int]) -> set[str]:
+    """The keys among `candidates` (key -> CRC32C; the sizes already match) whose object has that CRC32C."""
+    import obstore
+    gate = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(key, crc):
+        async with gate:
+            try:
+                res = await obstore.get_async(loc.store, key, options={"head": True})
+            except FileNotFoundError:
+                return None
+            except Exception as e:
+                raise remote_error(loc, key, e) from None
+            value = res.attributes.get(CRC_ATTR)
+            return key if value == base64.b64encode(crc.to_bytes(4, "big")).decode() else None
+    found = await asyncio.gather(*(one(k, c) for k, c in candidates.items()))
+    return {k for k in found if k is not None}
+
+
+async def _put_all(loc: Location, items: list[tuple[str, str, int]], tick) -> None:
+    gate = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(key, path, crc):
+        async with gate:
+            await put_file_async(loc, key, path, crc)
+            tick(key)
+    await asyncio.gather(*(one(*item) for item in items))
