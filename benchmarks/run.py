@@ -8,16 +8,19 @@
     python benchmarks/run.py compare OLD.json NEW.json [--threshold 0.15]
 
 Sections: io (stage one's I/O path against its ceilings: writer vs raw disk write, decoders, the pipeline
-with a free backbone), extraction, storage, reading (cache read efficiency), training (cost per step: cached,
-online, full fine-tuning, ST-Adapter), ablation (K configs x E epochs), int8 (size and top-1 against float16),
+with a free backbone), extraction, storage, reading (cache read efficiency), object_store (a cache in an
+S3-compatible bucket on a local moto server: push() against raw PUTs of the same bytes, reading through
+open_cache(url) against raw ranged GETs of the same ranges), training (cost per step: cached, online, full
+fine-tuning, ST-Adapter), ablation (K configs x E epochs), int8 (size and top-1 against float16),
 scale (400 classes at 2,000 and 20,000 clips: extract, streamed train and eval, a 2-config ablation, each a
 `cachefeat` process; peak RSS and time per clip as ratios of the two sizes), long (`extract --sampling fps:1`
 on a 10-minute and a 60-minute video: peak RSS of the extract process and of its decode worker as ratios),
 adapters (every adapter's accuracy on two differently generated temporal synthetic sets, recommended
 settings), madapter (the ablation behind M-adapter's design), view_budget (accuracy vs cached augmented
-views K, against online augmentation, and the storage each K costs). scale takes ~9 minutes on 2 cores, long
-a few (it writes the videos once) and the accuracy sections (adapters, madapter, view_budget) an hour or
-more each, so only `--sections NAME` runs them; the default is every other section.
+views K, against online augmentation, and the storage each K costs). object_store takes ~80 s and needs
+moto[server] (a test extra), scale ~9 minutes on 2 cores, long a few (it writes the videos once) and the
+accuracy sections (adapters, madapter, view_budget) an hour or more each, so only `--sections NAME` runs
+them; the default is every other section.
 
 Writes benchmarks/results/<host>-<date>[-full].json, its log beside it (.log), and prints Markdown tables;
 every figure is a ratio of two measurements taken in this one run, side by side (peak memory per training
@@ -37,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, WORK, Mode, check_keys, fmt_ratio, git_describe, machine  # noqa: E402
 
-SECTIONS = ["io", "extraction", "storage", "reading", "training", "ablation", "int8", "scale", "long", "adapters",
-            "madapter", "view_budget"]
+SECTIONS = ["io", "extraction", "storage", "reading", "object_store", "training", "ablation", "int8", "scale", "long",
+            "adapters", "madapter", "view_budget"]
 # `--sections scale` (400 classes, 2,000 and 20,000 clips) takes ~9 minutes on 2 quiet cores, `--sections long`
 # (a 10- and a 60-minute video) a few, the accuracy sections (many training runs each) an hour or more: not
-# run by default
-SLOW_SECTIONS = ("scale", "long", "adapters", "madapter", "view_budget")
+# run by default; nor object_store (~80 s in quick mode on 2 cores, and it needs moto[server], a test extra)
+SLOW_SECTIONS = ("scale", "long", "adapters", "madapter", "view_budget", "object_store")
 DEFAULT_SECTIONS = [s for s in SECTIONS if s not in SLOW_SECTIONS]
 
 
@@ -271,6 +274,8 @@ def report(results: dict) -> str:
                   f"{fmt_ratio(r['later_epochs_efficiency'])} | {r['streamed_first_batch_s']:.2f} s / "
                   f"{r['streamed_later_first_batch_s']:.3f} s | {r['single_process_read_clips_per_s']:.0f} / "
                   f"{r['single_process_read_zarr_clips_per_s']:.0f} |", ""]
+    if "object_store" in s:
+        lines += object_store_report(s["object_store"])
     if "training" in s:
         lines += ["### Training cost per step, same adapter and batch", "",
                   "| model | device | variant | trainable params | ms/step | time / (a) | peak memory | memory / (a) | "
@@ -367,6 +372,27 @@ def scale_report(sc: dict) -> list[str]:
               f"starting Ray included, so fixed costs weigh more at {a}); memory: {sc['memory_what']}. Ablate's "
               f"time is the whole command for both trials.", ""]
     return lines
+
+
+def object_store_report(o: dict) -> list[str]:
+    w, r = o["write"], o["read"]
+    return [f"### A cache in an S3-compatible bucket (goal: >= {o['goal']:.2f} of the raw requests' rate)", "",
+            "| what | cachefeat MiB/s | raw requests MiB/s | efficiency | vs goal | CPU busy, of one core, cachefeat / "
+            "raw: server | client |", "|---|---|---|---|---|---|---|",
+            f"| write: `push()` vs one PUT per file | {w['push_mib_s']:.1f} | {w['raw_put_mib_s']:.1f} | "
+            f"{fmt_ratio(w['efficiency'])} | {w['verdict']} | {w['server_busy_push']:.2f} / "
+            f"{w['server_busy_raw']:.2f} | {w['client_busy_push']:.2f} / {w['client_busy_raw']:.2f} |",
+            f"| read: an epoch of batches through `open_cache(url)` vs {r['requests_raw']} ranged GETs | "
+            f"{r['reader_mib_s']:.1f} | {r['raw_get_mib_s']:.1f} | {fmt_ratio(r['efficiency'])} | {r['verdict']} | "
+            f"{r['server_busy_reader']:.2f} / {r['server_busy_raw']:.2f} | {r['client_busy_reader']:.2f} / "
+            f"{r['client_busy_raw']:.2f} |", "",
+            f"{o['model']} `--layers {o['layers']} --tokens {o['tokens']}`, {o['frames']} frames, {o['clips']} clips "
+            f"in shards of {o['shard_clips']} (random float16 features): {o['objects']} objects, "
+            f"{o['cache_mib']:.1f} MiB pushed; {o['feature_objects']} shard objects, {o['read_mib']:.1f} MiB read. "
+            f"{o['in_flight']} requests in flight on both sides; medians of {o['rounds']} alternated rounds. Server: "
+            f"{o['server']}: its one GIL caps the raw requests (a server busy near 1.0 is that GIL full); a client "
+            f"busy near 1.0 or more with the server idle is the client's own cost. Opening the bucket cache (listing, "
+            f"documents, tables) took {r['open_s']:.2f} s, not counted.", ""]
 
 
 def long_report(lg: dict) -> list[str]:

@@ -101,6 +101,30 @@ def test_bucket_cache_reads_back_bit_for_bit(env, local, pushed):
     assert b.record_problems(features=True) == {}
 
 
+def test_streamed_batches_match_the_local_cache(env, local, pushed):
+    """Streaming from the bucket (one buffer per shard, the next ones read ahead by a thread, every array's
+    requests at once) serves the batches the local cache serves, in the same order; stopping early is clean."""
+    from cachefeat.adapters.base import Needs
+    from cachefeat.store import open_cache
+    from cachefeat.train.reader import CachedSource
+    a, b = open_cache(local), open_cache(pushed)
+    sel = Needs(embed=True, cls_layers=tuple(a.layers), token_layers=tuple(a.layers[-2:]))
+
+    def epoch(cache, **kw):
+        src = CachedSource(cache, sel, batch_size=3, seed=1, in_memory="no", workers=0, buffer_shards=1, **kw)
+        return list(src.batches(2, train=True))
+    x, y = epoch(a), epoch(b, prefetch=2)
+    assert len(x) == len(y) == 6                     # 12 clips: 3 buffers of 4, each a batch of 3 and one of 1
+    for p, q in zip(x, y):
+        assert p.keys() == q.keys() and np.array_equal(p["row"], q["row"])
+        for k in ("embed", "cls", "tokens"):
+            assert np.array_equal(_bits(p[k]), _bits(q[k])), k
+    src = CachedSource(b, sel, batch_size=3, in_memory="no", workers=0, buffer_shards=1)
+    stream = src.batches(0, train=True)
+    assert len(next(stream)["row"]) == 3
+    stream.close()                                   # the reads not started are cancelled, none is left
+
+
 def test_plain_zarr_opens_the_bucket_cache(env, local, pushed):
     """zarr itself, through its ObjectStore over an obstore S3Store, reads the values cachefeat wrote."""
     import zarr

@@ -86,15 +86,28 @@ def read_rows(cache: Cache, sel: Needs, rows) -> dict[str, np.ndarray]:
 
 
 def _read_rows(cache: Cache, sel: Needs, rows) -> dict[str, np.ndarray]:
-    out = {}
+    reads = {}
     if sel.embed:
-        out["embed"] = cache.read("embed", rows)
+        reads["embed"] = lambda: cache.read("embed", rows)
     if sel.cls_layers:
-        out["cls"] = cache.read_cls(rows, layers=list(sel.cls_layers))
-    if sel.token_layers:
-        out["tokens"] = np.stack([cache.read(f"tokens/{l}", rows) for l in sel.token_layers], axis=2)
+        reads["cls"] = lambda: cache.read_cls(rows, layers=list(sel.cls_layers))
+    for layer in sel.token_layers:
+        reads[f"tokens/{layer}"] = lambda layer=layer: cache.read(f"tokens/{layer}", rows)
     if sel.pixels:
-        out["pixels"] = cache.read("pixels", rows)
+        reads["pixels"] = lambda: cache.read("pixels", rows)
+    if getattr(cache, "location", None) is not None and len(reads) > 1:
+        # a cache in a bucket: every array's requests in flight together, not one array's after another's
+        # (each read waits on the network, not on this process)
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(len(reads)) as pool:
+            got = dict(zip(reads, pool.map(lambda read: read(), reads.values())))
+    else:
+        got = {k: read() for k, read in reads.items()}
+    out = {k: got[k] for k in ("embed", "cls") if k in got}
+    if sel.token_layers:
+        out["tokens"] = np.stack([got[f"tokens/{layer}"] for layer in sel.token_layers], axis=2)
+    if sel.pixels:
+        out["pixels"] = got["pixels"]
     return out
 
 
@@ -331,6 +344,12 @@ class CachedSource(FeatureSource):
                 for rows in buf.batches:
                     yield self.dataset.gather(rows)
             return
+        if self.workers == 0 and getattr(self.cache, "location", None) is not None:
+            # a bucket: the next `prefetch` buffers are fetched by a thread while this one's batches train
+            # (its requests wait on the network, and obstore's threads hold no GIL)
+            for buf, block in _read_ahead(self.cache, self.selection, self.plan(epoch, train), self.prefetch):
+                yield from _serve(buf, *block, self.tables)
+            return
         if self.workers == 0:
             for buf in self.plan(epoch, train):
                 yield from _buffer_batches(self.cache, self.selection, buf, self.tables)
@@ -354,13 +373,42 @@ class CachedSource(FeatureSource):
 
 def _buffer_batches(cache: Cache, sel: Needs, buf: Buffer, tables) -> Iterator[dict[str, np.ndarray]]:
     """Read a buffer's rows once (each shard file opened once), then serve its batches from that block."""
-    if not buf.batches:
-        return
-    need = np.unique(np.concatenate(buf.batches))
-    block = read_rows(cache, sel, need)
+    if buf.batches:
+        yield from _serve(buf, *_read_buffer(cache, sel, buf), tables)
+
+
+def _read_buffer(cache: Cache, sel: Needs, buf: Buffer) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(the buffer's rows, sorted, once each; the selected arrays of those rows)."""
+    need = np.unique(np.concatenate(buf.batches)) if buf.batches else np.zeros(0, np.int64)
+    return need, (read_rows(cache, sel, need) if len(need) else {})
+
+
+def _serve(buf: Buffer, need: np.ndarray, block: dict[str, np.ndarray], tables) -> Iterator[dict[str, np.ndarray]]:
     for rows in buf.batches:
         idx = np.searchsorted(need, rows)
         yield {**{k: v[idx] for k, v in block.items()}, **tables(rows)}
+
+
+def _read_ahead(cache: Cache, sel: Needs, plan: list[Buffer], depth: int):
+    """(buffer, _read_buffer of it) in plan order, read by one thread up to `depth` buffers ahead of the one
+    being served (so at most depth + 1 buffers are held); reads not yet started are cancelled when the
+    consumer stops early."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1, thread_name_prefix="cachefeat-read-ahead") as pool:
+        pending: deque = deque()
+        try:
+            for buf in plan:
+                pending.append((buf, pool.submit(_read_buffer, cache, sel, buf)))
+                if len(pending) > depth:
+                    first, got = pending.popleft()
+                    yield first, got.result()
+            while pending:
+                first, got = pending.popleft()
+                yield first, got.result()
+        finally:
+            for _, got in pending:
+                got.cancel()
 
 
 class _BufferReader:
