@@ -1279,15 +1279,20 @@ def verify(cache, as_json):
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
 @click.argument("url", metavar="s3://BUCKET/PREFIX")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def push(cache, url, quiet):
+@click.option("--break-lease", is_flag=True,
+              help="Remove the prefix's lease (cachefeat.lease) first, whoever holds it: for a push that was killed "
+                   "before its lease expired. Never while that push may still run.")
+def push(cache, url, quiet, break_lease):
     """Upload a finished local cache to an S3-compatible object store (Amazon S3, MinIO, Cloudflare R2, Ceph,
     GCS's S3 API), where train, eval, info and verify read it by its URL.
 
     Every file becomes one object (large ones in parts) with its CRC32C recorded on it and checked on arrival;
     the data go first, the record of finished shards and the cache's root document last, so a push that is
     cut off never reads as a complete cache. Running it again uploads only the objects that are missing or
-    differ, and deletes those the local cache no longer holds. The server and credentials come from the
-    AWS_* environment variables (AWS_ENDPOINT_URL for MinIO, R2, Ceph): docs/object-storage.md.
+    differ, and deletes those the local cache no longer holds. While it runs, a lease object at the prefix
+    (cachefeat.lease, renewed, expiring 10 minutes after a killed push) makes a second push to it exit 1.
+    The server and credentials come from the AWS_* environment variables (AWS_ENDPOINT_URL for MinIO, R2,
+    Ceph): docs/object-storage.md.
 
     \b
     Example:
@@ -1311,7 +1316,8 @@ def push(cache, url, quiet):
                 bar.total = total
                 bar.refresh()
             bar.update(n)
-        s = run_push(c, loc, progress=tick)
+        s = run_push(c, loc, progress=tick, break_lease=break_lease,
+                     warn=lambda line: click.echo(f"warning: {line}", err=True))
     click.echo(f"pushed {cache} to {loc.url}: uploaded {s['uploaded']} objects ({human_bytes(s['bytes'])}), "
                f"skipped {s['skipped']} unchanged, deleted {s['deleted']} the cache no longer holds")
 

@@ -158,3 +158,6 @@ def test_only_the_videos_with_frames_the_cache_cannot_hold_fail(synth_small, tmp
         got, want = c.root[name][:], ref.root[name][:]
         assert np.array_equal(got[keep], want[keep]), name
         assert not got[failed].any(), name
+        read = c.read(name, keep)                     # (int8: dequantized into `out` as into a new array)
+        into = np.full(read.shape, 9, c.read_dtype(name))
+        assert c.read(name, keep, out=into) is into and np.array_equal(into, read), name

@@ -131,6 +131,15 @@ def test_cache_reads_the_same_with_and_without_direct_reads(stage2_caches):
             assert np.array_equal(direct.read(name, r), via_zarr.read(name, r)), name
     for layers in ([1, 2], [0, 3]):
         assert np.array_equal(direct.read_cls(rows, layers), via_zarr.read_cls(rows, layers))
+    # decoded into a strided place (one layer of a stack) through both paths, rows the same as read() gives
+    for cache in (direct, via_zarr):
+        for r in (slice(3, 9), rows):
+            want = cache.read("tokens/1", r)
+            block = np.zeros((len(want), want.shape[1], 2, *want.shape[2:]), cache.read_dtype("tokens/1"))
+            assert cache.read("tokens/1", r, out=block[:, :, 1]) is not None
+            assert np.array_equal(block[:, :, 1], want) and not block[:, :, 0].any()
+    with pytest.raises(ValueError, match="out is"):
+        direct.shard_file("tokens/1").read(rows, out=np.zeros((2, 3)))
 
 
 def test_damaged_chunk_is_still_named_by_the_cache(stage2_caches, tmp_path):

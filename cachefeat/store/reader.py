@@ -34,6 +34,7 @@ from .layout import (
 from .lock import StoreLock
 from .remote import (
     IN_FLIGHT,
+    LEASE_KEY,
     MAX_OBJECT,
     Location,
     RemoteError,
@@ -41,6 +42,7 @@ from .remote import (
     get_bounded_async,
     get_ranges,
     is_remote,
+    lease_holder,
     list_objects,
     parse_url,
     run_sync,
@@ -327,21 +329,40 @@ class Cache:
         return out
 
     # -- features
-    def read(self, name: str, rows=slice(None)) -> np.ndarray:
+    def read(self, name: str, rows=slice(None), out: np.ndarray | None = None) -> np.ndarray:
         """Rows of an array. Feature arrays of an int8 cache come back dequantized to float16, so readers
         never see the difference (except for the quantization error). Data that fails its checksum raises
-        CacheError naming the array and the clips."""
-        data = self.read_stored(name, rows)
+        CacheError naming the array and the clips. `out`: where the rows go (of their shape and of
+        read_dtype(name)), returned; a shard file's chunks are decoded straight into it."""
         if self.layout.dtype == "int8" and name in self.layout.feature_arrays():
-            data = self._dequantize(name, data)
+            data = self._dequantize(name, self.read_stored(name, rows))
+            if out is None:
+                return data
+            out[...] = data
+            return out
+        return self.read_stored(name, rows, out=out)
+
+    def read_dtype(self, name: str) -> np.dtype:
+        """The dtype `read(name)` returns."""
+        if self.layout.dtype == "int8" and name in self.layout.feature_arrays():
+            return np.dtype(np.float16)
+        return np.dtype(self.root[name].dtype).newbyteorder("=")
+
+    def read_stored(self, name: str, rows=slice(None), cols=None, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows of an array as stored (int8 stays int8), every checksum checked; CacheError naming the damaged
+        clips when bytes fail it. `cols`: an index into the per-clip axes. `out`: as read's."""
+        data = self._read_direct(name, rows, out if cols is None and not isinstance(rows, (int, np.integer))
+                                 else None)
+        if data is None:
+            data = self._read_zarr(name, rows, cols)
+        elif cols is not None:
+            data = data[(slice(None), *cols)]
+        if out is not None and data is not out:
+            out[...] = data
+            return out
         return data
 
-    def read_stored(self, name: str, rows=slice(None), cols=None) -> np.ndarray:
-        """Rows of an array as stored (int8 stays int8), every checksum checked; CacheError naming the damaged
-        clips when bytes fail it. `cols`: an index into the per-clip axes."""
-        data = self._read_direct(name, rows)
-        if data is not None:
-            return data if cols is None else data[(slice(None), *cols)]
+    def _read_zarr(self, name: str, rows, cols) -> np.ndarray:
         arr = self.root[name]
         try:
             return arr[rows] if cols is None else arr[(rows, *cols)]
@@ -353,7 +374,7 @@ class Cache:
             raise CacheDamaged(f"{self.path}: array {name}, {where}: cannot be read ({_first_line(e)}); the data "
                                f"stored is damaged: run `cachefeat verify {self.path}`, then {self.repair}") from None
 
-    def _read_direct(self, name: str, rows) -> np.ndarray | None:
+    def _read_direct(self, name: str, rows, out: np.ndarray | None = None) -> np.ndarray | None:
         """Rows of a sharded feature array decoded straight from its shard files (shard_file.py: the same
         bytes through the same codecs, without zarr's per-chunk cost), or None where that does not apply
         (direct reads off, a single row, another layout) or the bytes fail a check: zarr then reads them
@@ -379,7 +400,7 @@ class Cache:
             rec = self.record(shard)
             return None if rec is None or slots is None else rec[slots]
         try:
-            return reader.read(rows, recorded if self.has_records else None)
+            return reader.read(rows, recorded if self.has_records else None, out=out)
         except NotAsRecorded as e:
             raise CacheDamaged(f"{self.path}: array {name}: {str(e).split(': ', 1)[-1]}; run `cachefeat verify "
                                f"{self.path}`, then {self.repair}") from None
@@ -511,6 +532,7 @@ class RemoteCache(Cache):
         self.location = parse_url(url)
         self.path = self.location.url
         self.objects = list_objects(self.location)      # key -> size, when opened
+        self.objects.pop(LEASE_KEY, None)               # a push's lease (being_written_by), no part of the cache
         self._docs: dict[str, dict] = {}
         self._tails: dict[str, dict] = {}               # array -> {chunk key: (last 4 bytes, size) or None}
         self._opened(self._check())
@@ -591,7 +613,8 @@ class RemoteCache(Cache):
         return max(MAX_OBJECT, 2 * nbytes + (1 << 20))
 
     def being_written_by(self) -> dict | None:
-        return None       # push writes the progress flags and the root document last; no lock in a bucket
+        """The push holding the prefix's live lease ({host, pid, since, expires}), or None (store.remote.Lease)."""
+        return lease_holder(self.location)
 
     def _chunk_crc(self, name: str, coords: tuple) -> int:
         """As Cache._chunk_crc; the last four bytes of every chunk of the array are fetched at once the first
@@ -646,12 +669,12 @@ class RemoteShardFile(ShardFile):
             self._local.fetched = {}
         return self._local.fetched
 
-    def read(self, rows, recorded=None) -> np.ndarray:
+    def read(self, rows, recorded=None, out=None) -> np.ndarray:
         idx = np.arange(*rows.indices(self.shape[0])) if isinstance(rows, slice) else np.asarray(rows, np.int64)
         if idx.ndim == 1 and len(idx) and idx.min() >= 0 and idx.max() < self.shape[0]:
             self._prefetch(idx)
         try:
-            return super().read(rows, recorded)
+            return super().read(rows, recorded, out)
         finally:
             self._fetched.clear()
 

@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import re
+import secrets
+import socket
+import threading
+import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from functools import cached_property
+from pathlib import Path
 
 from ..errors import Failed
 from .confine import refusal
@@ -306,10 +312,9 @@ async def put_file_async(loc: Location, key: str, path: str, crc: int) -> None:
     size = os.path.getsize(path)
     value = base64.b64encode(crc.to_bytes(4, "big")).decode()
     try:
-        with open(path, "rb") as f:
-            await obstore.put_async(loc.store, key, f, attributes={CRC_ATTR: value},
-                                    use_multipart=size > MULTIPART_BYTES, chunk_size=PART_BYTES,
-                                    max_concurrency=4)
+        # a Path, not a file object: obstore then reads the file in its own threads, without the GIL
+        await obstore.put_async(loc.store, key, Path(path), attributes={CRC_ATTR: value},
+                                use_multipart=size > MULTIPART_BYTES, chunk_size=PART_BYTES, max_concurrency=4)
         res = await obstore.get_async(loc.store, key, options={"head": True})
     except Exception as e:
         raise remote_error(loc, key, e) from None
@@ -358,20 +363,220 @@ def zarr_store(loc: Location, limit=None):
     return BucketStore(loc.store, read_only=True)
 
 
+# ------------------------------------------------------------------------------------------- lease
+LEASE_KEY = "cachefeat.lease"         # at the cache's prefix while a push writes it; no part of the cache
+LEASE_SECONDS = 600                   # how long a lease lasts unless renewed: what a killed push blocks
+LEASE_RENEW_SECONDS = 60              # how often the push holding it renews it
+MAX_LEASE_BYTES = 4096
+
+
+class LeaseHeld(RemoteError, Failed):
+    """Another push holds the prefix's lease (exit status 1: wait for it, or break the lease of a dead one)."""
+
+
+class LeaseLost(RemoteUnreachable):
+    """The lease this push held was broken or taken over while it ran (exit status 1)."""
+
+
+def _utc(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _expiry(holder: dict) -> float | None:
+    try:
+        return datetime.strptime(holder["expires"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _lease_is_live(holder: dict) -> bool:
+    """A lease is live until its expiry; one whose expiry cannot be read never expires (--break-lease ends it)."""
+    end = _expiry(holder)
+    return end is None or end > time.time()
+
+
+def read_lease(loc: Location) -> tuple[dict, str | None] | None:
+    """The lease at `loc` (its JSON, {} when it is no JSON object cachefeat wrote) and its ETag; None when there
+    is none."""
+    import obstore
+    try:
+        res = obstore.get(loc.store, LEASE_KEY)
+        if res.meta["size"] > MAX_LEASE_BYTES:
+            return {}, res.meta.get("e_tag")
+        data, e_tag = bytes(res.bytes()), res.meta.get("e_tag")
+    except Exception as e:
+        err = remote_error(loc, LEASE_KEY, e)
+        if isinstance(err, FileNotFoundError):
+            return None
+        raise err from None
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        holder = None
+    return (holder if isinstance(holder, dict) else {}), e_tag
+
+
+def lease_holder(loc: Location) -> dict | None:
+    """The holder of the live lease at `loc` ({host, pid, since, expires}), or None when no push holds it."""
+    got = read_lease(loc)
+    if got is None or not _lease_is_live(got[0]):
+        return None
+    h = got[0]
+    return {"host": h.get("host", "?"), "pid": h.get("pid", "?"), "since": h.get("started", "?"),
+            "expires": h.get("expires", "never")}
+
+
+def _who(holder: dict) -> str:
+    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('started', '?')}, "
+            f"lease expires {holder.get('expires', 'never')}")
+
+
+class Lease:
+    """The lease object of a push at its prefix (`cachefeat.lease`, JSON {host, pid, started, expires, token}),
+    created only where none is (a conditional PUT, If-None-Match: *), renewed every LEASE_RENEW_SECONDS by a
+    thread of its own and only while it is still this push's (a PUT conditional on the ETag this push last
+    wrote, If-Match), deleted by release(). A push killed outright leaves it until it expires."""
+
+    def __init__(self, loc: Location, holder: dict, e_tag: str | None):
+        self.loc, self.holder, self.e_tag = loc, holder, e_tag
+        self.lost: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep, name="cachefeat-lease", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def acquire(cls, loc: Location, break_lease: bool = False, warn=None) -> Lease:
+        """The prefix's lease for this process. A live lease of another push: LeaseHeld (one line naming it).
+        An expired one is taken over (replaced only while it is the one read: If-Match on its ETag);
+        `break_lease` removes any lease first, saying so through `warn`."""
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+        if break_lease:
+            got = read_lease(loc)
+            if got is not None:
+                _delete_lease(loc)
+                if warn:
+                    warn(f"broke the lease of {loc.url} ({_who(got[0])}): if that push is still running, stop it; "
+                         f"both wrote to the prefix")
+        now = time.time()
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": _utc(now),
+                  "expires": _utc(now + LEASE_SECONDS), "token": secrets.token_hex(16)}
+        for _ in range(5):
+            got = None
+            try:
+                res = obstore.put(loc.store, LEASE_KEY, json.dumps(holder).encode(), mode="create")
+                return cls(loc, holder, res["e_tag"])
+            except AlreadyExistsError:
+                got = read_lease(loc)
+            except Exception as e:
+                raise remote_error(loc, LEASE_KEY, e) from None
+            if got is None:
+                continue                              # released since: create it again
+            theirs, e_tag = got
+            if _lease_is_live(theirs):
+                raise LeaseHeld(f"{loc.url} is being pushed by another cachefeat push ({_who(theirs)}): wait for it "
+                                f"to finish, or if that push is dead, run this push again with --break-lease")
+            try:                                       # expired: replace that very lease, no other
+                res = obstore.put(loc.store, LEASE_KEY, json.dumps(holder).encode(), mode={"e_tag": e_tag})
+                return cls(loc, holder, res["e_tag"])
+            except (PreconditionError, FileNotFoundError):
+                continue                              # taken over or released meanwhile: look again
+            except Exception as e:
+                raise remote_error(loc, LEASE_KEY, e) from None
+        raise LeaseHeld(f"{loc.url}: the lease of the prefix keeps changing (other pushes at once): wait for them "
+                        f"to finish, then run this push again")
+
+    def renew(self) -> None:
+        """Extend the lease by LEASE_SECONDS from now, only if it is still this push's; LeaseLost if it is not."""
+        import obstore
+        from obstore.exceptions import PreconditionError
+        with self._lock:
+            if self.lost:
+                raise LeaseLost(self.lost)
+            holder = dict(self.holder, expires=_utc(time.time() + LEASE_SECONDS))
+            try:
+                res = obstore.put(self.loc.store, LEASE_KEY, json.dumps(holder).encode(), mode={"e_tag": self.e_tag})
+            except (PreconditionError, FileNotFoundError):
+                got = read_lease(self.loc)
+                self.lost = (f"{self.loc.url}: this push's lease was broken while it ran"
+                             + (f" (now held by {_who(got[0])})" if got else "")
+                             + ": the objects at the prefix may be a mix of two pushes; once no other push runs, "
+                               "run this push again")
+                raise LeaseLost(self.lost) from None
+            except Exception as e:
+                raise remote_error(self.loc, LEASE_KEY, e) from None
+            self.holder, self.e_tag = holder, res["e_tag"]
+
+    def check(self) -> None:
+        """LeaseLost when the renewing thread found the lease no longer this push's."""
+        if self.lost:
+            raise LeaseLost(self.lost)
+
+    def _keep(self) -> None:
+        while not self._stop.wait(LEASE_RENEW_SECONDS):
+            try:
+                self.renew()
+            except LeaseLost:
+                return
+            # B112: the server unreachable for a while: the push's own requests fail and say so; try again later
+            except Exception:  # nosec B112
+                continue
+
+    def release(self) -> None:
+        """Stop renewing; delete the lease if it is still this push's (re-read: its token)."""
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            if self.lost:
+                return
+            got = read_lease(self.loc)
+            if got is not None and got[0].get("token") == self.holder["token"]:
+                _delete_lease(self.loc)
+
+
+def _delete_lease(loc: Location) -> None:
+    import obstore
+    try:
+        obstore.delete(loc.store, LEASE_KEY)
+    except Exception as e:
+        err = remote_error(loc, LEASE_KEY, e)
+        if not isinstance(err, FileNotFoundError):
+            raise err from None
+
+
 # ------------------------------------------------------------------------------------------- push
 COMMIT_LAST = ("shard_checksums/", "progress/")   # the record of finished shards: after every data object
 
 
-def push(local, loc: Location, progress=None) -> dict:
+def push(local, loc: Location, progress=None, break_lease: bool = False, warn=None) -> dict:
     """Upload the finished local cache `local` (a store.Cache) to `loc`: every file as one object with its
     CRC32C recorded and checked on arrival; the data first, then the shard records and progress flags, the root
     zarr.json last, so a half-pushed cache never opens as complete (without its root document it is no cache
     at all). Objects already there with the file's size and CRC32C are skipped (a re-run uploads only what is
     missing or differs); objects of the cache that the local cache does not hold are deleted. A prefix holding
     objects that are no part of a Zarr store's arrays is refused. `progress(n, total=None)`: objects done.
-    Returns {uploaded, skipped, deleted, bytes}."""
+    While it runs the prefix holds this push's lease (Lease): another push to it is refused (LeaseHeld) until
+    this one ends, or until the lease expires when this one is killed; `break_lease` removes any lease first
+    (`warn(line)` says so). Returns {uploaded, skipped, deleted, bytes}."""
     files = _cache_files(local)
+    lease = Lease.acquire(loc, break_lease, warn)
+    try:
+        out = _push(files, loc, lease, progress)
+    except BaseException:
+        try:
+            lease.release()
+        # B110: the push's own error says what failed; a lease left behind expires
+        except Exception:  # nosec B110
+            pass
+        raise
+    lease.release()
+    return out
+
+
+def _push(files: dict[str, str], loc: Location, lease: Lease, progress) -> dict:
     remote = list_objects(loc)
+    remote.pop(LEASE_KEY, None)              # this push's own lease: no part of the cache
     # what a store at this prefix may hold: the local cache's folders, and those of the arrays and groups there
     ours = {k.split("/", 1)[0] for k in files} | {k.split("/", 1)[0] for k in remote if k.endswith("zarr.json")}
     foreign = sorted(k for k in remote if k not in files and k.split("/", 1)[0] not in ours)
@@ -403,9 +608,12 @@ def push(local, loc: Location, progress=None) -> dict:
     if progress:
         progress(len(files) - len(todo))
     for batch in (data, None, record, flags, ["zarr.json"] if "zarr.json" in todo else []):
+        lease.check()                         # (renewed by its thread meanwhile)
         if batch is None:                     # the data are all there: what the local cache no longer holds goes
             delete(loc, stale)
             continue
+        if batch == ["zarr.json"]:
+            lease.renew()                     # still this push's, right before the commit
         run_sync(_put_all(loc, [(k, files[k], crcs[k]) for k in batch], tick))
     return {"uploaded": len(todo), "skipped": len(files) - len(todo), "deleted": len(stale), "bytes": done_bytes}
 
@@ -419,7 +627,7 @@ def _cache_files(local) -> dict[str, str]:
     out = {}
     for dirpath, _, names in os.walk(local.real):
         for name in names:
-            if name.endswith(".tmp") or name == "cachefeat.lock":
+            if name.endswith(".tmp") or name in ("cachefeat.lock", LEASE_KEY):
                 continue
             path = os.path.join(dirpath, name)
             out[os.path.relpath(path, local.real).replace(os.sep, "/")] = path

@@ -225,10 +225,13 @@ class ShardFile:
         return self.folder / "c" / str(shard) / "/".join("0" * (len(self.shape) - 1))
 
     # -- reading
-    def read(self, rows, recorded: Callable[[int], np.ndarray | None] | None = None) -> np.ndarray:
+    def read(self, rows, recorded: Callable[[int], np.ndarray | None] | None = None,
+             out: np.ndarray | None = None) -> np.ndarray:
         """Rows of the array: a slice with step 1 or an int array (any order, repeats allowed). With
         `recorded(shard)` (the shard's checksums of this array's chunks, from its record; None: no record)
-        each chunk read must be the one recorded at its place (NotAsRecorded otherwise)."""
+        each chunk read must be the one recorded at its place (NotAsRecorded otherwise). `out`: an array (or
+        a strided view, such as one layer's place in a stack of layers) of the rows' shape and dtype that the
+        chunks are decoded into, saving a copy; returned."""
         if isinstance(rows, slice):
             start, stop, step = rows.indices(self.shape[0])
             if step != 1:
@@ -239,7 +242,11 @@ class ShardFile:
             raise ValueError("rows must be a slice or a 1-d array")
         if len(rows) and (rows.min() < 0 or rows.max() >= self.shape[0]):
             raise IndexError(f"rows outside 0..{self.shape[0] - 1}")
-        out = np.empty((len(rows), *self.shape[1:]), self.dtype.newbyteorder("="))
+        shape, dtype = (len(rows), *self.shape[1:]), self.dtype.newbyteorder("=")
+        if out is None:
+            out = np.empty(shape, dtype)
+        elif out.shape != shape or out.dtype != dtype:
+            raise ValueError(f"{self.folder}: out is {out.dtype}{out.shape}, the rows {dtype}{shape}")
         shard_of = rows // self.shard_rows
         for shard in np.unique(shard_of):
             where = np.flatnonzero(shard_of == shard)

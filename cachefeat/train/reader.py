@@ -91,8 +91,16 @@ def _read_rows(cache: Cache, sel: Needs, rows) -> dict[str, np.ndarray]:
         reads["embed"] = lambda: cache.read("embed", rows)
     if sel.cls_layers:
         reads["cls"] = lambda: cache.read_cls(rows, layers=list(sel.cls_layers))
-    for layer in sel.token_layers:
-        reads[f"tokens/{layer}"] = lambda layer=layer: cache.read(f"tokens/{layer}", rows)
+    tokens = None
+    if sel.token_layers:
+        # the layers' rows decoded straight into their places in one (clips, T, layers, N, D) block: no stack copy
+        first = f"tokens/{sel.token_layers[0]}"
+        shape = cache.root[first].shape
+        count = len(range(*rows.indices(shape[0]))) if isinstance(rows, slice) else len(rows)
+        per_clip = shape[1:]
+        tokens = np.empty((count, per_clip[0], len(sel.token_layers), *per_clip[1:]), cache.read_dtype(first))
+    for i, layer in enumerate(sel.token_layers):
+        reads[f"tokens/{layer}"] = lambda i=i, layer=layer: cache.read(f"tokens/{layer}", rows, out=tokens[:, :, i])
     if sel.pixels:
         reads["pixels"] = lambda: cache.read("pixels", rows)
     if getattr(cache, "location", None) is not None and len(reads) > 1:
@@ -105,7 +113,7 @@ def _read_rows(cache: Cache, sel: Needs, rows) -> dict[str, np.ndarray]:
         got = {k: read() for k, read in reads.items()}
     out = {k: got[k] for k in ("embed", "cls") if k in got}
     if sel.token_layers:
-        out["tokens"] = np.stack([got[f"tokens/{layer}"] for layer in sel.token_layers], axis=2)
+        out["tokens"] = tokens
     if sel.pixels:
         out["pixels"] = got["pixels"]
     return out
