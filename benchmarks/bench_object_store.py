@@ -225,11 +225,13 @@ def _summary(got: dict[str, list[tuple[float, float, float]]]) -> tuple[dict, di
     return med[0], med[1], med[2]
 
 
-def _alternate(sides: dict, rounds: int, pid: int, after=None) -> dict[str, list[tuple[float, float, float]]]:
+def _alternate(sides: dict, rounds: int, pid: int, before=None, after=None) -> dict[str, list[tuple]]:
     """Each side's (seconds, server busy, client busy) per round, in turn A B A B ... after one warm-up of each;
-    `after(side)` after each, not timed."""
+    `before()` at the start of each round and `after(side)` after each side, neither timed."""
     out = {k: [] for k in sides}
     for i in range(rounds + 1):
+        if before:
+            before()
         for k, fn in sides.items():
             got = _timed(fn, pid)
             if i:
@@ -237,6 +239,24 @@ def _alternate(sides: dict, rounds: int, pid: int, after=None) -> dict[str, list
             if after:
                 after(k)
     return out
+
+
+def _figures(got: dict[str, list[tuple]], ours: str, ours_rate: str, raw_rate: str, nbytes: int) -> dict:
+    """The figures of one comparison (`ours` against "raw" over the same `nbytes`) as the result file keeps them."""
+    med, busy, client = _summary(got)
+    mib = nbytes / 2 ** 20
+    eff = med["raw"] / med[ours]
+    return {ours_rate: mib / med[ours], raw_rate: mib / med["raw"], "efficiency": eff, "verdict": _verdict(eff),
+            f"{ours}_s": [x[0] for x in got[ours]], "raw_s": [x[0] for x in got["raw"]],
+            "round_efficiencies": [r[0] / p[0] for p, r in zip(got[ours], got["raw"])],
+            f"server_busy_{ours}": busy[ours], "server_busy_raw": busy["raw"], f"client_busy_{ours}": client[ours],
+            "client_busy_raw": client["raw"]}
+
+
+def _busy(out: dict, ours: str) -> str:
+    return (f"efficiency {out['efficiency']:.2f} ({out['verdict']}); busy, of one core: server "
+            f"{out[f'server_busy_{ours}']:.2f} / {out['server_busy_raw']:.2f}, this process "
+            f"{out[f'client_busy_{ours}']:.2f} / {out['client_busy_raw']:.2f}")
 
 
 def _verdict(eff: float) -> str:
@@ -275,17 +295,8 @@ def _write(cache, files: dict[str, str], base: str, pid: int, rounds: int, log) 
     def raw():
         remote.run_sync(put_all(fresh("raw")))
     got = _alternate({"push": push, "raw": raw}, rounds, pid, after=forget)
-    med, busy, client = _summary(got)
-    mib = total / 2 ** 20
-    eff = med["raw"] / med["push"]
-    out = {"push_mib_s": mib / med["push"], "raw_put_mib_s": mib / med["raw"], "efficiency": eff,
-           "verdict": _verdict(eff), "push_s": [x[0] for x in got["push"]], "raw_s": [x[0] for x in got["raw"]],
-           "round_efficiencies": [r[0] / p[0] for p, r in zip(got["push"], got["raw"])],
-           "server_busy_push": busy["push"], "server_busy_raw": busy["raw"], "client_busy_push": client["push"],
-           "client_busy_raw": client["raw"], "requests_raw": len(blobs)}
-    log(f"  write: push {out['push_mib_s']:.1f} MiB/s, raw PUTs {out['raw_put_mib_s']:.1f} MiB/s: efficiency "
-        f"{eff:.2f} ({out['verdict']}); busy, of one core: server {busy['push']:.2f} / {busy['raw']:.2f}, this "
-        f"process {client['push']:.2f} / {client['raw']:.2f}")
+    out = _figures(got, "push", "push_mib_s", "raw_put_mib_s", total) | {"requests_raw": len(blobs)}
+    log(f"  write: push {out['push_mib_s']:.1f} MiB/s, raw PUTs {out['raw_put_mib_s']:.1f} MiB/s: {_busy(out, 'push')}")
     return out
 
 
@@ -329,30 +340,15 @@ def _read(url: str, names: list[str], pid: int, rounds: int, log) -> dict:
 
     def raw():
         remote.run_sync(get_all())
-    times = {"reader": [], "raw": []}
-    for i in range(rounds + 1):
-        prepare()
-        for k, fn in (("reader", reader), ("raw", raw)):
-            got = _timed(fn, pid)
-            if i:
-                times[k].append(got)
+    times = _alternate({"reader": reader, "raw": raw}, rounds, pid, before=prepare)
     if state["rows"] != probe.num_clips:
         raise RuntimeError(f"the reader's epoch held {state['rows']} clips, not {probe.num_clips}")
-    med, busy, client = _summary(times)
-    mib = total / 2 ** 20
-    eff = med["raw"] / med["reader"]
-    out = {"reader_mib_s": mib / med["reader"], "raw_get_mib_s": mib / med["raw"], "efficiency": eff,
-           "verdict": _verdict(eff), "reader_s": [x[0] for x in times["reader"]], "raw_s": [x[0] for x in times["raw"]],
-           "round_efficiencies": [r[0] / p[0] for p, r in zip(times["reader"], times["raw"])],
-           "server_busy_reader": busy["reader"], "server_busy_raw": busy["raw"], "client_busy_reader": client["reader"],
-           "client_busy_raw": client["raw"], "requests_raw": len(ranges),
-           "open_s": open_s, "reads": sel.describe(), "feature_objects": sum(1 for k in probe.objects
-                                                                             if k.split("/c/")[0] in names),
-           "bytes": total}
-    log(f"  read: {sel.describe()}, {mib:.1f} MiB in {len(ranges)} ranges: reader {out['reader_mib_s']:.1f} MiB/s, "
-        f"raw ranged GETs {out['raw_get_mib_s']:.1f} MiB/s: efficiency {eff:.2f} ({out['verdict']}); busy, of one "
-        f"core: server {busy['reader']:.2f} / {busy['raw']:.2f}, this process {client['reader']:.2f} / "
-        f"{client['raw']:.2f}; opening the cache {open_s:.2f} s (not counted)")
+    out = _figures(times, "reader", "reader_mib_s", "raw_get_mib_s", total) | {
+        "requests_raw": len(ranges), "open_s": open_s, "reads": sel.describe(),
+        "feature_objects": sum(1 for k in probe.objects if k.split("/c/")[0] in names), "bytes": total}
+    log(f"  read: {sel.describe()}, {total / 2 ** 20:.1f} MiB in {len(ranges)} ranges: reader "
+        f"{out['reader_mib_s']:.1f} MiB/s, raw ranged GETs {out['raw_get_mib_s']:.1f} MiB/s: {_busy(out, 'reader')}; "
+        f"opening the cache {open_s:.2f} s (not counted)")
     return out
 
 

@@ -86,3 +86,26 @@ def stage2_caches(synth_temporal, tmp_path_factory) -> dict:
     run_cli(*tiny_extract_args(synth_temporal / "train.txt", out / "train.zarr", *common))
     run_cli(*tiny_extract_args(synth_temporal / "val.txt", out / "val.zarr", *common, "--views", "3x1"))
     return {"train": out / "train.zarr", "val": out / "val.zarr", "data": synth_temporal}
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """One S3-compatible server for the object-store tests: moto's on 127.0.0.1 (tests/s3server.py), or the
+    endpoint in CACHEFEAT_S3_TEST_ENDPOINT."""
+    pytest.importorskip("obstore")
+    pytest.importorskip("boto3")
+    import s3server
+    if not s3server.external():
+        pytest.importorskip("moto")
+    server = s3server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def env(s3, monkeypatch):
+    """This test's process reaches the server (cachefeat reads the AWS_* variables at each open)."""
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    return s3
+

@@ -25,23 +25,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def s3():
-    if not s3server.external():
-        pytest.importorskip("moto")
-    server = s3server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def env(s3, monkeypatch):
-    """This test's process reaches the server (cachefeat reads the AWS_* variables at each open)."""
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    return s3
-
-
-@pytest.fixture(scope="module")
 def local(synth_small, tmp_path_factory):
     """A tiny-ViT cache with every layer's tokens (so the shard files hold several chunks each): 12 clips in
     3 shards."""

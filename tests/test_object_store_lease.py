@@ -15,29 +15,11 @@ import pytest
 pytest.importorskip("obstore")
 pytest.importorskip("boto3")
 
-import s3server  # noqa: E402
-
 from conftest import run_cli, tiny_extract_args  # noqa: E402
 from helpers import invoke, on_contract  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 LEASE = "cachefeat.lease"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    if not s3server.external():
-        pytest.importorskip("moto")
-    server = s3server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def env(s3, monkeypatch):
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    return s3
 
 
 @pytest.fixture(scope="module")
