@@ -254,7 +254,8 @@ def _shard_size(ctx, param, value):
 @cli.command()
 @click.argument("input", type=click.Path(exists=True))
 @click.option("--out", "-o", required=True, type=click.Path(),
-              help="The cache to write (a Zarr v3 store, e.g. k400_train.zarr).")
+              help="The cache to write (a Zarr v3 store, e.g. k400_train.zarr), or s3://BUCKET/PREFIX to write it "
+                   "into an object store shard by shard (docs/object-storage.md).")
 @click.option("--format", "fmt", type=click.Choice(["auto", "folder", "list", "kinetics", "ssv2"]), default="auto",
               show_default=True, help="How to read INPUT: a class-folder tree, a `path label` list, a Kinetics CSV, "
                                       "or a Something-Something JSON (auto: by extension).")
@@ -374,13 +375,19 @@ def _shard_size(ctx, param, value):
 @click.option("--ignore-free-space", is_flag=True,
               help="Write even when the estimated cache size exceeds the free space of --out's file system "
                    "(e.g. when the codec compresses well).")
+@click.option("--staging", type=click.Path(exists=True, file_okay=False),
+              help="With --out s3://...: the local folder that holds the cache's documents and tables and the shard "
+                   "being uploaded (a few MB plus a shard or two; default $CACHEFEAT_STAGING, else the temp folder).")
+@click.option("--break-lease", is_flag=True,
+              help="With --out s3://...: remove the prefix's lease first, whoever holds it: for a writer killed "
+                   "before its lease expired. Never while that writer may still run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(input, out, fmt, video_root, classes_file, split, model, pretrained, trust_pretrained, quick_gelu, seed,
             layers, tokens, frames, sampling, window_stride, frame_rate, views, dtype, pixels, aug_views, aug_scale,
             aug_ratio, no_flip, color_jitter, randaugment, flip_pairs, aug_seed,
             text_template, no_text, codec, batch_size, shard_size, device, precision, decode_workers, workers, address,
             decode_timeout, reader, preprocess, no_fsync, overwrite, repair, dry_run, strict, max_failed_fraction,
-            ignore_free_space, quiet):
+            ignore_free_space, staging, break_lease, quiet):
     """Run the frozen backbone over the videos of INPUT and write their features to a cache.
 
     Resumable: run the same command again after a crash and it continues with the shards not yet done.
@@ -421,12 +428,24 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
         return
     if trust_pretrained and Path(pretrained).is_file():
         click.echo(f"--trust-pretrained: {pretrained} is loaded in full if it needs it, running any code it holds")
-    click.echo(check_free_space(estimate_size(settings, manifest), out, ignore_free_space).describe())
+    from .store.bucket_writer import BucketOut
+    from .store.remote import is_remote
+    if is_remote(out):
+        from .store.remote import parse_url, require_obstore
+        require_obstore(out)
+        target = BucketOut(parse_url(out).url, staging, break_lease)
+        click.echo(f"writing to {target.url}, each shard uploaded as it is written (the bucket's free space is not "
+                   f"checked)")
+    else:
+        if staging or break_lease:
+            raise click.UsageError("--staging and --break-lease are for --out s3://...")
+        target = out
+        click.echo(check_free_space(estimate_size(settings, manifest), out, ignore_free_space).describe())
     if workers > 1 or address:
-        stats = _extract_on_ray(manifest, out, settings, workers, address, batch_size, decode_workers,
+        stats = _extract_on_ray(manifest, target, settings, workers, address, batch_size, decode_workers,
                                 decode_timeout, reader, preprocess, not no_fsync, overwrite, repair, quiet)
     else:  # one process, no Ray: nothing to start, nothing imported
-        stats = run_extract(manifest, out, settings, batch_size=batch_size,
+        stats = run_extract(manifest, target, settings, batch_size=batch_size,
                             decode_workers=default_workers() if decode_workers is None else decode_workers,
                             decode_timeout=decode_timeout, reader=reader, overwrite=overwrite, progress=not quiet,
                             log=click.echo, repair=repair, preprocess=preprocess, fsync=not no_fsync)
@@ -563,6 +582,10 @@ def info(cache, show_failures, as_json, plot_path):
                                                  if c.classes else ""))
     state = ("complete" if counts["shards_done"] == counts["shards"]
              else f"INCOMPLETE: {counts['shards_done']} of {counts['shards']} shards done (resume with extract)")
+    holder = c.being_written_by()
+    if holder:
+        state += (f"; being written by {holder.get('command', 'extract')}, pid {holder.get('pid', '?')} on "
+                  f"{holder.get('host', '?')} since {holder.get('since', '?')}")
     click.echo(f"progress   {state}")
     per_video = "windows per video by duration" if lay.windowed else f"x {lay.views.count} views"
     click.echo(f"clips      {counts['valid_clips']} valid of {c.num_clips} ({c.num_videos} videos {per_video}); "

@@ -39,7 +39,7 @@ def _plant(s3, bucket, key, minutes: float) -> dict:
     """A lease of another push (pid 4242 on host elsewhere) expiring `minutes` from now (< 0: expired)."""
     fmt = "%Y-%m-%dT%H:%M:%SZ"
     now = datetime.now(timezone.utc)
-    lease = {"host": "elsewhere", "pid": 4242, "started": (now - timedelta(minutes=20)).strftime(fmt),
+    lease = {"host": "elsewhere", "pid": 4242, "since": (now - timedelta(minutes=20)).strftime(fmt),
              "expires": (now + timedelta(minutes=minutes)).strftime(fmt), "token": "ab" * 16}
     s3.client().put_object(Bucket=bucket, Key=key, Body=json.dumps(lease).encode())
     return lease
@@ -61,7 +61,7 @@ def test_a_live_lease_refuses_a_second_push_and_readers_ignore_it(env, local):
     assert _keys(env, bucket).count(key) == 1
     c = open_cache(url)                                   # the reader: the lease is no part of the cache
     assert LEASE not in c.objects and c.complete and c.disk_bytes() == open_cache(local).disk_bytes()
-    assert c.being_written_by() == {"host": "elsewhere", "pid": 4242, "since": lease["started"],
+    assert c.being_written_by() == {"host": "elsewhere", "pid": 4242, "command": "push", "since": lease["since"],
                                     "expires": lease["expires"]}
     assert "progress   complete" in run_cli("info", url).output
     assert "ok: every chunk reads" in run_cli("verify", url).output
@@ -121,7 +121,7 @@ def test_a_broken_lease_stops_the_push_before_its_commit(env, local):
         if n and not breaker.done:
             breaker.done = _plant(env, bucket, key, 10)
     breaker.done = None
-    with pytest.raises(LeaseLost, match="broken while it ran .now held by pid 4242 on elsewhere"):
+    with pytest.raises(LeaseLost, match="broken while it ran .now held by cachefeat push, pid 4242 on elsewhere"):
         push(open_cache(local), parse_url(f"s3://{bucket}/c.zarr"), progress=breaker)
     keys = _keys(env, bucket)
     assert "c.zarr/zarr.json" not in keys and key in keys
@@ -159,7 +159,7 @@ def test_two_pushes_at_once(env, local, tmp_path):
     assert sorted(rc for rc, _, _ in outs) == [0, 1], outs
     rc, _, err = next(o for o in outs if o[0] == 1)
     lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1 and "being pushed by another cachefeat push" in lines[0] and "--break-lease" in lines[0]
+    assert len(lines) == 1 and "being written by another cachefeat push" in lines[0] and "--break-lease" in lines[0]
     a, b = open_cache(local), open_cache(url)
     assert b.complete and b.being_written_by() is None
     for name in a.array_names():

@@ -42,6 +42,16 @@ from ..ray_runtime import (
     worker_resources,
 )
 from ..store import Cache, CacheError, open_for_writing
+from ..store.bucket_writer import (
+    BucketOut,
+    bucket_out,
+    bucket_settings,
+    bucket_state,
+    clear_staging,
+    pull,
+    upload_shard,
+)
+from ..store.writer import StoreWriter
 from .decode_pool import DecodePool
 from .manifest import Manifest
 from .pipeline import ExtractStats, creation_extras, stop_on_sigint
@@ -117,9 +127,24 @@ class WorkerSetupError(Exception):
     """A worker cannot take part (cannot see the store, builds other weights); the message says why."""
 
 
-def open_store_for_worker(out: str, fingerprint: str, where: str):
+def open_store_for_worker(out, fingerprint: str, where: str, worker_id: int):
     """The store as a worker opens it, with the reason in words when it cannot (the usual cause on a
-    cluster: --out is on a disk only the driver's node sees)."""
+    cluster: --out is on a disk only the driver's node sees). For a bucket (a BucketOut), a staging copy of
+    the cache as it was made, in a folder of this worker's node."""
+    if isinstance(out, BucketOut):
+        staging = out.staging_dir(f"w{worker_id}")
+        try:
+            clear_staging(staging)
+            objects, docs = bucket_state(out.location)
+            pull(out.location, objects, docs, staging, shard_state=False)
+            cache = Cache(staging, mode="r+")
+        except CacheError as e:
+            raise WorkerSetupError(f"{where} cannot stage the cache {out.url} in {staging} ({e})") from None
+        if cache.meta.get("fingerprint") != fingerprint:
+            raise WorkerSetupError(f"{where} finds a different cache at {out.url} (fingerprint "
+                                   f"{cache.meta.get('fingerprint')} instead of {fingerprint}): written by another "
+                                   f"run meanwhile?")
+        return cache
     try:
         cache = Cache(out, mode="r+")
     except CacheError as e:
@@ -139,10 +164,11 @@ class ExtractWorker:
     def __init__(self, worker_id: int, broker):
         self.id, self.broker = worker_id, broker
         self.pool = None
+        self.bucket = None       # the bucket's Location when the cache is staged for one
 
     def setup(self, out: str, settings: ExtractSettings, device: str, fingerprint: str, weights_sha256: str,
               videos, workers: int, batch_size: int, decode_workers: int | None, decode_timeout: float,
-              reader: str, preprocess: str = "auto", fsync: bool = True) -> dict:
+              reader: str, preprocess: str = "auto", fsync: bool = True, bucket_env: dict | None = None) -> dict:
         import torch
 
         from .backbone import load_backbone
@@ -150,7 +176,10 @@ class ExtractWorker:
         from .pipeline import ShardExtractor
         host, pid = socket.gethostname(), os.getpid()
         where = f"worker {self.id} on {host} (pid {pid})"
-        cache = open_store_for_worker(out, fingerprint, where)
+        for k, v in (bucket_env or {}).items():    # the driver's bucket settings, where this node has none
+            os.environ.setdefault(k, v)
+        cache = open_store_for_worker(out, fingerprint, where, self.id)
+        self.bucket = out.location if isinstance(out, BucketOut) else None
         bb = load_backbone(settings.model, settings.pretrained, device, settings.precision, seed=settings.seed,
                            quick_gelu=settings.quick_gelu, trust_pretrained=settings.trust_pretrained)
         if bb.weights_sha256 != weights_sha256:
@@ -187,8 +216,10 @@ class ExtractWorker:
             self.last_flush = time.monotonic()
 
     def _on_shard_done(self, shard: int) -> None:
-        # called by the writer thread after the shard's progress flag is set; waited for, so the broker
-        # knows before this worker asks for more
+        # called by the writer thread after the shard's progress flag is set (for a bucket: once it is
+        # uploaded there); waited for, so the broker knows before this worker asks for more
+        if self.bucket is not None:
+            upload_shard(self.extractor.store, self.bucket, shard)
         self._flush()
         ray.get(self.broker.finished.remote(self.id, shard))
 
@@ -216,6 +247,8 @@ class ExtractWorker:
                     return total
         finally:
             self.pool.close()
+            if self.bucket is not None:         # the shards are in the bucket: the staging copy goes
+                clear_staging(self.extractor.store.path)
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -284,7 +317,7 @@ def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSe
             with DecodePool(1, decode_timeout) as pool:
                 return creation_extras(p, bb, pool, batch_size, reader, log)
 
-        out = Path(out).resolve()
+        out = bucket_out(out) or Path(out).resolve()
         with open_for_writing(out, p.meta, p.layout, manifest.videos, settings.codec, overwrite, repair,
                               extras=extras, log=log, timeline=p.timeline.arrays() if p.timeline else None) as store:
             bb = None    # the driver's copy is not needed any more: free it before the workers start
@@ -292,7 +325,7 @@ def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSe
                 return DistributedStats()
             # workers decode by absolute path: their working directory is not the driver's
             videos = [replace(v, path=os.path.abspath(v.path)) for v in manifest.videos]
-            driver = _Driver(store.cache, store.todo, log, progress, monitor)
+            driver = _Driver(store, log, progress, monitor)
             n = min(workers, len(store.todo))
             if n < workers:
                 log(f"{len(store.todo)} shard{'s' * (len(store.todo) != 1)} to write: starting {n} "
@@ -301,9 +334,10 @@ def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSe
             if n > cap:
                 log(f"{n} workers asked for, but the cluster has {cap:g} {'GPUs' if gpu else 'CPUs'}: "
                     f"the others start when resources free up")
-            setup_args = (str(out), settings, device, store.meta["fingerprint"], weights_sha256,
+            bucket = isinstance(out, BucketOut)
+            setup_args = (out if bucket else str(out), settings, device, store.meta["fingerprint"], weights_sha256,
                           ray.put(videos), n, batch_size, decode_workers, decode_timeout, reader, preprocess,
-                          fsync)
+                          fsync, bucket_settings() if bucket else None)
             return driver.run(n, worker_resources(gpu), setup_args,
                               n if max_replacements is None else max_replacements)
 
@@ -318,10 +352,11 @@ class _Driver:
 
     POLL = 0.2
 
-    def __init__(self, store: Cache, todo: list[int], log, progress: bool, monitor):
-        self.store, self.layout, self.todo, self.log, self.monitor = store, store.layout, todo, log, monitor
-        rows = {s: len(self.layout.shard_rows_range(s)) for s in todo}
-        self.broker = ShardBroker.options(**on_driver_node()).remote(todo, rows)
+    def __init__(self, store: StoreWriter, log, progress: bool, monitor):
+        # what is done is what the store says: the folder, or for a bucket the bucket (store.view())
+        self.store, self.layout, self.todo, self.log, self.monitor = store, store.layout, store.todo, log, monitor
+        rows = {s: len(self.layout.shard_rows_range(s)) for s in self.todo}
+        self.broker = ShardBroker.options(**on_driver_node()).remote(self.todo, rows)
         self.workers: dict[int, WorkerInfo] = {}
         self.pending: dict = {}          # ObjectRef -> (worker id, "setup" | "run")
         self.stats = DistributedStats()
@@ -422,7 +457,7 @@ class _Driver:
         self.stats.worker_deaths += 1
         ray.kill(w.actor, no_restart=True)     # make sure: a worker only "unavailable" must not write on
         held = ray.get(self.broker.release.remote(w.id))
-        flags = self.store.shard_done()        # the store decides: a flagged shard is complete
+        flags = self.store.view().shard_done()     # the store decides: a flagged shard is complete
         redo = [s for s in held if not flags[s]]
         self.broker.requeue.remote(redo)
         self.broker.mark_done.remote([s for s in held if flags[s]])
@@ -450,7 +485,7 @@ class _Driver:
     def _summary(self, seconds: float) -> DistributedStats:
         """Counts and failures read back from the store for the shards this run had to do: exact even when
         a worker died before it could report."""
-        cache = self.store
+        cache = self.store.view()
         done = cache.shard_done()
         lay = self.layout
         ran = [s for s in self.todo if done[s]]

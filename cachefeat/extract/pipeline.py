@@ -623,7 +623,8 @@ def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batc
             decode_workers: int = 2, decode_timeout: float = 60.0, reader: str = "auto", overwrite: bool = False,
             progress: bool = True, log=print, repair: bool = False, preprocess: str = "auto",
             fsync: bool = True) -> ExtractStats:
-    """Extract (or resume extracting) `manifest` into the cache at `out` in this process. With `repair`,
+    """Extract (or resume extracting) `manifest` into the cache at `out` (a folder, or an s3:// URL: see
+    store/bucket_writer.py) in this process. With `repair`,
     shards that `cachefeat verify` finds damaged are extracted again. `preprocess`: where test views are
     resized and cropped (workers: PIL in the decode processes; device: on the backbone's device, the same
     bytes; auto: device on a GPU). `fsync`: each shard is on the disk before it counts as done."""
@@ -649,7 +650,7 @@ def extract(manifest: Manifest, out: str | Path, settings: ExtractSettings, batc
                                     f"{todo_hours:.2f} h of video", refresh=False)
 
         ex = ShardExtractor(store.cache, backbone, manifest.videos, pool, batch_size, reader, on_progress=on_progress,
-                            preprocess=preprocess, fsync=fsync)
+                            on_shard_done=store.shard_done, preprocess=preprocess, fsync=fsync)
         if layout.windowed:
             units = [u for s in store.todo for u in shard_units(layout, s)]
             todo_videos = sum(u.rows.stop == layout.first_clips[u.video + 1] for u in units)

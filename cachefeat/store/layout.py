@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -248,6 +249,7 @@ VIDEO_TABLES = ("videos/path", "videos/id", "videos/label", "videos/status", "vi
 WINDOWED_VIDEO_TABLES = ("videos/num_clips", "videos/start", "videos/duration")
 CLIP_TABLES = ("clips/video", "clips/view", "clips/label")
 SHARD_VIDEO_TABLES = ("videos/status", "videos/num_frames", "videos/error")    # written with each shard
+
 CREATION_TABLES = tuple(n for n in (*VIDEO_TABLES, *CLIP_TABLES) if n not in SHARD_VIDEO_TABLES)
 
 # Each shard's checksum record: the CRC32C its crc32c codec stored for every chunk the shard wrote, in
@@ -255,6 +257,13 @@ CREATION_TABLES = tuple(n for n in (*VIDEO_TABLES, *CLIP_TABLES) if n not in SHA
 # bytes intact; the record proves it is the chunk written at that place (not one copied or moved there,
 # nor deleted: a deleted chunk reads as the fill value).
 RECORD = "shard_checksums"
+# what a store's folder holds (the first component of every node's name, the lock): a folder with anything
+# else is not one cachefeat made, and is never deleted as an unfinished creation
+STORE_ENTRIES = frozenset({"zarr.json", LOCK_NAME, "embed", "cls", "tokens", "pixels", "clips", "videos", "progress",
+                           RECORD, "text", "quant"})
+# the temporary file zarr's LocalStore writes a zarr.json through (_atomic_write: `zarr.<uuid hex>.partial`,
+# renamed over zarr.json when whole): a process killed while writing the root's metadata leaves one behind
+ZARR_PARTIAL = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 NOT_STORED = -1     # a chunk of only the fill value, which zarr leaves out
 NO_RECORD = -2      # the record array's fill value: no record (the shard was never finished)
 

@@ -371,11 +371,12 @@ MAX_LEASE_BYTES = 4096
 
 
 class LeaseHeld(RemoteError, Failed):
-    """Another push holds the prefix's lease (exit status 1: wait for it, or break the lease of a dead one)."""
+    """Another writer (push or extract) holds the prefix's lease (exit status 1: wait for it, or break the lease
+    of a dead one)."""
 
 
 class LeaseLost(RemoteUnreachable):
-    """The lease this push held was broken or taken over while it ran (exit status 1)."""
+    """The lease this writer held was broken or taken over while it ran (exit status 1)."""
 
 
 def _utc(t: float) -> str:
@@ -417,25 +418,27 @@ def read_lease(loc: Location) -> tuple[dict, str | None] | None:
 
 
 def lease_holder(loc: Location) -> dict | None:
-    """The holder of the live lease at `loc` ({host, pid, since, expires}), or None when no push holds it."""
+    """The holder of the live lease at `loc` ({command, host, pid, since, expires}, as the local lock's holder
+    has {host, pid, since}), or None when no writer holds it."""
     got = read_lease(loc)
     if got is None or not _lease_is_live(got[0]):
         return None
     h = got[0]
-    return {"host": h.get("host", "?"), "pid": h.get("pid", "?"), "since": h.get("started", "?"),
-            "expires": h.get("expires", "never")}
+    return {"command": h.get("command", "push"), "host": h.get("host", "?"), "pid": h.get("pid", "?"),
+            "since": h.get("since", "?"), "expires": h.get("expires", "never")}
 
 
 def _who(holder: dict) -> str:
-    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('started', '?')}, "
-            f"lease expires {holder.get('expires', 'never')}")
+    return (f"cachefeat {holder.get('command', 'push')}, pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+            f"since {holder.get('since', '?')}, lease expires {holder.get('expires', 'never')}")
 
 
 class Lease:
-    """The lease object of a push at its prefix (`cachefeat.lease`, JSON {host, pid, started, expires, token}),
-    created only where none is (a conditional PUT, If-None-Match: *), renewed every LEASE_RENEW_SECONDS by a
-    thread of its own and only while it is still this push's (a PUT conditional on the ETag this push last
-    wrote, If-Match), deleted by release(). A push killed outright leaves it until it expires."""
+    """The lease object of a writer at its prefix (`cachefeat.lease`, JSON {command, host, pid, since, expires,
+    token}; command: push or extract), created only where none is (a conditional PUT, If-None-Match: *), renewed
+    every LEASE_RENEW_SECONDS by a thread of its own and only while it is still this writer's (a PUT conditional
+    on the ETag it last wrote, If-Match), deleted by release(). A writer killed outright leaves it until it
+    expires."""
 
     def __init__(self, loc: Location, holder: dict, e_tag: str | None):
         self.loc, self.holder, self.e_tag = loc, holder, e_tag
@@ -446,8 +449,9 @@ class Lease:
         self._thread.start()
 
     @classmethod
-    def acquire(cls, loc: Location, break_lease: bool = False, warn=None) -> Lease:
-        """The prefix's lease for this process. A live lease of another push: LeaseHeld (one line naming it).
+    def acquire(cls, loc: Location, break_lease: bool = False, warn=None, command: str = "push") -> Lease:
+        """The prefix's lease for this process's `command`. A live lease of another writer: LeaseHeld (one line
+        naming it).
         An expired one is taken over (replaced only while it is the one read: If-Match on its ETag);
         `break_lease` removes any lease first, saying so through `warn`."""
         import obstore
@@ -457,10 +461,10 @@ class Lease:
             if got is not None:
                 _delete_lease(loc)
                 if warn:
-                    warn(f"broke the lease of {loc.url} ({_who(got[0])}): if that push is still running, stop it; "
-                         f"both wrote to the prefix")
+                    warn(f"broke the lease of {loc.url} ({_who(got[0])}): if that writer is still running, stop "
+                         f"it; both wrote to the prefix")
         now = time.time()
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": _utc(now),
+        holder = {"command": command, "host": socket.gethostname(), "pid": os.getpid(), "since": _utc(now),
                   "expires": _utc(now + LEASE_SECONDS), "token": secrets.token_hex(16)}
         for _ in range(5):
             got = None
@@ -475,8 +479,8 @@ class Lease:
                 continue                              # released since: create it again
             theirs, e_tag = got
             if _lease_is_live(theirs):
-                raise LeaseHeld(f"{loc.url} is being pushed by another cachefeat push ({_who(theirs)}): wait for it "
-                                f"to finish, or if that push is dead, run this push again with --break-lease")
+                raise LeaseHeld(f"{loc.url} is being written by another {_who(theirs)}: wait for it to finish, or "
+                                f"if that process is dead, run this {command} again with --break-lease")
             try:                                       # expired: replace that very lease, no other
                 res = obstore.put(loc.store, LEASE_KEY, json.dumps(holder).encode(), mode={"e_tag": e_tag})
                 return cls(loc, holder, res["e_tag"])
@@ -484,8 +488,8 @@ class Lease:
                 continue                              # taken over or released meanwhile: look again
             except Exception as e:
                 raise remote_error(loc, LEASE_KEY, e) from None
-        raise LeaseHeld(f"{loc.url}: the lease of the prefix keeps changing (other pushes at once): wait for them "
-                        f"to finish, then run this push again")
+        raise LeaseHeld(f"{loc.url}: the lease of the prefix keeps changing (other writers at once): wait for "
+                        f"them to finish, then run this {command} again")
 
     def renew(self) -> None:
         """Extend the lease by LEASE_SECONDS from now, only if it is still this push's; LeaseLost if it is not."""
@@ -499,10 +503,11 @@ class Lease:
                 res = obstore.put(self.loc.store, LEASE_KEY, json.dumps(holder).encode(), mode={"e_tag": self.e_tag})
             except (PreconditionError, FileNotFoundError):
                 got = read_lease(self.loc)
-                self.lost = (f"{self.loc.url}: this push's lease was broken while it ran"
+                command = self.holder["command"]
+                self.lost = (f"{self.loc.url}: this {command}'s lease was broken while it ran"
                              + (f" (now held by {_who(got[0])})" if got else "")
-                             + ": the objects at the prefix may be a mix of two pushes; once no other push runs, "
-                               "run this push again")
+                             + f": the objects at the prefix may be a mix of two writers; once no other runs, "
+                               f"run this {command} again")
                 raise LeaseLost(self.lost) from None
             except Exception as e:
                 raise remote_error(self.loc, LEASE_KEY, e) from None

@@ -9,7 +9,6 @@ how it lands.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
@@ -19,6 +18,7 @@ import numpy as np
 from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync as zarr_sync
 
+from .bucket_writer import BucketRun, bucket_out
 from .confine import open_group, open_inside, read_json, real_root, remove_inside
 from .layout import (
     _DIMS,
@@ -29,6 +29,8 @@ from .layout import (
     NO_RECORD,
     RECORD,
     SHARD_VIDEO_TABLES,
+    STORE_ENTRIES,
+    ZARR_PARTIAL,
     CacheError,
     Layout,
     UnsafeStore,
@@ -44,14 +46,6 @@ from .shard_file import fsync_dir
 from .validate import MAX_ROOT_DOC
 from .verify import verify
 
-# what a store's folder holds (the first component of every node's name, the lock): a folder with anything
-# else is not one cachefeat made, and is never deleted as an unfinished creation
-STORE_ENTRIES = frozenset({"zarr.json", LOCK_NAME, "embed", "cls", "tokens", "pixels", "clips", "videos", "progress",
-                           RECORD, "text", "quant"})
-# the temporary file zarr's LocalStore writes a zarr.json through (_atomic_write: `zarr.<uuid hex>.partial`,
-# renamed over zarr.json when whole): a process killed while writing the root's metadata leaves one behind
-ZARR_PARTIAL = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
-
 
 # ------------------------------------------------------------------------------------------- life cycle
 @dataclass
@@ -60,6 +54,7 @@ class StoreWriter:
     cache: Cache            # the store, opened read-write
     lock: StoreLock
     todo: list[int]         # shards still to write, in order
+    bucket: BucketRun | None = None     # for --out s3://...: `cache` is the staging copy, uploaded shard by shard
 
     @property
     def path(self) -> Path:
@@ -73,8 +68,19 @@ class StoreWriter:
     def meta(self) -> dict:
         return self.cache.meta
 
+    def shard_done(self, shard: int) -> None:
+        """Called by the shard writer after each shard is flagged done: a bucket's shard is uploaded here."""
+        if self.bucket is not None:
+            self.bucket.shard_done(self.cache, shard)
+
+    def view(self) -> Cache:
+        """The store as it is now, for counting what is done (for a bucket: the bucket)."""
+        return self.cache if self.bucket is None else self.bucket.view()
+
     def close(self) -> None:
         self.lock.release()
+        if self.bucket is not None:
+            self.bucket.close()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -93,8 +99,29 @@ def open_for_writing(path: str | os.PathLike, meta: dict, layout: Layout, videos
     refused, naming the differences (`overwrite` replaces it); `repair` verifies every finished shard and
     sends the damaged ones back to be written. `extras()` computes the small arrays written once at
     creation (text embeddings, int8 steps); it runs only when the store is created, with the lock held.
-    `timeline`: a windowed layout's per-video start and duration (see create_store)."""
-    path = Path(path)
+    `timeline`: a windowed layout's per-video start and duration (see create_store). `path` may be an
+    s3:// URL (or a bucket_writer.BucketOut): the cache is then staged locally and uploaded shard by shard."""
+    if (out := bucket_out(path)) is not None:
+        run = BucketRun(out, overwrite, repair, log)
+        try:
+            w = _open_folder(run.path, meta, layout, videos, codec, False, False, extras, run.say, timeline)
+        except BaseException as e:
+            run.close()
+            if isinstance(e, CacheError):     # (its lines name the staging folder: the user gave the URL)
+                raise type(e)(run.named(str(e))) from None
+            raise
+        w = replace(w, bucket=run)
+        try:
+            run.created(w.cache)
+        except BaseException:
+            w.close()
+            raise
+        return w
+    return _open_folder(Path(path), meta, layout, videos, codec, overwrite, repair, extras, log, timeline)
+
+
+def _open_folder(path: Path, meta: dict, layout: Layout, videos: list, codec: str, overwrite: bool, repair: bool,
+                 extras, log, timeline) -> StoreWriter:
     lock = StoreLock(path)
     lock.acquire()
     try:
