@@ -138,3 +138,29 @@ def test_ray_workers_write_their_shards_to_the_bucket(env, synth_small, local, t
     assert stats.shards == 6 and stats.clips == 12
     _same(local, url)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_server_stopping_mid_run_is_one_line(synth_small, tmp_path, monkeypatch):
+    """A server of this test's own, stopped once the bucket flags a shard: the real command exits 1 with one
+    line saying to run it again, no traceback, and its staging folder is gone."""
+    pytest.importorskip("moto")
+    import s3server
+    server = s3server.start_moto()
+    try:
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        bucket = server.new_bucket()
+        proc = cli_subprocess(*tiny_extract_args(synth_small / "train.txt", f"s3://{bucket}/c.zarr", *ARGS,
+                                                 "--shard-size", "2", "--staging", tmp_path))
+        client, deadline = server.client(), time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if client.list_objects_v2(Bucket=bucket, Prefix="c.zarr/progress/c/").get("KeyCount", 0):
+                break
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    out, _ = proc.communicate(timeout=120)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out and "run the same command again" in lines[-1], out
+    assert list(tmp_path.iterdir()) == []

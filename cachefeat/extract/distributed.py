@@ -127,7 +127,7 @@ class WorkerSetupError(Exception):
     """A worker cannot take part (cannot see the store, builds other weights); the message says why."""
 
 
-def open_store_for_worker(out, fingerprint: str, where: str, worker_id: int):
+def open_store_for_worker(out, fingerprint: str, where: str, worker_id: int = 0):
     """The store as a worker opens it, with the reason in words when it cannot (the usual cause on a
     cluster: --out is on a disk only the driver's node sees). For a bucket (a BucketOut), a staging copy of
     the cache as it was made, in a folder of this worker's node."""

@@ -316,7 +316,7 @@ class BucketRun:
             if objects:
                 pull(loc, objects, docs, self.path)
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
         self.new = not objects
 
@@ -341,9 +341,15 @@ class BucketRun:
         from .reader import RemoteCache
         return RemoteCache(self.location.url)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Remove the staging folder, release the lease. When the run `failed` (the server gone, say), a lease
+        that cannot be released is left to expire: the run's own error is the one to report."""
         try:
             if self.path is not None and os.path.lexists(self.path):
                 clear_staging(self.path)
         finally:
-            self.lease.release()
+            try:
+                self.lease.release()
+            except Exception:
+                if not failed:
+                    raise

@@ -77,16 +77,16 @@ class StoreWriter:
         """The store as it is now, for counting what is done (for a bucket: the bucket)."""
         return self.cache if self.bucket is None else self.bucket.view()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.lock.release()
         if self.bucket is not None:
-            self.bucket.close()
+            self.bucket.close(failed)
 
     def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self.close(failed=exc[0] is not None)
 
 
 def open_for_writing(path: str | os.PathLike, meta: dict, layout: Layout, videos: list, codec: str = DEFAULT_CODEC,
@@ -106,7 +106,7 @@ def open_for_writing(path: str | os.PathLike, meta: dict, layout: Layout, videos
         try:
             w = _open_folder(run.path, meta, layout, videos, codec, False, False, extras, run.say, timeline)
         except BaseException as e:
-            run.close()
+            run.close(failed=True)
             if isinstance(e, CacheError):     # (its lines name the staging folder: the user gave the URL)
                 raise type(e)(run.named(str(e))) from None
             raise
@@ -114,7 +114,7 @@ def open_for_writing(path: str | os.PathLike, meta: dict, layout: Layout, videos
         try:
             run.created(w.cache)
         except BaseException:
-            w.close()
+            w.close(failed=True)
             raise
         return w
     return _open_folder(Path(path), meta, layout, videos, codec, overwrite, repair, extras, log, timeline)
