@@ -259,8 +259,10 @@ def _shard_size(ctx, param, value):
 @click.option("--format", "fmt", type=click.Choice(["auto", "folder", "list", "kinetics", "ssv2"]), default="auto",
               show_default=True, help="How to read INPUT: a class-folder tree, a `path label` list, a Kinetics CSV, "
                                       "or a Something-Something JSON (auto: by extension).")
-@click.option("--video-root", type=click.Path(exists=True, file_okay=False),
-              help="Folder the manifest's video paths are relative to (default: the manifest's folder).")
+@click.option("--video-root", callback=lambda ctx, param, v: v if v is None or v.startswith("s3://") else
+              click.Path(exists=True, file_okay=False).convert(v, param, ctx),
+              help="Folder the manifest's video paths are relative to (default: the manifest's folder), or a "
+                   "bucket, s3://BUCKET/PREFIX (docs/object-storage.md).")
 @click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False),
               help="Class list (one name per line, JSON list, or JSON {name: index}); default: a classes.txt beside "
                    "INPUT, else the sorted labels found. Use the same list for train and eval caches.")
@@ -731,12 +733,46 @@ def _parse_adapter_opts(items) -> dict:
     return out
 
 
+def _local_cache_size(ctx, param, value):
+    if value is None:
+        return None
+    from .fmt import parse_bytes
+    try:
+        return parse_bytes(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _local_cache_options(f):
+    """train's and eval's --local-cache DIR and --local-cache-size SIZE (store.local_copy)."""
+    f = click.option("--local-cache-size", metavar="SIZE", callback=_local_cache_size,
+                     help="The most bytes --local-cache may hold, such as 50G (K, M, G, T: powers of 1024); "
+                          "default: 80% of its file system's free space at the start, plus what it holds.")(f)
+    return click.option("--local-cache", metavar="DIR", type=click.Path(file_okay=False),
+                        help="Keep the shard objects read from an s3:// cache in DIR, so that later epochs and "
+                             "runs read them from local disk (ignored for a cache in a folder).")(f)
+
+
+def _use_local_copy(folder, max_bytes, caches) -> str | None:
+    """The local copy of fetched shards (store.local_copy) set for this command's s3:// caches, and unset when
+    the command ends: the line that says where it is; None when none was asked for or no cache is in a bucket."""
+    if max_bytes is not None and not folder:
+        raise click.UsageError("--local-cache-size needs --local-cache DIR")
+    if not folder or not any(str(c).startswith("s3://") for c in caches if c):
+        return None
+    from .store import local_copy
+    copy = local_copy.use(folder, max_bytes)
+    click.get_current_context().call_on_close(local_copy.off)
+    return copy.describe()
+
+
 @cli.command()
 @click.option("--cache", required=True, type=_CacheArg(file_okay=False),
               help="The training cache (a store written by cachefeat extract, or the s3://bucket/prefix URL "
                    "of one uploaded with cachefeat push).")
 @click.option("--val-cache", type=_CacheArg(file_okay=False),
               help="A held-out cache evaluated after every epoch (same backbone, preprocessing and class list).")
+@_local_cache_options
 @click.option("--adapter", "-a", default=_TD["adapter"], show_default=True,
               help="Adapter to train: probe, temporal, evl, dist, madapter (`cachefeat adapters` lists them).")
 @click.option("--adapter-opt", "adapter_opt", multiple=True, metavar="KEY=VALUE",
@@ -816,8 +852,8 @@ def _parse_adapter_opts(items) -> dict:
                    "finished shards only. The summary counts the videos left out.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the final line.")
 @click.pass_context
-def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers, address, out, resume, overwrite,
-          allow_incomplete, quiet, **settings):
+def train(ctx, cache, val_cache, local_cache, local_cache_size, adapter, adapter_opt, config_file, ray_workers,
+          address, out, resume, overwrite, allow_incomplete, quiet, **settings):
     """Train an adapter on a cache: AdamW, warm-up + cosine schedule, label smoothing, optional feature-space
     mixup/cutmix, mixed precision on GPU. The backbone is never run (except to copy frozen block weights
     for evl's temporal cross-attention).
@@ -857,6 +893,9 @@ def train(ctx, cache, val_cache, adapter, adapter_opt, config_file, ray_workers,
     if distributed and any(str(c).startswith("s3://") for c in (cache, val_cache) if c):
         raise click.UsageError("--workers/--address with an s3:// cache is not supported yet (docs/object-storage.md): "
                                "train in one process, or on a local copy of the cache")
+    copy = _use_local_copy(local_cache, local_cache_size, (cache, val_cache))
+    if copy and not quiet:
+        click.echo(copy)
     # the checks of a single run, here in the driver; with --workers, nothing is loaded into RAM here
     # (the device is checked here too, unless Ray's workers pick their own)
     run = open_run(replace(cfg, in_memory="no") if distributed else cfg, cache, val_cache, allow_incomplete,
@@ -1013,6 +1052,7 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
 @click.option("--cache", required=True, type=_CacheArg(file_okay=False),
               help="The cache to evaluate on (same backbone, preprocessing and class list as the training cache; "
                    "a folder or an s3://bucket/prefix URL).")
+@_local_cache_options
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder for metrics.json, confusion.npz, logits.npz, per_class.csv and the figures "
                    "(default: RUN/eval-<cache name>).")
@@ -1034,8 +1074,8 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
                    "Default: the run's --view-average (logit for runs that predate it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (top1, top5 as fractions, and more).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, workers, threads, allow_incomplete,
-             view_average, as_json, quiet):
+def eval_cmd(checkpoint, cache, local_cache, local_cache_size, out, batch_size, device, precision, in_memory, workers,
+             threads, allow_incomplete, view_average, as_json, quiet):
     """Evaluate a trained adapter on a cache with the multi-view protocol: the logits (or, --view-average
     prob, the probabilities) of all views of a video are averaged, then top-1 and top-5 are counted per
     video. Also per-class accuracy, the most confused class pairs, the whole confusion matrix (confusion.npz)
@@ -1052,6 +1092,9 @@ def eval_cmd(checkpoint, cache, out, batch_size, device, precision, in_memory, w
 
     adapter = load_adapter(checkpoint)
     out_dir = report_dir(checkpoint, cache, out)
+    copy = _use_local_copy(local_cache, local_cache_size, (cache,))
+    if copy and not quiet:
+        click.echo(copy, err=True)             # (stdout: the figures, --json)
     c = open_cache(cache)
     with cpu_threads(threads), _progress_bar("eval", "clip", quiet or as_json, int(c.valid().sum())) as bar:
         result = adapter.evaluate(c, batch_size, device, precision, in_memory, workers, allow_incomplete,

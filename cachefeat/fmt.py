@@ -1,6 +1,8 @@
 """Small text-formatting helpers shared by the CLI commands (sizes, tables)."""
 from __future__ import annotations
 
+import re
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
@@ -31,3 +33,19 @@ def ranges(rows: list[int]) -> str:
             out.append(f"{start}-{r}" if r != start else str(r))
             start = None
     return ", ".join(out)
+
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([KMGTP]?)(?:I?B)?", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'50G' -> 53687091200: a number of bytes, optionally followed by K, M, G, T or P (powers of 1024, as
+    human_bytes prints them; 50GiB, 50GB and 50g read the same). ValueError for anything else or under a byte."""
+    m = _SIZE.fullmatch(str(text).strip())
+    if m is None:
+        raise ValueError(f"{text!r} is not a size (a number of bytes, or one with K, M, G, T or P, such as 50G)")
+    value = int(float(m.group(1)) * 1024 ** " KMGTP".index(m.group(2).upper() or " "))
+    if value < 1:
+        raise ValueError(f"{text!r} is less than one byte")
+    return value

@@ -6,6 +6,7 @@
     sampling.py     which frames: uniform segments, dense strides, or fps samples cut into windows
     preprocess.py   resize, crop, augmented views, the small pixel frames
     decode_pool.py  decoder processes with a timeout per video
+    fetch.py        videos in a bucket (s3:// URLs) streamed into a temporary file by the decode worker
     backbone.py     the frozen image tower (open_clip ViTs, open_clip towers with timm trunks, timm ViTs) and
                     its tapped forward; tiny.py: tiny registered members of each family (tests, demo)
     pipeline.py     decode -> forward -> write, over the shards a store has left (`extract`)

@@ -25,6 +25,10 @@ counted): `memory_limit` bytes, by default CACHEFEAT_DECODE_MEMORY GiB (8; 0 = n
 (a crafted file, a decoder bug) fails its allocation inside that worker: the video is recorded as a `memory`
 failure, or as a `crash` if the decoder aborts, and no other process runs short.
 
+Videos from buckets (fetch.py) are fetched into the pool's temporary folder (`cachefeat-decode-*` under
+TMPDIR, made by the first fetch), which the pool removes when it closes, with whatever a worker killed
+mid-fetch left there.
+
 workers=0 decodes inline in the calling process: no isolation, no timeout and no memory limit, for debugging only.
 """
 from __future__ import annotations
@@ -33,9 +37,12 @@ import ctypes
 import multiprocessing as mp
 import os
 import resource
+import secrets
+import shutil
 import signal
 import stat
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -148,9 +155,12 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _worker_main(conn, parent: int | None = None, slot_names: tuple[str, ...] = (),
-                 memory_limit: int | None = None) -> None:
+                 memory_limit: int | None = None, fetch_dir: str | None = None) -> None:
     if parent is not None:
         _die_with_parent(parent)
+    if fetch_dir:
+        from . import fetch
+        fetch.FETCH_DIR = fetch_dir              # videos from buckets are fetched into the pool's folder
     # Workers never handle Ctrl-C themselves: the parent decides when the run stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # mapped by hand: SharedMemory would register them with the resource tracker again
@@ -191,11 +201,12 @@ def _slot_bytes(workers: int) -> int:
 
 
 class _Worker:
-    def __init__(self, ctx, slots: list[shared_memory.SharedMemory], memory_limit: int | None = None):
+    def __init__(self, ctx, slots: list[shared_memory.SharedMemory], memory_limit: int | None = None,
+                 fetch_dir: str | None = None):
         self.conn, child = ctx.Pipe()
         self.slots = slots
         self.proc = ctx.Process(target=_worker_main, daemon=True, name="cachefeat-decode",
-                                args=(child, os.getpid(), tuple(s.name for s in slots), memory_limit))
+                                args=(child, os.getpid(), tuple(s.name for s in slots), memory_limit, fetch_dir))
         self.proc.start()
         child.close()
         self.sent: deque[DecodeRequest] = deque()    # in order: the first it decodes (its clock: `started`),
@@ -256,8 +267,13 @@ class DecodePool:
                        for _ in range(workers)] if size else [[] for _ in range(workers)]
         self._workers = []
         self.restarts = 0
+        # the workers' temporary files (videos fetched from buckets): a folder of an unguessable name, made by
+        # the first fetch (fetch.py), removed with the pool, also with what a worker killed mid-fetch left there
+        self.fetch_dir = (os.path.join(tempfile.gettempdir(), f"cachefeat-decode-{secrets.token_hex(8)}")
+                          if workers > 0 else None)
         try:
-            self._workers += [_Worker(self._ctx, self._slots[i], self.memory_limit) for i in range(max(0, workers))]
+            self._workers += [_Worker(self._ctx, self._slots[i], self.memory_limit, self.fetch_dir)
+                              for i in range(max(0, workers))]
             self._wait_ready(self._workers)
         except BaseException:    # no worker and no slot outlives a pool that could not start
             self.close()
@@ -388,7 +404,7 @@ class DecodePool:
         w.kill()
         i = self._workers.index(w)
         # the slots are the pool's: the replacement reuses them
-        self._workers[i] = _Worker(self._ctx, w.slots, self.memory_limit)
+        self._workers[i] = _Worker(self._ctx, w.slots, self.memory_limit, self.fetch_dir)
         self.restarts += 1
 
     # -- lifetime
@@ -411,6 +427,9 @@ class DecodePool:
                 slot.close()
                 slot.unlink()
         self._slots = []
+        if self.fetch_dir:
+            shutil.rmtree(self.fetch_dir, ignore_errors=True)
+            self.fetch_dir = None
 
     def __enter__(self) -> DecodePool:
         return self

@@ -323,8 +323,9 @@ def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSe
             bb = None    # the driver's copy is not needed any more: free it before the workers start
             if not store.todo:
                 return DistributedStats()
-            # workers decode by absolute path: their working directory is not the driver's
-            videos = [replace(v, path=os.path.abspath(v.path)) for v in manifest.videos]
+            # workers decode by absolute path: their working directory is not the driver's (URLs stay URLs)
+            videos = [replace(v, path=v.path if v.path.startswith("s3://") else os.path.abspath(v.path))
+                      for v in manifest.videos]
             driver = _Driver(store, log, progress, monitor)
             n = min(workers, len(store.todo))
             if n < workers:
@@ -337,7 +338,8 @@ def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSe
             bucket = isinstance(out, BucketOut)
             setup_args = (out if bucket else str(out), settings, device, store.meta["fingerprint"], weights_sha256,
                           ray.put(videos), n, batch_size, decode_workers, decode_timeout, reader, preprocess,
-                          fsync, bucket_settings() if bucket else None)
+                          fsync, bucket_settings() if bucket or any(v.path.startswith("s3://") for v in videos)
+                          else None)
             return driver.run(n, worker_resources(gpu), setup_args,
                               n if max_replacements is None else max_replacements)
 

@@ -20,6 +20,13 @@ The class list comes from --classes (a text file, one name per line, or a JSON l
 {name: index} map as SSv2's labels.json) or else from the labels found, sorted. Train and eval caches
 must share one class list; pass the same --classes to both when a split may lack a class.
 
+A video may also be an object in a bucket, `s3://bucket/key`: a line of a list that is such a URL, or, with
+`--video-root s3://bucket/prefix`, every relative path of a list and every Kinetics and SSv2 name, joined to it
+(flat: `{root}/{stem}.mp4`, `.webm` for SSv2; class folders are not looked for, as no object is looked up).
+Loading checks the URLs' form only and sends no request: a missing object is a failure of that video when its
+decode worker fetches it (fetch.py). The manifest itself is a local file; relative paths are never resolved
+against a manifest's own bucket.
+
 A manifest is input from elsewhere like any file: its paths stay what it says (it may point anywhere on
 purpose; they are only read, never written or deleted), but a file that is not text (a NUL byte, bytes that
 are not UTF-8, control characters, a line longer than MAX_LINE, more than MAX_TEXT bytes) is refused in one
@@ -113,7 +120,10 @@ def load_manifest(input_path: str | os.PathLike, fmt: str = "auto", video_root: 
     if not path.exists():
         raise ManifestError(f"input {input_path} does not exist")
     fmt = detect_format(path) if fmt == "auto" else fmt
-    root = Path(video_root) if video_root else (path if path.is_dir() else path.parent)
+    if video_root and is_url(str(video_root)):     # a bucket: names are joined to it, nothing is looked up
+        root = _bucket_root(str(video_root))
+    else:
+        root = Path(video_root) if video_root else (path if path.is_dir() else path.parent)
     if isinstance(classes, (str, os.PathLike)):
         classes = read_class_list(classes)
     reader = {"folder": _folder, "list": _text_list, "kinetics": _kinetics, "ssv2": _ssv2}.get(fmt)
@@ -131,19 +141,68 @@ def load_manifest(input_path: str | os.PathLike, fmt: str = "auto", video_root: 
     index = {c: i for i, c in enumerate(classes)}
     seen: dict[str, int] = {}
     videos = []
+    check_url = _url_checker(rows)
     for i, (p, lab, vid) in enumerate(rows):
         problem, label = "", -1
         if lab is not None:
             label = _class_index(lab, index, classes)
             if label < 0:
                 problem = f"label {lab!r} is not in the class list"
-        key = os.path.realpath(p)
+        url = is_url(p)
+        if url:
+            problem = check_url(p) or problem
+        key = p if url else os.path.realpath(p)
         if key in seen:
             problem = f"duplicate of video {seen[key]} (same file listed twice)"
         else:
             seen[key] = i
         videos.append(VideoEntry(str(p), label, vid, problem))
     return Manifest(videos, list(classes), fmt, str(path), digest)
+
+
+def is_url(path: str) -> bool:
+    """A video in an object store (`s3://bucket/key`): fetched by the decode worker that decodes it."""
+    return path.startswith("s3://")
+
+
+def _bucket_root(url: str) -> str:
+    """--video-root s3://bucket/prefix, checked (the name only: no request), without a trailing slash."""
+    from ..store.remote import RemoteError, parse_url
+    try:
+        return parse_url(url).url
+    except RemoteError as e:
+        raise ManifestError(f"--video-root {e}") from None
+
+
+def _url_checker(rows: list):
+    """The check of one video URL (the name only: a missing object fails when its worker fetches it); a
+    manifest with URLs and no obstore is refused whole, in one line."""
+    if not any(is_url(p) for p, _, _ in rows):
+        return None
+    from ..store.remote import RemoteError, parse_url, require_obstore
+    try:
+        require_obstore("s3://")
+    except RemoteError:
+        raise ManifestError("the input lists s3:// videos: fetching them needs obstore: pip install "
+                            "'cachefeat[s3]'") from None
+
+    def check(url: str) -> str:
+        try:
+            if not parse_url(url).prefix:
+                return f"{url} names a bucket, not a video in it"
+        except RemoteError as e:
+            return str(e)
+        return ""
+    return check
+
+
+def _join(root, name: str) -> str:
+    """`name` under the video root: a folder, or a bucket URL (joined with `/`)."""
+    return f"{root}/{name}" if isinstance(root, str) else str(root / name)
+
+
+def _without_suffix(p: str) -> str:
+    return os.path.splitext(p)[0] if is_url(p) else str(Path(p).with_suffix(""))
 
 
 def _class_index(label: str, index: dict, classes: list[str]) -> int:
@@ -195,8 +254,8 @@ def _text_list(path: Path, root: Path, split):
                 p, label = parts
             else:
                 p, label = line, None
-        full = Path(p) if os.path.isabs(p) else root / p
-        rows.append((str(full), label, str(Path(p).with_suffix(""))))
+        full = p if is_url(p) or os.path.isabs(p) else _join(root, p)
+        rows.append((full, label, _without_suffix(p)))
     return rows, _sha(raw)
 
 
@@ -294,9 +353,13 @@ def _ssv2(path: Path, root: Path, split):
     return rows, _sha(raw)
 
 
-def _find_video(root: Path, stem: str, label: str | None, exts=VIDEO_EXTENSIONS) -> Path:
+def _find_video(root: Path | str, stem: str, label: str | None, exts=VIDEO_EXTENSIONS) -> Path | str:
     """The file for `stem`: flat under root or in the class folder, or a frame folder named `stem` there;
-    the .mp4 path when none exists (it is then recorded as missing, not dropped)."""
+    the .mp4 path when none exists (it is then recorded as missing, not dropped). Under a bucket (root an
+    `s3://` URL) the flat name with the first extension, unchecked: a request per video would be 240,000 for
+    Kinetics-400, and a missing object fails when its worker fetches it."""
+    if isinstance(root, str):
+        return _join(root, f"{stem}{exts[0]}")
     folders = [root] + ([root / label, root / label.replace(" ", "_")] if label else [])
     for folder in folders:
         try:

@@ -12,6 +12,9 @@ def failure_verdict(cache: Cache, max_failed_fraction: float = 1.0, video_root: 
     videos = cache.num_videos
     first = f"the first: {failures[0]['path']}: {failures[0]['error']}" if failures else ""
     if not cache.valid().any():
+        if failures and all(f["stage"] == "fetch" for f in failures):   # videos in a bucket, none fetched
+            return (f"no valid clips: {len(failures)} of {videos} videos failed to fetch ({first}); check the "
+                    f"bucket's URL, the AWS_* settings and that the server is up (docs/object-storage.md)")
         root = video_root or cache.meta.get("source_path", "")
         where = (f"--video-root {video_root}" if video_root
                  else f"the manifest's folder{f' ({_parent(root)})' if root else ''}")

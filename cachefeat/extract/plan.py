@@ -15,7 +15,7 @@ from ..fmt import human_bytes, table
 from ..specs import AugmentSpec, PixelSpec, SamplingSpec, SpecError, ViewSpec, parse_layers, parse_tokens
 from ..store import DEFAULT_CODEC, Layout
 from .backbone import Backbone, model_geometry
-from .manifest import Manifest
+from .manifest import Manifest, is_url
 from .sampling import sample_count, window_count
 from .video import DecodeError, probe
 
@@ -112,6 +112,11 @@ def probe_timeline(settings: ExtractSettings, manifest: Manifest, threads: int =
     --dry-run and extract (and a resumed extract) announce and write the same cache."""
     from concurrent.futures import ThreadPoolExecutor
     s, videos = settings.sampling, manifest.videos
+    remote = sum(1 for v in videos if is_url(v.path))
+    if remote:
+        raise SpecError(f"the input lists {remote} video{'s' * (remote > 1)} in a bucket (s3://): --sampling fps "
+                        f"reads every video's duration before extracting, and a bucket's videos are fetched only "
+                        f"by the decode workers; copy them to local disk, or use --sampling uniform or dense")
     if not s.frame_rate:
         folders = sum(1 for v in videos if not v.problem and os.path.isdir(v.path))
         if folders:

@@ -11,7 +11,8 @@ FrameFolderReader whatever the reader asked for.
 
 decode_video() never raises: it returns a DecodeResult whose `error`/`stage` say what went wrong, so one bad
 file is recorded and the extraction goes on. This module imports neither torch nor open_clip: it runs in
-light worker processes (decode_pool.py).
+light worker processes (decode_pool.py). A request for an `s3://` URL is fetched into a temporary file first
+(fetch.py) and decoded as a local file.
 
 Video files are untrusted input: what a header claims (frame size, frame count, duration) is checked against
 bounds no real video reaches (MAX_SIDE, MAX_PIXELS, MAX_FRAMES, MAX_SECONDS) before anything is allocated
@@ -474,8 +475,8 @@ class DecodeResult:
     augment: list | None = None           # per view: the augmentation parameters drawn
     num_frames: int = 0
     reader: str = ""
-    stage: str | None = None              # where it failed: missing/open/header/empty/decode/memory/preprocess/
-                                          # timeout/crash
+    stage: str | None = None              # where it failed: missing/fetch/open/header/empty/decode/memory/
+                                          # preprocess/timeout/crash
     error: str | None = None
     seconds: float = 0.0
 
@@ -485,7 +486,10 @@ class DecodeResult:
 
 
 def decode_video(req: DecodeRequest) -> DecodeResult:
-    """Decode each needed frame once, for all views, then crop. Never raises."""
+    """Decode each needed frame once, for all views, then crop. Never raises. An `s3://` video is fetched
+    into a temporary file first (fetch.py), decoded there, and the file removed."""
+    if req.path.startswith("s3://"):
+        return _decode_fetched(req)
     windowed = req.sampling.windowed
     try:
         if windowed and req.windows is None:
@@ -516,6 +520,26 @@ def decode_video(req: DecodeRequest) -> DecodeResult:
                                                            f"use{_memory_limit()}: {_first_line(e)}")
     except Exception as e:  # a failure nobody anticipated is still recorded, not raised
         return DecodeResult(req.key, stage="decode", error=f"{type(e).__name__}: {_first_line(e)}")
+
+
+def _decode_fetched(req: DecodeRequest) -> DecodeResult:
+    """decode_video of an object in a bucket: fetched (stage `missing` or `fetch` when it cannot be), decoded
+    as a local file; the failures name the URL, not the temporary file."""
+    from dataclasses import replace
+
+    from .fetch import FetchError, fetched
+    try:
+        with fetched(req.path) as local:
+            res = decode_video(replace(req, path=local))
+    except FetchError as e:
+        return DecodeResult(req.key, stage=e.stage, error=e.message)
+    except MemoryError as e:
+        return DecodeResult(req.key, stage="memory", error=f"fetching {req.path}: {_first_line(e)}")
+    except Exception as e:  # a failure nobody anticipated is still recorded, not raised
+        return DecodeResult(req.key, stage="fetch", error=f"{req.path}: {type(e).__name__}: {_first_line(e)}")
+    if res.error:
+        res.error = res.error.replace(local, req.path)
+    return res
 
 
 def _memory_limit() -> str:

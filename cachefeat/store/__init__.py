@@ -8,6 +8,7 @@ export). Both stages call it; it imports nothing from stage one (cachefeat.extra
     confine.py     every file opened, written or deleted lies in the store, never through a link
     reader.py      open_cache -> Cache: metadata, progress, arrays as NumPy
     shard_file.py  feature rows decoded straight from the shard files (checksums checked)
+    local_copy.py  a bucket cache's shard objects kept on local disk (--local-cache), size-bounded
     lock.py        one writer per store
     verify.py      every chunk read and checked; the shards --repair writes again
     exchange.py    HDF5 and .npy export, HDF5 import

@@ -4,6 +4,7 @@ is the reader of record, and names the damaged clips when bytes fail their check
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 import stat
 import threading
@@ -14,6 +15,7 @@ import numpy as np
 
 from ..fmt import ranges
 from ..specs import PixelSpec, TokenSpec, ViewSpec
+from . import local_copy
 from .confine import open_inside, refusal
 from .layout import (
     CLIP_TABLES,
@@ -657,10 +659,16 @@ class RemoteCache(Cache):
 class RemoteShardFile(ShardFile):
     """A shard file's array in a bucket: the same decoding (ShardFile), its bytes from ranged GETs. A read
     fetches the indexes of every shard it touches at once (each kept: a pushed cache is not rewritten under its
-    reader), then every wanted chunk range at once, obstore coalescing neighbouring ranges."""
+    reader), then every wanted chunk range at once, obstore coalescing neighbouring ranges.
+
+    With a local copy set (store.local_copy.use, `--local-cache`), a shard object is instead fetched whole into
+    it the first time it is read, and read from there (ShardFile's own reads of a file, the same checks) from
+    then on; a copy that fails a check is fetched again once. `chunk_checksums` (verify) reads the bucket."""
     location: Location | None = None
     _indexes: dict = field(default_factory=dict, compare=False, repr=False)
     _local: threading.local = field(default_factory=threading.local, compare=False, repr=False)  # this read's bytes
+    _listed: list = field(default_factory=list, compare=False, repr=False)    # [key -> (size, ETag)], once
+    _listing: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @property
     def _fetched(self) -> dict:
@@ -669,14 +677,93 @@ class RemoteShardFile(ShardFile):
             self._local.fetched = {}
         return self._local.fetched
 
+    @property
+    def _copies(self) -> dict:
+        """This thread's read in progress with a local copy: {"plan": {shard: (key, size, ETag)} of the shards
+        to read from it, in order, "order": those shards sorted, "open": {shard: (descriptor, name)} of the
+        copies fetched or opened and not yet read}."""
+        if not hasattr(self._local, "copies"):
+            self._local.copies = {"plan": {}, "order": [], "open": {}}
+        return self._local.copies
+
     def read(self, rows, recorded=None, out=None) -> np.ndarray:
         idx = np.arange(*rows.indices(self.shape[0])) if isinstance(rows, slice) else np.asarray(rows, np.int64)
-        if idx.ndim == 1 and len(idx) and idx.min() >= 0 and idx.max() < self.shape[0]:
-            self._prefetch(idx)
+        copies = self._copies
         try:
+            if idx.ndim == 1 and len(idx) and idx.min() >= 0 and idx.max() < self.shape[0]:
+                copy = local_copy.current()
+                if copy is not None:
+                    for s in np.unique(idx // self.shard_rows).tolist():
+                        obj = self._object(s)
+                        if obj is not None and obj[1] <= copy.max_bytes:
+                            copies["plan"][s] = obj
+                    copies["order"] = list(copies["plan"])
+                self._prefetch(idx)
             return super().read(rows, recorded, out)
         finally:
             self._fetched.clear()
+            for fd, _ in copies["open"].values():
+                os.close(fd)
+            copies["plan"], copies["order"], copies["open"] = {}, [], {}
+
+    def _object(self, shard: int) -> tuple[str, int, str] | None:
+        """(key, size, ETag) of shard `shard`'s object as listed the first time a local copy was asked for
+        (None: no object, or one without an ETag: read from the bucket)."""
+        with self._listing:
+            if not self._listed:
+                self._listed.append(local_copy.listing(self.location, f"{self.folder.as_posix()}/c"))
+        key = self._key(shard)
+        size, e_tag = self._listed[0].get(key, (0, None))
+        return (key, size, e_tag) if e_tag else None
+
+    def _open_group(self, shard: int) -> None:
+        """The local copies of `shard` and of the next planned shards, IN_FLIGHT at most (fetched at once where
+        the copy lacks them): a read of many shards holds a few descriptors at a time. A shard without a copy
+        (no room, or changed since it was listed) leaves the plan: it is read from the bucket."""
+        copies, copy = self._copies, local_copy.current()
+        order = copies["order"]
+        i = bisect.bisect_left(order, shard)
+        group = [s for s in order[i:i + IN_FLIGHT] if s in copies["plan"] and s not in copies["open"]]
+        got = ([(None, "")] * len(group) if copy is None else
+               copy.get(self.location, [copies["plan"][s] for s in group]))
+        for s, (fd, name) in zip(group, got):
+            if fd is None:
+                copies["plan"].pop(s)
+            else:
+                copies["open"][s] = (fd, name)
+
+    def _open(self, shard: int, path: Path) -> int:
+        if shard in self._copies["open"]:
+            return os.dup(self._copies["open"][shard][0])
+        raise FileNotFoundError(str(path))       # (a shard object is read by ranged GETs: _fetch)
+
+    def _read_into(self, shard, local, out, where, expect=None) -> None:
+        copies = self._copies
+        if shard in copies["plan"] and shard not in copies["open"]:
+            self._open_group(shard)
+        if shard not in copies["open"]:
+            return super()._read_into(shard, local, out, where, expect)     # from the bucket
+        try:
+            return super()._read_into(shard, local, out, where, expect)
+        except ShardFileError:                   # (NotAsRecorded too) the copy is damaged, or the object is
+            pass
+        finally:
+            fd, name = copies["open"].pop(shard)
+            os.close(fd)
+        copy = local_copy.current()
+        fd = None if copy is None else copy.again(self.location, *copies["plan"][shard], name)
+        if fd is None:
+            copies["plan"].pop(shard)
+            return super()._read_into(shard, local, out, where, expect)     # from the bucket
+        copies["open"][shard] = (fd, name)
+        try:
+            return super()._read_into(shard, local, out, where, expect)
+        except ShardFileError:
+            copy.discard(name)                   # the bucket's own bytes fail: the error stands
+            raise
+        finally:
+            copies["open"].pop(shard)
+            os.close(fd)
 
     def _load_indexes(self, shards) -> None:
         """The indexes of `shards` not yet fetched, all at once (None: the shard has no object)."""
@@ -691,8 +778,12 @@ class RemoteShardFile(ShardFile):
         return self.path(shard).as_posix()
 
     def _prefetch(self, rows: np.ndarray) -> None:
-        """The bytes of every chunk of `rows`, kept for this thread's read (_fetch)."""
+        """The bytes of every chunk of `rows` (but those of shards read from a local copy), kept for this
+        thread's read (_fetch)."""
         shards = rows // self.shard_rows
+        if self._copies["plan"]:
+            keep = ~np.isin(shards, list(self._copies["plan"]))
+            rows, shards = rows[keep], shards[keep]
         self._load_indexes(np.unique(shards).tolist())
         requests, which = [], []
         for s in np.unique(shards).tolist():
@@ -710,6 +801,8 @@ class RemoteShardFile(ShardFile):
             self._fetched[s] = (wanted, present, [np.frombuffer(memoryview(b), np.uint8) for b in blobs])
 
     def _fetch(self, shard: int, path: Path, wanted: np.ndarray):
+        if shard in self._copies["open"]:
+            return super()._fetch(shard, path, wanted)     # the local copy, as a local shard file (_open)
         if shard in self._fetched:
             have, present, blobs = self._fetched[shard]
             if np.array_equal(have, wanted):
