@@ -1390,7 +1390,7 @@ def push(cache, url, quiet, break_lease):
 
 # ------------------------------------------------------------------------------------------- export / import
 @cli.command()
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.argument("cache", type=_CacheArg(file_okay=False))
 @click.argument("out", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["hdf5", "npy"]), required=True,
               help="hdf5: one file mirroring every array and attribute of the cache, re-importable with "
@@ -1408,12 +1408,16 @@ def push(cache, url, quiet, break_lease):
 def export(cache, out, fmt, compression, allow_incomplete, overwrite, quiet):
     """Export a cache to HDF5 (lossless, for other tools and `cachefeat import`) or to per-video .npy files.
 
-    A cache still being written is refused, as is an incomplete one unless --allow-incomplete.
+    CACHE is a folder or the s3://BUCKET/PREFIX URL of a bucket cache (docs/object-storage.md), which exports
+    the same as its local copy; OUT is a local path. A cache still being written (a bucket's: a live lease) is
+    refused, as is an incomplete one unless --allow-incomplete. `cachefeat import` reads and writes local files
+    only (push the imported cache to put it in a bucket).
 
     \b
     Examples:
       cachefeat export k400_val.zarr k400_val.h5 --format hdf5
       cachefeat export k400_val.zarr k400_val_npy --format npy
+      cachefeat export s3://features/k400/val.zarr k400_val.h5 --format hdf5
     """
     from .store.exchange import DEFAULT_COMPRESSION, export_hdf5, export_npy, parse_compression
     if fmt == "npy" and compression is not None:

@@ -17,10 +17,17 @@
 
 Outputs are built under a hidden sibling name and renamed into place at the end, so a crash never leaves
 a half-written export that looks finished.
+
+The source is a cache folder or a bucket cache (`s3://BUCKET/PREFIX`, reader.RemoteCache), read the same way
+(row blocks of whole shards, every checksum checked) and refused the same way (a live writer: the folder's
+lock or the prefix's lease; incomplete; damaged records), so both give the same export; the outputs, and
+import's input and output, are local files.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import io
 import json
 import os
 import re
@@ -38,8 +45,9 @@ from ..errors import Damaged
 from ..fmt import ranges
 from .layout import ATTR, SCHEMA_VERSION, CacheDamaged, CacheError
 from .lock import StoreLock
-from .reader import Cache, open_cache
-from .validate import MAX_NODES, _array, _Bad  # _array: the checks a cache's array documents get when it is opened
+from .reader import NOT_DAMAGE, Cache, RemoteCache, open_cache
+from .remote import IN_FLIGHT, get_bounded_async, is_remote, run_sync
+from .validate import MAX_ARRAY_DOC, MAX_NODES, MAX_ROOT_DOC, _array, _Bad  # _array: an array doc's checks at open
 from .writer import record_again
 
 EXPORT_VERSION = 1
@@ -98,13 +106,19 @@ def _natural(name: str) -> list:
 def store_nodes(root) -> tuple[list[str], list[str]]:
     """(groups, arrays) of a Zarr group, every depth, in natural order (tokens/2 before tokens/10). Found by
     walking the store rather than from a list, so arrays added to the format are never left behind."""
+    nodes = _walk(root)
+    return ([n for n, m in nodes.items() if isinstance(m, zarr.Group)],
+            [n for n, m in nodes.items() if isinstance(m, zarr.Array)])
+
+
+def _walk(root) -> dict:
+    """name -> the group or array itself, every depth, in natural order: the nodes an export reads, opened once
+    (in a bucket each opening is a request)."""
     with warnings.catch_warnings():
         # the lock file of a running writer, or any stray file, is not a Zarr node: skip it quietly
         warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
         members = list(root.members(max_depth=None))
-    groups = sorted((n for n, m in members if isinstance(m, zarr.Group)), key=_natural)
-    arrays = sorted((n for n, m in members if isinstance(m, zarr.Array)), key=_natural)
-    return groups, arrays
+    return {n: m for n, m in sorted(members, key=lambda nm: _natural(nm[0])) if isinstance(m, (zarr.Group, zarr.Array))}
 
 
 def _row_blocks(shape: tuple, outer_rows: int, row_bytes: int) -> list:
@@ -135,17 +149,32 @@ def _is_str(dtype) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- safety
-def _refuse_if_being_written(path: Path, what: str = "export") -> None:
-    holder = StoreLock(path).active_holder()
+def _refuse_if_being_written(source, what: str = "export") -> None:
+    """`source`: an open cache (a folder's writer lock, or a bucket prefix's live lease: a push or an
+    extraction), or a folder."""
+    if isinstance(source, Cache):
+        path, holder = source.path, source.being_written_by()
+    else:
+        path, holder = source, StoreLock(source).active_holder()
     if holder is not None:
         who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
+        if "expires" in holder:        # a bucket's lease: a killed writer's blocks until it expires
+            who = f"{holder.get('command', 'push')}, {who}, lease expires {holder['expires']}"
         raise ExchangeError(f"{path} is being written by another cachefeat process ({who}); "
                             f"{what} it when that run has finished")
 
 
+def _local_output(out, what: str) -> Path:
+    if is_remote(out):
+        raise ExchangeError(f"{what} writes local files only, not {out}: write to a local path (a cache made "
+                            f"there goes to a bucket with `cachefeat push`)")
+    return Path(out)
+
+
 def _open_source(path, allow_incomplete: bool) -> Cache:
     cache = open_cache(path)
-    _refuse_if_being_written(cache.path)
+    path = cache.path                  # a bucket's URL as the reader writes it
+    _refuse_if_being_written(cache)
     done = cache.shard_done()
     if not done.all() and not allow_incomplete:
         raise ExchangeError(f"{path} is incomplete ({int(done.sum())} of {len(done)} shards done); finish it with "
@@ -153,8 +182,9 @@ def _open_source(path, allow_incomplete: bool) -> Cache:
     problems = cache.record_problems(features=True)    # an import records what it is given: no damage in
     if problems:
         s, what = next(iter(problems.items()))
-        raise CacheDamaged(f"{path}: shard {s} is damaged ({what}); run `cachefeat verify {path}`, then the same "
-                           f"`cachefeat extract` with --repair")
+        raise CacheDamaged(f"{path}: shard {s} is damaged ({what}); run `cachefeat verify {path}`, then "
+                           + (cache.repair if isinstance(cache, RemoteCache) else
+                              "the same `cachefeat extract` with --repair"))
     return cache
 
 
@@ -235,9 +265,32 @@ def _is_hdf5_export(p: Path) -> bool:
         return HDF5_MARK in f.attrs
 
 
-def _node_attrs(h5obj, store: Path, name: str, node) -> None:
+def _zarr_docs(cache: Cache, names: list[str]) -> dict[str, str]:
+    """The zarr.json text of each node ('': the root) as the cache holds it: read from the folder, or fetched
+    from the bucket (IN_FLIGHT at once, each bounded as when the cache was opened) and decoded as read_text
+    decodes a file (UTF-8, universal newlines), so a pushed cache exports the same attributes."""
+    if not isinstance(cache, RemoteCache):
+        return {n: (cache.path / n / "zarr.json").read_text(encoding="utf-8") for n in names}
+    keys = {n: f"{n}/zarr.json" if n else "zarr.json" for n in names}
+
+    async def fetch():
+        gate = asyncio.Semaphore(IN_FLIGHT)
+
+        async def one(key):
+            async with gate:
+                return await get_bounded_async(cache.location, key, MAX_ROOT_DOC if key == "zarr.json"
+                                               else MAX_ARRAY_DOC)
+        return await asyncio.gather(*(one(k) for k in keys.values()))
+    try:
+        blobs = run_sync(fetch())
+    except FileNotFoundError as e:      # gone since the cache was opened
+        raise ExchangeError(f"{cache.path}: {e}; the cache changed while it was exported (being pushed?)") from None
+    return {n: io.TextIOWrapper(io.BytesIO(b), encoding="utf-8").read() for n, b in zip(keys, blobs)}
+
+
+def _node_attrs(h5obj, doc: str, node) -> None:
     """The node's zarr.json verbatim (import writes it back), plus its attributes as JSON for HDF5 readers."""
-    h5obj.attrs[ZARR_JSON] = (store / name / "zarr.json").read_text(encoding="utf-8")
+    h5obj.attrs[ZARR_JSON] = doc
     for key, value in node.attrs.asdict().items():
         if key not in _RESERVED:
             h5obj.attrs[key] = json.dumps(value)
@@ -251,13 +304,14 @@ def export_hdf5(cache_path, out, compression: str = DEFAULT_COMPRESSION, overwri
     """Write every group, array and attribute of the cache to one HDF5 file (see the module docstring)."""
     t0 = time.perf_counter()
     filters = parse_compression(compression)
+    out = _local_output(out, "export")
     cache = _open_source(cache_path, allow_incomplete)
-    out = Path(out)
     tmp = _prepare_output(out, overwrite, _is_hdf5_export, "cachefeat HDF5 export")
     try:
-        with _bar(_stored_bytes(cache.root), "export", progress) as bar:
-            stats = write_hdf5(cache, tmp, filters, {"compression": compression}, bar.update)
-        _refuse_if_being_written(cache.path)  # a writer that started meanwhile (e.g. --overwrite) spoils the copy
+        nodes = _walk(cache.root)
+        with _bar(_stored_bytes(nodes), "export", progress) as bar:
+            stats = write_hdf5(cache, tmp, filters, {"compression": compression}, bar.update, nodes)
+        _refuse_if_being_written(cache)  # a writer that started meanwhile (e.g. --overwrite) spoils the copy
         _replace(tmp, out)
     except BaseException:
         _remove(tmp)
@@ -267,29 +321,34 @@ def export_hdf5(cache_path, out, compression: str = DEFAULT_COMPRESSION, overwri
     return stats
 
 
-def _stored_bytes(root) -> int:
-    return sum(int(np.prod(root[n].shape, dtype=np.int64)) * _item_bytes(root[n].dtype)
-               for n in store_nodes(root)[1])
+def _stored_bytes(nodes: dict) -> int:
+    return sum(int(np.prod(a.shape, dtype=np.int64)) * _item_bytes(a.dtype) for a in nodes.values()
+               if isinstance(a, zarr.Array))
 
 
-def write_hdf5(cache: Cache, path, filters: dict, mark: dict | None = None, on_bytes=None) -> ExchangeStats:
+def write_hdf5(cache: Cache, path, filters: dict, mark: dict | None = None, on_bytes=None,
+               nodes: dict | None = None) -> ExchangeStats:
     """The HDF5 mirror of an open cache at `path` (no checks: export_hdf5 is the safe entry point).
-    `filters`: h5py create_dataset keywords for the numeric datasets (see parse_compression)."""
+    `filters`: h5py create_dataset keywords for the numeric datasets (see parse_compression); `nodes`: the
+    cache's, from _walk (default: walked here)."""
     import h5py
-    groups, arrays = store_nodes(cache.root)
+    nodes = _walk(cache.root) if nodes is None else nodes
+    groups = [n for n, m in nodes.items() if isinstance(m, zarr.Group)]
+    arrays = [n for n, m in nodes.items() if isinstance(m, zarr.Array)]
     # progress first: a shard it marks done was complete before any of its data is read, so even an
     # incomplete cache that a writer resumes meanwhile exports consistently (unmarked shards are not data)
     arrays.sort(key=lambda n: n != "progress")
     stats = ExchangeStats(arrays=len(arrays), files=1)
+    docs = _zarr_docs(cache, ["", *groups, *arrays])
     with h5py.File(path, "w", track_order=True) as f:
         f.attrs[HDF5_MARK] = json.dumps({"format": HDF5_FORMAT, "version": EXPORT_VERSION, "tool": "cachefeat",
                                          "tool_version": __version__, "exported": _now(), "source": str(cache.path),
                                          "complete": cache.complete, **(mark or {}), "arrays": arrays})
-        _node_attrs(f, cache.path, "", cache.root)
+        _node_attrs(f, docs[""], cache.root)
         for name in groups:
-            _node_attrs(f.create_group(name, track_order=True), cache.path, name, cache.root[name])
+            _node_attrs(f.create_group(name, track_order=True), docs[name], nodes[name])
         for name in arrays:
-            a = cache.root[name]
+            a = nodes[name]
             string = _is_str(a.dtype)
             kw = {}
             if a.size:  # HDF5 cannot chunk an empty dataset
@@ -301,17 +360,20 @@ def write_hdf5(cache: Cache, path, filters: dict, mark: dict | None = None, on_b
                     kw["fletcher32"] = True  # like the cache's CRC32C: corruption is detected on read
             ds = f.create_dataset(name, shape=a.shape, dtype=h5py.string_dtype("utf-8") if string else a.dtype,
                                   track_order=True, **kw)
-            _node_attrs(ds, cache.path, name, a)
+            _node_attrs(ds, docs[name], a)
             # raw stored values (not Cache.read, which decodes): the export must keep the store's bits
             for sl in _row_blocks(a.shape, _outer_rows(a), _row_bytes(a.shape, a.dtype)):
                 try:
                     block = a[sl]
+                except NOT_DAMAGE:       # a bucket's server gone, a link in a folder: not damage
+                    raise
                 except Exception as e:   # zarr: a chunk fails its checksum, or does not decode
                     bad = cache.unreadable_rows(name, sl)
                     where = f"clips {ranges(bad)}" if bad else f"rows {sl}"
+                    held = "in the bucket" if isinstance(cache, RemoteCache) else "on disk"
                     raise CacheDamaged(f"{cache.path}: array {name}, {where}: cannot be read ({_one_line(e)}); the "
-                                       f"data on disk is damaged: run `cachefeat verify {cache.path}`, then "
-                                       f"`cachefeat extract ... --repair`") from None
+                                       f"data {held} is damaged: run `cachefeat verify {cache.path}`, then "
+                                       f"{cache.repair}") from None
                 ds[sl] = block.astype(object) if string else block
                 n = block.size * _item_bytes(a.dtype)
                 stats.raw_bytes += n
@@ -337,7 +399,7 @@ def import_hdf5(h5_path, out, overwrite: bool = False, progress: bool = False) -
     attributes) and the same array contents, bit for bit."""
     import h5py
     t0 = time.perf_counter()
-    src, out = Path(h5_path), Path(out)
+    src, out = Path(h5_path), _local_output(out, "import")
     if not src.is_file():
         raise ExchangeError(f"{src}: no such file")
     if not h5py.is_hdf5(src):
@@ -563,11 +625,12 @@ def export_npy(cache_path, out_dir, overwrite: bool = False, allow_incomplete: b
                progress: bool = False) -> ExchangeStats:
     """One file set per valid video (`{stem}_{array}.npy`, axes (views, T, ...)) and index.json."""
     t0 = time.perf_counter()
+    out = _local_output(out_dir, "export")
     cache = _open_source(cache_path, allow_incomplete)
-    out = Path(out_dir)
     tmp = _prepare_output(out, overwrite, _is_npy_export, "cachefeat npy export")
     lay, n = cache.layout, cache.views.count
-    _, stored = store_nodes(cache.root)
+    nodes = _walk(cache.root)
+    stored = [k for k, m in nodes.items() if isinstance(m, zarr.Array)]
     features = [*lay.feature_arrays(),
                 *(a for a in _NPY_PER_VIDEO_EXTRA if a in stored and a not in lay.feature_arrays())]
     per_video = {name: name.replace("/", "_") for name in features}
@@ -588,10 +651,9 @@ def export_npy(cache_path, out_dir, overwrite: bool = False, allow_incomplete: b
     stems = safe_stems(ids)
     classes = cache.classes
     stats = ExchangeStats()
-    total = int(video_ok.sum()) * n * sum(_row_bytes(cache.root[k].shape, cache.root[k].dtype)
-                                         for k in per_video)
+    total = int(video_ok.sum()) * n * sum(_row_bytes(nodes[k].shape, nodes[k].dtype) for k in per_video)
     if cache.windowed:
-        total = int(valid.sum()) * sum(_row_bytes(cache.root[k].shape, cache.root[k].dtype) for k in per_video)
+        total = int(valid.sum()) * sum(_row_bytes(nodes[k].shape, nodes[k].dtype) for k in per_video)
     frames_of: dict[int, int] = {}
     try:
         tmp.mkdir()
@@ -618,11 +680,11 @@ def export_npy(cache_path, out_dir, overwrite: bool = False, allow_incomplete: b
                 arr = cache.read(name)
                 np.save(tmp / fname, arr)
                 shared[fname] = {"array": name, "shape": list(arr.shape), "dtype": str(arr.dtype),
-                                 "dims": _dims(cache.root[name])}
+                                 "dims": _dims(nodes[name])}
                 stats.files += 1
         arrays = {}
         for name, suffix in per_video.items():
-            a = cache.root[name]
+            a = nodes[name]
             dims = _dims(a)
             if cache.windowed:
                 shape, dims = ["frames", *a.shape[2:]], (["frame", *dims[2:]] if dims else None)
@@ -657,7 +719,7 @@ def export_npy(cache_path, out_dir, overwrite: bool = False, allow_incomplete: b
         }
         (tmp / NPY_INDEX).write_text(json.dumps(index, indent=1, default=str), encoding="utf-8")
         stats.files += 1
-        _refuse_if_being_written(cache.path)
+        _refuse_if_being_written(cache)
         _replace(tmp, out)
     except BaseException:
         _remove(tmp)
