@@ -187,3 +187,22 @@ def test_compare_prints_every_shared_figure_with_its_ratio_and_flags_moves(tmp_p
     assert main(["compare", str(a), str(b), "--threshold", "0.5"]) == 0
     assert "**moved**" not in capsys.readouterr().out
     assert main(["compare", str(a), str(tmp_path / "missing.json")]) == 2
+
+
+def test_the_s3_libraries_script_runs_at_toy_size(tmp_path):
+    """benchmarks/s3_libraries.py (standalone: the S3 client comparison of docs/object-storage.md) on two 1 MiB
+    objects, one round: every library present reads back the objects' bytes and writes them, with its figures
+    against obstore's (s3fs's sides are left out when s3fs is not installed, as here)."""
+    pytest.importorskip("obstore")
+    pytest.importorskip("moto")
+    import subprocess
+    out = tmp_path / "s3.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "s3_libraries.py"
+    res = subprocess.run([sys.executable, str(script), "--objects", "2", "--object-mib", "1", "--rounds", "1",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    got = json.loads(out.read_text())["sections"]["s3_libraries"]
+    for what in ("read", "write"):
+        assert {"obstore", "boto3"} <= set(got[what])
+        assert got[what]["obstore"]["ratio_to_obstore"] == 1.0 and got[what]["boto3"]["median_mib_s"] > 0
+    assert out.with_suffix(".log").is_file()
