@@ -8,6 +8,8 @@ export). Both stages call it; it imports nothing from stage one (cachefeat.extra
     confine.py     every file opened, written or deleted lies in the store, never through a link
     reader.py      open_cache -> Cache: metadata, progress, arrays as NumPy
     shard_file.py  feature rows decoded straight from the shard files (checksums checked)
+    remote.py      s3:// locations through obstore: bounded reads, the lease, push
+    bucket_writer.py  extract --out s3://: a staging folder made from the bucket, shards uploaded as written
     local_copy.py  a bucket cache's shard objects kept on local disk (--local-cache), size-bounded
     lock.py        one writer per store
     verify.py      every chunk read and checked; the shards --repair writes again
