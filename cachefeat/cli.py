@@ -1443,7 +1443,8 @@ def export(cache, out, fmt, compression, allow_incomplete, overwrite, quiet):
 def import_(input, out, overwrite, quiet):
     """Rebuild a cache from an HDF5 file written by `cachefeat export --format hdf5`.
 
-    The store gets the original's layout, chunks, sharding, codecs and metadata, and equal arrays.
+    The store gets the original's layout, chunks, sharding, codecs and metadata, and equal arrays. The file and
+    --out are local; to put the cache in a bucket, push it afterwards (`cachefeat push`).
 
     Example: cachefeat import k400_val.h5 --out k400_val.zarr
     """
