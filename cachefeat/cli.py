@@ -350,7 +350,8 @@ def _shard_size(ctx, param, value):
 @click.option("--address", metavar="auto|HOST:PORT",
               help="Run the workers on a running Ray cluster (`ray start --head` on one node, `ray start "
                    "--address HEAD:6379` on the others; auto = the cluster of this node) instead of starting "
-                   "Ray here. --out and the videos must then be on storage every node sees at the same path.")
+                   "Ray here. --out and the videos must then be on storage every node sees at the same path, "
+                   "unless they are in a bucket (s3://).")
 @click.option("--decode-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds one video may take to decode before its decoder is killed and the video recorded "
                    "as failed (with --sampling fps: one request of a few windows, per minute of video it "
@@ -744,13 +745,14 @@ def _local_cache_size(ctx, param, value):
 
 
 def _local_cache_options(f):
-    """train's and eval's --local-cache DIR and --local-cache-size SIZE (store.local_copy)."""
+    """train's, eval's and ablate's --local-cache DIR and --local-cache-size SIZE (store.local_copy)."""
     f = click.option("--local-cache-size", metavar="SIZE", callback=_local_cache_size,
                      help="The most bytes --local-cache may hold, such as 50G (K, M, G, T: powers of 1024); "
                           "default: 80% of its file system's free space at the start, plus what it holds.")(f)
     return click.option("--local-cache", metavar="DIR", type=click.Path(file_okay=False),
                         help="Keep the shard objects read from an s3:// cache in DIR, so that later epochs and "
-                             "runs read them from local disk (ignored for a cache in a folder).")(f)
+                             "runs read them from local disk (ignored for a cache in a folder). Ray workers and "
+                             "trials on other nodes keep their own copy at the same path.")(f)
 
 
 def _use_local_copy(folder, max_bytes, caches) -> str | None:
@@ -838,8 +840,9 @@ def _use_local_copy(folder, max_bytes, caches) -> str | None:
                    "and writes --out in the single-process format.")
 @click.option("--address", metavar="auto|HOST:PORT",
               help="Run the workers on a running Ray cluster (`ray start --head` on one node, `ray start --address "
-                   "HEAD:6379` on the others; auto = the cluster of this node) instead of starting Ray here. The "
-                   "caches and --out must then be on storage every node sees at the same path.")
+                   "HEAD:6379` on the others; auto = the cluster of this node) instead of starting Ray here. --out "
+                   "and caches in folders must then be on storage every node sees at the same path (caches in a "
+                   "bucket need not).")
 @click.option("--log", default=_TD["log"], show_default=True, callback=_log_destinations,
               help=_LOG_HELP + " Into --out: tensorboard/ (event files), wandb/ (the W&B run).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
@@ -890,9 +893,6 @@ def train(ctx, cache, val_cache, local_cache, local_cache_size, adapter, adapter
     check_log(cfg.log)            # a missing extra: one line, before anything is written
     folder = open_run_folder(out, cfg, resume=resume, overwrite=overwrite)   # checks only: deletes nothing yet
     distributed = ray_workers > 1 or address
-    if distributed and any(str(c).startswith("s3://") for c in (cache, val_cache) if c):
-        raise click.UsageError("--workers/--address with an s3:// cache is not supported yet (docs/object-storage.md): "
-                               "train in one process, or on a local copy of the cache")
     copy = _use_local_copy(local_cache, local_cache_size, (cache, val_cache))
     if copy and not quiet:
         click.echo(copy)
@@ -961,10 +961,12 @@ def _train_on_ray(cfg, cache, val_cache, out, resume, workers, address, log, all
 @click.option("--out", "-o", type=click.Path(file_okay=False),
               help="Folder for trials/<name>/ (one training run folder per trial), results.csv, results.md, "
                    "results.png and best/ (default: ablations/<spec name>).")
-@click.option("--cache", "train_cache", type=click.Path(exists=True, file_okay=False),
-              help="Use this training cache instead of the spec's train-cache.")
-@click.option("--val-cache", type=click.Path(exists=True, file_okay=False),
+@click.option("--cache", "train_cache", type=_CacheArg(file_okay=False),
+              help="Use this training cache (a folder or an s3://bucket/prefix URL) instead of the spec's "
+                   "train-cache.")
+@click.option("--val-cache", type=_CacheArg(file_okay=False),
               help="Use this val cache instead of the spec's val-cache.")
+@_local_cache_options
 @click.option("--gpus-per-trial", type=click.FloatRange(0), default=None,
               help="GPUs each trial reserves; fractions share a GPU (0.25: four trials per GPU). Default: 0.25 when "
                    "the Ray cluster has GPUs, else 0 (CPU trials).")
@@ -980,8 +982,9 @@ def _train_on_ray(cfg, cache, val_cache, out, resume, workers, address, log, all
                    "else 1). Trials = grid points x samples.")
 @click.option("--address", metavar="auto|HOST:PORT",
               help="Run the trials on a running Ray cluster (`ray start --head` on one node, `ray start --address "
-                   "HEAD:6379` on the others; auto = the cluster of this node) instead of starting Ray here. The "
-                   "caches and --out must then be on storage every node sees at the same path.")
+                   "HEAD:6379` on the others; auto = the cluster of this node) instead of starting Ray here. --out "
+                   "and caches in folders must then be on storage every node sees at the same path (caches in a "
+                   "bucket need not).")
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier ablation in --out.")
 @click.option("--allow-incomplete", is_flag=True,
               help="Train and validate on caches whose extraction has not finished (or is still running): their "
@@ -991,8 +994,8 @@ def _train_on_ray(cfg, cache, val_cache, out, resume, workers, address, log, all
                    "trial's settings and final metrics, the best marked); wandb/ (one run per trial, grouped by "
                    "the ablation's name).")
 @click.option("--check", is_flag=True, help="Only check the spec and its caches, list the trials' grid, and exit.")
-def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, max_concurrent, asha, num_samples,
-           address, overwrite, allow_incomplete, check, log):
+def ablate(spec, out, train_cache, val_cache, local_cache, local_cache_size, gpus_per_trial, cpus_per_trial,
+           max_concurrent, asha, num_samples, address, overwrite, allow_incomplete, check, log):
     """Train many adapter configurations side by side on the same caches (Ray Tune), and rank them.
 
     SPEC is a YAML file: the caches, the training settings every trial shares, per-adapter settings, and the
@@ -1017,6 +1020,9 @@ def ablate(spec, out, train_cache, val_cache, gpus_per_trial, cpus_per_trial, ma
         s = dataclasses.replace(s, train_cache=train_cache)
     if val_cache:
         s = dataclasses.replace(s, val_cache=val_cache)
+    copy = _use_local_copy(local_cache, local_cache_size, (s.train_cache, s.val_cache))
+    if copy and not check:
+        click.echo(copy)
     check_caches(s, allow_incomplete)
     from .train.tracking import check as check_log
     check_log(log)

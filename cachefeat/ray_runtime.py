@@ -1,4 +1,4 @@
-"""The Ray runtime that the distributed commands share (extract now; train and ablate build on it too).
+"""The Ray runtime that the distributed commands share (extract, train --workers, ablate).
 
 `ray_runtime(address)` is the one door to Ray:
 - a runtime that is already initialised in this process (a test's, a notebook's) is used as it is and left
@@ -8,6 +8,8 @@
   the workers, so every node runs the driver's code;
 - otherwise it starts Ray on this machine, quietly (no dashboard; the workers' logs stay in Ray's session
   folder instead of the terminal), and shuts it down at the end.
+
+`worker_settings()` is what a worker on another node needs to reach buckets as the driver does.
 
 Only the distributed code paths import this module, so a single-process run never loads Ray.
 """
@@ -23,6 +25,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+
+
+def worker_settings() -> dict:
+    """What a process on another node (a Ray worker, a Tune trial) needs to reach buckets as this one does: this
+    process's AWS_* variables (endpoint, region, credentials, profile) and its local copy of fetched shards
+    (store.local_copy: the folder and the bound asked for, each node's own default where none was)."""
+    from .store import local_copy
+    copy = local_copy.current()
+    return {"aws": {k: v for k, v in os.environ.items() if k.startswith("AWS_")},
+            "local_copy": None if copy is None else [copy.folder, copy.requested]}
+
+
+def use_worker_settings(settings: dict | None) -> None:
+    """In a worker: the driver's worker_settings(). An AWS_* variable the worker's node sets itself is kept."""
+    if not settings:
+        return
+    for k, v in settings["aws"].items():
+        os.environ.setdefault(k, v)
+    if settings["local_copy"]:
+        from .store import local_copy
+        local_copy.use(*settings["local_copy"])
 
 
 class ClusterError(ValueError):

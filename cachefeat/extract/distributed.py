@@ -39,13 +39,14 @@ from ..ray_runtime import (
     on_driver_node,
     ray_runtime,
     use_gpus,
+    use_worker_settings,
     worker_resources,
+    worker_settings,
 )
 from ..store import Cache, CacheError, open_for_writing
 from ..store.bucket_writer import (
     BucketOut,
     bucket_out,
-    bucket_settings,
     bucket_state,
     clear_staging,
     pull,
@@ -168,7 +169,7 @@ class ExtractWorker:
 
     def setup(self, out: str, settings: ExtractSettings, device: str, fingerprint: str, weights_sha256: str,
               videos, workers: int, batch_size: int, decode_workers: int | None, decode_timeout: float,
-              reader: str, preprocess: str = "auto", fsync: bool = True, bucket_env: dict | None = None) -> dict:
+              reader: str, preprocess: str = "auto", fsync: bool = True, bucket: dict | None = None) -> dict:
         import torch
 
         from .backbone import load_backbone
@@ -176,8 +177,7 @@ class ExtractWorker:
         from .pipeline import ShardExtractor
         host, pid = socket.gethostname(), os.getpid()
         where = f"worker {self.id} on {host} (pid {pid})"
-        for k, v in (bucket_env or {}).items():    # the driver's bucket settings, where this node has none
-            os.environ.setdefault(k, v)
+        use_worker_settings(bucket)     # the driver's bucket settings, where this node has none
         cache = open_store_for_worker(out, fingerprint, where, self.id)
         self.bucket = out.location if isinstance(out, BucketOut) else None
         bb = load_backbone(settings.model, settings.pretrained, device, settings.precision, seed=settings.seed,
@@ -338,7 +338,7 @@ def extract_distributed(manifest: Manifest, out: str | Path, settings: ExtractSe
             bucket = isinstance(out, BucketOut)
             setup_args = (out if bucket else str(out), settings, device, store.meta["fingerprint"], weights_sha256,
                           ray.put(videos), n, batch_size, decode_workers, decode_timeout, reader, preprocess,
-                          fsync, bucket_settings() if bucket or any(v.path.startswith("s3://") for v in videos)
+                          fsync, worker_settings() if bucket or any(v.path.startswith("s3://") for v in videos)
                           else None)
             return driver.run(n, worker_resources(gpu), setup_args,
                               n if max_replacements is None else max_replacements)

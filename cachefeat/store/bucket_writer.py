@@ -80,12 +80,6 @@ class BucketOut:
         return base / f"cachefeat-staging-{tag}-{who}.zarr"
 
 
-def bucket_settings() -> dict[str, str]:
-    """The AWS_* variables of this process (endpoint, region, credentials, profile): what Ray workers use where
-    their node sets none of its own."""
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-
-
 def bucket_out(out) -> BucketOut | None:
     """`out` as a BucketOut when it names a bucket, else None (a local folder)."""
     if isinstance(out, BucketOut):

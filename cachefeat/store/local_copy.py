@@ -63,6 +63,7 @@ class LocalCopy:
             why = "is a link" if e.errno == errno.ELOOP else f"cannot be written ({e.strerror})"
             raise LocalCopyError(f"--local-cache {self.folder}: {LOCK_NAME} there {why}; give a folder of its own "
                                  f"that this user can write to") from None
+        self.requested = max_bytes                # as asked: None is each node's own default (worker_settings)
         if max_bytes is None:
             st = os.statvfs(self.fd)
             max_bytes = int(DEFAULT_SHARE * (st.f_bavail * st.f_frsize + self.held_bytes()))

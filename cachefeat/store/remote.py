@@ -45,6 +45,12 @@ def is_remote(path) -> bool:
     return isinstance(path, str) and path.startswith(SCHEME)
 
 
+def absolute(path) -> str:
+    """A cache's location as processes in other folders (Ray workers, Tune trials) must name it: a URL as it
+    is, a path made absolute."""
+    return path if is_remote(path) else os.path.abspath(os.fspath(path))
+
+
 class RemoteError(CacheError):
     """An object store that cannot be used as asked (bad input: exit status 2); one line naming the URL."""
 

@@ -2,7 +2,7 @@
 
 A spec (YAML) names the caches, the settings every trial shares, per-adapter settings, and a search space:
 
-    train-cache: k400_train.zarr          # relative paths: from the current directory
+    train-cache: k400_train.zarr          # relative paths: from the current directory; or s3://bucket/prefix
     val-cache: k400_val.zarr              # required: trials are ranked by val top-1
     train: {epochs: 30, batch-size: 64}   # settings of `cachefeat train` (its --config keys)
     adapters:                             # used when a trial picks that adapter
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from ..store.remote import absolute, is_remote
 from ..yamlfile import YamlError, load_yaml
 from .config import TrainConfig, TrainError, planned_epochs
 
@@ -263,7 +264,7 @@ def check_caches(spec: AblationSpec, allow_incomplete: bool = False) -> None:
     from .loop import resolve_adapter
     caches = {}
     for key, p in (("train-cache", spec.train_cache), ("val-cache", spec.val_cache)):
-        if not Path(p).exists():
+        if not is_remote(p) and not Path(p).exists():
             raise AblationError(f"{spec.path}: {key}: {p} does not exist (write it with cachefeat extract, or "
                                 f"edit the path in the spec)")
         try:
@@ -356,13 +357,16 @@ def peak_memory() -> tuple[int, str]:
 
 
 def _run_trial(params: dict, spec: AblationSpec, out: str, cpus: float, gpus: float,
-               allow_incomplete: bool = False, track: str = "none") -> None:
-    """One Tune trial: the normal training into OUT/trials/<name>, val top-1 reported after every epoch."""
+               allow_incomplete: bool = False, track: str = "none", bucket: dict | None = None) -> None:
+    """One Tune trial: the normal training into OUT/trials/<name>, val top-1 reported after every epoch.
+    `bucket`: the driver's store.remote.worker_settings(), for caches in a bucket."""
     from ray import tune
 
+    from ..ray_runtime import use_worker_settings
     from .loop import cpu_threads, open_run, train
     from .tracking import Where
     t0 = time.perf_counter()
+    use_worker_settings(bucket)
     ctx = tune.get_context()
     name = trial_name(_trial_index(ctx.get_trial_id()), params)
     cfg = trial_config(spec, params)
@@ -501,7 +505,7 @@ def run_ablation(spec: AblationSpec, out: str, gpus_per_trial: float | None = No
     """Run every trial of `spec` with Ray Tune and write the results into `out` (see the module docstring).
     `allow_incomplete`: the trials train on the finished shards of unfinished caches. `track`: where the
     trials also log (TrainConfig.log); with tensorboard, the HParams experiment too (write_hparams)."""
-    from ..ray_runtime import ClusterError, ray_runtime
+    from ..ray_runtime import ClusterError, ray_runtime, worker_settings
     # no CSV/JSON/TensorBoard files of Tune's per trial (--log tensorboard writes ours)
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"   # the classic reporter: verbose=0 prints nothing
@@ -510,8 +514,8 @@ def run_ablation(spec: AblationSpec, out: str, gpus_per_trial: float | None = No
     for name in ("ray.tune", "ray.train", "ray.air"):     # a failed trial is one line of ours, with its
         logging.getLogger(name).setLevel(logging.CRITICAL)  # traceback in the trial's train.log
     # the trials run in other working directories (and, on a cluster, other machines)
-    spec = dataclasses.replace(spec, train_cache=str(Path(spec.train_cache).resolve()),
-                               val_cache=str(Path(spec.val_cache).resolve()))
+    spec = dataclasses.replace(spec, train_cache=absolute(spec.train_cache), val_cache=absolute(spec.val_cache))
+    bucket = worker_settings() if any(is_remote(c) for c in (spec.train_cache, spec.val_cache)) else None
     n = num_samples or spec.num_samples
     total = spec.grid_size() * n
     outp = Path(out).resolve()
@@ -531,7 +535,7 @@ def run_ablation(spec: AblationSpec, out: str, gpus_per_trial: float | None = No
             + (", ASHA early stopping" if asha else "") + f"; runs in {out}/trials")
         trainable = tune.with_resources(
             tune.with_parameters(_run_trial, spec=spec, out=str(outp), cpus=cpus_per_trial, gpus=gpus_per_trial,
-                                 allow_incomplete=allow_incomplete, track=track),
+                                 allow_incomplete=allow_incomplete, track=track, bucket=bucket),
             {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
         scheduler = None
         if asha:

@@ -8,7 +8,9 @@ averages the gradients, and rank 0 validates and writes the run folder in the si
 `cachefeat eval --checkpoint` and `--resume` work on it. Rank 0's epoch lines come back to the driver
 through a Ray queue (the workers' own output stays in Ray's logs).
 
-On a cluster, --out and the caches must be on storage that every node sees at the same path.
+On a cluster, --out must be on storage that every node sees at the same path; so must the caches, unless they
+are in a bucket (s3:// URLs), which every worker reads itself with the driver's AWS_* settings and, with
+--local-cache, a local copy of the fetched shards on its own node (store.remote.worker_settings).
 """
 from __future__ import annotations
 
@@ -20,7 +22,16 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from ..ray_runtime import ClusterError, WorkerError, on_driver_node, ray_runtime, use_gpus
+from ..ray_runtime import (
+    ClusterError,
+    WorkerError,
+    on_driver_node,
+    ray_runtime,
+    use_gpus,
+    use_worker_settings,
+    worker_settings,
+)
+from ..store.remote import absolute, is_remote
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .loop import Part, cpu_threads, open_run, train
@@ -51,10 +62,11 @@ def train_distributed(cfg: TrainConfig, cache: str, val_cache: str | None, out: 
             before_start()
         _quiet_ray_train()
         queue = Queue(actor_options={"num_cpus": 0, **on_driver_node()})
-        config = {"cfg": replace(cfg, device="cuda" if gpu else "cpu").to_dict(), "cache": str(Path(cache).resolve()),
-                  "val_cache": str(Path(val_cache).resolve()) if val_cache else None, "out": str(Path(out).resolve()),
+        in_bucket = any(is_remote(c) for c in (cache, val_cache))
+        config = {"cfg": replace(cfg, device="cuda" if gpu else "cpu").to_dict(), "cache": absolute(cache),
+                  "val_cache": absolute(val_cache) if val_cache else None, "out": str(Path(out).resolve()),
                   "resume": resume, "queue": queue, "threads": cfg.threads,
-                  "allow_incomplete": allow_incomplete}
+                  "allow_incomplete": allow_incomplete, "bucket": worker_settings() if in_bucket else None}
         storage = tempfile.mkdtemp(prefix="cachefeat-train-")
         box: dict = {}
 
@@ -104,6 +116,7 @@ def _worker(config: dict) -> None:
     """One Ray Train worker: the single-process training code with this worker's part."""
     import ray.train
     import ray.train.torch
+    use_worker_settings(config["bucket"])
     ctx = ray.train.get_context()
     part = Part(ctx.get_world_rank(), ctx.get_world_size())
     device = ray.train.torch.get_device()
