@@ -4,7 +4,7 @@ row through `open_cache(url)` against raw ranged GETs of the same byte ranges, o
     write_efficiency = push MiB/s  /  raw PUTs of the cache's files' bytes, IN_FLIGHT at once     (goal >= 0.8)
     read_efficiency  = reader MiB/s / raw ranged GETs of the bytes the reader fetches, IN_FLIGHT   (goal >= 0.8)
 
-The server is moto's S3 server (tests/s3server.py's start_moto, signatures checked) on 127.0.0.1, in a
+The server is moto's S3 server (tests/s3server.py's serve_in_child, signatures checked) on 127.0.0.1, in a
 process of its own so that it does not share this process's GIL. moto is Python (werkzeug threads under one
 GIL): it serves far fewer MiB/s than S3, MinIO or a real network, so it is the bottleneck of both sides,
 and the figures say how much of what the server can give cachefeat gets, not how fast S3 is. The server
@@ -27,22 +27,18 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from common import TINY, WORK, synth_data
+from common import TINY, WORK, synth_data, test_module
 
 GOAL = 0.8
-S3SERVER = Path(__file__).resolve().parent.parent / "tests" / "s3server.py"   # the tests' server, one implementation
 
 
 def settings(mode) -> dict:
@@ -150,44 +146,12 @@ def synthetic_cache(st: dict):
 # ------------------------------------------------------------------------------------------- the server
 @contextmanager
 def moto_server():
-    """tests/s3server.start_moto in a child process (imported by path: the benchmarks import no test package);
-    yields (its S3Server, made here from the endpoint and keys it prints, and the child's pid). The child serves
-    until its stdin closes."""
+    """tests/s3server.serve_in_child: moto's server in a process of its own; yields (its S3Server, its pid)."""
     missing = [m for m in ("moto", "boto3", "obstore") if importlib.util.find_spec(m) is None]
     if missing:
         raise RuntimeError(f"the object_store section needs {', '.join(missing)}: pip install 'cachefeat[test]'")
-    code = ("import json, sys\n"
-            "sys.path.insert(0, sys.argv[1])\n"
-            "import s3server\n"
-            "s = s3server.start_moto()\n"
-            "print(json.dumps([s.endpoint, s.key, s.secret, s.region]), flush=True)\n"
-            "sys.stdin.read()\n"
-            "s.stop()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(S3SERVER.parent)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"moto's S3 server did not start (exit status {proc.wait(30)})")
-        endpoint, key, secret, region = json.loads(line)
-        yield s3server().S3Server(endpoint, key, secret, region), proc.pid
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def s3server():
-    """tests/s3server.py as a module (by path; registered under its name, as its dataclass needs)."""
-    if "s3server" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("s3server", S3SERVER)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["s3server"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["s3server"]
+    with test_module("s3server").serve_in_child() as served:
+        yield served
 
 
 @contextmanager

@@ -1,4 +1,6 @@
 """Shared pieces of the benchmarks: the work folder, synthetic inputs, timing and memory measurement.
+It imports torch and cachefeat only inside functions, so that standalone scripts (s3_libraries.py) can
+import it in an environment without them.
 
 Every figure the benchmarks report is a ratio of two measurements taken in the same process, one after
 the other (or interleaved), on the same inputs: machines differ and timings drift by +-20% between runs,
@@ -13,11 +15,10 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parent
 # CACHEFEAT_BENCH_WORK: another work folder (the smoke test's tmp folder), read once when this is imported
@@ -42,6 +43,7 @@ class Mode:
 
     @classmethod
     def create(cls, full: bool, device: str = "auto", smoke: bool = False) -> Mode:
+        import torch
         dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
         cores = os.cpu_count() or 2
         if smoke:
@@ -52,6 +54,7 @@ class Mode:
 
 
 def machine() -> dict:
+    import torch
     info = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "processor": platform.processor() or platform.machine()}
@@ -73,6 +76,18 @@ def git_describe() -> str:
         return "unknown"
 
 
+def test_module(name: str):
+    """tests/NAME.py as a module, loaded by path (the benchmarks put no test folder on sys.path, whose
+    conftest and helpers would shadow other modules) and registered under its name (a dataclass needs it)."""
+    import importlib.util
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT.parent / "tests" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def synth_data(name: str, classes: int, videos_per_class: int, frames: int = 32, size: int = 96, seed: int = 0) -> Path:
     """A synthetic data set under benchmarks/work/, made once and reused."""
     from cachefeat.synth import generate
@@ -84,6 +99,7 @@ def synth_data(name: str, classes: int, videos_per_class: int, frames: int = 32,
 
 
 def sync(device) -> None:
+    import torch
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 

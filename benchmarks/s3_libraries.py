@@ -2,9 +2,10 @@
 
     python benchmarks/s3_libraries.py [--out benchmarks/results/NAME.json] [--rounds 5] [--note TEXT]
 
-Standalone: it imports no cachefeat, so it runs in a virtual environment of its own holding the libraries
+Standalone: it imports no cachefeat and no torch (benchmarks/common.py imports them only inside its
+functions), so it runs in a virtual environment of its own holding the libraries
 compared (`pip install s3fs obstore 'moto[server]' boto3 numpy`). It starts moto's S3 server
-(tests/s3server.py's start_moto, imported by path) in a process of its own on 127.0.0.1, puts OBJECTS objects
+(tests/s3server.py's serve_in_child) in a process of its own on 127.0.0.1, puts OBJECTS objects
 of OBJECT_MIB MiB of random bytes in a bucket, and then, per library:
 
 - read: the byte ranges an epoch of cachefeat's reader fetches, in its two steps: every object's last 64 KiB
@@ -47,14 +48,14 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
+from common import git_describe, test_module
+
 ROOT = Path(__file__).resolve().parent
-S3SERVER = ROOT.parent / "tests" / "s3server.py"
 OBJECTS = 24
 OBJECT_MIB = 12
 INDEX_BYTES = 64 << 10          # a shard's index: its last 64 KiB
@@ -64,34 +65,6 @@ COALESCE = 1 << 16              # as cachefeat.store.remote.COALESCE
 LIBRARIES = ("obstore", "s3fs", "s3fs_merged", "boto3")
 WRITERS = ("obstore", "s3fs", "boto3")
 VERSIONS = ("obstore", "s3fs", "fsspec", "aiobotocore", "aiohttp", "botocore", "boto3", "moto", "numpy")
-
-
-# ------------------------------------------------------------------------------------------- the server
-@contextmanager
-def moto_server():
-    """start_moto in a child process (so that it has a GIL of its own); yields ((endpoint, key, secret, region),
-    its pid). The child serves until its stdin closes."""
-    code = ("import json, sys\n"
-            "sys.path.insert(0, sys.argv[1])\n"
-            "import s3server\n"
-            "s = s3server.start_moto()\n"
-            "print(json.dumps([s.endpoint, s.key, s.secret, s.region]), flush=True)\n"
-            "sys.stdin.read()\n"
-            "s.stop()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(S3SERVER.parent)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"moto's S3 server did not start (exit status {proc.wait(30)})")
-        yield tuple(json.loads(line)), proc.pid
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -274,18 +247,6 @@ def machine() -> dict:
             "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()}
 
 
-def git_describe() -> str:
-    """`git describe --always --dirty` of the repository (as benchmarks/common.py's), or "unknown"."""
-    git = shutil.which("git")
-    if git is None:
-        return "unknown"
-    try:
-        return subprocess.run([git, "describe", "--always", "--dirty"], cwd=ROOT.parent, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def versions() -> dict:
     out = {}
     for p in VERSIONS:
@@ -352,7 +313,8 @@ def main() -> int:
         f"{args.rounds} rounds after a warm-up, the order rotated each round")
     loop = asyncio.new_event_loop()
     t_start = time.perf_counter()
-    with moto_server() as (server, pid):
+    with test_module("s3server").serve_in_child() as (served, pid):
+        server = (served.endpoint, served.key, served.secret, served.region)
         import boto3
         endpoint, key, secret, region = server
         admin = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,

@@ -46,10 +46,10 @@ def _assert_stores_identical(a_path, b_path) -> None:
     for name in aa:
         x, y = a.root[name][...], b.root[name][...]
         assert x.dtype == y.dtype and x.shape == y.shape, name
-        assert np.array_equal(_bits(x), _bits(y)), f"array {name} differs"
+        assert np.array_equal(bits(x), bits(y)), f"array {name} differs"
 
 
-def _bits(x: np.ndarray) -> np.ndarray:
+def bits(x: np.ndarray) -> np.ndarray:
     """Floats as their bit patterns (so -0.0 != 0.0 and NaN payloads count); strings as Python lists."""
     if x.dtype.kind == "f":
         return x.view(f"u{x.dtype.itemsize}")

@@ -5,8 +5,12 @@ use that server instead (a MinIO container, say), with the keys in CACHEFEAT_S3_
 CACHEFEAT_S3_TEST_SECRET (docs/object-storage.md, "Testing against your own server")."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -35,6 +39,17 @@ class S3Server:
         name = f"cachefeat-test-{uuid.uuid4().hex[:12]}"
         self.client().create_bucket(Bucket=name)
         return name
+
+    def plant_lease(self, bucket: str, key: str, minutes: float) -> dict:
+        """Another push's lease (pid 4242 on host elsewhere) at `key`, expiring `minutes` from now (< 0:
+        expired): what a writer on another machine leaves."""
+        from datetime import datetime, timedelta, timezone
+        fmt = "%Y-%m-%dT%H:%M:%SZ"
+        now = datetime.now(timezone.utc)
+        lease = {"host": "elsewhere", "pid": 4242, "since": (now - timedelta(minutes=20)).strftime(fmt),
+                 "expires": (now + timedelta(minutes=minutes)).strftime(fmt), "token": "ab" * 16}
+        self.client().put_object(Bucket=bucket, Key=key, Body=json.dumps(lease).encode())
+        return lease
 
     def stop(self) -> None:
         if self.moto is not None:
@@ -78,3 +93,31 @@ def start_moto() -> S3Server:
         start_moto.key = (key["AccessKeyId"], key["SecretAccessKey"])
     settings.INITIAL_NO_AUTH_ACTION_COUNT = 0       # every request from now on is authenticated
     return S3Server(endpoint, *start_moto.key, moto=server)
+
+
+@contextmanager
+def serve_in_child():
+    """start_moto in a child process, so that the server has a GIL of its own (the benchmarks measure the
+    client beside it): yields (its S3Server, made here from the endpoint and keys it prints, and the child's
+    pid). The child serves until its stdin closes."""
+    code = ("import json, sys\n"
+            "sys.path.insert(0, sys.argv[1])\n"
+            "import s3server\n"
+            "s = s3server.start_moto()\n"
+            "print(json.dumps([s.endpoint, s.key, s.secret, s.region]), flush=True)\n"
+            "sys.stdin.read()\n"
+            "s.stop()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"moto's S3 server did not start (exit status {proc.wait(30)})")
+        yield S3Server(*json.loads(line)), proc.pid
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -19,7 +19,7 @@ pytest.importorskip("boto3")
 import s3server  # noqa: E402
 
 from conftest import run_cli, tiny_extract_args  # noqa: E402
-from helpers import invoke, on_contract  # noqa: E402
+from helpers import bits, invoke, on_contract  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,14 +54,6 @@ def _fresh_copy(s3, local) -> tuple[str, str, str]:
     return url, bucket, "c.zarr"
 
 
-def _bits(x: np.ndarray) -> np.ndarray:
-    if x.dtype.kind == "f":
-        return x.view(f"u{x.dtype.itemsize}")
-    if x.dtype.kind in "TUO":
-        return np.array(x.tolist(), dtype=object)
-    return x
-
-
 # ------------------------------------------------------------------------------------------- reading
 def test_bucket_cache_reads_back_bit_for_bit(env, local, pushed):
     from cachefeat.store import open_cache
@@ -75,11 +67,11 @@ def test_bucket_cache_reads_back_bit_for_bit(env, local, pushed):
     for name in a.array_names():
         x, y = a.read_stored(name), b.read_stored(name)
         assert x.dtype == y.dtype and x.shape == y.shape, name
-        assert np.array_equal(_bits(x), _bits(y)), f"{name} differs"
+        assert np.array_equal(bits(x), bits(y)), f"{name} differs"
     rows = np.array([11, 0, 5, 5, 7, 2])              # across shards, out of order, a repeat
     for name in features:
-        assert np.array_equal(_bits(a.read_stored(name, rows)), _bits(b.read_stored(name, rows))), name
-        assert np.array_equal(_bits(a.read_stored(name, 9)), _bits(b.read_stored(name, 9))), name
+        assert np.array_equal(bits(a.read_stored(name, rows)), bits(b.read_stored(name, rows))), name
+        assert np.array_equal(bits(a.read_stored(name, 9)), bits(b.read_stored(name, 9))), name
     assert b.disk_bytes() == a.disk_bytes()
     assert b.record_problems(features=True) == {}
 
@@ -101,7 +93,7 @@ def test_streamed_batches_match_the_local_cache(env, local, pushed):
     for p, q in zip(x, y):
         assert p.keys() == q.keys() and np.array_equal(p["row"], q["row"])
         for k in ("embed", "cls", "tokens"):
-            assert np.array_equal(_bits(p[k]), _bits(q[k])), k
+            assert np.array_equal(bits(p[k]), bits(q[k])), k
     src = CachedSource(b, sel, batch_size=3, in_memory="no", workers=0, buffer_shards=1)
     stream = src.batches(0, train=True)
     assert len(next(stream)["row"]) == 3
@@ -124,7 +116,7 @@ def test_plain_zarr_opens_the_bucket_cache(env, local, pushed):
     assert root.attrs["cachefeat"]["fingerprint"] == a.meta["fingerprint"]
     for name in a.array_names():
         x, y = a.root[name][...], root[name][...]
-        assert np.array_equal(_bits(x), _bits(y)), name
+        assert np.array_equal(bits(x), bits(y)), name
 
 
 def test_second_push_uploads_nothing(env, local, pushed):
@@ -140,7 +132,7 @@ def test_a_prefix_named_like_an_array(env, local):
     run_cli("push", local, url, "-q")
     assert "uploaded 0 objects" in run_cli("push", local, url, "-q").output
     a, b = open_cache(local), open_cache(url)
-    assert np.array_equal(_bits(a.read("cls")), _bits(b.read("cls")))
+    assert np.array_equal(bits(a.read("cls")), bits(b.read("cls")))
 
 
 def test_a_push_cut_off_resumes(env, local):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import h5py
@@ -143,20 +142,10 @@ def test_help_names_urls():
 
 
 # ------------------------------------------------------------------------------------------- refusals
-def _plant(s3, bucket, key, minutes: float) -> dict:
-    """As test_object_store_lease's: another push's lease (pid 4242 on host elsewhere), expiring in `minutes`."""
-    fmt = "%Y-%m-%dT%H:%M:%SZ"
-    now = datetime.now(timezone.utc)
-    lease = {"host": "elsewhere", "pid": 4242, "since": (now - timedelta(minutes=20)).strftime(fmt),
-             "expires": (now + timedelta(minutes=minutes)).strftime(fmt), "token": "ab" * 16}
-    s3.client().put_object(Bucket=bucket, Key=key, Body=json.dumps(lease).encode())
-    return lease
-
-
 def test_a_bucket_cache_with_a_live_lease_is_refused(env, pushed, tmp_path):
     url, bucket, prefix = pushed
     lease_key = f"{prefix}/cachefeat.lease"
-    lease = _plant(env, bucket, lease_key, 10)
+    lease = env.plant_lease(bucket, lease_key, 10)
     for fmt in ("hdf5", "npy"):
         out = tmp_path / f"busy.{fmt}"
         line = on_contract(invoke("export", url, out, "--format", fmt, "-q"), (2,), f"export {fmt} of a leased cache")
@@ -165,7 +154,7 @@ def test_a_bucket_cache_with_a_live_lease_is_refused(env, pushed, tmp_path):
         assert "export it when that run has finished" in line and "cachefeat-s3-" not in line
         assert not out.exists() and not list(tmp_path.iterdir())
     try:
-        _plant(env, bucket, lease_key, -1)        # a killed push's, expired: readers go on
+        env.plant_lease(bucket, lease_key, -1)        # a killed push's, expired: readers go on
         run_cli("export", url, tmp_path / "after.h5", "--format", "hdf5", "-q")
         with h5py.File(tmp_path / "after.h5") as f:
             assert "cachefeat.lease" not in f and json.loads(f.attrs[MARK])["source"] == url

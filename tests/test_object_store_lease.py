@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -35,16 +34,6 @@ def _pushed(s3, local) -> tuple[str, str, str]:
     return f"s3://{bucket}/c.zarr", bucket, "c.zarr/" + LEASE
 
 
-def _plant(s3, bucket, key, minutes: float) -> dict:
-    """A lease of another push (pid 4242 on host elsewhere) expiring `minutes` from now (< 0: expired)."""
-    fmt = "%Y-%m-%dT%H:%M:%SZ"
-    now = datetime.now(timezone.utc)
-    lease = {"host": "elsewhere", "pid": 4242, "since": (now - timedelta(minutes=20)).strftime(fmt),
-             "expires": (now + timedelta(minutes=minutes)).strftime(fmt), "token": "ab" * 16}
-    s3.client().put_object(Bucket=bucket, Key=key, Body=json.dumps(lease).encode())
-    return lease
-
-
 def _keys(s3, bucket) -> list[str]:
     return [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
 
@@ -54,7 +43,7 @@ def test_a_live_lease_refuses_a_second_push_and_readers_ignore_it(env, local):
     from cachefeat.train.config import TrainError
     from cachefeat.train.coverage import check_cache_use
     url, bucket, key = _pushed(env, local)
-    lease = _plant(env, bucket, key, 10)
+    lease = env.plant_lease(bucket, key, 10)
     line = on_contract(invoke("push", local, url, "-q"), (1,), "push over a live lease")
     assert "pid 4242 on elsewhere" in line and f"lease expires {lease['expires']}" in line
     assert "wait" in line and "--break-lease" in line
@@ -72,7 +61,7 @@ def test_a_live_lease_refuses_a_second_push_and_readers_ignore_it(env, local):
 def test_an_expired_lease_is_taken_over(env, local, tmp_path):
     from cachefeat.store import open_cache
     url, bucket, key = _pushed(env, local)
-    _plant(env, bucket, key, -1)
+    env.plant_lease(bucket, key, -1)
     assert open_cache(url).being_written_by() is None    # a killed push's: readers and training go on
     run = tmp_path / "run"
     run_cli("train", "--cache", url, "--adapter", "probe", "--epochs", "1", "--batch-size", "4", "--threads", "1",
@@ -83,7 +72,7 @@ def test_an_expired_lease_is_taken_over(env, local, tmp_path):
 
 def test_break_lease(env, local):
     url, bucket, key = _pushed(env, local)
-    _plant(env, bucket, key, 10)
+    env.plant_lease(bucket, key, 10)
     res = invoke("push", local, url, "-q", "--break-lease")
     assert res.exit_code == 0, res.output
     warn = [x for x in res.stderr.splitlines() if x.strip()]
@@ -119,7 +108,7 @@ def test_a_broken_lease_stops_the_push_before_its_commit(env, local):
 
     def breaker(n, total=None):
         if n and not breaker.done:
-            breaker.done = _plant(env, bucket, key, 10)
+            breaker.done = env.plant_lease(bucket, key, 10)
     breaker.done = None
     with pytest.raises(LeaseLost, match="broken while it ran .now held by cachefeat push, pid 4242 on elsewhere"):
         push(open_cache(local), parse_url(f"s3://{bucket}/c.zarr"), progress=breaker)

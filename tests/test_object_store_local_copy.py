@@ -17,7 +17,7 @@ pytest.importorskip("boto3")
 import test_object_store as tos  # noqa: E402
 
 from conftest import run_cli, tiny_extract_args  # noqa: E402
-from helpers import invoke, on_contract  # noqa: E402
+from helpers import bits, invoke, on_contract  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,7 +58,7 @@ def _copies(folder) -> list[str]:
 
 def _same(a, b, names, rows=slice(None)):
     for name in names:
-        assert np.array_equal(tos._bits(a.read_stored(name, rows)), tos._bits(b.read_stored(name, rows))), name
+        assert np.array_equal(bits(a.read_stored(name, rows)), bits(b.read_stored(name, rows))), name
 
 
 @pytest.fixture

@@ -30,7 +30,6 @@ from .confine import real_root, remove_inside
 from .layout import (
     ATTR,
     CLIP_TABLES,
-    LOCK_NAME,
     RECORD,
     SHARD_VIDEO_TABLES,
     STORE_ENTRIES,
@@ -45,8 +44,10 @@ from .remote import (
     Location,
     RemoteError,
     _put_all,
+    cache_objects,
     crc32c_file,
     delete,
+    get_bounded_all,
     get_bounded_async,
     is_remote,
     list_objects,
@@ -132,16 +133,9 @@ def bucket_state(loc: Location) -> tuple[dict[str, int], dict[str, dict]]:
     doc_keys = [k for k in objects if k.split("/")[-1] == "zarr.json"]
     for k in doc_keys:
         _plain(loc.url, k)
-
-    async def fetch():
-        gate = asyncio.Semaphore(IN_FLIGHT)
-
-        async def one(key):
-            async with gate:
-                return await get_bounded_async(loc, key, MAX_ROOT_DOC if key == "zarr.json" else MAX_ARRAY_DOC)
-        return await asyncio.gather(*(one(k) for k in doc_keys))
+    blobs = get_bounded_all(loc, {k: MAX_ROOT_DOC if k == "zarr.json" else MAX_ARRAY_DOC for k in doc_keys})
     docs = {}
-    for key, blob in zip(doc_keys, run_sync(fetch())):
+    for key, blob in blobs.items():
         try:
             docs[key[: -len("zarr.json")].rstrip("/")] = json.loads(blob)
         except ValueError:
@@ -203,13 +197,8 @@ def pull(loc: Location, objects: dict[str, int], docs: dict[str, dict], staging:
 def upload_created(cache, loc: Location, log) -> None:
     """Upload a new cache's files (documents, creation tables; no shard is written yet), the root zarr.json
     last: until it is there the prefix holds no cache."""
-    files = []
-    for dirpath, _, names in os.walk(cache.real):
-        for name in names:
-            if name != LOCK_NAME and not name.endswith((".tmp", ".partial")):
-                path = os.path.join(dirpath, name)
-                files.append((os.path.relpath(path, cache.real).replace(os.sep, "/"), path))
-    body = [(k, p, crc32c_file(p)) for k, p in files if k != "zarr.json"]
+    files = cache_objects(cache.real)
+    body = [(k, p, crc32c_file(p)) for k, p in files.items() if k != "zarr.json"]
     run_sync(_put_all(loc, body, lambda key: None))
     root = os.path.join(cache.real, "zarr.json")
     run_sync(_put_all(loc, [("zarr.json", root, crc32c_file(root))], lambda key: None))

@@ -3,7 +3,6 @@ count. Feature rows are decoded straight from the shard files (shard_file.py) wh
 is the reader of record, and names the damaged clips when bytes fail their checksum."""
 from __future__ import annotations
 
-import asyncio
 import bisect
 import os
 import stat
@@ -41,7 +40,7 @@ from .remote import (
     Location,
     RemoteError,
     gather_tails,
-    get_bounded_async,
+    get_bounded_all,
     get_ranges,
     is_remote,
     lease_holder,
@@ -567,16 +566,8 @@ class RemoteCache(Cache):
             elif key.startswith("videos/num_clips/c/"):
                 small.append(key)                     # read by the check of a windowed cache
         limits = {k: MAX_ROOT_DOC if k == "zarr.json" else MAX_ARRAY_DOC for k in docs} | {k: MAX_OBJECT for k in small}
-
-        async def fetch():
-            gate = asyncio.Semaphore(IN_FLIGHT)
-
-            async def one(key):
-                async with gate:
-                    return await get_bounded_async(self.location, key, limits[key])
-            return await asyncio.gather(*(one(k) for k in limits))
         try:
-            blobs = dict(zip(limits, run_sync(fetch())))
+            blobs = get_bounded_all(self.location, limits)
         except FileNotFoundError as e:                # gone since the listing
             raise CacheError(f"{url}: {e}; the cache changed while it was opened (being pushed?)") from None
         with tempfile.TemporaryDirectory(prefix="cachefeat-s3-") as mirror:

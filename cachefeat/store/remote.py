@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..errors import Failed
 from .confine import refusal
-from .layout import CacheError, crc32c_of
+from .layout import LOCK_NAME, CacheError, crc32c_of
 
 SCHEME = "s3://"
 CRC_ATTR = "cachefeat-crc32c"         # user metadata of every object push writes: the CRC32C of its bytes
@@ -247,6 +247,19 @@ async def get_tail_async(loc: Location, key: str, nbytes: int) -> tuple[bytes, i
         raise
     except Exception as e:
         raise remote_error(loc, key, e) from None
+
+
+def get_bounded_all(loc: Location, limits: dict[str, int]) -> dict[str, bytes]:
+    """key -> the whole object of every key of `limits`, each refused beyond its limit in bytes
+    (get_bounded_async), IN_FLIGHT requests at a time."""
+    async def fetch():
+        gate = asyncio.Semaphore(IN_FLIGHT)
+
+        async def one(key):
+            async with gate:
+                return await get_bounded_async(loc, key, limits[key])
+        return await asyncio.gather(*(one(k) for k in limits))
+    return dict(zip(limits, run_sync(fetch())))
 
 
 async def gather_tails(loc: Location, keys: list[str], nbytes: int) -> list[tuple[bytes, int] | None]:
@@ -635,13 +648,19 @@ def _cache_files(local) -> dict[str, str]:
     local.disk_bytes()
     if local.being_written_by() is not None:
         raise CacheError(f"{local.path} is being written by an extraction: push it once that has finished")
+    return cache_objects(local.real)
+
+
+def cache_objects(root: str) -> dict[str, str]:
+    """key -> path of every file under a local cache's folder `root` that goes to its bucket: not the lock file,
+    a lease, nor the temporary files of a writer (`*.tmp`, zarr's `*.partial`)."""
     out = {}
-    for dirpath, _, names in os.walk(local.real):
+    for dirpath, _, names in os.walk(root):
         for name in names:
-            if name.endswith(".tmp") or name in ("cachefeat.lock", LEASE_KEY):
+            if name.endswith((".tmp", ".partial")) or name in (LOCK_NAME, LEASE_KEY):
                 continue
             path = os.path.join(dirpath, name)
-            out[os.path.relpath(path, local.real).replace(os.sep, "/")] = path
+            out[os.path.relpath(path, root).replace(os.sep, "/")] = path
     return out
 
 
