@@ -7,6 +7,7 @@ files are gone afterwards."""
 from __future__ import annotations
 
 import http.server
+import io
 import threading
 from pathlib import Path
 
@@ -17,6 +18,8 @@ pytest.importorskip("obstore")
 pytest.importorskip("boto3")
 
 import s3server  # noqa: E402
+
+from cachefeat.synth import write_mp4  # noqa: E402
 
 from conftest import run_cli, tiny_extract_args  # noqa: E402
 from helpers import invoke, on_contract  # noqa: E402
@@ -162,11 +165,58 @@ def test_loading_a_manifest_sends_no_request(tmp_path, monkeypatch):
         load_manifest(tmp_path / "rel.txt", video_root="s3://NO/x")
 
 
-def test_fps_sampling_of_bucket_videos_is_refused(tmp_path):
-    (tmp_path / "list.txt").write_text("s3://some-bucket/v/a.mp4 0\n")
-    line = on_contract(invoke(*tiny_extract_args(tmp_path / "list.txt", tmp_path / "c.zarr", "--sampling", "fps:2")),
-                       (2,), "fps sampling of bucket videos")
-    assert "--sampling fps" in line and "s3://" in line and "uniform or dense" in line
+def test_fps_sampling_of_bucket_videos(env, bucket, videos, tmp_path, tmpdir_env):
+    """--sampling fps plans from each video's header, read from the bucket: the same windows, timeline and
+    features as from the local files; a corrupt object fails at its probe (stage open), a missing one is
+    `missing`."""
+    from cachefeat.store import open_cache
+    fps = ("--sampling", "fps:8", "--frames", "4", "--tokens", "cls")
+    (tmp_path / "local.txt").write_text("".join(f"{v}\t{i % 2}\n" for i, v in enumerate(videos)))
+    run_cli(*tiny_extract_args(tmp_path / "local.txt", tmp_path / "local.zarr", *fps))
+    broken, missing = f"s3://{bucket}/videos/broken.mp4", f"s3://{bucket}/videos/nothing-here.mp4"
+    urls = [f"s3://{bucket}/videos/{v.name}" for v in videos]
+    (tmp_path / "s3.txt").write_text("".join(f"{u}\t{i % 2}\n" for i, u in enumerate(urls + [broken, missing])))
+    res = run_cli(*tiny_extract_args(tmp_path / "s3.txt", tmp_path / "s3.zarr", *fps))
+    assert "2 videos failed" in res.output
+    a, b = open_cache(tmp_path / "local.zarr"), open_cache(tmp_path / "s3.zarr")
+    n = a.num_clips
+    assert n > len(videos) and b.num_clips == n + 2     # several windows per video, a row per failed one
+    for name in ("videos/start", "videos/duration", "videos/num_clips"):
+        assert np.array_equal(a.root[name][...], b.root[name][...][:len(videos)]), name
+    _same_features(tmp_path / "local.zarr", tmp_path / "s3.zarr", list(range(n)), list(range(n)))
+    fails = _failures(tmp_path / "s3.zarr")
+    assert fails[missing][0] == "missing" and fails[broken][0] == "open", fails
+    assert [p for p in tmpdir_env.iterdir() if p.name.startswith("cachefeat")] == []    # (not torch's, wandb's)
+
+
+def test_a_probe_reads_the_header_not_the_video(env, s3, tmp_path, monkeypatch):
+    """ObjectFile reads what it is asked in ranged GETs of BLOCK_BYTES (any offset, the last block short); a
+    probe through it gives the local file's timeline in a few GETs of a video many blocks long."""
+    from cachefeat.extract import fetch, video
+    monkeypatch.setattr(fetch, "_STORES", {})
+    name = s3.new_bucket()
+    path = tmp_path / "long.mp4"       # noise: frames that do not compress, so the file is many blocks long
+    write_mp4(path, np.random.default_rng(5).integers(0, 256, (96, 128, 128, 3), dtype=np.uint8))
+    body = path.read_bytes()
+    s3.client().upload_file(str(path), name, "long.mp4")
+    url = f"s3://{name}/long.mp4"
+    block = fetch.BLOCK_BYTES
+    assert len(body) > 12 * block
+    f = io.BufferedReader(fetch.ObjectFile(url), 1024)    # (a raw read returns at most the rest of a block)
+    rng = np.random.default_rng(0)
+    for start in [0, block - 1, block, len(body) - 10, *rng.integers(0, len(body), 5).tolist()]:
+        f.seek(start)
+        assert f.read(block + 100) == body[start:start + block + 100], start
+    f.seek(-3, 2)
+    assert f.read() == body[-3:] and f.read(10) == b""
+    calls = []
+    real = fetch.ObjectFile._block
+    monkeypatch.setattr(fetch.ObjectFile, "_block", lambda self, i: calls.append(i) or real(self, i))
+    assert video.probe(url) == video.probe(str(path))
+    # its first block and its last (the moov atom PyAV's muxer writes at the end)
+    assert sorted(set(calls)) == [0, (len(body) - 1) // block], (sorted(set(calls)), len(body) // block)
+    with pytest.raises(video.DecodeError, match="no such object"):
+        video.probe(f"s3://{name}/none.mp4")
 
 
 def test_server_gone_fails_its_videos_only(videos, local_cache, tmp_path, monkeypatch, tmpdir_env):

@@ -14,21 +14,31 @@ top of obstore's own retries (store/remote.py: 3 per request); then, as a broken
 as a failure: stage `missing` for an object that does not exist, `fetch` for everything else (access denied, a
 missing bucket, the server gone, too large). The store is made in the process that fetches (obstore's client
 does not survive a fork), once per process, bucket and AWS_* settings.
+
+fps sampling plans from every video's duration before extracting: the driver reads a bucket video's header
+through ObjectFile, a few ranged GETs of BLOCK_BYTES (its start, and its end where the container keeps its
+index there); the whole object only for a container whose headers state no duration (its packets are then
+read, as for a local file), a block at a time.
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
 import stat
 import tempfile
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 
 CHUNK_BYTES = 4 << 20          # bytes per piece of a streamed object: what a worker holds of it at once
 PART_BYTES = 64 << 20          # bytes per ranged GET: each request short (the client's timeout covers a whole
                                # request, store/remote.py), and a cut-off fetch resumes at the part it was in
 MAX_VIDEO_BYTES = 64 << 30     # a video object larger than this is refused unread (a 2-hour 4K film: ~50 GB)
+BLOCK_BYTES = 64 << 10         # one ranged GET of a video's header (ObjectFile): PyAV reads 32 KiB at a time and
+                               # a container's index is at its start or its end, so a probe reads a few blocks
+KEEP_BLOCKS = 8                # blocks an ObjectFile holds at once
 FETCH_ATTEMPTS = 3
 FETCH_BACKOFF = 0.5            # seconds before the second attempt, doubled before each next one
 FETCH_DIR: str | None = None   # set in decode workers (decode_pool.py): the pool's own temporary folder (its
@@ -60,26 +70,115 @@ def _location(bucket: str):
 def fetched(url: str):
     """The local path of object `url`, fetched into a temporary file removed on leaving; FetchError (stage
     `missing` or `fetch`, one line) when it cannot be fetched."""
-    from ..store.remote import RemoteError, parse_url
-    try:
-        loc = parse_url(url)
-    except RemoteError as e:
-        raise FetchError("fetch", str(e)) from None
-    bucket, key = loc.bucket, loc.prefix
-    if not key:
-        raise FetchError("fetch", f"{url}: names a bucket, not a video in it")
+    loc, key = _object(url)
     m = _SUFFIX.fullmatch(os.path.splitext(key)[1])
     folder = _pool_folder()
     fd, path = tempfile.mkstemp(prefix="cachefeat-fetch-", suffix=m.group().lower() if m else "", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            _fetch_into(url, _location(bucket), key, f, os.path.dirname(path))
+            _fetch_into(url, loc, key, f, os.path.dirname(path))
         yield path
     finally:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def _object(url: str):
+    """(the bucket's Location made in this process, the object's key) of `url`; FetchError when it names none."""
+    from ..store.remote import RemoteError, parse_url
+    try:
+        loc = parse_url(url)
+    except RemoteError as e:
+        raise FetchError("fetch", str(e)) from None
+    if not loc.prefix:
+        raise FetchError("fetch", f"{url}: names a bucket, not a video in it")
+    return _location(loc.bucket), loc.prefix
+
+
+class ObjectFile(io.RawIOBase):
+    """Object `url` as a read-only, seekable file, read in ranged GETs of BLOCK_BYTES (each conditional on the
+    ETag its HEAD gave), the last KEEP_BLOCKS kept: what fps sampling's probe opens a video's header through
+    (video.probe), without fetching the video. Requests are tried again as fetched()'s are; FetchError (one
+    line, stage `missing` or `fetch`) when the object cannot be read or changes meanwhile."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        import obstore
+        self.url = url
+        self.loc, self.key = _object(url)
+        meta = self._request(lambda: obstore.head(self.loc.store, self.key))
+        self.size, self.e_tag = int(meta["size"]), meta.get("e_tag")
+        if self.size > MAX_VIDEO_BYTES:
+            raise FetchError("fetch", f"{url} is {self.size:,} bytes, more than a video may be "
+                                      f"({MAX_VIDEO_BYTES:,})")
+        self.pos = 0
+        self.fetched = 0                       # bytes read from the bucket (what a probe costs)
+        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"seek to {base + offset}: before the start")
+        self.pos = base + offset
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        if self.pos >= self.size:
+            return 0
+        index, offset = divmod(self.pos, BLOCK_BYTES)
+        block = self._block(index)
+        n = min(len(buf), len(block) - offset)
+        memoryview(buf).cast("B")[:n] = block[offset:offset + n]
+        self.pos += n
+        return n
+
+    def _block(self, index: int) -> bytes:
+        if index in self._blocks:
+            self._blocks.move_to_end(index)
+            return self._blocks[index]
+        import obstore
+        start = index * BLOCK_BYTES
+        end = min(self.size, start + BLOCK_BYTES)
+        options = {"range": (start, end), **({"if_match": self.e_tag} if self.e_tag else {})}
+
+        def get():
+            data = bytes(obstore.get(self.loc.store, self.key, options=options).bytes())
+            if len(data) != end - start:
+                raise _Short(f"{len(data):,} of {end - start:,} bytes arrived")
+            return data
+        self._blocks[index] = self._request(get)
+        self.fetched += end - start
+        if len(self._blocks) > KEEP_BLOCKS:
+            self._blocks.popitem(last=False)
+        return self._blocks[index]
+
+    def _request(self, fn):
+        from obstore.exceptions import PreconditionError
+        failed = 0
+        while True:
+            try:
+                return fn()
+            except FetchError:
+                raise
+            except _Short as e:
+                last = str(e)
+            except PreconditionError:
+                raise FetchError("fetch", f"{self.url}: the object changed while its header was read") from None
+            except Exception as e:
+                last = _retryable(self.url, self.loc, self.key, e)
+            failed += 1
+            _give_up_after(self.url, failed, last)
 
 
 def _pool_folder() -> str | None:
@@ -104,10 +203,8 @@ def _fetch_into(url: str, loc, key: str, f, folder: str) -> None:
     short) is tried again from where the file ends, FETCH_ATTEMPTS times in a row at most."""
     import obstore
     from obstore.exceptions import PreconditionError
-
-    from ..store.remote import RemoteUnreachable, remote_error
     size, e_tag, pos = None, None, 0
-    failed, delay, last = 0, FETCH_BACKOFF, ""
+    failed, last = 0, ""
     while size is None or pos < size:
         try:
             if size is None:
@@ -121,7 +218,7 @@ def _fetch_into(url: str, loc, key: str, f, folder: str) -> None:
                 options["if_match"] = e_tag
             _stream_range(url, obstore.get(loc.store, key, options=options), f, n)
             pos += n
-            failed, delay = 0, FETCH_BACKOFF
+            failed = 0
             continue
         except FetchError:
             raise
@@ -130,22 +227,33 @@ def _fetch_into(url: str, loc, key: str, f, folder: str) -> None:
         except PreconditionError:            # the object was replaced while it was fetched: from its start
             size, pos, last = None, 0, "the object changed while it was fetched"
         except Exception as e:
-            err = remote_error(loc, key, e)
-            if isinstance(err, FileNotFoundError):
-                raise FetchError("missing", f"no such object: {url}") from None
-            if not isinstance(err, RemoteUnreachable):      # access denied, no such bucket, a bad key: no retry
-                raise FetchError("fetch", _one_line(err)) from None
-            last = _reason(str(e))
+            last = _retryable(url, loc, key, e)
         failed += 1
-        if failed >= FETCH_ATTEMPTS:
-            where = os.environ.get("AWS_ENDPOINT_URL") or "S3"
-            raise FetchError("fetch", f"{url}: the object store failed ({last}) on {FETCH_ATTEMPTS} attempts; is "
-                                      f"the server at {where} up?")
+        _give_up_after(url, failed, last)
         f.seek(pos)
         f.truncate()
-        time.sleep(delay)
-        delay *= 2
     f.flush()
+
+
+def _retryable(url: str, loc, key: str, e: Exception) -> str:
+    """The reason to try a failed request again (the server unreachable or failing); FetchError for a failure
+    that would only repeat (stage `missing` for no such object; access denied, no such bucket, a bad key)."""
+    from ..store.remote import RemoteUnreachable, remote_error
+    err = remote_error(loc, key, e)
+    if isinstance(err, FileNotFoundError):
+        raise FetchError("missing", f"no such object: {url}") from None
+    if not isinstance(err, RemoteUnreachable):
+        raise FetchError("fetch", _one_line(err)) from None
+    return _reason(str(e))
+
+
+def _give_up_after(url: str, failed: int, last: str) -> None:
+    """FetchError once `failed` attempts in a row have failed; else wait before the next (doubling)."""
+    if failed >= FETCH_ATTEMPTS:
+        where = os.environ.get("AWS_ENDPOINT_URL") or "S3"
+        raise FetchError("fetch", f"{url}: the object store failed ({last}) on {FETCH_ATTEMPTS} attempts; is "
+                                  f"the server at {where} up?")
+    time.sleep(FETCH_BACKOFF * 2 ** (failed - 1))
 
 
 class _Short(Exception):

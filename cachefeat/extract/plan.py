@@ -82,14 +82,16 @@ class Timeline:
         return {"start": self.start, "duration": self.duration}
 
 
+REMOTE_PROBES = 32                    # headers probed at once when the input lists videos in a bucket
 _PROBES: dict[tuple, object] = {}     # (path, size, mtime, rate) -> Probe or DecodeError: dry run, plan and
                                       # free-space check probe each file once per process
 
 
 def _probe(path: str, frame_rate: float | None):
     try:
-        st = os.stat(path)
-        key = (path, st.st_size, st.st_mtime_ns, frame_rate)
+        # an object in a bucket is probed once per process under its URL
+        st = None if is_url(path) else os.stat(path)
+        key = (path, frame_rate) if st is None else (path, st.st_size, st.st_mtime_ns, frame_rate)
     except OSError:
         key = None
     if key is None or key not in _PROBES:
@@ -107,16 +109,14 @@ def _probe(path: str, frame_rate: float | None):
 
 def probe_timeline(settings: ExtractSettings, manifest: Manifest, threads: int = 8) -> Timeline:
     """fps sampling: read every video's duration from its header (PyAV; decord's index where PyAV cannot
-    open it; a frame folder's count / --frame-rate), a few files at a time in threads: about a millisecond
-    per file, no decoding. The number of windows, hence the cache's rows and shards, follows from it, so
-    --dry-run and extract (and a resumed extract) announce and write the same cache."""
+    open it; a frame folder's count / --frame-rate; a bucket video's header through a few ranged GETs), a few
+    files at a time in threads: about a millisecond per local file, no decoding. The number of windows, hence
+    the cache's rows and shards, follows from it, so --dry-run and extract (and a resumed extract) announce and
+    write the same cache."""
     from concurrent.futures import ThreadPoolExecutor
     s, videos = settings.sampling, manifest.videos
-    remote = sum(1 for v in videos if is_url(v.path))
-    if remote:
-        raise SpecError(f"the input lists {remote} video{'s' * (remote > 1)} in a bucket (s3://): --sampling fps "
-                        f"reads every video's duration before extracting, and a bucket's videos are fetched only "
-                        f"by the decode workers; copy them to local disk, or use --sampling uniform or dense")
+    if any(is_url(v.path) for v in videos):
+        threads = max(threads, REMOTE_PROBES)      # a bucket's headers: a few ranged GETs each, latency-bound
     if not s.frame_rate:
         folders = sum(1 for v in videos if not v.problem and os.path.isdir(v.path))
         if folders:

@@ -22,6 +22,7 @@ memory (the workers' memory limit, decode_pool.py) fails with stage `memory`.
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 
@@ -322,7 +323,10 @@ class Probe:
 
 def probe(path: str, frame_rate: float | None = None) -> Probe:
     """The timeline of a video file (PyAV's header; decord's index when PyAV cannot open it) or of a frame
-    folder (count / frame_rate). DecodeError when neither can say."""
+    folder (count / frame_rate), or of an object in a bucket (`s3://`: PyAV's header read through ranged GETs,
+    fetch.ObjectFile). DecodeError when neither can say."""
+    if path.startswith("s3://"):
+        return _probe_object(path)
     if os.path.isdir(path):
         n = len(frame_files(path))
         if not n:
@@ -353,7 +357,24 @@ def probe(path: str, frame_rate: float | None = None) -> Probe:
     raise DecodeError("open", "; ".join(errors))
 
 
-def _probe_pyav(path: str) -> Probe:
+def _probe_object(url: str) -> Probe:
+    from .fetch import FetchError, ObjectFile
+    try:
+        with ObjectFile(url) as raw, io.BufferedReader(raw, buffer_size=1 << 16) as f:
+            try:
+                return _probe_pyav(f)
+            except (DecodeError, FetchError):
+                raise
+            except Exception as e:       # PyAV's, or a FetchError of a read that PyAV wrapped
+                cause = e.__context__ if isinstance(e.__context__, FetchError) else None
+                if cause is not None:
+                    raise cause from None
+                raise DecodeError("open", f"pyav: {_first_line(e)}") from None
+    except FetchError as e:
+        raise DecodeError(e.stage, e.message) from None
+
+
+def _probe_pyav(path) -> Probe:
     import av
     with av.open(path) as c:
         if not c.streams.video:
