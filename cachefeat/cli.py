@@ -134,9 +134,9 @@ def main():
     cli(prog_name="cachefeat")
 
 
-class _CacheArg(click.Path):
-    """A cache to read: a path that exists (click.Path's checks), or an `s3://bucket/prefix` URL
-    (docs/object-storage.md), passed on as it is: the store checks it when it opens it."""
+class _PathOrURL(click.Path):
+    """A cache or manifest to read: a path that exists (click.Path's checks), or an `s3://bucket/key` URL
+    (docs/object-storage.md), passed on as it is: the code that opens it checks it."""
 
     def __init__(self, **path_kw):
         super().__init__(exists=True, **path_kw)
@@ -252,7 +252,7 @@ def _shard_size(ctx, param, value):
 
 
 @cli.command()
-@click.argument("input", type=click.Path(exists=True))
+@click.argument("input", type=_PathOrURL())
 @click.option("--out", "-o", required=True, type=click.Path(),
               help="The cache to write (a Zarr v3 store, e.g. k400_train.zarr), or s3://BUCKET/PREFIX to write it "
                    "into an object store shard by shard (docs/object-storage.md).")
@@ -393,6 +393,9 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
             ignore_free_space, staging, break_lease, quiet):
     """Run the frozen backbone over the videos of INPUT and write their features to a cache.
 
+    INPUT is a class-folder tree, a list, a Kinetics CSV or an SSv2 JSON; the last three may also be objects
+    in a bucket (s3://BUCKET/KEY), their relative names then under the object's folder there.
+
     Resumable: run the same command again after a crash and it continues with the shards not yet done.
     Videos that cannot be read are recorded in the cache (see `cachefeat info --failures`).
 
@@ -523,7 +526,7 @@ def worker_report(stats) -> str:
 
 # ------------------------------------------------------------------------------------------- info
 @cli.command()
-@click.argument("cache", type=_CacheArg())
+@click.argument("cache", type=_PathOrURL())
 @click.option("--failures", "show_failures", is_flag=True, help="List every failed video with its stage and reason.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata and counts as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
@@ -769,10 +772,10 @@ def _use_local_copy(folder, max_bytes, caches) -> str | None:
 
 
 @cli.command()
-@click.option("--cache", required=True, type=_CacheArg(file_okay=False),
+@click.option("--cache", required=True, type=_PathOrURL(file_okay=False),
               help="The training cache (a store written by cachefeat extract, or the s3://bucket/prefix URL "
                    "of one uploaded with cachefeat push).")
-@click.option("--val-cache", type=_CacheArg(file_okay=False),
+@click.option("--val-cache", type=_PathOrURL(file_okay=False),
               help="A held-out cache evaluated after every epoch (same backbone, preprocessing and class list).")
 @_local_cache_options
 @click.option("--adapter", "-a", default=_TD["adapter"], show_default=True,
@@ -961,10 +964,10 @@ def _train_on_ray(cfg, cache, val_cache, out, resume, workers, address, log, all
 @click.option("--out", "-o", type=click.Path(file_okay=False),
               help="Folder for trials/<name>/ (one training run folder per trial), results.csv, results.md, "
                    "results.png and best/ (default: ablations/<spec name>).")
-@click.option("--cache", "train_cache", type=_CacheArg(file_okay=False),
+@click.option("--cache", "train_cache", type=_PathOrURL(file_okay=False),
               help="Use this training cache (a folder or an s3://bucket/prefix URL) instead of the spec's "
                    "train-cache.")
-@click.option("--val-cache", type=_CacheArg(file_okay=False),
+@click.option("--val-cache", type=_PathOrURL(file_okay=False),
               help="Use this val cache instead of the spec's val-cache.")
 @_local_cache_options
 @click.option("--gpus-per-trial", type=click.FloatRange(0), default=None,
@@ -1055,7 +1058,7 @@ def ablate(spec, out, train_cache, val_cache, local_cache, local_cache_size, gpu
 @click.option("--checkpoint", "-c", required=True, type=click.Path(exists=True),
               help="A run folder written by cachefeat train (its last checkpoint), or a checkpoint folder such as "
                    "RUN/checkpoint_best.")
-@click.option("--cache", required=True, type=_CacheArg(file_okay=False),
+@click.option("--cache", required=True, type=_PathOrURL(file_okay=False),
               help="The cache to evaluate on (same backbone, preprocessing and class list as the training cache; "
                    "a folder or an s3://bucket/prefix URL).")
 @_local_cache_options
@@ -1300,7 +1303,7 @@ def zeroshot(cache_path, allow_incomplete, as_json):
 
 # ------------------------------------------------------------------------------------------- verify
 @cli.command()
-@click.argument("cache", type=_CacheArg())
+@click.argument("cache", type=_PathOrURL())
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(cache, as_json):
     """Read every chunk of a cache (a folder, or an s3://bucket/prefix URL), check its checksums and metadata,
@@ -1396,7 +1399,7 @@ def push(cache, url, quiet, break_lease):
 
 # ------------------------------------------------------------------------------------------- export / import
 @cli.command()
-@click.argument("cache", type=_CacheArg(file_okay=False))
+@click.argument("cache", type=_PathOrURL(file_okay=False))
 @click.argument("out", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["hdf5", "npy"]), required=True,
               help="hdf5: one file mirroring every array and attribute of the cache, re-importable with "

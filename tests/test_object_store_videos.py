@@ -126,6 +126,42 @@ def test_kinetics_csv_under_a_bucket_root(env, bucket, videos, local_cache, tmp_
     assert list(tmpdir_env.iterdir()) == []
 
 
+def test_manifests_in_the_bucket(env, s3, bucket, videos, local_cache, tmp_path, tmpdir_env):
+    """A list and a Kinetics CSV that are objects in the bucket: their relative paths and names are joined to
+    their own folder there; the features are the local files'; the cache names the manifest's URL and the same
+    command resumes it. A missing manifest, one too large or a folder tree in a bucket: one line, exit 2."""
+    from cachefeat.extract import manifest as mf
+    from cachefeat.store import open_cache
+    client = s3.client()
+    lines = "".join(f"{v.name}\t{i % 2}\n" for i, v in enumerate(videos))
+    client.put_object(Bucket=bucket, Key="videos/list.txt", Body=lines.encode())
+    rows = ["label,youtube_id,time_start,time_end,split"]
+    rows += [f"{'ab'[i % 2]},{st[:3]},{i + 1},{i + 11},train" for i, st in enumerate(STEMS)]
+    client.put_object(Bucket=bucket, Key="k400/train.csv", Body=("\n".join(rows) + "\n").encode())
+    for src, folder in ((f"s3://{bucket}/videos/list.txt", "videos"), (f"s3://{bucket}/k400/train.csv", "k400")):
+        out = tmp_path / f"{folder}.zarr"
+        args = tiny_extract_args(src, out, *ARGS)
+        run_cli(*args)
+        cache = open_cache(out)
+        assert list(cache.root["videos/path"][...]) == [f"s3://{bucket}/{folder}/{v.name}" for v in videos]
+        assert cache.valid().all() and cache.meta["source_path"] == src, cache.meta["source_path"]
+        _same_features(local_cache, out, [0, 1, 2], [0, 1, 2])
+        assert "nothing to do" in run_cli(*args).output.lower()
+    assert [p for p in tmpdir_env.iterdir() if p.name.startswith("cachefeat")] == []
+    missing = f"s3://{bucket}/videos/none.txt"
+    line = on_contract(invoke(*tiny_extract_args(missing, tmp_path / "m.zarr")), (2,), "a missing manifest")
+    assert line == f"Error: input {missing} does not exist", line
+    line = on_contract(invoke(*tiny_extract_args(f"s3://{bucket}/videos/", tmp_path / "f.zarr")), (2,), "a prefix")
+    assert "a folder tree in a bucket is not listed" in line
+    mf_max = mf.MAX_TEXT
+    try:
+        mf.MAX_TEXT = 10
+        with pytest.raises(mf.ManifestError, match=r"list.txt: \d+ bytes, more than a manifest holds"):
+            mf.load_manifest(f"s3://{bucket}/videos/list.txt")
+    finally:
+        mf.MAX_TEXT = mf_max
+
+
 def test_ray_workers_fetch_bucket_videos(env, bucket, videos, local_cache, tmp_path, ray_session):
     """A Ray worker decodes the URLs as URLs (not made absolute paths): the same features."""
     from cachefeat.extract import ExtractSettings

@@ -24,8 +24,9 @@ A video may also be an object in a bucket, `s3://bucket/key`: a line of a list t
 `--video-root s3://bucket/prefix`, every relative path of a list and every Kinetics and SSv2 name, joined to it
 (flat: `{root}/{stem}.mp4`, `.webm` for SSv2; class folders are not looked for, as no object is looked up).
 Loading checks the URLs' form only and sends no request: a missing object is a failure of that video when its
-decode worker fetches it (fetch.py). The manifest itself is a local file; relative paths are never resolved
-against a manifest's own bucket.
+decode worker fetches it (fetch.py). The manifest may be an object in a bucket too (`s3://bucket/k400/train.csv`):
+it is read whole (bounded), and its relative paths and names are then joined to its own folder in the bucket,
+as a local list's are to its folder (unless --video-root names another root).
 
 A manifest is input from elsewhere like any file: its paths stay what it says (it may point anywhere on
 purpose; they are only read, never written or deleted), but a file that is not text (a NUL byte, bytes that
@@ -42,7 +43,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts", ".3gp")
@@ -116,6 +117,8 @@ def detect_format(path: Path) -> str:
 
 def load_manifest(input_path: str | os.PathLike, fmt: str = "auto", video_root: str | None = None,
                   classes: list[str] | str | None = None, split: str | None = None) -> Manifest:
+    if is_url(str(input_path)):
+        return _load_from_bucket(str(input_path), fmt, video_root, classes, split)
     path = Path(input_path)
     if not path.exists():
         raise ManifestError(f"input {input_path} does not exist")
@@ -158,6 +161,50 @@ def load_manifest(input_path: str | os.PathLike, fmt: str = "auto", video_root: 
             seen[key] = i
         videos.append(VideoEntry(str(p), label, vid, problem))
     return Manifest(videos, list(classes), fmt, str(path), digest)
+
+
+def _load_from_bucket(url: str, fmt: str, video_root, classes, split) -> Manifest:
+    """A manifest that is an object in a bucket (a list, Kinetics CSV or SSv2 JSON): read whole, at most
+    MAX_TEXT bytes (a HEAD first), into a temporary folder under its own name, and loaded from there as a local
+    file is; its relative paths and names are joined to the URL's folder unless --video-root says otherwise.
+    The Manifest, and every message, names the URL."""
+    import tempfile
+
+    import obstore
+
+    from ..store.remote import Location, RemoteError, parse_url, remote_error
+    try:
+        loc = parse_url(url)
+    except RemoteError as e:
+        raise ManifestError(f"input {e}") from None
+    key = loc.prefix
+    name = key.rsplit("/", 1)[-1]
+    if not name or fmt == "folder" or url.endswith("/"):
+        raise ManifestError(f"input {url}: a folder tree in a bucket is not listed; write a list of its videos' "
+                            f"URLs (or relative paths) and give that list's URL")
+    bucket = Location(loc.bucket, "")
+    try:
+        size = int(obstore.head(bucket.store, key)["size"])
+        if size > MAX_TEXT:
+            raise ManifestError(f"input {url}: {size} bytes, more than a manifest holds ({MAX_TEXT >> 20} MiB at "
+                                f"most): not a text file")
+        raw = bytes(obstore.get(bucket.store, key).bytes())
+    except ManifestError:
+        raise
+    except Exception as e:
+        err = remote_error(bucket, key, e)
+        if isinstance(err, FileNotFoundError):
+            raise ManifestError(f"input {url} does not exist") from None
+        raise err from None
+    parent = url.rsplit("/", 1)[0]
+    with tempfile.TemporaryDirectory(prefix="cachefeat-manifest-") as folder:
+        local = Path(folder) / name
+        local.write_bytes(raw)
+        try:
+            m = load_manifest(local, fmt, video_root or parent, classes, split)
+        except ManifestError as e:
+            raise ManifestError(str(e).replace(str(local), url)) from None
+    return replace(m, source=url)
 
 
 def is_url(path: str) -> bool:
