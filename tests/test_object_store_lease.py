@@ -133,6 +133,27 @@ def test_the_lease_is_renewed_while_held(env, monkeypatch):
     assert remote.read_lease(loc) is None
 
 
+def test_release_leaves_a_lease_taken_over_after_its_check(env, monkeypatch):
+    """release() re-reads the lease (still this writer's token) and then deletes it on the condition of that
+    read's ETag (If-Match): another writer's lease, written in between, stays."""
+    from cachefeat.store import remote
+    bucket = env.new_bucket()
+    loc = remote.parse_url(f"s3://{bucket}/c.zarr")
+    lease = remote.Lease.acquire(loc)
+    ours = remote.read_lease(loc)
+    real = remote.read_lease
+
+    def read_then_taken_over(where):
+        got = real(where)
+        env.plant_lease(bucket, "c.zarr/" + LEASE, 10)      # the take-over, just after the check
+        return got
+    monkeypatch.setattr(remote, "read_lease", read_then_taken_over)
+    lease.release()
+    monkeypatch.setattr(remote, "read_lease", real)
+    left = remote.read_lease(loc)
+    assert left is not None and left[0]["host"] == "elsewhere" and left[1] != ours[1]
+
+
 def test_two_pushes_at_once(env, local, tmp_path):
     """Two `cachefeat push` processes started together on one prefix: one pushes, the other exits 1 with the
     lease's line; the cache then reads back bit for bit. Each stays 2 s in its push once it holds the lease, so

@@ -246,14 +246,12 @@ def upload_shard(cache, loc: Location, shard: int) -> int:
 def abort_unfinished_uploads(loc: Location, log) -> None:
     """Abort the multipart uploads a killed run left under the prefix (their parts are billed until aborted).
     obstore cannot list them; boto3 can, when it is installed (it reads the same AWS_* variables)."""
-    try:
-        import boto3
-    except ImportError:
+    from .remote import boto3_client, remote_error
+    s3 = boto3_client()
+    if s3 is None:
         log(f"{loc.url}: boto3 is not installed, so parts of uploads a killed run left are not aborted (a bucket "
             f"lifecycle rule, AbortIncompleteMultipartUpload, removes them)")
         return
-    from .remote import remote_error
-    s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
     under = f"{loc.prefix}/" if loc.prefix else ""
     try:
         pages = s3.get_paginator("list_multipart_uploads").paginate(Bucket=loc.bucket, Prefix=under)

@@ -556,17 +556,40 @@ class Lease:
                 return
             got = read_lease(self.loc)
             if got is not None and got[0].get("token") == self.holder["token"]:
-                _delete_lease(self.loc)
+                _delete_lease(self.loc, got[1])
 
 
-def _delete_lease(loc: Location) -> None:
-    import obstore
+def _delete_lease(loc: Location, e_tag: str | None = None) -> None:
+    """Delete the lease; with `e_tag`, only that version of it: S3's conditional DELETE (If-Match), so a lease
+    another writer took over between the read and the delete stays. obstore's delete takes no condition, so
+    the condition goes through boto3 when it is installed (without it, or on a server that ignores If-Match on
+    DELETE, the delete is unconditional)."""
+    s3 = boto3_client() if e_tag else None
     try:
-        obstore.delete(loc.store, LEASE_KEY)
+        if s3 is None:
+            import obstore
+            obstore.delete(loc.store, LEASE_KEY)
+        else:
+            s3.delete_object(Bucket=loc.bucket, Key=f"{loc.prefix}/{LEASE_KEY}" if loc.prefix else LEASE_KEY,
+                             IfMatch=e_tag)
     except Exception as e:
+        if s3 is not None and "PreconditionFailed" in str(e):
+            return                                  # no longer ours: another writer's lease, left alone
         err = remote_error(loc, LEASE_KEY, e)
         if not isinstance(err, FileNotFoundError):
             raise err from None
+
+
+def boto3_client():
+    """A boto3 S3 client with this process's AWS_* settings, for what obstore cannot do (a conditional DELETE,
+    listing multipart uploads); None when boto3 is not installed."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        return None
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,   # timeouts as obstore's
+                        config=Config(connect_timeout=5, read_timeout=120, retries={"max_attempts": 3}))
 
 
 # ------------------------------------------------------------------------------------------- push
