@@ -110,11 +110,8 @@ class ObjectFile(io.RawIOBase):
         self.loc, self.key = _object(url)
         meta = self._request(lambda: obstore.head(self.loc.store, self.key))
         self.size, self.e_tag = int(meta["size"]), meta.get("e_tag")
-        if self.size > MAX_VIDEO_BYTES:
-            raise FetchError("fetch", f"{url} is {self.size:,} bytes, more than a video may be "
-                                      f"({MAX_VIDEO_BYTES:,})")
+        _check_size(url, self.size)
         self.pos = 0
-        self.fetched = 0                       # bytes read from the bucket (what a probe costs)
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
 
     def readable(self) -> bool:
@@ -158,7 +155,6 @@ class ObjectFile(io.RawIOBase):
                 raise _Short(f"{len(data):,} of {end - start:,} bytes arrived")
             return data
         self._blocks[index] = self._request(get)
-        self.fetched += end - start
         if len(self._blocks) > KEEP_BLOCKS:
             self._blocks.popitem(last=False)
         return self._blocks[index]
@@ -260,9 +256,12 @@ class _Short(Exception):
     """A body that ended before the bytes asked for (a connection cut mid-transfer): tried again."""
 
 
-def _check_size(url: str, size: int, folder: str) -> None:
+def _check_size(url: str, size: int, folder: str | None = None) -> None:
+    """FetchError for an object larger than a video may be, or (with `folder`) than `folder` has free."""
     if size > MAX_VIDEO_BYTES:
         raise FetchError("fetch", f"{url} is {size:,} bytes, more than a video may be ({MAX_VIDEO_BYTES:,})")
+    if folder is None:
+        return
     free = shutil.disk_usage(folder).free
     if size > free:
         raise FetchError("fetch", f"{url} is {size:,} bytes and {folder} has {free:,} free (set TMPDIR to a "
