@@ -393,8 +393,9 @@ def extract(input, out, fmt, video_root, classes_file, split, model, pretrained,
             ignore_free_space, staging, break_lease, quiet):
     """Run the frozen backbone over the videos of INPUT and write their features to a cache.
 
-    INPUT is a class-folder tree, a list, a Kinetics CSV or an SSv2 JSON; the last three may also be objects
-    in a bucket (s3://BUCKET/KEY), their relative names then under the object's folder there.
+    INPUT is a class-folder tree, a list, a Kinetics CSV or an SSv2 JSON, each also in a bucket: a prefix
+    (s3://BUCKET/PREFIX/) for a tree, an object (s3://BUCKET/KEY) for the others, their relative names then
+    under the object's folder there.
 
     Resumable: run the same command again after a crash and it continues with the shards not yet done.
     Videos that cannot be read are recorded in the cache (see `cachefeat info --failures`).

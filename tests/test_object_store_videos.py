@@ -129,7 +129,8 @@ def test_kinetics_csv_under_a_bucket_root(env, bucket, videos, local_cache, tmp_
 def test_manifests_in_the_bucket(env, s3, bucket, videos, local_cache, tmp_path, tmpdir_env):
     """A list and a Kinetics CSV that are objects in the bucket: their relative paths and names are joined to
     their own folder there; the features are the local files'; the cache names the manifest's URL and the same
-    command resumes it. A missing manifest, one too large or a folder tree in a bucket: one line, exit 2."""
+    command resumes it. A missing manifest, one too large or a prefix given as a list (a prefix is a folder tree:
+    test_object_store_folders.py): one line, exit 2."""
     from cachefeat.extract import manifest as mf
     from cachefeat.store import open_cache
     client = s3.client()
@@ -151,8 +152,9 @@ def test_manifests_in_the_bucket(env, s3, bucket, videos, local_cache, tmp_path,
     missing = f"s3://{bucket}/videos/none.txt"
     line = on_contract(invoke(*tiny_extract_args(missing, tmp_path / "m.zarr")), (2,), "a missing manifest")
     assert line == f"Error: input {missing} does not exist", line
-    line = on_contract(invoke(*tiny_extract_args(f"s3://{bucket}/videos/", tmp_path / "f.zarr")), (2,), "a prefix")
-    assert "a folder tree in a bucket is not listed" in line
+    line = on_contract(invoke(*tiny_extract_args(f"s3://{bucket}/videos/", tmp_path / "f.zarr", "--format", "list")),
+                       (2,), "a prefix as a list")
+    assert "a prefix is read as a folder tree (--format folder), not as a list manifest" in line, line
     mf_max = mf.MAX_TEXT
     try:
         mf.MAX_TEXT = 10

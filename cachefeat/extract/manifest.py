@@ -26,7 +26,10 @@ A video may also be an object in a bucket, `s3://bucket/key`: a line of a list t
 Loading checks the URLs' form only and sends no request: a missing object is a failure of that video when its
 decode worker fetches it (fetch.py). The manifest may be an object in a bucket too (`s3://bucket/k400/train.csv`):
 it is read whole (bounded), and its relative paths and names are then joined to its own folder in the bucket,
-as a local list's are to its folder (unless --video-root names another root).
+as a local list's are to its folder (unless --video-root names another root). A folder tree may be in a bucket
+too (`s3://bucket/k400/train/`, or --format folder, or a name that no object has but objects lie under): its
+objects are listed (paged, at most MAX_LISTED) and read as the same tree on disk; frame folders there are
+refused in one line, as a decode worker fetches a video as one object.
 
 A manifest is input from elsewhere like any file: its paths stay what it says (it may point anywhere on
 purpose; they are only read, never written or deleted), but a file that is not text (a NUL byte, bytes that
@@ -44,13 +47,14 @@ import json
 import os
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts", ".3gp")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")   # frame folders (as video.IMAGE_EXTENSIONS)
 FORMATS = ("auto", "folder", "list", "kinetics", "ssv2")
 MAX_LINE = 64 << 10        # bytes of one line of a list, CSV or class list (Kinetics' longest: ~150)
 MAX_TEXT = 1 << 30         # bytes of a manifest (Kinetics-700's train CSV: ~30 MB)
+MAX_LISTED = 5_000_000     # objects of a folder tree in a bucket, held while listed (~160 MB a million keys)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")   # no text file holds these (TAB, LF, CR are text)
 
 
@@ -117,6 +121,8 @@ def detect_format(path: Path) -> str:
 
 def load_manifest(input_path: str | os.PathLike, fmt: str = "auto", video_root: str | None = None,
                   classes: list[str] | str | None = None, split: str | None = None) -> Manifest:
+    if isinstance(classes, (str, os.PathLike)):    # before the input: a typo costs no listing of a bucket
+        classes = read_class_list(classes)
     if is_url(str(input_path)):
         return _load_from_bucket(str(input_path), fmt, video_root, classes, split)
     path = Path(input_path)
@@ -127,14 +133,18 @@ def load_manifest(input_path: str | os.PathLike, fmt: str = "auto", video_root: 
         root = _bucket_root(str(video_root))
     else:
         root = Path(video_root) if video_root else (path if path.is_dir() else path.parent)
-    if isinstance(classes, (str, os.PathLike)):
-        classes = read_class_list(classes)
     reader = {"folder": _folder, "list": _text_list, "kinetics": _kinetics, "ssv2": _ssv2}.get(fmt)
     if reader is None:
         raise ManifestError(f"unknown input format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    rows, digest = reader(path, root, split)   # rows: (path, label name or None, video id)
+    rows, digest = reader(path, root, split)
+    return _manifest(rows, digest, classes, fmt, str(path), split)
+
+
+def _manifest(rows: list, digest: str, classes: list[str] | None, fmt: str, source: str, split) -> Manifest:
+    """The Manifest of a reader's rows, (path or URL, label name or None, video id), wherever they were read:
+    the class list, each label's index, and the problems of rows that cannot be used as listed."""
     if not rows:
-        raise ManifestError(f"{input_path}: no videos found" + (f" for split {split!r}" if split else ""))
+        raise ManifestError(f"{source}: no videos found" + (f" for split {split!r}" if split else ""))
     if classes is None:
         found = {lab for _, lab, _ in rows if lab is not None}
         if found and all(lab.isdigit() for lab in found):  # integer labels without names: 0..max
@@ -160,14 +170,15 @@ def load_manifest(input_path: str | os.PathLike, fmt: str = "auto", video_root: 
         else:
             seen[key] = i
         videos.append(VideoEntry(str(p), label, vid, problem))
-    return Manifest(videos, list(classes), fmt, str(path), digest)
+    return Manifest(videos, list(classes), fmt, source, digest)
 
 
 def _load_from_bucket(url: str, fmt: str, video_root, classes, split) -> Manifest:
     """A manifest that is an object in a bucket (a list, Kinetics CSV or SSv2 JSON): read whole, at most
     MAX_TEXT bytes (a HEAD first), into a temporary folder under its own name, and loaded from there as a local
     file is; its relative paths and names are joined to the URL's folder unless --video-root says otherwise.
-    The Manifest, and every message, names the URL."""
+    A prefix (a URL ending in `/`, --format folder, or a name that no object has but objects lie under) is a
+    folder tree, listed (_bucket_tree). The Manifest, and every message, names the URL."""
     import tempfile
 
     import obstore
@@ -179,9 +190,12 @@ def _load_from_bucket(url: str, fmt: str, video_root, classes, split) -> Manifes
         raise ManifestError(f"input {e}") from None
     key = loc.prefix
     name = key.rsplit("/", 1)[-1]
-    if not name or fmt == "folder" or url.endswith("/"):
-        raise ManifestError(f"input {url}: a folder tree in a bucket is not listed; write a list of its videos' "
-                            f"URLs (or relative paths) and give that list's URL")
+    if fmt == "folder" or not name or url.endswith("/"):
+        if fmt not in ("auto", "folder"):
+            raise ManifestError(f"input {url}: a prefix is read as a folder tree (--format folder), not as a {fmt} "
+                                f"manifest; give the manifest object's URL")
+        rows, digest, _ = _bucket_tree(url, loc)
+        return _manifest(rows, digest, classes, "folder", url, split)
     bucket = Location(loc.bucket, "")
     try:
         size = int(obstore.head(bucket.store, key)["size"])
@@ -193,9 +207,14 @@ def _load_from_bucket(url: str, fmt: str, video_root, classes, split) -> Manifes
         raise
     except Exception as e:
         err = remote_error(bucket, key, e)
-        if isinstance(err, FileNotFoundError):
-            raise ManifestError(f"input {url} does not exist") from None
-        raise err from None
+        if not isinstance(err, FileNotFoundError):
+            raise err from None
+        raw = None
+    if raw is None:     # no such object: a folder tree when objects lie under the name, as a local DIR
+        rows, digest, listed = _bucket_tree(url, loc) if fmt == "auto" else ([], "", 0)
+        if not listed:
+            raise ManifestError(f"input {url} does not exist")
+        return _manifest(rows, digest, classes, "folder", url, split)
     parent = url.rsplit("/", 1)[0]
     with tempfile.TemporaryDirectory(prefix="cachefeat-manifest-") as folder:
         local = Path(folder) / name
@@ -205,6 +224,34 @@ def _load_from_bucket(url: str, fmt: str, video_root, classes, split) -> Manifes
         except ManifestError as e:
             raise ManifestError(str(e).replace(str(local), url)) from None
     return replace(m, source=url)
+
+
+def _bucket_tree(url: str, loc) -> tuple[list, str, int]:
+    """A folder tree under a bucket's prefix, read as _folder reads one on disk (_tree): rows, digest, and the
+    number of objects listed. At most MAX_LISTED objects are listed (a listing is held whole); frame folders
+    are refused, as a decode worker fetches a video as one object."""
+    from ..store.layout import UnsafeStore
+    from ..store.remote import list_objects
+    try:
+        objects = list_objects(loc, limit=MAX_LISTED + 1)
+    except UnsafeStore:     # obstore stops the listing at a key it cannot name (an empty, '.' or '..' part)
+        raise ManifestError(f"input {url}: an object under it has a name with an empty, '.' or '..' part; rename "
+                            f"it, or list the other videos in a text file") from None
+    if len(objects) > MAX_LISTED:
+        raise ManifestError(f"input {url}: more than {MAX_LISTED:,} objects under it; list its videos in a text "
+                            f"file, or give a prefix that holds fewer")
+    found, frames = [], []
+    for key, size in objects.items():
+        parts = tuple(key.split("/"))
+        if _is_frame(parts[-1]) and len(parts) > 1:
+            frames.append(key)
+        elif _looks_like_video(key):
+            found.append((parts, f"{loc.url}/{key}", size, False))
+    if frames:
+        raise ManifestError(f"input {url}: {len(frames)} image objects (such as {loc.url}/{min(frames)}) make frame "
+                            f"folders, which are read from local disk only (a video in a bucket is fetched as one "
+                            f"object); copy them to disk")
+    return *_tree(found), len(objects)
 
 
 def is_url(path: str) -> bool:
@@ -266,23 +313,37 @@ def _sha(data: bytes) -> str:
 
 
 def _folder(path: Path, root: Path, split):
-    found = []           # (path, size or frame count, is a frame folder)
+    found = []
     for dirpath, dirs, files in os.walk(path):
         dirs.sort()
         here = Path(dirpath)
-        frames = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        frames = [f for f in files if _is_frame(f)]
         if frames and here != path:      # a frame folder is one video: its subfolders are not searched
             dirs[:] = []
-            found.append((here, len(frames), True))
+            found.append((here.relative_to(path).parts, str(here), len(frames), True))
             continue
-        found += [(here / f, None, False) for f in files if Path(f).suffix.lower() in VIDEO_EXTENSIONS]
+        found += [((here / f).relative_to(path).parts, str(here / f), os.path.getsize(here / f), False)
+                  for f in files if _looks_like_video(f)]
+    return _tree(found)
+
+
+def _tree(found: list) -> tuple[list, str]:
+    """Rows and digest of a folder tree, on disk or in a bucket. `found` holds, for each video, its path's
+    parts under the tree's root, its path or URL, its size in bytes (a frame folder: its number of frames) and
+    whether it is a frame folder. The class is the first folder under the root (a video at the top is
+    unlabelled), the id the relative path without its suffix; the digest covers paths and sizes, so a resume
+    sees a changed tree."""
     rows, listing = [], []
-    for p, n, folder in sorted(found):
-        rel = p.relative_to(path)
-        label = rel.parts[0] if len(rel.parts) > 1 else None
-        rows.append((str(p), label, str(rel if folder else rel.with_suffix(""))))
-        listing.append(f"{p}/\t{n} frames" if folder else f"{p}\t{os.path.getsize(p)}")
+    for parts, full, n, folder in sorted(found):
+        rel = PurePosixPath(*parts)
+        rows.append((full, parts[0] if len(parts) > 1 else None, str(rel if folder else rel.with_suffix(""))))
+        listing.append(f"{full}/\t{n} frames" if folder else f"{full}\t{n}")
     return rows, _sha("\n".join(listing).encode())
+
+
+def _is_frame(name: str) -> bool:
+    """A frame of a frame folder (video.IMAGE_EXTENSIONS), not hidden."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 def _text_list(path: Path, root: Path, split):

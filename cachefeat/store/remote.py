@@ -297,15 +297,18 @@ def get_ranges(loc: Location, requests: list[tuple[str, list[int], list[int]]]) 
 COALESCE = 1 << 16                    # as shard_file.COALESCE_GAP: what one more request costs in bytes, locally
 
 
-def list_objects(loc: Location, under: str = "") -> dict[str, int]:
-    """key (relative to the prefix) -> size of every object under `under`; RemoteError for a key that is no
-    plain relative name."""
+def list_objects(loc: Location, under: str = "", limit: int | None = None) -> dict[str, int]:
+    """key (relative to the prefix) -> size of every object under `under`, or of the first `limit` (the listing
+    stops there: a caller bounding what it holds asks for one more than it takes); RemoteError for a key that is
+    no plain relative name."""
     import obstore
     out = {}
     try:
         for batch in obstore.list(loc.store, prefix=under or None, chunk_size=1000):
             for meta in batch:
                 out[meta["path"]] = int(meta["size"])      # relative to the store's prefix already
+                if len(out) == limit:
+                    return out
     except Exception as e:
         raise remote_error(loc, under, e) from None
     return out
