@@ -130,3 +130,11 @@ def test_cache_dataset_python_api(stage2_caches):
     import torch.utils.data as tud
     batch = next(iter(tud.DataLoader(mem, batch_size=5)))
     assert tuple(batch["cls"].shape) == (5, 8, 1, 64) and batch["label"].shape == (5,)
+
+
+def test_records_of_many_shards_load_in_one_read_as_each_would_alone(stage2_caches):
+    cache, alone = open_cache(stage2_caches["train"]), open_cache(stage2_caches["train"])
+    cache.load_records([2, 0, 1, 0])
+    assert sorted(cache._records) == [0, 1, 2]          # held: record() asks for none of them again
+    for s in range(3):
+        assert np.array_equal(cache.record(s), alone.record(s))

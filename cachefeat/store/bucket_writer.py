@@ -45,7 +45,6 @@ from .remote import (
     RemoteError,
     _put_all,
     cache_objects,
-    crc32c_file,
     delete,
     get_bounded_all,
     get_bounded_async,
@@ -198,10 +197,10 @@ def upload_created(cache, loc: Location, log) -> None:
     """Upload a new cache's files (documents, creation tables; no shard is written yet), the root zarr.json
     last: until it is there the prefix holds no cache."""
     files = cache_objects(cache.real)
-    body = [(k, p, crc32c_file(p)) for k, p in files.items() if k != "zarr.json"]
+    body = [(k, p) for k, p in files.items() if k != "zarr.json"]
     run_sync(_put_all(loc, body, lambda key: None))
     root = os.path.join(cache.real, "zarr.json")
-    run_sync(_put_all(loc, [("zarr.json", root, crc32c_file(root))], lambda key: None))
+    run_sync(_put_all(loc, [("zarr.json", root)], lambda key: None))
     log(f"{loc.url}: created ({len(files)} objects); each shard goes up as it is written")
 
 
@@ -231,10 +230,10 @@ def upload_shard(cache, loc: Location, shard: int) -> int:
     data, commit = shard_keys(cache, shard)
     local = {k: os.path.join(cache.real, *k.split("/")) for k in data + commit}
     there = [k for k in data if os.path.isfile(local[k])]
-    run_sync(_put_all(loc, [(k, local[k], crc32c_file(local[k])) for k in there], lambda key: None))
+    run_sync(_put_all(loc, [(k, local[k]) for k in there], lambda key: None))
     delete(loc, [k for k in data if k not in there])
     for k in commit:                        # the record, then the flag: each only once all before it is there
-        run_sync(_put_all(loc, [(k, local[k], crc32c_file(local[k]))], lambda key: None))
+        run_sync(_put_all(loc, [(k, local[k])], lambda key: None))
     nbytes = sum(os.path.getsize(local[k]) for k in there + commit)
     for name in cache.layout.row_arrays():
         f = cache.shard_file(name)

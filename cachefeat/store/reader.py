@@ -268,6 +268,26 @@ class Cache:
             self._records[shard] = rec
         return self._records[shard]
 
+    def load_records(self, shards) -> None:
+        """Read the checksum records of `shards` not yet held in one read of the record array (in a bucket, their
+        chunks' GETs together, not one shard's after another's as `record` would ask them). A record that fails
+        to read is left to `record`, which says what it makes of it."""
+        if not self.has_records:
+            return
+        todo = sorted({int(s) for s in shards} - self._records.keys())
+        if len(todo) < 2:
+            return
+        try:
+            recs = np.asarray(self.root[RECORD][np.array(todo)], np.int64)
+        except NOT_DAMAGE:
+            raise
+        # B110: one damaged record chunk fails the whole read; record() then reads each shard's on its own
+        except Exception:  # nosec B110
+            return
+        for shard, rec in zip(todo, recs):
+            if not (rec == NO_RECORD).all():
+                self._records[shard] = rec
+
     def stored_checksums(self, shard: int, names=None, written: dict | None = None) -> np.ndarray:
         """What shard `shard` holds on disk now, as its record lists it: the stored checksum of every chunk
         it wrote (NOT_STORED where a chunk is left out), for all arrays or only `names` (the others stay
