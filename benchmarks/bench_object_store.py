@@ -328,7 +328,7 @@ def _checks_and_copy(local, names: list[str], raw_s: list[float], log) -> dict:
     from cachefeat.store.layout import crc32c_of
     from cachefeat.store.shard_file import MISSING
     cache = open_cache(local)
-    chunks, tail = [], 0
+    bodies = []                         # each chunk's bytes without its stored CRC32C
     for name in names:
         sf = cache.shard_file(name)
         tail = 4 if sf.chunk_crc else 0
@@ -340,13 +340,12 @@ def _checks_and_copy(local, names: list[str], raw_s: list[float], log) -> dict:
                 index = sf._index(fd, path)
             finally:
                 os.close(fd)
-            chunks += [data[a:a + n] for a, n in index[index[:, 0] != MISSING].tolist()]
+            bodies += [data[a:a + n - tail] for a, n in index[index[:, 0] != MISSING].tolist()]
 
     def work():
-        block = np.empty(sum(len(c) - tail for c in chunks), np.uint8)      # new memory, as each buffer's block
+        block = np.empty(sum(len(b) for b in bodies), np.uint8)      # new memory, as each buffer's block
         at = 0
-        for c in chunks:
-            body = c[:len(c) - tail]
+        for body in bodies:
             crc32c_of(body)
             block[at:at + len(body)] = body
             at += len(body)
