@@ -54,7 +54,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")   # frame folders 
 FORMATS = ("auto", "folder", "list", "kinetics", "ssv2")
 MAX_LINE = 64 << 10        # bytes of one line of a list, CSV or class list (Kinetics' longest: ~150)
 MAX_TEXT = 1 << 30         # bytes of a manifest (Kinetics-700's train CSV: ~30 MB)
-MAX_LISTED = 5_000_000     # objects of a folder tree in a bucket, held while listed (~160 MB a million keys)
+MAX_LISTED = 5_000_000     # objects of a folder tree in a bucket, held while listed (a key and a size each)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")   # no text file holds these (TAB, LF, CR are text)
 
 

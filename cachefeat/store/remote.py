@@ -331,8 +331,8 @@ async def put_file_async(loc: Location, key: str, path: str, crc: int) -> None:
     CRC32C recorded on the object (what a later push compares to skip it). The server checks the bytes on
     arrival against the SHA-256 the request's signature carries, and an accepted PUT is an object there (S3
     reads after writes consistently): the caller may count the object as written once this returns. (A HEAD
-    to see the object afterwards cost a request per object, 15% of a push's time on the local server, and
-    could only echo back the size and metadata the PUT itself sent.)"""
+    to see the object afterwards cost a request per object and could only echo back the size and metadata
+    the PUT itself sent.)"""
     import obstore
     size = os.path.getsize(path)
     value = base64.b64encode(crc.to_bytes(4, "big")).decode()

@@ -392,7 +392,7 @@ def _buffer_batches(cache: Cache, sel: Needs, buf: Buffer, tables) -> Iterator[d
 def _read_buffer(cache: Cache, sel: Needs, buf: Buffer) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(the buffer's rows in batch order; the selected arrays of those rows). Read in that order, the chunks are
     decoded straight into their batches' places, so each batch is a run of the block (_serve): no gather copy
-    (in a profile of the object_store benchmark's read, that copy took about as much CPU as the decode)."""
+    of every batch."""
     order = np.concatenate(buf.batches) if buf.batches else np.zeros(0, np.int64)
     return order, (read_rows(cache, sel, order) if len(order) else {})
 
