@@ -117,8 +117,9 @@ def test_smoke_runs_every_section(smoke_run, section):
 
 
 def test_the_scale_section_runs_every_step_as_a_cachefeat_process_and_reports_ratios(smoke_run):
-    """The smoke run's scale section (8 and 16 clips): every step completed, each has a time and its own
-    process's peak memory, ablate's largest trial process was found, and the report has a row per step."""
+    """The smoke run's scale section (one size, 8 clips, compared with itself): every step completed, each
+    has a time and its own process's peak memory, ablate's largest trial process was found, and the report has
+    a row per step."""
     import bench_scale
     from run import report
     res, _, results, work = smoke_run

@@ -276,6 +276,41 @@ def test_corrupted_object_is_reported_and_pushed_again(env, local, tmp_path):
     assert "ok: every chunk reads" in run_cli("verify", url).output
 
 
+def test_a_failed_read_leaves_no_request_behind(env, local, monkeypatch):
+    """The first shard of a read damaged: the read stops there with CacheDamaged, and the requests of the shards
+    it never reached are cancelled, not left running on the requests' loop behind the caller's back."""
+    import asyncio
+
+    from cachefeat.store import CacheDamaged, open_cache, reader, remote
+    url, bucket, prefix = _fresh_copy(env, local)
+    key = f"{prefix}/tokens/3/c/0/0/0/0"
+    client = env.client()
+    body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[64] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    started, ranges = [], reader.get_ranges_async
+
+    async def slow_after_the_first(loc, key, starts, ends):
+        started.append(key)
+        if not key.startswith("tokens/3/c/0/"):
+            await asyncio.sleep(30)              # still in flight when shard 0 fails
+        return await ranges(loc, key, starts, ends)
+    monkeypatch.setattr(reader, "get_ranges_async", slow_after_the_first)
+    cache = open_cache(url)
+    with pytest.raises(CacheDamaged, match="cachefeat push"):
+        cache.read("tokens/3", np.arange(12))
+    assert len(started) == 3
+
+    async def running():
+        await asyncio.sleep(0.05)                # (a cancelled task needs a turn of the loop to end)
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert remote.run_sync(running()) == []
+    with pytest.raises(RuntimeError, match="own loop"):
+        async def nested():
+            return remote.run_sync(asyncio.sleep(0))
+        remote.run_sync(nested())
+
+
 def test_deleted_objects(env, local, tmp_path):
     """A shard object deleted: verify names its clips (exit 1), train refuses in one line (exit 1) naming the
     repair; the root document deleted: the URL is no complete cache (exit 2)."""

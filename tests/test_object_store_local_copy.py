@@ -67,17 +67,17 @@ def counted(monkeypatch):
     from cachefeat.store import reader
     from cachefeat.store.local_copy import LocalCopy
     seen = {"whole": [], "ranges": []}
-    fetch, ranges = LocalCopy._fetch, reader.get_ranges
+    fetch, ranges = LocalCopy._fetch, reader.get_ranges_async
 
     async def whole(self, loc, key, *rest):
         seen["whole"].append(key)
         return await fetch(self, loc, key, *rest)
 
-    def ranged(loc, requests):
-        seen["ranges"].extend(key for key, _, _ in requests)
-        return ranges(loc, requests)
+    async def ranged(loc, key, starts, ends):
+        seen["ranges"].append(key)
+        return await ranges(loc, key, starts, ends)
     monkeypatch.setattr(LocalCopy, "_fetch", whole)
-    monkeypatch.setattr(reader, "get_ranges", ranged)
+    monkeypatch.setattr(reader, "get_ranges_async", ranged)
     return seen
 
 

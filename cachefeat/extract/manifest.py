@@ -175,15 +175,14 @@ def _manifest(rows: list, digest: str, classes: list[str] | None, fmt: str, sour
 
 def _load_from_bucket(url: str, fmt: str, video_root, classes, split) -> Manifest:
     """A manifest that is an object in a bucket (a list, Kinetics CSV or SSv2 JSON): read whole, at most
-    MAX_TEXT bytes (a HEAD first), into a temporary folder under its own name, and loaded from there as a local
-    file is; its relative paths and names are joined to the URL's folder unless --video-root says otherwise.
+    MAX_TEXT bytes (its size known before its body is read), into a temporary folder under its own name, and
+    loaded from there as a local file is; its relative paths and names are joined to the URL's folder unless
+    --video-root says otherwise.
     A prefix (a URL ending in `/`, --format folder, or a name that no object has but objects lie under) is a
     folder tree, listed (_bucket_tree). The Manifest, and every message, names the URL."""
     import tempfile
 
-    import obstore
-
-    from ..store.remote import Location, RemoteError, parse_url, remote_error
+    from ..store.remote import Location, RemoteError, get_bounded_async, parse_url, run_sync
     try:
         loc = parse_url(url)
     except RemoteError as e:
@@ -197,18 +196,13 @@ def _load_from_bucket(url: str, fmt: str, video_root, classes, split) -> Manifes
         rows, digest, _ = _bucket_tree(url, loc)
         return _manifest(rows, digest, classes, "folder", url, split)
     bucket = Location(loc.bucket, "")
+
+    def too_big(size):
+        return ManifestError(f"input {url}: {size} bytes, more than a manifest holds ({MAX_TEXT >> 20} MiB at "
+                             f"most): not a text file")
     try:
-        size = int(obstore.head(bucket.store, key)["size"])
-        if size > MAX_TEXT:
-            raise ManifestError(f"input {url}: {size} bytes, more than a manifest holds ({MAX_TEXT >> 20} MiB at "
-                                f"most): not a text file")
-        raw = bytes(obstore.get(bucket.store, key).bytes())
-    except ManifestError:
-        raise
-    except Exception as e:
-        err = remote_error(bucket, key, e)
-        if not isinstance(err, FileNotFoundError):
-            raise err from None
+        raw = run_sync(get_bounded_async(bucket, key, MAX_TEXT, refuse=too_big))
+    except FileNotFoundError:
         raw = None
     if raw is None:     # no such object: a folder tree when objects lie under the name, as a local DIR
         rows, digest, listed = _bucket_tree(url, loc) if fmt == "auto" else ([], "", 0)

@@ -3,7 +3,9 @@ count. Feature rows are decoded straight from the shard files (shard_file.py) wh
 is the reader of record, and names the damaged clips when bytes fail their checksum."""
 from __future__ import annotations
 
+import asyncio
 import bisect
+import concurrent.futures
 import os
 import stat
 import threading
@@ -42,11 +44,13 @@ from .remote import (
     gather_tails,
     get_bounded_all,
     get_ranges,
+    get_ranges_async,
     is_remote,
     lease_holder,
     list_objects,
     parse_url,
     run_sync,
+    submit,
     zarr_store,
 )
 from .shard_file import MISSING, NotAsRecorded, ShardFile, ShardFileError
@@ -683,7 +687,8 @@ class RemoteShardFile(ShardFile):
 
     @property
     def _fetched(self) -> dict:
-        """shard -> (rows, present, blobs) fetched for the read in progress in this thread."""
+        """shard -> (rows, Future of (present, blobs) or None, the task fetching it) for the read in progress
+        in this thread (_prefetch)."""
         if not hasattr(self._local, "fetched"):
             self._local.fetched = {}
         return self._local.fetched
@@ -712,7 +717,7 @@ class RemoteShardFile(ShardFile):
                 self._prefetch(idx)
             return super().read(rows, recorded, out)
         finally:
-            self._fetched.clear()
+            self._drop_fetched()
             for fd, _ in copies["open"].values():
                 os.close(fd)
             copies["plan"], copies["order"], copies["open"] = {}, [], {}
@@ -789,40 +794,72 @@ class RemoteShardFile(ShardFile):
         return self.path(shard).as_posix()
 
     def _prefetch(self, rows: np.ndarray) -> None:
-        """The bytes of every chunk of `rows` (but those of shards read from a local copy), kept for this
-        thread's read (_fetch)."""
+        """Start fetching the bytes of every chunk of `rows` (but those of shards read from a local copy), each
+        shard's index first where it is not yet known, up to IN_FLIGHT shards at once: each shard's bytes are
+        kept for this thread's read as a future (_fetch waits for it), so the first shards are decoded while
+        later ones are still in flight."""
         shards = rows // self.shard_rows
         if self._copies["plan"]:
             keep = ~np.isin(shards, list(self._copies["plan"]))
             rows, shards = rows[keep], shards[keep]
-        self._load_indexes(np.unique(shards).tolist())
-        requests, which = [], []
-        for s in np.unique(shards).tolist():
-            index = self._indexes[s]
-            if index is None:
-                continue
-            wanted = np.unique(rows[shards == s] - s * self.shard_rows)
-            spans = index[wanted]
-            present = spans[:, 0] != MISSING
-            starts, sizes = spans[present, 0].astype(np.int64), spans[present, 1].astype(np.int64)
-            requests.append((self._key(s), starts.tolist(), (starts + sizes).tolist()))
-            which.append((s, wanted, present))
-        got = get_ranges(self.location, requests) if requests else []
-        for (s, wanted, present), blobs in zip(which, got):
-            self._fetched[s] = (wanted, present, [np.frombuffer(memoryview(b), np.uint8) for b in blobs])
+        wanted = {s: np.unique(rows[shards == s] - s * self.shard_rows) for s in np.unique(shards).tolist()}
+        if not wanted:
+            return
+        futures = {s: concurrent.futures.Future() for s in wanted}
+
+        async def one(s, gate):
+            async with gate:
+                try:
+                    got = await self._shard_bytes(s, wanted[s])
+                except asyncio.CancelledError:
+                    futures[s].cancel()
+                    raise
+                except BaseException as e:       # (raised where the read waits for it: _fetch)
+                    futures[s].set_exception(e)
+                else:
+                    futures[s].set_result(got)
+
+        async def all_of():
+            gate = asyncio.Semaphore(IN_FLIGHT)
+            await asyncio.gather(*(one(s, gate) for s in wanted))
+        task = submit(all_of())
+        for s, fut in futures.items():
+            self._fetched[s] = (wanted[s], fut, task)
+
+    async def _shard_bytes(self, shard: int, wanted: np.ndarray) -> tuple[np.ndarray, list] | None:
+        """(present, blobs) of rows `wanted` of `shard` (as ShardFile._fetch), its index fetched first when not
+        yet known; None when the shard has no object."""
+        if shard not in self._indexes:
+            got = (await gather_tails(self.location, [self._key(shard)], self.index_nbytes))[0]
+            self._indexes[shard] = None if got is None else self._parse_index(got[0], got[1], self.path(shard))
+        index = self._indexes[shard]
+        if index is None:
+            return None
+        spans = index[wanted]
+        present = spans[:, 0] != MISSING
+        starts, sizes = spans[present, 0].astype(np.int64), spans[present, 1].astype(np.int64)
+        blobs = await get_ranges_async(self.location, self._key(shard), starts.tolist(), (starts + sizes).tolist())
+        return present, [np.frombuffer(memoryview(b), np.uint8) for b in blobs]
 
     def _fetch(self, shard: int, path: Path, wanted: np.ndarray):
         if shard in self._copies["open"]:
             return super()._fetch(shard, path, wanted)     # the local copy, as a local shard file (_open)
-        if shard in self._fetched:
-            have, present, blobs = self._fetched[shard]
-            if np.array_equal(have, wanted):
-                return present, blobs
-        self._prefetch(shard * self.shard_rows + wanted)
-        if shard not in self._fetched:
+        if shard not in self._fetched or not np.array_equal(self._fetched[shard][0], wanted):
+            self._prefetch(shard * self.shard_rows + wanted)
+        # taken out as it is decoded: the bytes of a shard are freed once it is, and the allocator hands the
+        # same memory to the responses still coming, rather than pages the kernel must map afresh
+        got = self._fetched.pop(shard)[1].result()
+        if got is None:
             raise FileNotFoundError(str(path))
-        _, present, blobs = self._fetched[shard]
-        return present, blobs
+        return got
+
+    def _drop_fetched(self) -> None:
+        """Forget this thread's fetched bytes; requests of shards not yet awaited (the read failed or stopped
+        early) are cancelled."""
+        for _, fut, task in self._fetched.values():
+            if not fut.done():
+                task.cancel()
+        self._fetched.clear()
 
     def chunk_checksums(self, shard: int) -> np.ndarray:
         out = np.full(self.shard_rows, NOT_STORED, np.int64)

@@ -16,7 +16,9 @@ line of the CacheError family: the server unreachable (exit status 1), wrong cre
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
+import concurrent.futures
 import json
 import os
 import re
@@ -184,41 +186,79 @@ def _short_reason(text: str) -> str:
     return m.group(1).strip() if m else _first_line(Exception(text))[:120]
 
 
+class _Loop:
+    """This process's one asyncio event loop for object store requests, in a daemon thread of its own, started
+    on first use (and again in a forked child, where the parent's thread does not exist). Synchronous code
+    hands it coroutines (`submit`, `run_sync`): no loop is made and torn down per call, and a caller can go
+    on with the first results (decoding them) while later requests are still in flight."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def get(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="cachefeat-s3", daemon=True)
+                thread.start()
+                self._loop, self._thread, self._pid = loop, thread, os.getpid()
+            return self._loop
+
+    def in_loop_thread(self) -> bool:
+        return self._thread is threading.current_thread() and self._pid == os.getpid()
+
+    def stop(self) -> None:
+        """At exit: the loop stopped before the interpreter goes (no request left to call back into it)."""
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = None
+        if loop is not None and thread is not None and self._pid == os.getpid() and thread.is_alive():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=5)
+
+
+_LOOP = _Loop()
+atexit.register(_LOOP.stop)
+
+
+def submit(coro) -> concurrent.futures.Future:
+    """Start a coroutine on the requests' loop (_Loop); its concurrent Future (cancelling it cancels the task)."""
+    if _LOOP.in_loop_thread():
+        coro.close()
+        raise RuntimeError("a blocking object store call from a coroutine of the requests' own loop")
+    return asyncio.run_coroutine_threadsafe(coro, _LOOP.get())
+
+
 def run_sync(coro):
-    """Run a coroutine to its end from synchronous code (a thread of its own when a loop already runs here,
-    as in zarr's sync wrapper). The result goes back through a holder, not as the main task's result: leaving,
-    Python 3.11's asyncio.run looks up its SIGINT handler (signal.getsignal), whose failed Enum lookup formats
-    the handler's repr, and with it the finished task's result; for fetched obstore buffers that repr is every
-    byte read (2.8 s for 40 MB, against 1 ms through the holder)."""
-    holder = []
-
-    async def main():
-        holder.append(await coro)
-
+    """Run a coroutine to its end on the requests' loop (_Loop) and return its result, from synchronous code
+    in any thread. Interrupted (Ctrl-C), its task is cancelled: no request goes on behind the caller's back."""
+    fut = submit(coro)
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(main())
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(1) as pool:
-            pool.submit(asyncio.run, main()).result()
-    return holder[0]
+        return fut.result()
+    except BaseException:
+        fut.cancel()
+        raise
 
 
 # ------------------------------------------------------------------------------------------- reading
-async def get_bounded_async(loc: Location, key: str, limit: int) -> bytes:
-    """The whole object `key`, refused (CacheError) when it holds more than `limit` bytes: its size is known
-    from the response's head before its body is read."""
+async def get_bounded_async(loc: Location, key: str, limit: int, refuse=None) -> bytes:
+    """The whole object `key`, refused when it holds more than `limit` bytes: its size is known from the
+    response's head before its body is read. The refusal is `refuse(size)` (an exception), by default a
+    CacheError for a cache's object."""
     import obstore
     try:
         res = await obstore.get_async(loc.store, key)
-        size = res.meta["size"]
-        if size > limit:
-            raise refusal(loc.url, f"{key} is {size:,} bytes, more than any cache's ({limit:,})")
+    except Exception as e:
+        raise remote_error(loc, key, e) from None
+    size = int(res.meta["size"])
+    if size > limit:
+        raise (refuse(size) if refuse else
+               refusal(loc.url, f"{key} is {size:,} bytes, more than any cache's ({limit:,})"))
+    try:
         return bytes(await res.bytes_async())
-    except CacheError:
-        raise
     except Exception as e:
         raise remote_error(loc, key, e) from None
 
@@ -275,22 +315,26 @@ async def gather_tails(loc: Location, keys: list[str], nbytes: int) -> list[tupl
     return await asyncio.gather(*(one(k) for k in keys))
 
 
-def get_ranges(loc: Location, requests: list[tuple[str, list[int], list[int]]]) -> list[list]:
-    """The byte ranges (starts, ends) of several objects, all at once: obstore coalesces the ranges of each
-    object that lie less than COALESCE apart into one request (as the local reader coalesces preads) and
-    keeps up to IN_FLIGHT objects' requests in flight. One list of buffers per request, in order."""
+async def get_ranges_async(loc: Location, key: str, starts: list[int], ends: list[int]) -> list:
+    """The byte ranges (starts, ends) of object `key`, one buffer each: obstore coalesces ranges that lie less
+    than COALESCE apart into one request (as the local reader coalesces preads)."""
     import obstore
+    try:
+        return await obstore.get_ranges_async(loc.store, key, starts=starts, ends=ends, coalesce=COALESCE)
+    except Exception as e:
+        raise remote_error(loc, key, e) from None
 
-    async def one(key, starts, ends, gate):
-        async with gate:
-            try:
-                return await obstore.get_ranges_async(loc.store, key, starts=starts, ends=ends, coalesce=COALESCE)
-            except Exception as e:
-                raise remote_error(loc, key, e) from None
 
+def get_ranges(loc: Location, requests: list[tuple[str, list[int], list[int]]]) -> list[list]:
+    """get_ranges_async of several objects (key, starts, ends) at once, up to IN_FLIGHT objects' requests in
+    flight. One list of buffers per request, in order."""
     async def all_of():
         gate = asyncio.Semaphore(IN_FLIGHT)
-        return await asyncio.gather(*(one(k, s, e, gate) for k, s, e in requests))
+
+        async def one(key, starts, ends):
+            async with gate:
+                return await get_ranges_async(loc, key, starts, ends)
+        return await asyncio.gather(*(one(k, s, e) for k, s, e in requests))
     return run_sync(all_of())
 
 
