@@ -9,7 +9,8 @@ process of its own so that it does not share this process's GIL. moto is Python 
 GIL): it serves far fewer MiB/s than S3, MinIO or a real network, so it is the bottleneck of both sides,
 and the figures say how much of what the server can give cachefeat gets, not how fast S3 is. The server
 process's CPU time over each side's wall time is reported ("server busy": near 1.0 the server was the limit),
-and this process's ("client busy", its obstore threads included).
+and this process's ("client busy", its obstore threads included), with its share in the kernel and its minor
+page faults (memory the kernel maps on first touch: costly in a virtual machine).
 
 The cache: random float16 features written by cachefeat's own shard writer (store.write_shard) in the layout
 of a real extraction: ViT-B/16 `--layers last:4 --tokens all`, 8 frames (what EVL-style caches hold), shard
@@ -73,6 +74,10 @@ KEYS = (
     'write.server_busy_raw',
     'write.client_busy_push',
     'write.client_busy_raw',
+    'write.client_kernel_push',
+    'write.client_kernel_raw',
+    'write.page_faults_push',
+    'write.page_faults_raw',
     'read.reader_mib_s',
     'read.raw_get_mib_s',
     'read.efficiency',
@@ -82,6 +87,10 @@ KEYS = (
     'read.server_busy_raw',
     'read.client_busy_reader',
     'read.client_busy_raw',
+    'read.client_kernel_reader',
+    'read.client_kernel_raw',
+    'read.page_faults_reader',
+    'read.page_faults_raw',
     'read.open_s',
     'read.checks_copy_s',
     'read.checks_copy_share',
@@ -178,23 +187,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _timed(fn, pid: int) -> tuple[float, float, float]:
-    """(wall seconds of fn(), the server's CPU seconds over them, this process's CPU seconds over them)."""
-    c0, p0, t0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (/proc/self/stat): pages the kernel mapped on first touch."""
+    return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+def _timed(fn, pid: int) -> tuple[float, float, float, float, int]:
+    """(wall seconds of fn(), the server's CPU seconds over them, this process's CPU seconds over them, this
+    process's kernel CPU seconds over them, this process's minor page faults during fn())."""
+    c0, p0, k0, f0, t0 = cpu_seconds(pid), time.process_time(), os.times().system, _minor_faults(), time.perf_counter()
     fn()
     wall = time.perf_counter() - t0
-    return wall, (cpu_seconds(pid) - c0) / wall, (time.process_time() - p0) / wall
+    return (wall, (cpu_seconds(pid) - c0) / wall, (time.process_time() - p0) / wall, (os.times().system - k0) / wall,
+            _minor_faults() - f0)
 
 
-def _summary(got: dict[str, list[tuple[float, float, float]]]) -> tuple[dict, dict, dict]:
-    """Medians by side of (seconds, server busy, client busy) over the rounds."""
-    med = [{k: statistics.median(x[i] for x in v) for k, v in got.items()} for i in range(3)]
-    return med[0], med[1], med[2]
+def _summary(got: dict[str, list[tuple]]) -> list[dict]:
+    """Medians by side of each of _timed's figures over the rounds."""
+    width = len(next(iter(got.values()))[0])
+    return [{k: statistics.median(x[i] for x in v) for k, v in got.items()} for i in range(width)]
 
 
 def _alternate(sides: dict, rounds: int, pid: int, before=None, after=None) -> dict[str, list[tuple]]:
-    """Each side's (seconds, server busy, client busy) per round, in turn A B A B ... after one warm-up of each;
-    `before()` at the start of each round and `after(side)` after each side, neither timed."""
+    """Each side's _timed figures per round, in turn A B A B ... after one warm-up of each; `before()` at the
+    start of each round and `after(side)` after each side, neither timed."""
     out = {k: [] for k in sides}
     for i in range(rounds + 1):
         if before:
@@ -210,20 +226,23 @@ def _alternate(sides: dict, rounds: int, pid: int, before=None, after=None) -> d
 
 def _figures(got: dict[str, list[tuple]], ours: str, ours_rate: str, raw_rate: str, nbytes: int) -> dict:
     """The figures of one comparison (`ours` against "raw" over the same `nbytes`) as the result file keeps them."""
-    med, busy, client = _summary(got)
+    med, busy, client, kernel, faults = _summary(got)
     mib = nbytes / 2 ** 20
     eff = med["raw"] / med[ours]
     return {ours_rate: mib / med[ours], raw_rate: mib / med["raw"], "efficiency": eff, "verdict": _verdict(eff),
             f"{ours}_s": [x[0] for x in got[ours]], "raw_s": [x[0] for x in got["raw"]],
             "round_efficiencies": [r[0] / p[0] for p, r in zip(got[ours], got["raw"])],
             f"server_busy_{ours}": busy[ours], "server_busy_raw": busy["raw"], f"client_busy_{ours}": client[ours],
-            "client_busy_raw": client["raw"]}
+            "client_busy_raw": client["raw"], f"client_kernel_{ours}": kernel[ours], "client_kernel_raw": kernel["raw"],
+            f"page_faults_{ours}": int(faults[ours]), "page_faults_raw": int(faults["raw"])}
 
 
 def _busy(out: dict, ours: str) -> str:
     return (f"efficiency {out['efficiency']:.2f} ({out['verdict']}); busy, of one core: server "
             f"{out[f'server_busy_{ours}']:.2f} / {out['server_busy_raw']:.2f}, this process "
-            f"{out[f'client_busy_{ours}']:.2f} / {out['client_busy_raw']:.2f}")
+            f"{out[f'client_busy_{ours}']:.2f} / {out['client_busy_raw']:.2f} (in the kernel "
+            f"{out[f'client_kernel_{ours}']:.2f} / {out['client_kernel_raw']:.2f}; minor page faults "
+            f"{out[f'page_faults_{ours}']:,} / {out['page_faults_raw']:,})")
 
 
 def _verdict(eff: float) -> str:

@@ -386,6 +386,10 @@ def object_store_report(o: dict) -> list[str]:
             f"{r['reader_mib_s']:.1f} | {r['raw_get_mib_s']:.1f} | {fmt_ratio(r['efficiency'])} | {r['verdict']} | "
             f"{r['server_busy_reader']:.2f} / {r['server_busy_raw']:.2f} | {r['client_busy_reader']:.2f} / "
             f"{r['client_busy_raw']:.2f} |", "",
+            f"Of the client's CPU, in the kernel (cachefeat / raw): write {w['client_kernel_push']:.2f} / "
+            f"{w['client_kernel_raw']:.2f}, read {r['client_kernel_reader']:.2f} / {r['client_kernel_raw']:.2f} of a "
+            f"core; minor page faults a round: write {w['page_faults_push']:,} / {w['page_faults_raw']:,}, read "
+            f"{r['page_faults_reader']:,} / {r['page_faults_raw']:,} (memory mapped on first touch).", "",
             f"{o['model']} `--layers {o['layers']} --tokens {o['tokens']}`, {o['frames']} frames, {o['clips']} clips "
             f"in shards of {o['shard_clips']} (random float16 features): {o['objects']} objects, "
             f"{o['cache_mib']:.1f} MiB pushed; {o['feature_objects']} shard objects, {o['read_mib']:.1f} MiB read. "
