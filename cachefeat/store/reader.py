@@ -673,8 +673,9 @@ class RemoteCache(Cache):
 @dataclass(frozen=True)
 class RemoteShardFile(ShardFile):
     """A shard file's array in a bucket: the same decoding (ShardFile), its bytes from ranged GETs. A read
-    fetches the indexes of every shard it touches at once (each kept: a pushed cache is not rewritten under its
-    reader), then every wanted chunk range at once, obstore coalescing neighbouring ranges.
+    fetches every shard it touches at once, IN_FLIGHT at a time, each its index (kept: a pushed cache is not
+    rewritten under its reader) and then its wanted chunk ranges, obstore coalescing neighbouring ranges; the
+    shards are decoded in order as their bytes arrive.
 
     With a local copy set (store.local_copy.use, `--local-cache`), a shard object is instead fetched whole into
     it the first time it is read, and read from there (ShardFile's own reads of a file, the same checks) from
@@ -846,8 +847,7 @@ class RemoteShardFile(ShardFile):
             return super()._fetch(shard, path, wanted)     # the local copy, as a local shard file (_open)
         if shard not in self._fetched or not np.array_equal(self._fetched[shard][0], wanted):
             self._prefetch(shard * self.shard_rows + wanted)
-        # taken out as it is decoded: the bytes of a shard are freed once it is, and the allocator hands the
-        # same memory to the responses still coming, rather than pages the kernel must map afresh
+        # taken out as it is decoded: a shard's bytes are freed once it is, not held until the whole read ends
         got = self._fetched.pop(shard)[1].result()
         if got is None:
             raise FileNotFoundError(str(path))
