@@ -54,6 +54,14 @@ def _fresh_copy(s3, local) -> tuple[str, str, str]:
     return url, bucket, "c.zarr"
 
 
+def _flip_a_byte(s3, bucket: str, key: str) -> None:
+    """Object `key` put back with one byte of its first chunk changed, behind cachefeat's back."""
+    client = s3.client()
+    body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[64] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+
+
 # ------------------------------------------------------------------------------------------- reading
 def test_bucket_cache_reads_back_bit_for_bit(env, local, pushed):
     from cachefeat.store import open_cache
@@ -259,10 +267,7 @@ def test_corrupted_object_is_reported_and_pushed_again(env, local, tmp_path):
     and the repair; training refuses the cache in one line; pushing again from the sound local copy mends it."""
     url, bucket, prefix = _fresh_copy(env, local)
     key = f"{prefix}/tokens/3/c/1/0/0/0"
-    client = env.client()
-    body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-    body[64] ^= 0xFF
-    client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    _flip_a_byte(env, bucket, key)
     res = invoke("verify", url)
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert "damaged: tokens/3 rows" in res.output and "cachefeat push" in res.output
@@ -284,10 +289,7 @@ def test_a_failed_read_leaves_no_request_behind(env, local, monkeypatch):
     from cachefeat.store import CacheDamaged, open_cache, reader, remote
     url, bucket, prefix = _fresh_copy(env, local)
     key = f"{prefix}/tokens/3/c/0/0/0/0"
-    client = env.client()
-    body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-    body[64] ^= 0xFF
-    client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    _flip_a_byte(env, bucket, key)
     started, ranges = [], reader.get_ranges_async
 
     async def slow_after_the_first(loc, key, starts, ends):
