@@ -280,7 +280,7 @@ class Cache:
             return
         todo = sorted({int(s) for s in shards} - self._records.keys())
         if len(todo) < 2:
-            return
+            return                   # one shard's record: `record` reads it in one read just the same
         try:
             recs = np.asarray(self.root[RECORD][np.array(todo)], np.int64)
         except NOT_DAMAGE:
